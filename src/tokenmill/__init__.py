@@ -1,0 +1,17 @@
+"""tokenmill: a fast LLM inference and serving engine."""
+
+from tokenmill.outputs import CompletionOutput, Logprob, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and the model code; import it lazily so `import tokenmill` stays cheap.
+    if name == "LLM":
+        from tokenmill.engine.llm import LLM
+
+        return LLM
+    raise AttributeError(name)

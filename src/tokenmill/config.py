@@ -1,0 +1,122 @@
+"""Frozen configuration. The CLI flags are generated from these fields (see cli.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters, read from config.json or GGUF metadata (HF field names)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
+        num_heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        arch = archs[0]
+        # transformers >= 5 folds rope_theta and rope_scaling into one `rope_parameters` dict.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=rope_theta,
+            rope_scaling=rope or None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            sliding_window=sliding if arch == "MistralForCausalLM" else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs to start. Field docs become the CLI's --help."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"help": "HF folder, .gguf file, hub id or alias; default: SmolLM2-135M-Instruct"},
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "tokenizer folder or hub id (default: the model's)"}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (auto: per device)"}
+    )
+    quantization: str | None = field(
+        default=None, metadata={"help": "weight quantization; GGUF weights are dequantized for now"}
+    )
+    device: str = field(default="cpu", metadata={"help": "cpu (cuda arrives with the GPU path)"})
+    seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "context length cap (default: the model's)"}
+    )
+    block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
+    kv_cache_memory_gb: float = field(
+        default=1.0, metadata={"help": "memory budget for the KV cache, GiB"}
+    )
+    num_kv_blocks: int | None = field(
+        default=None, metadata={"help": "exact number of KV blocks (overrides the memory budget)"}
+    )
+    max_num_batched_tokens: int = field(
+        default=512, metadata={"help": "token budget of one forward pass (Dynamic SplitFuse)"}
+    )
+    max_num_seqs: int = field(default=128, metadata={"help": "most requests running at once"})
+    enable_prefix_caching: bool = field(
+        default=True, metadata={"help": "reuse KV of identical prompt prefixes across requests"}
+    )
+    batch_invariant: bool = field(
+        default=True,
+        metadata={"help": "same tokens whatever the batch (pads small matmuls to one kernel path)"},
+    )
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "passed to transformers"})
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+            raise ValueError(
+                f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}"
+            )

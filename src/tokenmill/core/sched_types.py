@@ -1,0 +1,71 @@
+"""The contract between the scheduler and the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.request import Request
+
+
+@dataclass
+class ScheduledSeq:
+    """`len(token_ids)` tokens of one request to run this step, starting at position `start_pos`.
+
+    `sample` is True when the chunk reaches the request's last known token, so the logits of the
+    chunk's last position give its next token. Intermediate prompt chunks only fill the KV cache.
+    """
+
+    req: Request
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]
+    num_batched_tokens: int
+    preempted_req_ids: list[str] = field(default_factory=list)
+    # Requests that finished or were aborted since the previous schedule(): drop their state.
+    finished_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass
+class TopLogprobs:
+    """Logprobs at one position: the chosen/actual token plus the top-k."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class ModelRunnerOutput:
+    # req_id -> the token(s) sampled for it this step (only for seqs with sample=True)
+    sampled_token_ids: dict[str, list[int]]
+    # req_id -> logprobs of each sampled token (only when requested)
+    logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)
+    # req_id -> logprobs of the prompt tokens this chunk predicts, in order (when requested)
+    prompt_logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step produced for one request, handed to the engine's detokenizer."""
+
+    req: Request
+    new_token_ids: list[int]
+    new_logprobs: list[TopLogprobs] | None
+    new_prompt_logprobs: list[TopLogprobs] | None
+    finished: bool

@@ -1,0 +1,1 @@
+"""Model building blocks: linear (with quant methods), norms, rotary embeddings, attention."""

@@ -1,0 +1,95 @@
+"""Linear layers. The matmul is delegated to a quantization method so formats plug in later."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows per matmul tile in batch-invariant mode. oneDNN/MKL pick a kernel (and so a reduction
+# order) from the row count; a fixed tile makes each row's result independent of its neighbours
+# and of how many rows the step has (measured: bit-identical rows for any tiling, fp32 and bf16).
+INVARIANT_TILE = 16
+
+
+class UnquantizedMethod:
+    """Dense weights in the compute dtype."""
+
+    def create_weights(self, layer: Linear) -> None:
+        layer.weight = nn.Parameter(
+            torch.empty(layer.out_features, layer.in_features, dtype=layer.dtype),
+            requires_grad=False,
+        )
+
+    def process_after_loading(self, layer: Linear) -> None:
+        pass
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if not layer.batch_invariant:
+            return F.linear(x, layer.weight, layer.bias)
+        return _tiled_linear(x, layer.weight, layer.bias)
+
+
+def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    num_rows = x.shape[0]  # x: [num_rows, in]
+    pad = -num_rows % INVARIANT_TILE
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    out = torch.cat([F.linear(tile, weight, bias) for tile in x.split(INVARIANT_TILE)])
+    return out[:num_rows]
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). `weight` is [out_features, in_features], as in HF checkpoints."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        quant_method: UnquantizedMethod | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.batch_invariant = False
+        self.quant_method = quant_method or UnquantizedMethod()
+        self.quant_method.create_weights(self)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            if bias
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input fused into one matmul (q/k/v, gate/up).
+
+    `shard_sizes` gives each part's output rows in order; `shard_names` the HF names that load
+    into them, e.g. ("q_proj", "k_proj", "v_proj").
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        shard_sizes: list[int],
+        shard_names: tuple[str, ...],
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(in_features, sum(shard_sizes), bias=bias, dtype=dtype)
+        self.shard_sizes = list(shard_sizes)
+        self.shard_names = shard_names
+
+    def shard_offset(self, name: str) -> tuple[int, int]:
+        i = self.shard_names.index(name)
+        start = sum(self.shard_sizes[:i])
+        return start, start + self.shard_sizes[i]

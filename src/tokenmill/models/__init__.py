@@ -1,0 +1,1 @@
+"""Model implementations (our own code, HF parameter names) and the architecture registry."""

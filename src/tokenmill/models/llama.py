@@ -1,0 +1,178 @@
+"""Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral; Qwen2 adds q/k/v bias).
+
+Reads like the paper: x -> [RMSNorm -> GQA attention with RoPE -> +] -> [RMSNorm -> SwiGLU -> +].
+The batch is ragged and packed: every activation is [num_tokens, ...] with no padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.config import ModelConfig
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.attention import PagedAttention
+from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.worker.forward_context import ForwardContext
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, [q_size, kv_size, kv_size], ("q_proj", "k_proj", "v_proj"),
+            bias=cfg.attention_bias, dtype=dtype,
+        )
+        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.split = [q_size, kv_size, kv_size]
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]  # x: [T, hidden]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, ctx)  # [T, H, D]
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(
+            cfg.hidden_size, [inter, inter], ("gate_proj", "up_proj"), dtype=dtype
+        )
+        self.down_proj = Linear(inter, cfg.hidden_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # SwiGLU
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, rotary, dtype)
+        self.mlp = LlamaMLP(cfg, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, ctx)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        rotary = RotaryEmbedding(
+            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, rotary, dtype) for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, ctx)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, dtype, max_positions)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """Returns final hidden states [T, hidden]; call `compute_logits` on the rows needed."""
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [rows, vocab]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Loads HF-named tensors, routing q/k/v and gate/up into their fused matmuls."""
+        params = dict(self.named_parameters())
+        fused = {}  # "layers.0.self_attn.q_proj" -> (merged module, shard name)
+        for name, module in self.named_modules():
+            if isinstance(module, MergedLinear):
+                parent = name.rsplit(".", 1)[0]
+                for shard in module.shard_names:
+                    fused[f"{parent}.{shard}"] = (name, module, shard)
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            prefix, _, kind = name.rpartition(".")  # kind: weight | bias
+            if prefix in fused:
+                merged_name, module, shard = fused[prefix]
+                start, end = module.shard_offset(shard)
+                target = getattr(module, kind)
+                _copy(target[start:end], tensor, name)
+                loaded.add(f"{merged_name}.{kind}:{shard}")
+                continue
+            if name not in params:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has no matching parameter")
+            _copy(params[name].data, tensor, name)
+            loaded.add(name)
+        expected = set()
+        for name, p in self.named_parameters():
+            module_name, _, kind = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            if isinstance(module, MergedLinear):
+                expected.update(f"{name}:{s}" for s in module.shard_names)
+            elif not (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                expected.add(name)
+            del p
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:5])
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {shown}")
+
+
+def _copy(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise ModelLoadError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+        )
+    target.copy_(tensor)

@@ -1,0 +1,30 @@
+"""HF `architectures[0]` -> model class."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tokenmill.config import ModelConfig
+from tokenmill.errors import ModelLoadError
+from tokenmill.models.llama import LlamaForCausalLM
+
+# Qwen2 and Mistral are the Llama graph: Qwen2 adds q/k/v bias (ModelConfig.attention_bias);
+# Mistral's sliding window is honoured by capping the context at the window (see model_len).
+_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+}
+
+SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> nn.Module:
+    cls = _REGISTRY.get(cfg.architecture)
+    if cls is None:
+        raise ModelLoadError(
+            f"unsupported architecture {cfg.architecture!r}; supported: "
+            + ", ".join(SUPPORTED_ARCHITECTURES)
+        )
+    return cls(cfg, dtype, max_positions)

@@ -1,0 +1,32 @@
+"""Per-step attention metadata, built once by the model runner and shared by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefillSeq:
+    """A request with several query tokens this step (a prompt chunk, or tokens after resume)."""
+
+    token_start: int  # first row of this request in the packed token batch
+    num_query: int
+    start_pos: int  # tokens already in the KV cache before this step
+    ctx_slots: torch.Tensor  # [start_pos + num_query] cache slots of all its keys, in order
+    causal_mask: torch.Tensor  # [num_query, start_pos + num_query] bool, True = attend
+
+
+@dataclass
+class ForwardContext:
+    """Ragged, padding-free batch: decode rows first, then prefill rows, concatenated.
+
+    slot_mapping[i] is the cache slot (block_id * block_size + offset) that token i writes.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    num_decode: int  # rows [0, num_decode) are single-token decodes
+    decode_slots: torch.Tensor | None  # [num_decode, max_ctx] int64, padded with slot 0
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_ctx] bool, True = attend
+    prefills: list[PrefillSeq]

@@ -1,0 +1,77 @@
+"""Turns a SchedulerOutput into packed tensors and the attention ForwardContext."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.core.sched_types import ScheduledSeq
+from tokenmill.worker.forward_context import ForwardContext, PrefillSeq
+
+
+@dataclass
+class InputBatch:
+    seqs: list[ScheduledSeq]  # in packed order: decodes first, then multi-token seqs
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    ctx: ForwardContext
+    token_starts: list[int]  # first row of each seq
+
+
+def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) -> InputBatch:
+    decodes = [s for s in seqs if s.num_tokens == 1]
+    prefills = [s for s in seqs if s.num_tokens > 1]
+    ordered = decodes + prefills
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    token_starts: list[int] = []
+    for s in ordered:
+        token_starts.append(len(input_ids))
+        input_ids.extend(s.token_ids)
+        end = s.start_pos + s.num_tokens
+        positions.extend(range(s.start_pos, end))
+        slot_mapping.extend(_slots(s.block_ids, s.start_pos, end, block_size))
+
+    decode_slots = decode_mask = None
+    if decodes:
+        ctx_lens = torch.tensor([s.start_pos + 1 for s in decodes])  # [B]
+        max_ctx = int(ctx_lens.max())
+        width = -(-max_ctx // block_size)
+        tables = torch.zeros(len(decodes), width, dtype=torch.int64)  # [B, blocks]
+        for i, s in enumerate(decodes):
+            n = min(len(s.block_ids), width)
+            tables[i, :n] = torch.tensor(s.block_ids[:n])
+        pos = torch.arange(max_ctx)
+        decode_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, ctx]
+        mask = pos.unsqueeze(0) < ctx_lens.unsqueeze(1)  # [B, ctx]
+        decode_slots = decode_slots.masked_fill(~mask, 0).to(device)
+        decode_mask = mask.view(len(decodes), 1, 1, max_ctx).to(device)
+
+    prefill_meta = []
+    for s, start in zip(prefills, token_starts[len(decodes) :], strict=True):
+        end = s.start_pos + s.num_tokens
+        ctx_slots = torch.tensor(_slots(s.block_ids, 0, end, block_size), device=device)
+        q_pos = torch.arange(s.start_pos, end, device=device)
+        causal = torch.arange(end, device=device).unsqueeze(0) <= q_pos.unsqueeze(1)
+        prefill_meta.append(PrefillSeq(start, s.num_tokens, s.start_pos, ctx_slots, causal))
+
+    ctx = ForwardContext(
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        num_decode=len(decodes),
+        decode_slots=decode_slots,
+        decode_mask=decode_mask,
+        prefills=prefill_meta,
+    )
+    return InputBatch(
+        seqs=ordered,
+        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        ctx=ctx,
+        token_starts=token_starts,
+    )

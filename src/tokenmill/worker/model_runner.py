@@ -1,0 +1,97 @@
+"""Runs one scheduled step: packs inputs, runs the model, samples. Never sees text."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput, ScheduledSeq
+from tokenmill.layers.attention import PagedAttention
+from tokenmill.layers.linear import Linear
+from tokenmill.models.registry import build_model
+from tokenmill.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
+from tokenmill.worker.input_batch import build_input_batch
+from tokenmill.worker.kv_cache import allocate_kv_cache
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        *,
+        dtype: torch.dtype,
+        max_model_len: int,
+        num_blocks: int,
+        block_size: int,
+        device: str = "cpu",
+        batch_invariant: bool = False,
+    ) -> None:
+        self.model_config = model_config
+        self.dtype = dtype
+        self.device = device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.model = build_model(model_config, dtype, max_model_len).to(device)
+        self.model.load_weights(weights)
+        self.model.eval()
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module.batch_invariant = batch_invariant
+        self.kv_cache = allocate_kv_cache(model_config, num_blocks, block_size, dtype, device)
+        attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        for i, attn in enumerate(attn_layers):
+            attn.k_cache = self.kv_cache[i, 0]  # [num_slots, H_kv, D]
+            attn.v_cache = self.kv_cache[i, 1]
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        batch = build_input_batch(sched.seqs, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, batch.ctx)  # [T, hidden]
+
+        # Rows whose logits we need: the last row of every sampling seq, and the prompt rows of
+        # seqs that asked for prompt logprobs.
+        sample_rows: list[int] = []
+        sample_seqs: list[ScheduledSeq] = []
+        plp_spans: list[tuple[ScheduledSeq, int, int, list[int]]] = []
+        for s, start in zip(batch.seqs, batch.token_starts, strict=True):
+            if s.sample:
+                sample_rows.append(start + s.num_tokens - 1)
+                sample_seqs.append(s)
+            k = s.req.sampling_params.prompt_logprobs
+            if k is not None:
+                num_prompt = s.req.num_prompt_tokens
+                n = min(s.start_pos + s.num_tokens, num_prompt - 1) - s.start_pos
+                if n > 0:
+                    targets = s.req.prompt_token_ids[s.start_pos + 1 : s.start_pos + 1 + n]
+                    plp_spans.append((s, start, n, targets))
+
+        out = ModelRunnerOutput(sampled_token_ids={})
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[sample_rows])  # [num_sample, vocab]
+            rows = [
+                SamplingRow(
+                    params=s.req.sampling_params,
+                    seed=s.req.seed,
+                    prompt_token_ids=s.req.prompt_token_ids,
+                    output_token_ids=s.req.output_token_ids,
+                    eos_token_ids=s.req.eos_token_ids,
+                )
+                for s in sample_seqs
+            ]
+            token_ids, logprobs = self.sampler(logits, rows)
+            for s, tok, lp in zip(sample_seqs, token_ids, logprobs, strict=True):
+                out.sampled_token_ids[s.req.request_id] = [tok]
+                if lp is not None:
+                    out.logprobs[s.req.request_id] = [lp]
+        for s, start, n, targets in plp_spans:
+            logits = self.model.compute_logits(hidden[start : start + n])  # [n, vocab]
+            k = s.req.sampling_params.prompt_logprobs or 0
+            out.prompt_logprobs[s.req.request_id] = prompt_logprobs(logits, targets, k)
+        return out
