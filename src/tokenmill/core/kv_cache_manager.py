@@ -1,0 +1,190 @@
+"""Per-request block tables on top of a BlockPool, with automatic prefix caching.
+
+A full block is identified by a chained SHA-256 over (parent hash, its token ids, extra key), so
+a hit means the whole prefix up to that block is identical and its KV can be reused. Only full,
+computed blocks are ever cached; block tables are append-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+from tokenmill.core.block_pool import BlockHash, BlockPool, KVBlock
+from tokenmill.request import Request
+
+_ROOT_HASH = hashlib.sha256(b"tokenmill-kv-root").digest()
+
+
+def hash_block_tokens(
+    parent_hash: BlockHash | None, token_ids: Sequence[int], extra_key: str | None = None
+) -> BlockHash:
+    """Stable hash of one full block given its parent block's hash (None for the first block)."""
+    h = hashlib.sha256(parent_hash if parent_hash is not None else _ROOT_HASH)
+    h.update(struct.pack(f"<I{len(token_ids)}q", len(token_ids), *token_ids))
+    # The token count is encoded above, so the extra key cannot be confused with tokens.
+    h.update(b"\x00" if extra_key is None else b"\x01" + extra_key.encode("utf-8"))
+    return h.digest()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        # Hashes of the request's full blocks, extended incrementally; kept across preemption.
+        self.req_to_block_hashes: dict[str, list[BlockHash]] = {}
+        # How many leading blocks of the request have been offered to the hash map already.
+        self.num_cached_block: dict[str, int] = {}
+        self.prefix_queries = 0  # tokens looked up at admission
+        self.prefix_hits = 0  # of those, tokens served from the cache
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.block_pool.usage
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def get_block_ids(self, req: Request) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(req.request_id, ())]
+
+    def _block_hashes(self, req: Request, num_full_blocks: int) -> list[BlockHash]:
+        hashes = self.req_to_block_hashes.setdefault(req.request_id, [])
+        bs = self.block_size
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            tokens = req.token_slice(i * bs, (i + 1) * bs)
+            hashes.append(hash_block_tokens(parent, tokens, req.cache_salt))
+        return hashes
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[int], int]:
+        """Longest cached prefix of the request's tokens: (block ids, number of tokens).
+
+        At least one token is always left to compute, so the runner has logits to sample from.
+        The lookup keeps the request's block hashes: `free(req)` once it is finished drops them.
+        """
+        if not self.enable_prefix_caching or req.num_tokens <= 1:
+            return [], 0
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        block_ids = []
+        for block_hash in self._block_hashes(req, max_blocks)[:max_blocks]:
+            block = self.block_pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            block_ids.append(block.block_id)
+        return block_ids, len(block_ids) * self.block_size
+
+    def _num_blocks_to_allocate(
+        self, req: Request, num_tokens: int, new_computed: Sequence[KVBlock]
+    ) -> tuple[int, int]:
+        """(new blocks needed, free blocks usable for them) to hold `num_tokens` in total."""
+        num_held = len(self.req_to_blocks.get(req.request_id, ())) + len(new_computed)
+        num_new = max(0, cdiv(num_tokens, self.block_size) - num_held)
+        # Free cached blocks we are about to touch leave the free queue: don't count them twice.
+        num_touched_free = sum(1 for b in new_computed if b.ref_cnt == 0)
+        return num_new, self.block_pool.num_free_blocks - num_touched_free
+
+    def can_allocate(
+        self,
+        req: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[int] = (),
+        num_new_computed_tokens: int = 0,
+    ) -> bool:
+        """Whether `allocate_slots` with these arguments would succeed right now."""
+        computed = [self.block_pool.blocks[i] for i in new_computed_blocks]
+        total = req.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        num_new, num_usable = self._num_blocks_to_allocate(req, total, computed)
+        return num_new <= num_usable
+
+    def allocate_slots(
+        self,
+        req: Request,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[int] = (),
+        num_new_computed_tokens: int = 0,
+        num_lookahead_tokens: int = 0,
+    ) -> list[int] | None:
+        """Make room for `num_new_tokens` more tokens (after any newly hit prefix blocks).
+
+        Returns the request's whole block table, or None, having allocated nothing, when the
+        free blocks (evictable cached ones included) cannot hold them.
+        """
+        assert num_new_tokens >= 0 and num_lookahead_tokens >= 0
+        assert num_new_computed_tokens == len(new_computed_blocks) * self.block_size
+        req_id = req.request_id
+        computed = [self.block_pool.blocks[i] for i in new_computed_blocks]
+        if computed:
+            assert req.num_computed_tokens == 0 and not self.req_to_blocks.get(req_id)
+        total = (
+            req.num_computed_tokens
+            + num_new_computed_tokens
+            + num_new_tokens
+            + num_lookahead_tokens
+        )
+        num_new, num_usable = self._num_blocks_to_allocate(req, total, computed)
+        if num_new > num_usable:
+            return None
+
+        blocks = self.req_to_blocks.get(req_id)
+        if not blocks:
+            # First allocation since admission (new or resumed): count the prefix lookup.
+            self.prefix_queries += req.num_tokens
+            self.prefix_hits += num_new_computed_tokens
+            blocks = self.req_to_blocks[req_id] = []
+            self.num_cached_block[req_id] = len(computed)
+        self.block_pool.touch(computed)
+        blocks.extend(computed)
+        blocks.extend(self.block_pool.get_new_blocks(num_new))
+        return [b.block_id for b in blocks]
+
+    def cache_blocks(self, req: Request, num_computed_tokens: int) -> None:
+        """Register the request's blocks that became full now that the runner computed them."""
+        if not self.enable_prefix_caching:
+            return
+        req_id = req.request_id
+        blocks = self.req_to_blocks.get(req_id)
+        if not blocks:
+            return
+        num_full = min(num_computed_tokens // self.block_size, len(blocks))
+        start = self.num_cached_block.get(req_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(req, num_full)
+        for i in range(start, num_full):
+            self.block_pool.cache_full_block(blocks[i], hashes[i])
+        self.num_cached_block[req_id] = num_full
+
+    def free(self, req: Request) -> None:
+        """Release the request's blocks, last block first so it is evicted first.
+
+        Block hashes are kept unless the request is finished: a preempted request reuses them.
+        """
+        req_id = req.request_id
+        blocks = self.req_to_blocks.pop(req_id, [])
+        self.block_pool.free_blocks(reversed(blocks))
+        self.num_cached_block.pop(req_id, None)
+        if req.is_finished:
+            self.req_to_block_hashes.pop(req_id, None)
+
+    def reset_prefix_cache(self) -> int:
+        """Drop all cached hashes (e.g. after weights change). Returns how many were dropped."""
+        return self.block_pool.reset_prefix_cache()

@@ -1,0 +1,302 @@
+"""Dynamic SplitFuse scheduler: every step fills one token budget, running requests first.
+
+Each request has `num_tokens` and `num_computed_tokens`; a step gives a request some of its
+uncomputed tokens. Decodes, prompt chunks, resumption after preemption and prefix-cache hits are
+all the same thing. When KV blocks run out, the least urgent running request is preempted: its
+blocks are freed and it is recomputed later (its own blocks usually still hit the prefix cache).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.policy import POLICIES, make_key, make_waiting_queue
+from tokenmill.core.sched_types import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+)
+from tokenmill.errors import InvalidRequestError
+from tokenmill.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool = True
+    policy: str = "fcfs"  # fcfs | priority (lower `priority` first, then arrival)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("block_size", "num_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.kv_cache_manager = KVCacheManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        # A request can never hold more KV than the whole cache; beyond that it would preempt
+        # itself forever, so the cache size caps the context length too.
+        self.max_model_len = min(config.max_model_len, config.num_blocks * config.block_size)
+        if self.max_model_len < config.max_model_len:
+            logger.warning(
+                "KV cache holds only %d tokens; capping max_model_len %d to it",
+                self.max_model_len,
+                config.max_model_len,
+            )
+        self.requests: dict[str, Request] = {}
+        self._arrival_seq: dict[str, int] = {}
+        self._next_seq = 0
+        self._key = make_key(config.policy, self._arrival_seq)
+        self.waiting = make_waiting_queue(config.policy, self._key)
+        self.running: list[Request] = []  # sorted by policy key: the last one is preempted first
+        self._first_siblings: dict[str, Request] = {}  # parent_id -> sample_index 0
+        self._finished_req_ids: list[str] = []
+        self.num_preemptions = 0
+
+    # ---------------------------------------------------------------- requests in and out
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise InvalidRequestError(
+                f"request_id {req.request_id!r} is already in use", param="request_id"
+            )
+        if req.num_tokens == 0:
+            raise InvalidRequestError("prompt must contain at least one token", param="prompt")
+        if req.num_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {req.num_tokens} tokens, more than the maximum model length "
+                f"of {self.max_model_len}",
+                param="prompt",
+            )
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self._arrival_seq[req.request_id] = self._next_seq
+        self._next_seq += 1
+        if req.parent_id is not None and req.sample_index == 0:
+            self._first_siblings[req.parent_id] = req
+        self.waiting.add(req)
+
+    def finish_request(
+        self, req_id: str, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> bool:
+        """Finish a request from outside (abort, stop string). False if it is not here."""
+        assert status.finished, status
+        req = self.requests.get(req_id)
+        if req is None:
+            return False
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        req.status = status
+        req.stop_reason = stop_reason
+        self._release(req)
+        return True
+
+    def abort_requests(self, req_ids: Iterable[str]) -> None:
+        for req_id in req_ids:
+            self.finish_request(req_id, RequestStatus.FINISHED_ABORTED)
+
+    def _release(self, req: Request) -> None:
+        assert req.is_finished
+        self.kv_cache_manager.free(req)
+        del self.requests[req.request_id]
+        del self._arrival_seq[req.request_id]
+        if req.parent_id is not None and self._first_siblings.get(req.parent_id) is req:
+            del self._first_siblings[req.parent_id]
+        self._finished_req_ids.append(req.request_id)
+
+    def get_request(self, req_id: str) -> Request | None:
+        return self.requests.get(req_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_cache_manager.usage
+
+    # ---------------------------------------------------------------- one step
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert num_new > 0, f"running request {req.request_id} has nothing to compute"
+            block_ids = self.kv_cache_manager.allocate_slots(req, num_new)
+            while block_ids is None:
+                # running is sorted, so the victim is never one already scheduled this step.
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+                block_ids = self.kv_cache_manager.allocate_slots(req, num_new)
+            if block_ids is None:
+                break
+            seqs.append(self._make_seq(req, num_new, block_ids))
+            budget -= num_new
+            i += 1
+
+        # After a preemption memory is short: admitting now would only thrash.
+        if not preempted:
+            budget = self._schedule_waiting(seqs, budget)
+
+        finished, self._finished_req_ids = self._finished_req_ids, []
+        return SchedulerOutput(
+            seqs=seqs,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_req_ids=preempted,
+            finished_req_ids=finished,
+        )
+
+    def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
+        kv = self.kv_cache_manager
+        admitted: list[Request] = []
+        for req in self.waiting:
+            if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
+                break
+            if not self._siblings_ready(req):
+                continue
+            computed_ids, num_cached = kv.get_computed_blocks(req)
+            num_remaining = req.num_tokens - num_cached
+            # Admit only if the KV cache can hold the whole remainder: admitting chunk by chunk
+            # lets several half-prefilled prompts fill the cache and deadlock.
+            if not kv.can_allocate(req, num_remaining, computed_ids, num_cached):
+                break
+            num_new = min(num_remaining, budget)
+            block_ids = kv.allocate_slots(req, num_new, computed_ids, num_cached)
+            assert block_ids is not None
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_cached
+            req.num_computed_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            admitted.append(req)
+            seqs.append(self._make_seq(req, num_new, block_ids))
+            budget -= num_new
+        for req in admitted:
+            self.waiting.remove(req)
+            bisect.insort(self.running, req, key=self._key)
+        return budget
+
+    def _siblings_ready(self, req: Request) -> bool:
+        """n > 1: later samples wait for the first one's prompt so they share its KV blocks."""
+        if req.parent_id is None or req.sample_index == 0:
+            return True
+        first = self._first_siblings.get(req.parent_id)
+        return first is None or first.num_computed_tokens >= first.num_prompt_tokens
+
+    def _make_seq(self, req: Request, num_new: int, block_ids: list[int]) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        return ScheduledSeq(
+            req=req,
+            token_ids=req.token_slice(start, start + num_new),
+            start_pos=start,
+            block_ids=block_ids,
+            sample=start + num_new == req.num_tokens,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv_cache_manager.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add_preempted(req)
+        logger.debug("preempted %s (%d tokens)", req.request_id, req.num_tokens)
+
+    # ---------------------------------------------------------------- after the forward pass
+
+    def update_from_output(
+        self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for seq in sched_out.seqs:
+            req = seq.req
+            if req.status != RequestStatus.RUNNING:
+                continue  # aborted or finished since schedule()
+            req_id = req.request_id
+            assert req.num_computed_tokens == seq.start_pos
+            req.num_computed_tokens += seq.num_tokens
+            self.kv_cache_manager.cache_blocks(req, req.num_computed_tokens)
+
+            new_ids: list[int] = []
+            if seq.sample:
+                sampled = runner_out.sampled_token_ids.get(req_id)
+                assert sampled, f"no token sampled for {req_id}"
+                for token_id in sampled:
+                    req.output_token_ids.append(token_id)
+                    new_ids.append(token_id)
+                    if self._check_stop(req, token_id):
+                        break
+            logprobs = runner_out.logprobs.get(req_id)
+            if logprobs is not None:
+                logprobs = logprobs[: len(new_ids)]
+            prompt_logprobs = runner_out.prompt_logprobs.get(req_id)
+            finished = req.is_finished
+            if finished:
+                self.running.remove(req)
+                self._release(req)
+            if new_ids or prompt_logprobs or finished:
+                outputs.append(
+                    EngineCoreOutput(
+                        req=req,
+                        new_token_ids=new_ids,
+                        new_logprobs=logprobs,
+                        new_prompt_logprobs=prompt_logprobs,
+                        finished=finished,
+                    )
+                )
+        return outputs
+
+    def _check_stop(self, req: Request, token_id: int) -> bool:
+        """Apply the stop conditions for one just-appended token; sets status and reason."""
+        sp = req.sampling_params
+        # min_tokens: the first min_tokens outputs cannot stop the request.
+        if req.num_output_tokens > sp.min_tokens:
+            if not sp.ignore_eos and token_id in req.eos_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                req.stop_reason = None
+                return True
+            if token_id in sp.stop_token_ids:
+                req.status = RequestStatus.FINISHED_STOPPED
+                req.stop_reason = token_id
+                return True
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False

@@ -1,0 +1,305 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from tokenmill.core import kv_cache_manager as kvm
+from tokenmill.core.kv_cache_manager import KVCacheManager, hash_block_tokens
+from tokenmill.request import Request, RequestStatus
+from tokenmill.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+def make_req(tokens: list[int], salt: str | None = None) -> Request:
+    return Request(f"r{next(_ids)}", list(tokens), SamplingParams(), cache_salt=salt)
+
+
+def compute(kv: KVCacheManager, req: Request, num_new: int) -> list[int] | None:
+    """Allocate and pretend the runner computed `num_new` more tokens."""
+    block_ids = kv.allocate_slots(req, num_new)
+    if block_ids is not None:
+        req.num_computed_tokens += num_new
+        kv.cache_blocks(req, req.num_computed_tokens)
+    return block_ids
+
+
+def admit(kv: KVCacheManager, req: Request) -> list[int] | None:
+    """Prefix lookup plus allocation of the whole remainder, then compute it."""
+    hit_ids, num_hit = kv.get_computed_blocks(req)
+    block_ids = kv.allocate_slots(req, req.num_tokens - num_hit, hit_ids, num_hit)
+    if block_ids is not None:
+        req.num_computed_tokens = req.num_tokens
+        kv.cache_blocks(req, req.num_computed_tokens)
+    return block_ids
+
+
+def finish(kv: KVCacheManager, req: Request) -> None:
+    req.status = RequestStatus.FINISHED_STOPPED
+    kv.free(req)
+
+
+def test_hash_is_chained_stable_and_salted() -> None:
+    h0 = hash_block_tokens(None, [1, 2, 3, 4])
+    assert h0 == hash_block_tokens(None, [1, 2, 3, 4]) and len(h0) == 32
+    assert hash_block_tokens(h0, [5]) != hash_block_tokens(None, [5])
+    assert hash_block_tokens(h0, [5]) != hash_block_tokens(hash_block_tokens(None, [9]), [5])
+    assert hash_block_tokens(None, [1, 2]) != hash_block_tokens(None, [1, 2], "salt")
+    assert hash_block_tokens(None, [1, 2], "a") != hash_block_tokens(None, [1, 2], "b")
+    assert hash_block_tokens(None, [1, 2], "") != hash_block_tokens(None, [1, 2])
+    assert hash_block_tokens(None, [1, 2]) != hash_block_tokens(None, [2, 1])
+    assert hash_block_tokens(None, [256]) != hash_block_tokens(None, [1, 0])
+
+
+def test_vllm_doc_eviction_example() -> None:
+    """docs/design/prefix_caching.md of vLLM: 10 blocks of 4 tokens."""
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    pool = kv.block_pool
+    req0 = make_req(list(range(15)))
+    assert admit(kv, req0) == [0, 1, 2, 3]
+    assert pool.num_cached_blocks == 3
+    req0.output_token_ids.append(15)
+    assert compute(kv, req0, 1) == [0, 1, 2, 3]  # block 3 is now full and cached
+    req0.output_token_ids.append(16)
+    assert compute(kv, req0, 1) == [0, 1, 2, 3, 4]
+    assert pool.num_cached_blocks == 4
+
+    req1 = make_req(list(range(10)) + [100, 101, 102, 103])
+    assert kv.get_computed_blocks(req1) == ([0, 1], 8)
+    assert admit(kv, req1) == [0, 1, 5, 6]
+
+    finish(kv, req0)
+    assert [b.block_id for b in pool.free_block_queue] == [7, 8, 9, 4, 3, 2]
+    finish(kv, req1)
+    free_order = [b.block_id for b in pool.free_block_queue]
+    assert free_order == [7, 8, 9, 4, 3, 2, 6, 5, 1, 0]
+
+    req2 = make_req(list(range(12)) + list(range(200, 217)))
+    assert req2.num_tokens == 29
+    assert kv.get_computed_blocks(req2) == ([0, 1, 2], 12)
+    assert admit(kv, req2) == [0, 1, 2, 7, 8, 9, 4, 3]
+    assert pool.get_cached_block(hash_block_tokens(None, [0, 1, 2, 3])) is pool.blocks[0]
+    pool.check_integrity()
+
+
+def test_full_hit_leaves_one_token_to_compute() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    admit(kv, make_req(list(range(9))))
+    assert kv.get_computed_blocks(make_req(list(range(8)))) == ([0], 4)  # capped at 7 tokens
+    assert kv.get_computed_blocks(make_req(list(range(9)))) == ([0, 1], 8)
+    assert kv.get_computed_blocks(make_req(list(range(12)))) == ([0, 1], 8)
+    assert kv.get_computed_blocks(make_req([0])) == ([], 0)
+
+
+def test_cache_salt_and_disabled_cache() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    admit(kv, make_req(list(range(9)), salt="alice"))
+    assert kv.get_computed_blocks(make_req(list(range(9)), salt="bob")) == ([], 0)
+    assert kv.get_computed_blocks(make_req(list(range(9)))) == ([], 0)
+    assert kv.get_computed_blocks(make_req(list(range(9)), salt="alice"))[1] == 8
+
+    off = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    admit(off, make_req(list(range(9))))
+    assert off.get_computed_blocks(make_req(list(range(9)))) == ([], 0)
+    assert off.block_pool.num_cached_blocks == 0 and not off.req_to_block_hashes
+
+
+def test_allocation_failure_allocates_nothing() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    a = make_req(list(range(8)))
+    assert admit(kv, a) is not None
+    b = make_req(list(range(50, 62)))
+    assert kv.allocate_slots(b, 12) is None
+    assert kv.get_block_ids(b) == [] and kv.num_free_blocks == 2
+    assert kv.allocate_slots(b, 8) is not None
+    assert kv.num_free_blocks == 0 and kv.usage == 1.0
+    kv.block_pool.check_integrity()
+
+
+def test_hit_blocks_that_are_free_are_not_counted_twice() -> None:
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    a = make_req(list(range(8)))
+    admit(kv, a)
+    finish(kv, a)
+    assert kv.num_free_blocks == 4  # two of them still cached
+    c = make_req(list(range(20)))
+    hit_ids, num_hit = kv.get_computed_blocks(c)
+    assert num_hit == 8
+    # 5 blocks needed: 2 hits (free, so they leave the queue) + 3 new > 4 - 2 usable.
+    assert not kv.can_allocate(c, 12, hit_ids, num_hit)
+    assert kv.allocate_slots(c, 12, hit_ids, num_hit) is None
+    assert kv.num_free_blocks == 4 and kv.get_block_ids(c) == []
+    b = make_req(list(range(16)))
+    hit_ids, num_hit = kv.get_computed_blocks(b)
+    assert kv.allocate_slots(b, 8, hit_ids, num_hit) == [0, 1, 2, 3]
+    assert kv.prefix_hits == 8 and kv.prefix_queries == 8 + 16
+    kv.block_pool.check_integrity()
+
+
+def test_free_reverse_order_and_resume_hits_own_output_blocks() -> None:
+    kv = KVCacheManager(num_blocks=6, block_size=2)
+    req = make_req([1, 2, 3])
+    admit(kv, req)
+    for tok in (4, 5, 6):
+        req.output_token_ids.append(tok)
+        compute(kv, req, 1)
+    assert kv.get_block_ids(req) == [0, 1, 2]
+    req.output_token_ids.append(7)  # not computed yet
+    req.status = RequestStatus.PREEMPTED
+    kv.free(req)
+    assert [b.block_id for b in kv.block_pool.free_block_queue] == [3, 4, 5, 2, 1, 0]
+    req.num_computed_tokens = 0
+    # 7 tokens: blocks [1,2] [3,4] [5,6] are cached; the last token is recomputed.
+    assert kv.get_computed_blocks(req) == ([0, 1, 2], 6)
+    hits = kv.get_computed_blocks(req)
+    assert kv.allocate_slots(req, 1, *hits) == [0, 1, 2, 3]
+
+
+def test_hashing_is_incremental(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = 0
+    real = kvm.hash_block_tokens
+
+    def counting(*args: object) -> bytes:
+        nonlocal calls
+        calls += 1
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kvm, "hash_block_tokens", counting)
+    kv = KVCacheManager(num_blocks=300, block_size=4)
+    req = make_req(list(range(10)))
+    admit(kv, req)
+    for i in range(1000):
+        req.output_token_ids.append(i)
+        compute(kv, req, 1)
+    assert calls == req.num_computed_tokens // 4 == 252
+
+
+class KVMachine(RuleBasedStateMachine):
+    """Random admit / compute / decode / preempt / finish / evict sequences.
+
+    A fake KV store remembers, per slot, which token prefix produced it; every prefix hit must
+    find exactly the KV of its own prefix, and no request may write into a shared or cached block.
+    """
+
+    @initialize(num_blocks=st.integers(2, 14), block_size=st.integers(1, 4), caching=st.booleans())
+    def setup(self, num_blocks: int, block_size: int, caching: bool) -> None:
+        self.kv = KVCacheManager(num_blocks, block_size, caching)
+        self.bs = block_size
+        self.live: list[Request] = []
+        self.paused: list[Request] = []
+        self.slots: dict[tuple[int, int], tuple] = {}
+
+    def _key(self, req: Request, pos: int) -> tuple:
+        return (req.cache_salt, tuple(req.token_slice(0, pos + 1)))
+
+    def _write(self, req: Request, start: int, end: int) -> None:
+        blocks = self.kv.req_to_blocks[req.request_id]
+        for pos in range(start, end):
+            block = blocks[pos // self.bs]
+            assert block.ref_cnt == 1 and block.block_hash is None
+            self.slots[(block.block_id, pos % self.bs)] = self._key(req, pos)
+
+    def _admit(self, req: Request, chunk: int) -> bool:
+        hit_ids, num_hit = self.kv.get_computed_blocks(req)
+        for pos in range(num_hit):
+            slot = (hit_ids[pos // self.bs], pos % self.bs)
+            assert self.slots[slot] == self._key(req, pos)
+        num_free = self.kv.num_free_blocks
+        num_new = max(1, min(chunk, req.num_tokens - num_hit))
+        if self.kv.allocate_slots(req, num_new, hit_ids, num_hit) is None:
+            assert self.kv.num_free_blocks == num_free and not self.kv.get_block_ids(req)
+            return False
+        req.num_computed_tokens = num_hit
+        self._write(req, num_hit, num_hit + num_new)
+        req.num_computed_tokens += num_new
+        self.kv.cache_blocks(req, req.num_computed_tokens)
+        return True
+
+    @rule(
+        prefix=st.sampled_from([(), (1, 2, 3, 4), (1, 2, 3, 4, 5, 6, 7, 8), (9, 9)]),
+        tail=st.lists(st.integers(0, 3), max_size=6),
+        salt=st.sampled_from([None, None, "s"]),
+        chunk=st.integers(1, 12),
+    )
+    def add(self, prefix: tuple[int, ...], tail: list[int], salt: str | None, chunk: int) -> None:
+        if not prefix and not tail:
+            return
+        req = make_req([*prefix, *tail], salt)
+        if self._admit(req, chunk):
+            self.live.append(req)
+        else:
+            req.status = RequestStatus.FINISHED_ABORTED
+            self.kv.free(req)  # drops the hashes the lookup computed
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100), n=st.integers(1, 6), token=st.integers(0, 3))
+    def step(self, i: int, n: int, token: int) -> None:
+        req = self.live[i % len(self.live)]
+        if req.num_computed_tokens == req.num_tokens:
+            req.output_token_ids.append(token)
+        n = min(n, req.num_tokens - req.num_computed_tokens)
+        num_free = self.kv.num_free_blocks
+        table = self.kv.get_block_ids(req)
+        if self.kv.allocate_slots(req, n) is None:
+            assert self.kv.num_free_blocks == num_free and self.kv.get_block_ids(req) == table
+            return
+        assert self.kv.get_block_ids(req)[: len(table)] == table  # append-only
+        self._write(req, req.num_computed_tokens, req.num_computed_tokens + n)
+        req.num_computed_tokens += n
+        self.kv.cache_blocks(req, req.num_computed_tokens)
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100), preempt=st.booleans())
+    def release(self, i: int, preempt: bool) -> None:
+        req = self.live.pop(i % len(self.live))
+        req.status = RequestStatus.PREEMPTED if preempt else RequestStatus.FINISHED_STOPPED
+        self.kv.free(req)
+        if preempt:
+            req.num_computed_tokens = 0
+            self.paused.append(req)
+
+    @precondition(lambda self: self.paused)
+    @rule(chunk=st.integers(1, 12))
+    def resume(self, chunk: int) -> None:
+        req = self.paused[0]
+        if self._admit(req, chunk):
+            self.live.append(self.paused.pop(0))
+
+    @rule()
+    def reset_cache(self) -> None:
+        self.kv.reset_prefix_cache()
+
+    @invariant()
+    def consistent(self) -> None:
+        if not hasattr(self, "kv"):
+            return
+        pool = self.kv.block_pool
+        pool.check_integrity()
+        tables = [self.kv.req_to_blocks.get(r.request_id, []) for r in self.live]
+        for table in tables:
+            assert len({b.block_id for b in table}) == len(table)
+        for block in pool.blocks:
+            assert block.ref_cnt == sum(block in t for t in tables)
+        num_used = sum(1 for b in pool.blocks if b.ref_cnt > 0)
+        assert pool.num_free_blocks + num_used == pool.num_blocks
+        assert sum(1 for b in pool.free_block_queue if b.block_hash) <= pool.num_cached_blocks
+        for r in self.paused:
+            assert not self.kv.get_block_ids(r)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "kv"):
+            return
+        for req in self.live + self.paused:
+            req.status = RequestStatus.FINISHED_ABORTED
+            self.kv.free(req)
+        assert self.kv.num_free_blocks == self.kv.num_blocks
+        assert not self.kv.req_to_blocks and not self.kv.req_to_block_hashes
+        self.kv.block_pool.check_integrity()
+
+
+TestKVMachine = KVMachine.TestCase
+TestKVMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
