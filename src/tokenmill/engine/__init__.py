@@ -1,0 +1,1 @@
+"""Engine front end: tokenizer, detokenizer and request processing."""

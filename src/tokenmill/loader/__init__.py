@@ -1,0 +1,1 @@
+"""Model weight and metadata loaders."""
