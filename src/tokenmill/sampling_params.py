@@ -24,7 +24,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    logprobs: int | None = None  # top-k logprobs per generated token (the sampled one always included)
+    logprobs: int | None = (
+        None  # top-k logprobs per generated token (the sampled one always included)
+    )
     prompt_logprobs: int | None = None  # top-k per prompt token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -48,7 +50,9 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", f"must be an integer >= 1, got {self.n!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
             raise bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         if self.temperature < 0:
             raise bad("temperature", f"must be >= 0, got {self.temperature}")

@@ -44,7 +44,11 @@ class PagedAttention(nn.Module):
         keys = self.k_cache[ctx.decode_slots].transpose(1, 2)  # [B, H_kv, max_ctx, D]
         values = self.v_cache[ctx.decode_slots].transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=ctx.decode_mask, scale=self.scale,
+            q.unsqueeze(2),
+            keys,
+            values,
+            attn_mask=ctx.decode_mask,
+            scale=self.scale,
             enable_gqa=True,
         )  # [B, H, 1, D]
         return out.squeeze(2)

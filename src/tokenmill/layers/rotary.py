@@ -1,4 +1,4 @@
-"""Rotary position embeddings (rotate-half layout, as HF Llama/Qwen2/Mistral), incl. llama3 scaling."""
+"""Rotary position embeddings (rotate-half layout as in HF Llama), incl. llama3 scaling."""
 
 from __future__ import annotations
 

@@ -30,8 +30,11 @@ class LlamaAttention(nn.Module):
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(
-            cfg.hidden_size, [q_size, kv_size, kv_size], ("q_proj", "k_proj", "v_proj"),
-            bias=cfg.attention_bias, dtype=dtype,
+            cfg.hidden_size,
+            [q_size, kv_size, kv_size],
+            ("q_proj", "k_proj", "v_proj"),
+            bias=cfg.attention_bias,
+            dtype=dtype,
         )
         self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
         self.rotary = rotary

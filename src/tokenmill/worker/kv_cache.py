@@ -42,6 +42,11 @@ def allocate_kv_cache(
 ) -> torch.Tensor:
     # [layers, 2 (k, v), num_slots, H_kv, D]; slot = block_id * block_size + offset
     return torch.zeros(
-        cfg.num_hidden_layers, 2, num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim,
-        dtype=dtype, device=device,
+        cfg.num_hidden_layers,
+        2,
+        num_blocks * block_size,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        dtype=dtype,
+        device=device,
     )

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput, ScheduledSeq
+from tokenmill.core.sched_types import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.linear import Linear
 from tokenmill.models.registry import build_model

@@ -1,0 +1,23 @@
+"""Shared helpers for benchmarks: deterministic prompts of exact token lengths, the GGUF path."""
+
+from __future__ import annotations
+
+import random
+
+WORDS = (
+    "the river mountain city ancient library engine quiet storm garden light winter market "
+    "journey forest silver promise window letter bridge harbor village music theory question "
+    "answer history science ocean shadow morning evening candle stone story dream machine "
+    "language memory signal number pattern circle square travel distant simple careful bright"
+).split()
+
+
+def make_prompts(tokenizer, num: int, num_tokens: int, seed: int = 0) -> list[list[int]]:
+    """`num` distinct token-id prompts of exactly `num_tokens` tokens each (readable English)."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(num):
+        words = [f"Request {i}:"] + [rng.choice(WORDS) for _ in range(num_tokens * 2)]
+        ids = tokenizer.encode(" ".join(words), add_special_tokens=False)
+        prompts.append(ids[:num_tokens])
+    return prompts

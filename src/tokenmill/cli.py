@@ -1,0 +1,197 @@
+"""`tokenmill generate | chat`. Flags are generated from EngineConfig and SamplingParams fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import types
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from tokenmill.config import EngineConfig
+from tokenmill.sampling_params import SamplingParams
+
+# Sampling flags exposed on the command line (the rest are API-only: logit_bias, n, ...).
+_SAMPLING_FLAGS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "logprobs",
+)
+
+
+def _base_type(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return get_origin(tp) or tp
+
+
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    only: tuple[str, ...] | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only) or not f.init:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "") + (f" (default: {default})" if default else "")
+        if tp is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif tp is list:
+            parser.add_argument(flag, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, default=default, help=help_text)
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingParams:
+    kw = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    kw.update(overrides)
+    return SamplingParams(**kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts offline (arguments or a JSONL file)")
+    gen.add_argument("prompts", nargs="*", help="prompt strings")
+    gen.add_argument("--file", help='JSONL file: one {"prompt": ...} or a JSON string per line')
+    gen.add_argument("--chat-template", action="store_true", help="wrap prompts as user turns")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per result")
+
+    chat = sub.add_parser("chat", help="interactive chat with streaming output")
+    chat.add_argument("--system", default=None, help="system prompt")
+
+    for p in (gen, chat):
+        add_dataclass_flags(p, EngineConfig)
+        add_dataclass_flags(p, SamplingParams, only=_SAMPLING_FLAGS)
+    gen.set_defaults(max_tokens=64, temperature=0.0)
+    chat.set_defaults(max_tokens=512, temperature=0.7, top_p=0.9)
+    return parser
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.file:
+        with open(args.file) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{args.file}:{lineno}: not valid JSON ({e})") from e
+                prompts.append(item["prompt"] if isinstance(item, dict) else str(item))
+    if not prompts:
+        raise SystemExit("no prompts: pass them as arguments or with --file")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tokenmill.engine.llm import LLM
+
+    prompts = _read_prompts(args)
+    params = _sampling_params(args)
+    cfg = _engine_config(args)
+    llm = LLM(**dataclasses.asdict(cfg))
+    if args.chat_template:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        for c in out.outputs:
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "prompt": prompt,
+                            "text": c.text,
+                            "token_ids": c.token_ids,
+                            "finish_reason": c.finish_reason,
+                        }
+                    )
+                )
+            else:
+                print(f"### {prompt}\n{c.text}\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tokenmill.engine.engine import LLMEngine
+
+    engine = LLMEngine(_engine_config(args))
+    tok = engine.tokenizer
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    print(
+        f"tokenmill chat with {engine.model_name} ({engine.dtype}). "
+        "/reset clears the history, /exit or Ctrl-D quits.",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        prompt_ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
+        rid = engine.add_request(prompt_ids, _sampling_params(args))
+        reply = ""
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    text = out.outputs[0].text
+                    print(text[len(reply) :], end="", flush=True)
+                    reply = text
+        except KeyboardInterrupt:
+            engine.abort_request(rid)
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+    except ValueError as e:  # user errors: bad flags, bad model, bad request
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The engine: validates and tokenizes requests, runs scheduler -> runner steps, emits outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+
+import torch
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.engine.loading import LoadedModel, load_model
+from tokenmill.engine.output_processor import OutputProcessor
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import RequestOutput
+from tokenmill.request import Request, RequestStatus
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.kv_cache import num_blocks_for_budget
+from tokenmill.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        t0 = time.perf_counter()
+        loaded: LoadedModel = load_model(config)
+        self.model_name = loaded.name
+        self.model_config: ModelConfig = loaded.model_config
+        self.tokenizer = loaded.tokenizer
+        self.dtype = loaded.dtype
+        self.max_model_len = loaded.max_model_len
+        self.num_blocks = num_blocks_for_budget(
+            self.model_config,
+            config.block_size,
+            self.dtype,
+            config.kv_cache_memory_gb,
+            self.max_model_len,
+            config.num_kv_blocks,
+        )
+        self.runner = ModelRunner(
+            self.model_config,
+            loaded.weights,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            num_blocks=self.num_blocks,
+            block_size=config.block_size,
+            device=config.device,
+            batch_invariant=config.batch_invariant,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=config.max_num_seqs,
+                max_model_len=self.max_model_len,
+                block_size=config.block_size,
+                num_blocks=self.num_blocks,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
+            self.model_config.eos_token_ids
+        )
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        logger.info(
+            "loaded %s (%s, %s) in %.1fs; KV cache %d blocks x %d tokens",
+            self.model_name,
+            self.model_config.architecture,
+            self.dtype,
+            time.perf_counter() - t0,
+            self.num_blocks,
+            config.block_size,
+        )
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> str:
+        """Validates, tokenizes and queues a request; raises InvalidRequestError on bad input."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.outputs.states:
+            raise InvalidRequestError(f"request_id {request_id!r} is already running", "request_id")
+        params.validate()
+        prompt_text = prompt if isinstance(prompt, str) else None
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(prompt_ids, params)
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        reqs = [
+            Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                prompt_token_ids=prompt_ids,
+                sampling_params=params,
+                eos_token_ids=self.eos_token_ids,
+                max_tokens=max_tokens,
+                seed=base_seed + i,
+                priority=priority,
+                parent_id=request_id if params.n > 1 else None,
+                sample_index=i,
+                cache_salt=cache_salt,
+            )
+            for i in range(params.n)
+        ]
+        self.outputs.add(prompt_text, reqs, request_id)
+        for req in reqs:
+            self.scheduler.add_request(req)
+        return request_id
+
+    def _validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {vocab}); got {bad[:5]}", "prompt"
+            )
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_ids)} tokens, but the model's context is "
+                f"{self.max_model_len} tokens (the prompt must leave room for at least 1 token)",
+                "prompt",
+            )
+        for tok in params.logit_bias or {}:
+            if not 0 <= tok < vocab:
+                raise InvalidRequestError(
+                    f"logit_bias token id {tok} is outside the vocabulary [0, {vocab})",
+                    "logit_bias",
+                )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        state = self.outputs.states.get(request_id)
+        if state is None:
+            return None
+        self.scheduler.abort_requests([s.req.request_id for s in state.samples])
+        return self.outputs.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        core_outputs = self.scheduler.update_from_output(sched, result)
+        outputs, stopped = self.outputs.process(core_outputs)
+        for req_id in stopped:
+            self.scheduler.finish_request(req_id, RequestStatus.FINISHED_STOPPED)
+        return outputs

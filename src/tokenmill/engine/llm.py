@@ -1,0 +1,136 @@
+"""Offline API shaped like vLLM's `LLM`, so existing scripts port over."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict[str, Any]
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """`LLM()` loads the default model (SmolLM2-135M-Instruct); `LLM(model=path_or_id, ...)`
+    takes any EngineConfig field as a keyword (dtype, quantization, max_model_len, ...)."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        names = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown LLM argument(s) {unknown}; allowed: {sorted(names)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (
+            [sampling_params] * len(prompt_list)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(prompt_list):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompt_list)} prompts")
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
+        return self._run(prompt_list, params, use_tqdm, priority)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.engine.tokenizer
+        prompts = [
+            {
+                "prompt_token_ids": tok.encode(
+                    tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt),
+                    add_special_tokens=False,
+                )
+            }
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(
+        self,
+        prompts: list[PromptType],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+        priority: Sequence[int] | None,
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+                text, token_ids = _split_prompt(prompt)
+                rid = engine.add_request(
+                    token_ids if token_ids is not None else text,
+                    p,
+                    priority=priority[i] if priority else 0,
+                )
+                if text is not None and token_ids is not None:
+                    engine.outputs.states[rid].prompt = text
+                ids.append(rid)
+        except Exception:
+            for rid in ids:  # a bad prompt rejects the whole call and leaves nothing queued
+                engine.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, unit="req")
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            for rid in ids:
+                if rid not in results:
+                    engine.abort_request(rid)
+        return [results[rid] for rid in ids]
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _split_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"], None
+        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return None, prompt
+    raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
