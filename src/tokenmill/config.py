@@ -99,8 +99,11 @@ class EngineConfig:
         default=True, metadata={"help": "reuse KV of identical prompt prefixes across requests"}
     )
     batch_invariant: bool = field(
-        default=True,
-        metadata={"help": "same tokens whatever the batch (pads small matmuls to one kernel path)"},
+        default=False,
+        metadata={
+            "help": "bit-identical results whatever the batch: matmuls run in fixed 16-row tiles "
+            "(costs speed; see docs/benchmarks.md)"
+        },
     )
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
     trust_remote_code: bool = field(default=False, metadata={"help": "passed to transformers"})

@@ -1,8 +1,10 @@
 """Attention over the paged KV cache. The PyTorch reference backend works on CPU and GPU.
 
-The cache of one layer is a pair of flat slot arrays: k_cache, v_cache: [num_slots, H_kv, D],
-slot = block_id * block_size + offset. Keys are gathered through the slots, so any block layout
-works and nothing is padded to the longest request except inside the decode gather.
+The cache of one layer is a pair of block arrays: k_cache, v_cache: [num_blocks, block_size,
+H_kv, D]; token t of a request lives in block table[t // block_size] at offset t % block_size
+(its slot: block_id * block_size + offset). Keys are gathered a whole block at a time (contiguous
+copies, ~3x faster than a per-token gather here); only the decode gather pads to the longest
+request, and the mask hides the padding.
 """
 
 from __future__ import annotations
@@ -29,37 +31,41 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, H_kv, D] -> out: [T, H, D]
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
-        self.k_cache.index_copy_(0, ctx.slot_mapping, k)
-        self.v_cache.index_copy_(0, ctx.slot_mapping, v)
+        num_heads_kv, head_dim = self.num_kv_heads, self.head_dim
+        self.k_cache.view(-1, num_heads_kv, head_dim).index_copy_(0, ctx.slot_mapping, k)
+        self.v_cache.view(-1, num_heads_kv, head_dim).index_copy_(0, ctx.slot_mapping, v)
         out = torch.empty_like(q)
         if ctx.num_decode:
             out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx)
         for p in ctx.prefills:
             rows = slice(p.token_start, p.token_start + p.num_query)
-            out[rows] = self._prefill(q[rows], p.ctx_slots, p.causal_mask)
+            out[rows] = self._prefill(q[rows], p.block_table, p.causal_mask)
         return out
+
+    def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        # tables: [..., n] block ids -> [..., n * block_size, H_kv, D]
+        blocks = cache.index_select(0, tables.reshape(-1))
+        return blocks.view(*tables.shape[:-1], -1, self.num_kv_heads, self.head_dim)
 
     def _decode(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # q: [B, H, D]; keys gathered to [B, max_ctx, H_kv, D], padding masked out.
-        keys = self.k_cache[ctx.decode_slots].transpose(1, 2)  # [B, H_kv, max_ctx, D]
-        values = self.v_cache[ctx.decode_slots].transpose(1, 2)
+        tables = ctx.decode_block_tables
+        keys = self._gather(self.k_cache, tables).transpose(1, 2)  # [B, H_kv, max_ctx, D]
+        values = self._gather(self.v_cache, tables).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),
-            keys,
-            values,
-            attn_mask=ctx.decode_mask,
-            scale=self.scale,
+            q.unsqueeze(2), keys, values, attn_mask=ctx.decode_mask, scale=self.scale,
             enable_gqa=True,
         )  # [B, H, 1, D]
         return out.squeeze(2)
 
-    def _prefill(
-        self, q: torch.Tensor, ctx_slots: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        # q: [n, H, D]; keys: [ctx, H_kv, D] (cached prefix + this chunk)
-        keys = self.k_cache[ctx_slots].transpose(0, 1)  # [H_kv, ctx, D]
-        values = self.v_cache[ctx_slots].transpose(0, 1)
+    def _prefill(self, q: torch.Tensor, table: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # q: [n, H, D]; keys: [ctx, H_kv, D] (cached prefix + this chunk). 4-D inputs take
+        # torch's CPU flash kernel; 3-D ones fall back to the ~7x slower math path.
+        ctx_len = mask.shape[1]
+        keys = self._gather(self.k_cache, table)[:ctx_len].transpose(0, 1)  # [H_kv, ctx, D]
+        values = self._gather(self.v_cache, table)[:ctx_len].transpose(0, 1)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
-        )  # [H, n, D]
-        return out.transpose(0, 1)
+            q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+            attn_mask=mask, scale=self.scale, enable_gqa=True,
+        )  # [1, H, n, D]
+        return out[0].transpose(0, 1)

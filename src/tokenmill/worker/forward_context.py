@@ -14,7 +14,7 @@ class PrefillSeq:
     token_start: int  # first row of this request in the packed token batch
     num_query: int
     start_pos: int  # tokens already in the KV cache before this step
-    ctx_slots: torch.Tensor  # [start_pos + num_query] cache slots of all its keys, in order
+    block_table: torch.Tensor  # [ceil((start_pos + num_query) / block_size)] int64
     causal_mask: torch.Tensor  # [num_query, start_pos + num_query] bool, True = attend
 
 
@@ -27,6 +27,6 @@ class ForwardContext:
 
     slot_mapping: torch.Tensor  # [num_tokens] int64
     num_decode: int  # rows [0, num_decode) are single-token decodes
-    decode_slots: torch.Tensor | None  # [num_decode, max_ctx] int64, padded with slot 0
+    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int64, padded with 0
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_ctx] bool, True = attend
     prefills: list[PrefillSeq]

@@ -38,33 +38,32 @@ def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) ->
         positions.extend(range(s.start_pos, end))
         slot_mapping.extend(_slots(s.block_ids, s.start_pos, end, block_size))
 
-    decode_slots = decode_mask = None
+    decode_tables = decode_mask = None
     if decodes:
         ctx_lens = torch.tensor([s.start_pos + 1 for s in decodes])  # [B]
-        max_ctx = int(ctx_lens.max())
-        width = -(-max_ctx // block_size)
-        tables = torch.zeros(len(decodes), width, dtype=torch.int64)  # [B, blocks]
+        width = -(-int(ctx_lens.max()) // block_size)
+        tables = torch.zeros(len(decodes), width, dtype=torch.int64)  # [B, max_blocks]
         for i, s in enumerate(decodes):
             n = min(len(s.block_ids), width)
             tables[i, :n] = torch.tensor(s.block_ids[:n])
-        pos = torch.arange(max_ctx)
-        decode_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, ctx]
-        mask = pos.unsqueeze(0) < ctx_lens.unsqueeze(1)  # [B, ctx]
-        decode_slots = decode_slots.masked_fill(~mask, 0).to(device)
-        decode_mask = mask.view(len(decodes), 1, 1, max_ctx).to(device)
+        pos = torch.arange(width * block_size)
+        mask = pos.unsqueeze(0) < ctx_lens.unsqueeze(1)  # [B, max_blocks * block_size]
+        decode_tables = tables.to(device)
+        decode_mask = mask.view(len(decodes), 1, 1, -1).to(device)
 
     prefill_meta = []
     for s, start in zip(prefills, token_starts[len(decodes) :], strict=True):
         end = s.start_pos + s.num_tokens
-        ctx_slots = torch.tensor(_slots(s.block_ids, 0, end, block_size), device=device)
+        num_blocks = -(-end // block_size)
+        table = torch.tensor(s.block_ids[:num_blocks], dtype=torch.int64, device=device)
         q_pos = torch.arange(s.start_pos, end, device=device)
         causal = torch.arange(end, device=device).unsqueeze(0) <= q_pos.unsqueeze(1)
-        prefill_meta.append(PrefillSeq(start, s.num_tokens, s.start_pos, ctx_slots, causal))
+        prefill_meta.append(PrefillSeq(start, s.num_tokens, s.start_pos, table, causal))
 
     ctx = ForwardContext(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
         num_decode=len(decodes),
-        decode_slots=decode_slots,
+        decode_block_tables=decode_tables,
         decode_mask=decode_mask,
         prefills=prefill_meta,
     )

@@ -40,11 +40,12 @@ def num_blocks_for_budget(
 def allocate_kv_cache(
     cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> torch.Tensor:
-    # [layers, 2 (k, v), num_slots, H_kv, D]; slot = block_id * block_size + offset
+    # [layers, 2 (k, v), num_blocks, block_size, H_kv, D]
     return torch.zeros(
         cfg.num_hidden_layers,
         2,
-        num_blocks * block_size,
+        num_blocks,
+        block_size,
         cfg.num_key_value_heads,
         cfg.head_dim,
         dtype=dtype,

@@ -42,11 +42,12 @@ class ModelRunner:
         self.model.eval()
         for module in self.model.modules():
             if isinstance(module, Linear):
+                module.quant_method.process_after_loading(module)
                 module.batch_invariant = batch_invariant
         self.kv_cache = allocate_kv_cache(model_config, num_blocks, block_size, dtype, device)
         attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for i, attn in enumerate(attn_layers):
-            attn.k_cache = self.kv_cache[i, 0]  # [num_slots, H_kv, D]
+            attn.k_cache = self.kv_cache[i, 0]  # [num_blocks, block_size, H_kv, D]
             attn.v_cache = self.kv_cache[i, 1]
         self.sampler = Sampler()
 

@@ -1,0 +1,45 @@
+"""Shared fixtures. Every engine a test builds is checked for block-pool integrity afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.engine.llm import LLM
+
+_DEFAULT_LLMS: dict[tuple, LLM] = {}
+
+
+def check_engine_clean(llm: LLM) -> None:
+    """Block pool integrity: free + used == total, no leaks once every request is done."""
+    sched = llm.engine.scheduler
+    assert not sched.has_unfinished_requests()
+    pool = sched.kv_cache_manager.block_pool
+    pool.check_integrity()
+    assert pool.num_used_blocks == 0, f"{pool.num_used_blocks} KV blocks leaked"
+    assert not llm.engine.outputs.states, "output state leaked"
+
+
+@pytest.fixture
+def make_llm():
+    """Builds LLMs; after the test each one must be idle with every KV block free."""
+    built: list[LLM] = []
+
+    def make(**kwargs) -> LLM:
+        llm = LLM(**kwargs)
+        built.append(llm)
+        return llm
+
+    yield make
+    for llm in built:
+        check_engine_clean(llm)
+
+
+@pytest.fixture
+def default_llm_fp32():
+    """One fp32 engine on the default model, shared across tests (loading takes seconds)."""
+    key = ("fp32",)
+    if key not in _DEFAULT_LLMS:
+        _DEFAULT_LLMS[key] = LLM(dtype="float32", batch_invariant=True, kv_cache_memory_gb=0.5)
+    llm = _DEFAULT_LLMS[key]
+    yield llm
+    check_engine_clean(llm)
