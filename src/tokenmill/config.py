@@ -95,6 +95,10 @@ class EngineConfig:
         default=512, metadata={"help": "token budget of one forward pass (Dynamic SplitFuse)"}
     )
     max_num_seqs: int = field(default=128, metadata={"help": "most requests running at once"})
+    scheduling_policy: str = field(
+        default="fcfs",
+        metadata={"help": "fcfs | priority (lower priority value runs first, then arrival)"},
+    )
     enable_prefix_caching: bool = field(
         default=True, metadata={"help": "reuse KV of identical prompt prefixes across requests"}
     )
@@ -119,6 +123,10 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(
+                f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ValueError(
                 f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}"

@@ -61,6 +61,7 @@ class LLMEngine:
                 block_size=config.block_size,
                 num_blocks=self.num_blocks,
                 enable_prefix_caching=config.enable_prefix_caching,
+                policy=config.scheduling_policy,
             )
         )
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
