@@ -9,6 +9,8 @@ request, and the mask hides the padding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,9 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.k_cache: torch.Tensor | None = None  # bound by the model runner
         self.v_cache: torch.Tensor | None = None
+        # The C++ paged decode kernel (csrc/paged_attention.cpp) when the runner could build it:
+        # it reads keys straight from the blocks, no gather, no padding.
+        self.decode_kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
@@ -50,10 +55,18 @@ class PagedAttention(nn.Module):
     def _decode(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # q: [B, H, D]; keys gathered to [B, max_ctx, H_kv, D], padding masked out.
         tables = ctx.decode_block_tables
+        if self.decode_kernel is not None:
+            return self.decode_kernel(
+                q, self.k_cache, self.v_cache, tables, ctx.decode_ctx_lens, self.scale
+            )
         keys = self._gather(self.k_cache, tables).transpose(1, 2)  # [B, H_kv, max_ctx, D]
         values = self._gather(self.v_cache, tables).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=ctx.decode_mask, scale=self.scale,
+            q.unsqueeze(2),
+            keys,
+            values,
+            attn_mask=ctx.decode_mask,
+            scale=self.scale,
             enable_gqa=True,
         )  # [B, H, 1, D]
         return out.squeeze(2)
@@ -65,7 +78,11 @@ class PagedAttention(nn.Module):
         keys = self._gather(self.k_cache, table)[:ctx_len].transpose(0, 1)  # [H_kv, ctx, D]
         values = self._gather(self.v_cache, table)[:ctx_len].transpose(0, 1)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, scale=self.scale, enable_gqa=True,
+            q.transpose(0, 1).unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=True,
         )  # [1, H, n, D]
         return out[0].transpose(0, 1)

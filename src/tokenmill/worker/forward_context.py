@@ -29,4 +29,5 @@ class ForwardContext:
     num_decode: int  # rows [0, num_decode) are single-token decodes
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int64, padded with 0
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_ctx] bool, True = attend
+    decode_ctx_lens: torch.Tensor | None  # [num_decode] int64, keys per decode row
     prefills: list[PrefillSeq]

@@ -38,7 +38,7 @@ def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) ->
         positions.extend(range(s.start_pos, end))
         slot_mapping.extend(_slots(s.block_ids, s.start_pos, end, block_size))
 
-    decode_tables = decode_mask = None
+    decode_tables = decode_mask = decode_ctx_lens = None
     if decodes:
         ctx_lens = torch.tensor([s.start_pos + 1 for s in decodes])  # [B]
         width = -(-int(ctx_lens.max()) // block_size)
@@ -49,6 +49,7 @@ def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) ->
         pos = torch.arange(width * block_size)
         mask = pos.unsqueeze(0) < ctx_lens.unsqueeze(1)  # [B, max_blocks * block_size]
         decode_tables = tables.to(device)
+        decode_ctx_lens = ctx_lens.to(device)
         decode_mask = mask.view(len(decodes), 1, 1, -1).to(device)
 
     prefill_meta = []
@@ -65,6 +66,7 @@ def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) ->
         num_decode=len(decodes),
         decode_block_tables=decode_tables,
         decode_mask=decode_mask,
+        decode_ctx_lens=decode_ctx_lens,
         prefills=prefill_meta,
     )
     return InputBatch(

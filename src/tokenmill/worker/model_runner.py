@@ -10,6 +10,11 @@ import torch
 from tokenmill.config import ModelConfig
 from tokenmill.core.sched_types import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.layers.attention import PagedAttention
+from tokenmill.layers.attn_backends.cpu_ext import (
+    load_cpu_attention,
+    paged_decode_attention,
+    supports,
+)
 from tokenmill.layers.linear import Linear
 from tokenmill.models.registry import build_model
 from tokenmill.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
@@ -31,6 +36,7 @@ class ModelRunner:
         block_size: int,
         device: str = "cpu",
         batch_invariant: bool = False,
+        use_cpu_kernels: bool = True,
     ) -> None:
         self.model_config = model_config
         self.dtype = dtype
@@ -45,10 +51,15 @@ class ModelRunner:
                 module.quant_method.process_after_loading(module)
                 module.batch_invariant = batch_invariant
         self.kv_cache = allocate_kv_cache(model_config, num_blocks, block_size, dtype, device)
+        decode_kernel = None
+        kernel_ok = supports(model_config.head_dim, dtype)
+        if device == "cpu" and use_cpu_kernels and kernel_ok and load_cpu_attention() is not None:
+            decode_kernel = paged_decode_attention
         attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for i, attn in enumerate(attn_layers):
             attn.k_cache = self.kv_cache[i, 0]  # [num_blocks, block_size, H_kv, D]
             attn.v_cache = self.kv_cache[i, 1]
+            attn.decode_kernel = decode_kernel
         self.sampler = Sampler()
 
     @torch.inference_mode()
