@@ -83,6 +83,8 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching or req.num_tokens <= 1:
             return [], 0
+        if req.sampling_params.prompt_logprobs is not None:
+            return [], 0  # cached positions would get no prompt logprobs
         max_blocks = (req.num_tokens - 1) // self.block_size
         block_ids = []
         for block_hash in self._block_hashes(req, max_blocks)[:max_blocks]:

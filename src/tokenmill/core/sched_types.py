@@ -69,3 +69,6 @@ class EngineCoreOutput:
     new_logprobs: list[TopLogprobs] | None
     new_prompt_logprobs: list[TopLogprobs] | None
     finished: bool
+    # new_prompt_logprobs[i] is for prompt token prompt_logprobs_start + 1 + i; a request that
+    # was preempted mid-prompt recomputes positions it already reported.
+    prompt_logprobs_start: int = 0

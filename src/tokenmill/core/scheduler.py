@@ -279,6 +279,7 @@ class Scheduler:
                         new_logprobs=logprobs,
                         new_prompt_logprobs=prompt_logprobs,
                         finished=finished,
+                        prompt_logprobs_start=seq.start_pos,
                     )
                 )
         return outputs

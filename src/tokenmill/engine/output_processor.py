@@ -96,8 +96,14 @@ class OutputProcessor:
                 continue
             state, sample = entry
             touched[state.request_id] = state
-            if co.new_prompt_logprobs and state.prompt_logprobs is not None:
-                state.prompt_logprobs.extend(self._to_dict(lp) for lp in co.new_prompt_logprobs)
+            plps = state.prompt_logprobs
+            if co.new_prompt_logprobs and plps is not None and sample.req.sample_index == 0:
+                # n > 1 siblings compute the same prompt: take sample 0's. Entry i of the list
+                # is prompt token i (entry 0 is None); positions already reported (recomputed
+                # after a preemption) are skipped.
+                first = co.prompt_logprobs_start + 1
+                skip = max(0, len(plps) - first)
+                plps.extend(self._to_dict(lp) for lp in co.new_prompt_logprobs[skip:])
             if self._append(sample, co):
                 stopped.append(co.req.request_id)
         outputs = []
