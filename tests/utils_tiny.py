@@ -1,0 +1,97 @@
+"""Tiny random-weight Hugging Face model folders for loader and end-to-end tests.
+
+`make_tiny_hf_folder(tmp_path)` writes config.json, safetensors weights (optionally sharded with
+an index) and the default model's tokenizer (SmolLM2's, vocabulary 49152), so a folder loads
+through `LLM(model=folder)` and through transformers' `from_pretrained` alike.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_VOCAB = 49152  # the default model's tokenizer
+
+TINY = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+)
+
+_CONFIG_CLASSES = {  # architecture -> (config class, weight seed)
+    "LlamaForCausalLM": ("LlamaConfig", 0),
+    "Qwen2ForCausalLM": ("Qwen2Config", 1),
+    "MistralForCausalLM": ("MistralConfig", 2),
+}
+
+_TOKENIZER_DIR: Path | None = None  # the default tokenizer, saved once per process
+
+
+def tokenizer_dir() -> Path:
+    """A folder holding the default model's tokenizer in HF format (built once, ~5 s)."""
+    global _TOKENIZER_DIR
+    if _TOKENIZER_DIR is None or not _TOKENIZER_DIR.is_dir():
+        import transformers
+
+        from tokenmill.loader.model_source import default_model_path
+
+        gguf = default_model_path()
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        folder = Path(tempfile.mkdtemp(prefix="tokenmill-tiny-tok-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        tok.save_pretrained(str(folder))
+        _TOKENIZER_DIR = folder
+    return _TOKENIZER_DIR
+
+
+def make_tiny_hf_folder(
+    tmp_path: Path, arch: str = "LlamaForCausalLM", sharded: bool = False, **overrides: Any
+) -> Path:
+    """Saves a tiny random-weight `arch` model plus the default tokenizer; returns the folder.
+
+    `overrides` replace entries of the transformers config (e.g. tie_word_embeddings=True).
+    """
+    import transformers
+
+    if arch not in _CONFIG_CLASSES:
+        raise ValueError(f"no tiny config for {arch}; known: {sorted(_CONFIG_CLASSES)}")
+    kwargs: dict[str, Any] = dict(TINY)
+    if arch == "MistralForCausalLM":
+        kwargs["sliding_window"] = 4096  # wider than the context: the window never applies
+    kwargs.update(overrides)
+    config_cls, seed = _CONFIG_CLASSES[arch]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(**kwargs)
+    cfg.architectures = [arch]
+    tok_dir = tokenizer_dir()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    cfg.bos_token_id = tok.bos_token_id
+    cfg.eos_token_id = tok.eos_token_id
+    cfg.pad_token_id = tok.pad_token_id
+    model = getattr(transformers, arch)(cfg).eval()
+    if arch == "Qwen2ForCausalLM":  # random q/k/v biases, so the bias path is really used
+        with torch.no_grad():
+            for layer in model.model.layers:
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                    torch.nn.init.normal_(proj.bias, std=0.05)
+    folder = Path(tmp_path) / f"tiny-{arch}{'-sharded' if sharded else ''}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_kw: dict[str, Any] = {"safe_serialization": True}
+    if sharded:
+        save_kw["max_shard_size"] = "100KB"  # every big tensor in a shard of its own
+    model.save_pretrained(str(folder), **save_kw)
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    return folder
