@@ -1,11 +1,11 @@
-# Two commands: `make run` (set up, then chat with the default model) and `make test`.
+# Two commands: `make run` (set up, then serve the default model) and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # CPU machines get the CPU build of torch (it lies on disk here); never a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run chat test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
+	$(BIN)/tokenmill serve
+
+chat: setup
 	$(BIN)/tokenmill chat
 
 test: setup

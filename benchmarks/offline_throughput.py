@@ -15,16 +15,18 @@ import time
 from pathlib import Path
 
 import torch
+from common import make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.loader.model_source import default_model_path
 
-from common import make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
-
 
 def bench_tokenmill(args, prompts_ids, long_prompt) -> dict:
-    llm = LLM(dtype=args.dtype, batch_invariant=args.batch_invariant,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(
+        dtype=args.dtype,
+        batch_invariant=args.batch_invariant,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     llm.generate([prompts_ids[0]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
 
@@ -36,7 +38,9 @@ def bench_tokenmill(args, prompts_ids, long_prompt) -> dict:
     # single stream: decode rate after the first token
     single = SamplingParams(max_tokens=args.single_len, temperature=0.0, ignore_eos=True)
     t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prompts_ids[0]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    llm.generate(
+        [{"prompt_token_ids": prompts_ids[0]}], SamplingParams(max_tokens=1), use_tqdm=False
+    )
     t_first = time.perf_counter() - t
     t = time.perf_counter()
     llm.generate([{"prompt_token_ids": prompts_ids[0]}], single, use_tqdm=False)
@@ -66,7 +70,11 @@ def bench_transformers(args, prompts_ids, long_prompt) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, torch_dtype=dtype
     ).eval()
-    pad = model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
+    pad = (
+        model.config.eos_token_id
+        if model.config.pad_token_id is None
+        else model.config.pad_token_id
+    )
 
     def generate(batch: list[list[int]], max_new: int) -> int:
         width = max(len(p) for p in batch)
@@ -74,8 +82,12 @@ def bench_transformers(args, prompts_ids, long_prompt) -> dict:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                do_sample=False, pad_token_id=pad,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=pad,
             )
         return (out.shape[1] - width) * len(batch)
 

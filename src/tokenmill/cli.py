@@ -1,4 +1,4 @@
-"""`tokenmill generate | chat`. Flags are generated from EngineConfig and SamplingParams fields."""
+"""`tokenmill generate | chat | serve`. Flags are generated from config dataclass fields."""
 
 from __future__ import annotations
 
@@ -63,7 +63,10 @@ def add_dataclass_flags(
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     names = {f.name for f in dataclasses.fields(EngineConfig)}
-    return EngineConfig(**{k: v for k, v in vars(args).items() if k in names})
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    if kw.get("seed") is None:  # --seed was the (unset) sampling seed
+        kw.pop("seed", None)
+    return EngineConfig(**kw)
 
 
 def _sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingParams:
@@ -87,10 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
 
     for p in (gen, chat):
-        add_dataclass_flags(p, EngineConfig)
+        # --seed is the sampling seed; the engine seed (for unseeded requests) keeps its default
+        add_dataclass_flags(p, EngineConfig, skip=("seed",))
         add_dataclass_flags(p, SamplingParams, only=_SAMPLING_FLAGS)
     gen.set_defaults(max_tokens=64, temperature=0.0)
     chat.set_defaults(max_tokens=512, temperature=0.7, top_p=0.9)
+
+    from tokenmill.server.config import ServerConfig  # plain dataclass: no fastapi import
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    serve.add_argument(
+        "model_arg", nargs="?", metavar="MODEL", help="model to serve (default: SmolLM2-135M)"
+    )
+    add_dataclass_flags(serve, EngineConfig)
+    add_dataclass_flags(serve, ServerConfig)
     return parser
 
 
@@ -183,11 +196,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.server.config import ServerConfig
+    from tokenmill.server.launch import serve
+
+    if args.model_arg is not None:
+        if args.model is not None and args.model != args.model_arg:
+            raise ValueError(f"two models given: {args.model_arg!r} and --model {args.model!r}")
+        args.model = args.model_arg
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    server_cfg = ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    serve(_engine_config(args), server_cfg)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
+        return commands[args.command](args)
     except ValueError as e:  # user errors: bad flags, bad model, bad request
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,201 @@
+"""tokenmill vs llama.cpp's server, same GGUF, same workload, one run.
+
+Starts each server in turn (never both at once: on a small CPU they would fight for the cores),
+drives it with `benchmarks/serving.py`'s load generator at the same load levels and the same
+requests, stops it, then writes one JSON, one PNG with both latency-throughput curves, and a
+table of the ratios.
+
+    python benchmarks/serving_compare.py --llama-server ../peers/build-llama/bin/llama-server \\
+        --concurrency 8 --num-prompts 32 --input-len 128 --output-len 128 --out results/vs_llama
+
+`--llama-server` is a `llama-server` binary built from the llama.cpp source that the
+llama-cpp-python sdist vendors (see ../shared/peers.md); it runs with `-np` slots (default 8),
+`-t 2`. Extra flags for either server go through `--tokenmill-args` / `--llama-args`.
+Prompts are token ids of the same GGUF vocabulary, so both servers see identical inputs;
+`ignore_eos` makes the output lengths exact on both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import serving
+
+from tokenmill.loader.model_source import default_model_path
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with code {proc.returncode} during start-up")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server at {url} not ready after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def server_commands(args: argparse.Namespace, model: str) -> dict[str, list[str]]:
+    cmds = {
+        "tokenmill": [
+            sys.executable, "-m", "tokenmill.cli", "serve", model,
+            "--port", str(args.port), "--uvicorn-log-level", "warning",
+            *shlex.split(args.tokenmill_args),
+        ],
+    }  # fmt: skip
+    if args.llama_server:
+        cmds["llama.cpp"] = [
+            args.llama_server, "-m", model, "-np", str(args.llama_slots),
+            "-c", str(args.llama_ctx), "-t", str(args.threads), "-tb", str(args.threads),
+            "--host", "127.0.0.1", "--port", str(args.port), "--log-disable",
+            *shlex.split(args.llama_args),
+        ]  # fmt: skip
+    return cmds
+
+
+def bench_target(name: str, cmd: list[str], args: argparse.Namespace, specs) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{args.port}"
+    print(f"\n#### {name}: {shlex.join(cmd)}", flush=True)
+    log = open(Path(args.out).with_suffix(f".{name}.log"), "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(url, proc)
+        targs = copy.copy(args)
+        targs.base_url = f"{url}/v1"
+        targs.model = serving.discover_model(targs)
+        warm = serving.RequestSpec(specs[0].prompt, specs[0].prompt_len, 4)
+        res, _ = asyncio.run(serving.run_level(targs, [warm], None, 1))
+        if not res[0].ok:
+            raise SystemExit(f"{name}: warm-up request failed: {res[0].error}")
+        levels = []
+        for level, rate, conc in plan(args):
+            results, duration = asyncio.run(serving.run_level(targs, specs, rate, conc))
+            summary = serving.summarize(results, duration, targs)
+            serving.print_level(f"{name} {level}", summary)
+            levels.append({"name": level, "request_rate": rate, "concurrency": conc,
+                           "summary": summary})  # fmt: skip
+        return {"command": shlex.join(cmd), "levels": levels}
+    finally:
+        stop(proc)
+        log.close()
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, float | None, int | None]]:
+    if args.request_rates:
+        return [(f"rate={r:g}", r, None) for r in args.request_rates]
+    return [(f"c={c}", None, c) for c in args.concurrency]
+
+
+def plot(report: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (name, target), color in zip(report["targets"].items(), ("C0", "C1", "C2"), strict=False):
+        levels = target["levels"]
+        tput = [lv["summary"]["output_throughput"] for lv in levels]
+        for stat, style in (("p50", "o-"), ("p99", "s--")):
+            ttft = [lv["summary"]["ttft_ms"][stat] / 1000 for lv in levels]
+            ax1.plot(tput, ttft, style, color=color, label=f"{name} TTFT {stat}")
+            e2e = [lv["summary"]["e2e_ms"][stat] / 1000 for lv in levels]
+            ax2.plot(tput, e2e, style, color=color, label=f"{name} e2e {stat}")
+        for lv, x in zip(levels, tput, strict=True):
+            ax2.annotate(lv["name"], (x, lv["summary"]["e2e_ms"]["p50"] / 1000), fontsize=7)
+    for ax, what in ((ax1, "time to first token"), (ax2, "end-to-end latency")):
+        ax.set_xlabel("output tokens/s (all clients)")
+        ax.set_ylabel(f"{what} (s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    targets = report["targets"]
+    print("\nlevel     target       out tok/s  TTFT mean  TTFT p99  TPOT mean   (ms)")
+    for i, (level, _, _) in enumerate(report["plan"]):
+        for name, t in targets.items():
+            s = t["levels"][i]["summary"]
+            print(f"{level:<9} {name:<12} {s['output_throughput']:9.1f} "
+                  f"{s['ttft_ms']['mean']:10.0f} {s['ttft_ms']['p99']:9.0f} "
+                  f"{s['tpot_ms']['mean']:10.1f}")  # fmt: skip
+        if {"tokenmill", "llama.cpp"} <= targets.keys():
+            ours = targets["tokenmill"]["levels"][i]["summary"]
+            peer = targets["llama.cpp"]["levels"][i]["summary"]
+            print(f"{'':<9} ratio        {ours['output_throughput'] / peer['output_throughput']:8.2f}x"
+                  f" {ours['ttft_ms']['mean'] / peer['ttft_ms']['mean']:9.2f}x"
+                  f" {ours['ttft_ms']['p99'] / peer['ttft_ms']['p99']:8.2f}x")  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="GGUF file (default: the default model)")
+    p.add_argument("--llama-server", default=None, help="llama-server binary (else ours only)")
+    p.add_argument("--llama-slots", type=int, default=8, help="llama-server -np")
+    p.add_argument("--llama-ctx", type=int, default=8192, help="llama-server -c (all slots)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--llama-args", default="", help="extra llama-server flags")
+    p.add_argument("--tokenmill-args", default="", help="extra `tokenmill serve` flags")
+    p.add_argument("--port", type=int, default=8321)
+    p.add_argument("--only", nargs="+", default=None, help="run only these targets")
+    known, rest = p.parse_known_args(argv)
+    # The workload flags are serving.py's own (--concurrency, --num-prompts, --input-len, ...).
+    sargs = serving.parse_args(rest + ["--model", "m"])
+    for k, v in vars(known).items():
+        setattr(sargs, k, v)
+    return sargs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    model = args.model or str(default_model_path())
+    specs = serving.make_workload(args)
+    report: dict[str, Any] = {"plan": plan(args), "model": model, "targets": {}}
+    for name, cmd in server_commands(args, model).items():
+        if args.only and name not in args.only:
+            continue
+        report["targets"][name] = bench_target(name, cmd, args, specs)
+    print_table(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report["config"] = {k: v for k, v in vars(args).items() if k != "model"}
+    out.with_suffix(".json").write_text(
+        json.dumps(serving._json_safe(report), indent=2, default=str)
+    )
+    title = (f"{Path(model).name}: {args.num_prompts} requests, input ~{args.input_len}, "
+             f"output ~{args.output_len} tokens")  # fmt: skip
+    plot(report, out.with_suffix(".png"), title)
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

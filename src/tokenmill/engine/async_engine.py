@@ -1,0 +1,461 @@
+"""The async engine: one background thread runs engine steps; each request streams its outputs
+through its own asyncio queue.
+
+The LLMEngine is not thread-safe, so every call into it happens on the engine thread. The event
+loop sends commands (add, abort) through a thread-safe queue; the engine thread drains them
+between steps and hands each step's outputs back to the loop in one `call_soon_threadsafe`.
+Outputs are cumulative snapshots (copied on the engine thread, which keeps mutating its own
+objects), so a consumer that falls behind only needs the newest one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tokenmill.engine.engine import LLMEngine
+from tokenmill.errors import InvalidRequestError
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps on its command queue
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (a step raised, or the engine was shut down)."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are already waiting; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the scheduler's state, taken on the engine thread after each iteration."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use
+    num_used_blocks: int = 0
+    num_total_blocks: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """Timings of one finished (or aborted) request, in seconds."""
+
+    request_id: str
+    finish_reasons: tuple[str, ...]
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    e2e_latency: float
+    time_to_first_token: float | None
+    time_per_output_token: float | None
+
+
+class StatsListener:
+    """Hooks the engine thread calls; implementations must be thread-safe (prometheus is)."""
+
+    def on_tokens(self, num_prompt_tokens: int, num_generation_tokens: int) -> None:
+        """Prompt tokens of newly added requests and newly generated tokens."""
+
+    def on_first_token(self, ttft: float) -> None:
+        """A request produced its first token, `ttft` seconds after it arrived."""
+
+    def on_finished(self, stats: RequestStats) -> None:
+        """A request finished (stop, length or abort)."""
+
+
+@dataclass
+class _Timing:
+    arrival: float
+    num_prompt_tokens: int
+    first_token: float | None = None
+    num_generated: int = 0
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy the event loop may read while the engine thread keeps appending to the original."""
+    outputs = [
+        dataclasses.replace(
+            c,
+            token_ids=list(c.token_ids),
+            logprobs=None if c.logprobs is None else list(c.logprobs),
+        )
+        for c in out.outputs
+    ]
+    prompt_lps = None if out.prompt_logprobs is None else list(out.prompt_logprobs)
+    return dataclasses.replace(
+        out, outputs=outputs, prompt_logprobs=prompt_lps, metrics=dict(out.metrics)
+    )
+
+
+class RequestStream:
+    """The outputs of one request, newest cumulative snapshot first-come. Iterate it with
+    `async for`; `abort()` (idempotent) cancels the request if it has not finished."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, num_seqs: int) -> None:
+        self.request_id = request_id
+        self.num_seqs = num_seqs
+        self.finished = False
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._closed = False
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished or self._closed:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        while not isinstance(item, BaseException) and not self._queue.empty():
+            item = self._queue.get_nowait()  # cumulative: only the newest matters
+        if isinstance(item, BaseException):
+            self._closed = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    async def final(self) -> RequestOutput:
+        """Waits for the request to finish and returns its last output."""
+        last = None
+        async for out in self:
+            last = out
+        assert last is not None and last.finished
+        return last
+
+    def abort(self) -> None:
+        """Cancels the request (no-op once it finished). Safe to call from a `finally`."""
+        if not self.finished and not self._closed:
+            self._closed = True
+            self._engine._abort(self.request_id)
+
+
+class AsyncLLMEngine:
+    """Runs an LLMEngine in a background thread and serves many concurrent async requests.
+
+    `max_pending_seqs` bounds the sequences (a request with n samples counts n) in the engine at
+    once, running and waiting together; `add_request` raises QueueFullError beyond it.
+    """
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        max_pending_seqs: int | None = None,
+        stats_listener: StatsListener | None = None,
+        health_timeout_s: float = 120.0,
+    ) -> None:
+        self.engine = engine
+        self.max_pending_seqs = max_pending_seqs
+        self.stats_listener = stats_listener or StatsListener()
+        self.health_timeout_s = health_timeout_s
+        self.stats = EngineStats()
+        self.error: BaseException | None = None
+        self._cmds: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # event-loop side only
+        self._num_pending_seqs = 0  # event-loop side only
+        self._futures: set[asyncio.Future[Any]] = set()  # event-loop side: awaiting the thread
+        self._timings: dict[str, _Timing] = {}  # engine-thread side only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._heartbeat = time.monotonic()
+        self._ids = itertools.count()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stops the loop, aborting whatever is still running, and joins the thread."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping = True
+        self._cmds.put(("wake",))
+        await asyncio.to_thread(thread.join)
+        self._thread = None
+        self._fail_all(EngineDeadError("the engine is shutting down"))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def is_healthy(self) -> bool:
+        """Alive and stepping: the thread runs, no step failed, and it looped recently."""
+        return self.is_running and time.monotonic() - self._heartbeat < self.health_timeout_s
+
+    @property
+    def num_pending_seqs(self) -> int:
+        return self._num_pending_seqs
+
+    # -- requests -------------------------------------------------------------------------------
+    async def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> RequestStream:
+        """Queues a request and returns its stream once the engine accepted it.
+
+        Raises InvalidRequestError (bad input), QueueFullError or EngineDeadError.
+        """
+        if not self.is_running:
+            raise EngineDeadError(
+                "the engine loop is not running"
+                + (f" (it failed: {self.error!r})" if self.error else "")
+            )
+        num_seqs = params.n
+        if (
+            self.max_pending_seqs is not None
+            and self._num_pending_seqs + num_seqs > self.max_pending_seqs
+        ):
+            raise QueueFullError(
+                f"the server is at capacity ({self._num_pending_seqs} sequences pending, "
+                f"limit {self.max_pending_seqs}); retry later"
+            )
+        request_id = request_id or f"req-{next(self._ids)}-{time.time_ns()}"
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request_id {request_id!r} is already running", "request_id")
+        assert self._loop is not None
+        stream = RequestStream(self, request_id, num_seqs)
+        self._streams[request_id] = stream
+        self._num_pending_seqs += num_seqs
+        accepted: asyncio.Future[None] = self._new_future()
+        self._cmds.put(
+            ("add", request_id, prompt, params, priority, cache_salt, time.monotonic(), accepted)
+        )
+        try:
+            await accepted
+        except BaseException:
+            self._forget(request_id)
+            if not accepted.done() or accepted.cancelled():
+                self._abort(request_id)  # cancelled while the engine thread was adding it
+            raise
+        return stream
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields cumulative outputs until the request finishes; aborts it if the consumer stops
+        early (break, cancellation, client disconnect)."""
+        stream = await self.add_request(prompt, params, request_id, priority, cache_salt)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def _abort(self, request_id: str) -> None:
+        self._forget(request_id)
+        self._cmds.put(("abort", request_id))
+
+    def _forget(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._num_pending_seqs -= stream.num_seqs
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Runs `fn(engine)` on the engine thread between steps and returns its result."""
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+        fut = self._new_future()
+        self._cmds.put(("call", fn, fut))
+        return await fut
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._futures.add(fut)
+        fut.add_done_callback(self._futures.discard)
+        return fut
+
+    # -- event-loop side of the engine thread's results ----------------------------------------
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted by its consumer meanwhile
+            stream._put(out)
+            if out.finished:
+                self._forget(out.request_id)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """The thread is gone: fail every stream and every caller still waiting on it."""
+        for rid, stream in list(self._streams.items()):
+            stream._put(error)
+            self._forget(rid)
+        for fut in list(self._futures):
+            if not fut.done():
+                fut.set_exception(error)
+
+    def _resolve(self, fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                self._heartbeat = time.monotonic()
+                idle = not engine.has_unfinished_requests()
+                self._process_commands(block=idle)
+                if self._stopping:
+                    break
+                if engine.has_unfinished_requests():
+                    outputs = engine.step()
+                    self.stats = dataclasses.replace(self.stats, num_steps=self.stats.num_steps + 1)
+                    self._handle_outputs(outputs)
+                    if not outputs and engine.scheduler.num_running == 0:
+                        self._process_commands(block=True, timeout=0.01)  # nothing schedulable
+                self._update_stats()
+        except BaseException as e:  # a failed step leaves the engine in an unknown state
+            logger.exception("engine loop failed")
+            self.error = e
+            self._post(self._fail_all, EngineDeadError(f"the engine loop failed: {e!r}"))
+            return
+        # Shutting down: abort what is left so the engine ends clean.
+        self._process_commands(block=False)
+        for rid in list(self._timings):
+            self._abort_on_engine(rid)
+        self._update_stats()
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _process_commands(self, block: bool, timeout: float = _IDLE_WAIT_S) -> None:
+        try:
+            cmd = self._cmds.get(timeout=timeout) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._execute(cmd)
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _execute(self, cmd: tuple[Any, ...]) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, prompt, params, priority, cache_salt, arrival, fut = cmd
+            if fut.cancelled():
+                return
+            try:
+                self.engine.add_request(prompt, params, rid, priority, cache_salt)
+            except Exception as e:
+                self.engine.abort_request(rid)  # drop any partial state; no-op if none
+                self._post(self._resolve, fut, None, e)
+                return
+            num_prompt = len(self.engine.outputs.states[rid].prompt_token_ids)
+            self._timings[rid] = _Timing(arrival, num_prompt)
+            self.stats_listener.on_tokens(num_prompt, 0)
+            self._post(self._resolve, fut, None, None)
+        elif kind == "abort":
+            self._abort_on_engine(cmd[1])
+        elif kind == "call":
+            _, fn, fut = cmd
+            try:
+                result = fn(self.engine)
+            except Exception as e:
+                self._post(self._resolve, fut, None, e)
+            else:
+                self._post(self._resolve, fut, result, None)
+
+    def _abort_on_engine(self, rid: str) -> None:
+        out = self.engine.abort_request(rid)
+        if out is not None:
+            self._handle_outputs([out])
+
+    def _handle_outputs(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        snapshots = []
+        num_new_tokens = 0
+        listener = self.stats_listener
+        for out in outputs:
+            timing = self._timings.get(out.request_id)
+            if timing is not None:
+                num_tokens = sum(len(c.token_ids) for c in out.outputs)
+                num_new_tokens += num_tokens - timing.num_generated
+                timing.num_generated = num_tokens
+                if timing.first_token is None and num_tokens:
+                    timing.first_token = now
+                    listener.on_first_token(now - timing.arrival)
+                if out.finished:
+                    del self._timings[out.request_id]
+                    listener.on_finished(self._request_stats(out, timing, now))
+            snapshots.append(_snapshot(out))
+        if num_new_tokens:
+            listener.on_tokens(0, num_new_tokens)
+        if snapshots:
+            self._post(self._dispatch, snapshots)
+
+    @staticmethod
+    def _request_stats(out: RequestOutput, timing: _Timing, now: float) -> RequestStats:
+        ttft = None if timing.first_token is None else timing.first_token - timing.arrival
+        longest = max((len(c.token_ids) for c in out.outputs), default=0)
+        tpot = None
+        if timing.first_token is not None and longest > 1:
+            tpot = (now - timing.first_token) / (longest - 1)
+        return RequestStats(
+            request_id=out.request_id,
+            finish_reasons=tuple(c.finish_reason or "abort" for c in out.outputs),
+            num_prompt_tokens=timing.num_prompt_tokens,
+            num_generation_tokens=timing.num_generated,
+            e2e_latency=now - timing.arrival,
+            time_to_first_token=ttft,
+            time_per_output_token=tpot,
+        )
+
+    def _update_stats(self) -> None:
+        sched = self.engine.scheduler
+        pool = sched.kv_cache_manager.block_pool
+        self.stats = EngineStats(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            kv_cache_usage=sched.kv_cache_usage,
+            num_used_blocks=pool.num_used_blocks,
+            num_total_blocks=pool.num_blocks,
+            num_preemptions=sched.num_preemptions,
+            num_steps=self.stats.num_steps,
+        )

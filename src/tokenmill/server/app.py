@@ -1,0 +1,132 @@
+"""The FastAPI app: OpenAI-compatible routes over an injected AsyncLLMEngine."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
+
+import tokenmill
+from tokenmill.engine.async_engine import AsyncLLMEngine
+from tokenmill.server.errors import APIError, error_response, install_error_handlers
+from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
+from tokenmill.server.middleware import RequestGuard
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from tokenmill.server.serving_chat import create_chat_completion, render_chat
+from tokenmill.server.serving_common import ServerContext
+from tokenmill.server.serving_completions import create_completion
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def create_app(
+    engine: AsyncLLMEngine,
+    *,
+    served_model_names: Sequence[str] | None = None,
+    api_key: str | None = None,
+    cors_origins: Sequence[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """Builds the app. The engine loop starts with the app (lifespan) and stops with it; the
+    engine's StatsListener is replaced by this app's Prometheus metrics."""
+    ctx = ServerContext.create(engine, served_model_names)
+    metrics = ServerMetrics(ctx.model_name)
+    engine.stats_listener = metrics
+    metrics.attach(engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials="*" not in cors_origins,
+        )
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Response:
+        return await create_completion(req, ctx)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest) -> Response:
+        return await create_chat_completion(req, ctx)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        created = int(time.time())
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "tokenmill",
+                "root": engine.engine.model_name,
+                "max_model_len": ctx.max_model_len,
+            }
+            for name in ctx.served_model_names
+        ]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_healthy:
+            return JSONResponse({"status": "ok"})
+        reason = "the engine loop is not running"
+        if engine.error is not None:
+            reason = f"the engine loop failed: {engine.error!r}"
+        elif engine.is_running:
+            reason = f"the engine loop has not stepped for {engine.health_timeout_s:.0f}s"
+        return error_response(503, reason, code="engine_unhealthy")
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": tokenmill.__version__}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if req.messages is not None:
+            ids = render_chat(ctx, req.messages, req.add_generation_prompt)
+        else:
+            assert req.prompt is not None
+            ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        ctx.check_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < ctx.vocab_size]
+        if bad:
+            raise APIError(400, f"tokens must be in [0, {ctx.vocab_size}); got {bad[:5]}", "tokens")
+        return {"prompt": ctx.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    return app

@@ -1,0 +1,40 @@
+"""Server options. Like EngineConfig, the field docs become `tokenmill serve --help`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0: all)"})
+    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    api_key: str | None = field(
+        default=None,
+        metadata={"help": "require 'Authorization: Bearer KEY' on /v1/* (env TOKENMILL_API_KEY)"},
+    )
+    max_queue: int = field(
+        default=256,
+        metadata={
+            "help": "sequences that may wait beyond --max-num-seqs; more get 503 + Retry-After"
+        },
+    )
+    served_model_name: list[str] | None = field(
+        default=None,
+        metadata={"help": "model name(s) clients use (repeatable; default: the model's name)"},
+    )
+    cors_origins: list[str] | None = field(
+        default=None, metadata={"help": "allowed CORS origin (repeatable; '*' for any)"}
+    )
+    max_request_bytes: int = field(
+        default=16 * 1024 * 1024, metadata={"help": "largest request body accepted (else 413)"}
+    )
+    uvicorn_log_level: str = field(default="info", metadata={"help": "uvicorn's log level"})
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")

@@ -1,0 +1,188 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jinja2
+from starlette.responses import JSONResponse, Response
+
+from tokenmill.engine.async_engine import RequestStream
+from tokenmill.outputs import CompletionOutput, TokenLogprobs
+from tokenmill.server.errors import APIError
+from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage
+from tokenmill.server.serving_common import (
+    SSE_DONE,
+    EventStreamResponse,
+    ServerContext,
+    final_outputs,
+    safe_logprob,
+    sse,
+    top_entries,
+    usage,
+)
+
+
+def render_chat(
+    ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool = True
+) -> list[int]:
+    """The prompt token ids of a conversation, through the model's chat template."""
+    tok = ctx.tokenizer
+    try:
+        text = tok.apply_chat_template(
+            [m.as_template_dict() for m in messages], add_generation_prompt=add_generation_prompt
+        )
+    except jinja2.TemplateError as e:  # templates raise on e.g. roles out of order
+        raise APIError(400, f"messages could not be rendered by the chat template: {e}",
+                       "messages") from e  # fmt: skip
+    except ValueError as e:
+        raise APIError(400, str(e), "messages") from e
+    return tok.encode(text, add_special_tokens=False)
+
+
+class _Choice:
+    def __init__(self, index: int, num_logprobs: int | None, ctx: ServerContext) -> None:
+        self.index = index
+        self.k = num_logprobs
+        self.ctx = ctx
+        self.num_text = 0
+        self.num_tokens = 0
+        self.done = False
+
+    def _entry(self, token_id: int, lps: TokenLogprobs | None) -> dict[str, Any]:
+        lp = None if lps is None else lps.get(token_id)
+        text = lp.decoded_token if lp is not None and lp.decoded_token is not None else None
+        if text is None:
+            text = self.ctx.tokenizer.id_to_piece_text(token_id)
+        top = []
+        if lps is not None and self.k:
+            top = [
+                {"token": t, "logprob": safe_logprob(v), "bytes": list(t.encode("utf-8"))}
+                for _, v, t in top_entries(lps, self.k)
+            ]
+        return {
+            "token": text,
+            "logprob": safe_logprob(lp.logprob) if lp is not None else -9999.0,
+            "bytes": list(text.encode("utf-8")),
+            "top_logprobs": top,
+        }
+
+    def delta(self, c: CompletionOutput) -> tuple[str, list[dict[str, Any]] | None, str | None]:
+        """(new text, new logprob entries or None, finish reason once)."""
+        text = c.text[self.num_text :]
+        self.num_text = len(c.text)
+        entries = None
+        if self.k is not None:
+            entries = []
+            lps_list = c.logprobs or []
+            for i in range(self.num_tokens, len(c.token_ids)):
+                lps = lps_list[i] if i < len(lps_list) else None
+                entries.append(self._entry(c.token_ids[i], lps))
+        self.num_tokens = len(c.token_ids)
+        finish = None
+        if c.finish_reason is not None and not self.done:
+            self.done = True
+            finish = c.finish_reason
+        return text, entries, finish
+
+
+async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext) -> Response:
+    model = ctx.check_model(req.model)
+    if req.tools:
+        raise APIError(400, "tools are not supported", "tools")
+    max_tokens = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens)
+    )
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"{param} must be >= 1, got {max_tokens}", param)
+    num_logprobs = req.num_logprobs()
+    params = req.sampling_params(max_tokens, num_logprobs)
+    prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt)
+    try:
+        ctx.check_context(len(prompt_ids), max_tokens, "messages")
+    except APIError as e:
+        if e.param == "max_tokens":
+            e.param = param
+        raise
+
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    (stream,) = await ctx.add_all([prompt_ids], params, request_id, req.priority, req.cache_salt)
+    head = {"id": request_id, "created": int(time.time()), "model": model}
+    choices = [_Choice(j, num_logprobs, ctx) for j in range(req.n)]
+    if req.stream:
+        chunks = _stream(stream, choices, req, head, len(prompt_ids))
+        return EventStreamResponse(chunks, [stream])
+
+    (out,) = await final_outputs([stream])
+    result = []
+    for choice, c in zip(choices, out.outputs, strict=True):
+        text, entries, finish = choice.delta(c)
+        result.append(
+            {
+                "index": choice.index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None if entries is None else {"content": entries},
+                "finish_reason": finish,
+                "stop_reason": c.stop_reason,
+            }
+        )
+    num_completion = sum(len(c.token_ids) for c in out.outputs)
+    body = {
+        **head,
+        "object": "chat.completion",
+        "choices": result,
+        "usage": usage(len(prompt_ids), num_completion),
+    }
+    return JSONResponse(body)
+
+
+async def _stream(
+    stream: RequestStream,
+    choices: list[_Choice],
+    req: ChatCompletionRequest,
+    head: dict[str, Any],
+    num_prompt: int,
+) -> AsyncIterator[str]:
+    head = {**head, "object": "chat.completion.chunk"}
+    try:
+        yield sse(
+            {
+                **head,
+                "choices": [
+                    {
+                        "index": ch.index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for ch in choices
+                ],
+            }
+        )
+        num_completion = 0
+        async for out in stream:
+            deltas = []
+            for choice, c in zip(choices, out.outputs, strict=True):
+                text, entries, finish = choice.delta(c)
+                if not text and not entries and finish is None:
+                    continue
+                deltas.append(
+                    {
+                        "index": choice.index,
+                        "delta": {"content": text} if text or finish is None else {},
+                        "logprobs": None if entries is None else {"content": entries},
+                        "finish_reason": finish,
+                    }
+                )
+            num_completion = sum(len(c.token_ids) for c in out.outputs)
+            if deltas:
+                yield sse({**head, "choices": deltas})
+        if req.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
+        yield SSE_DONE
+    finally:
+        stream.abort()

@@ -1,0 +1,223 @@
+"""What completions and chat share: the served model, prompt checks, stream merging, SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
+from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.outputs import RequestOutput, TokenLogprobs
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.errors import APIError, error_body, to_api_error
+
+
+@dataclass
+class ServerContext:
+    """The engine plus what every handler needs to know about the served model."""
+
+    engine: AsyncLLMEngine
+    served_model_names: list[str]
+    tokenizer: Tokenizer
+    max_model_len: int
+    vocab_size: int
+
+    @classmethod
+    def create(
+        cls, engine: AsyncLLMEngine, served_model_names: Sequence[str] | None = None
+    ) -> ServerContext:
+        core = engine.engine
+        names = list(served_model_names or [core.model_name])
+        max_len = min(core.max_model_len, core.scheduler.max_model_len)
+        return cls(engine, names, core.tokenizer, max_len, core.model_config.vocab_size)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def check_model(self, model: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve. The model
+        argument the server was started with (a path, a hub id) is accepted as an alias."""
+        if model is None:
+            return self.model_name
+        if model in self.served_model_names:
+            return model
+        if model == self.engine.engine.config.model:
+            return self.model_name
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist; this server serves "
+            f"{', '.join(self.served_model_names)}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def check_prompt_ids(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise APIError(400, f"{param} must not be empty", param)
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise APIError(
+                400, f"{param} token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param
+            )
+
+    def check_context(self, num_prompt: int, max_tokens: int | None, prompt_param: str) -> None:
+        """400 when the prompt, or the prompt plus max_tokens, does not fit the context."""
+        limit = self.max_model_len
+        if num_prompt >= limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens, but the prompt has "
+                f"{num_prompt} tokens (it must leave room for at least 1 generated token).",
+                prompt_param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for "
+                "the completion). Please reduce the prompt or max_tokens.",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+
+    async def add_all(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> list[RequestStream]:
+        """Adds one engine request per prompt; if any fails, the others are aborted."""
+        streams: list[RequestStream] = []
+        try:
+            for i, ids in enumerate(prompts):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                streams.append(
+                    await self.engine.add_request(ids, params, rid, priority, cache_salt)
+                )
+        except BaseException:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
+
+
+def safe_logprob(value: float) -> float:
+    """JSON has no infinities: clamp like vLLM does."""
+    if math.isnan(value):
+        return -9999.0
+    return max(value, -9999.0)
+
+
+def top_entries(lps: TokenLogprobs, k: int) -> list[tuple[int, float, str]]:
+    """The top-k (token id, logprob, text) of one position, best first."""
+    ranked = sorted(
+        ((lp.rank or 10**9, tok, lp) for tok, lp in lps.items() if lp.rank is not None),
+        key=lambda x: x[0],
+    )
+    return [(tok, lp.logprob, lp.decoded_token or "") for _, tok, lp in ranked[:k]]
+
+
+async def final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
+    """Waits for every stream to finish; aborts all of them if this is cancelled or fails."""
+    try:
+        return list(await asyncio.gather(*(s.final() for s in streams)))
+    finally:
+        for s in streams:
+            s.abort()
+
+
+async def merge_streams(
+    streams: list[RequestStream],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Yields (stream index, newest output) as any stream makes progress, until all finish."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    pending: dict[asyncio.Task[RequestOutput], int] = {}
+
+    def arm(i: int) -> None:
+        pending[asyncio.ensure_future(streams[i].__anext__())] = i
+
+    try:
+        for i in range(len(streams)):
+            arm(i)
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, out
+                if not out.finished:
+                    arm(i)
+    finally:
+        for task in pending:
+            task.cancel()
+        for s in streams:
+            s.abort()
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events. Always closes its generator on the way out, so the request behind it
+    is aborted at once when the client goes away (the generator's `finally` aborts it)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], streams: Sequence[RequestStream] = ()) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(_error_events(content), headers=headers)
+        self.streams = list(streams)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for s in self.streams:  # also when the generator never started
+                s.abort()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _error_events(content: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A failure after the 200 went out (the engine died) is reported in-band, then [DONE]."""
+    try:
+        async for chunk in content:
+            yield chunk
+    except Exception as exc:
+        e = to_api_error(exc)
+        yield sse(error_body(e.status, e.message, e.param, e.code))
+        yield SSE_DONE
+    finally:
+        aclose = getattr(content, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def usage(num_prompt: int, num_completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt,
+        "completion_tokens": num_completion,
+        "total_tokens": num_prompt + num_completion,
+    }
