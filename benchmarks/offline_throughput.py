@@ -24,6 +24,7 @@ from tokenmill.loader.model_source import default_model_path
 def bench_tokenmill(args, prompts_ids, long_prompt) -> dict:
     llm = LLM(
         dtype=args.dtype,
+        quantization=args.quantization,
         batch_invariant=args.batch_invariant,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
@@ -53,6 +54,7 @@ def bench_tokenmill(args, prompts_ids, long_prompt) -> dict:
     prefill_tps = len(long_prompt) / (time.perf_counter() - t)
     return {
         "dtype": str(llm.engine.dtype),
+        "quantization": args.quantization or "as stored (GGUF blocks)",
         "throughput_tok_s": num_out / elapsed,
         "elapsed_s": elapsed,
         "output_tokens": num_out,
@@ -127,6 +129,7 @@ def main() -> None:
     ap.add_argument("--single-len", type=int, default=128)
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, help="none | int8 | int4 (default: as stored)")
     ap.add_argument("--batch-invariant", action="store_true")
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--hf-dtype", default="float32")

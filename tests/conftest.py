@@ -39,7 +39,9 @@ def default_llm_fp32():
     """One fp32 engine on the default model, shared across tests (loading takes seconds)."""
     key = ("fp32",)
     if key not in _DEFAULT_LLMS:
-        _DEFAULT_LLMS[key] = LLM(dtype="float32", batch_invariant=True, kv_cache_memory_gb=0.5)
+        _DEFAULT_LLMS[key] = LLM(
+            dtype="float32", quantization="none", batch_invariant=True, kv_cache_memory_gb=0.5
+        )
     llm = _DEFAULT_LLMS[key]
     yield llm
     check_engine_clean(llm)

@@ -1,4 +1,4 @@
-"""`tokenmill generate | chat | serve`. Flags are generated from config dataclass fields."""
+"""`tokenmill generate | chat | serve | quantize`. Flags are generated from config dataclasses."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import json
 import logging
 import sys
 import types
+from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from tokenmill.config import EngineConfig
 from tokenmill.sampling_params import SamplingParams
+
+# The repo's public-domain text (benchmarks/data); any text file can be given instead.
+_DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "benchmarks/data/us_founding_texts.txt"
 
 # Sampling flags exposed on the command line (the rest are API-only: logit_bias, n, ...).
 _SAMPLING_FLAGS = (
@@ -55,6 +59,11 @@ def add_dataclass_flags(
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
             )
+            off_flag = f.metadata.get("off_flag")  # a short spelling of --no-<flag>
+            if off_flag:
+                parser.add_argument(
+                    off_flag, dest=f.name, action="store_false", help=f"same as --no-{flag[2:]}"
+                )
         elif tp is list:
             parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
@@ -104,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_flags(serve, EngineConfig)
     add_dataclass_flags(serve, ServerConfig)
+
+    quant = sub.add_parser("quantize", help="calibrate and write a quantized checkpoint")
+    quant.add_argument(
+        "model_arg", nargs="?", metavar="MODEL", help="model to quantize (default: SmolLM2-135M)"
+    )
+    quant.add_argument("--method", default="squeezellm", choices=["squeezellm"])
+    quant.add_argument("--bits", type=int, default=4, choices=[3, 4])
+    quant.add_argument(
+        "--calibration-text",
+        default=str(_DEFAULT_CALIBRATION),
+        help="a text file (prefer one other than the evaluation text)",
+    )
+    quant.add_argument("--calibration-tokens", type=int, default=8192, help="at most this many")
+    quant.add_argument("--window", type=int, default=512, help="tokens per calibration pass")
+    quant.add_argument("--sparsity", type=float, default=0.0045, help="outlier fraction")
+    quant.add_argument("--out", required=True, help="output folder")
     return parser
 
 
@@ -210,11 +235,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tokenmill.quantize import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve}
+        commands = {
+            "generate": cmd_generate,
+            "chat": cmd_chat,
+            "serve": cmd_serve,
+            "quantize": cmd_quantize,
+        }
         return commands[args.command](args)
     except ValueError as e:  # user errors: bad flags, bad model, bad request
         print(f"error: {e}", file=sys.stderr)

@@ -77,7 +77,11 @@ class EngineConfig:
         default="auto", metadata={"help": "auto | float32 | bfloat16 | float16 (auto: per device)"}
     )
     quantization: str | None = field(
-        default=None, metadata={"help": "weight quantization; GGUF weights are dequantized for now"}
+        default=None,
+        metadata={
+            "help": "weights: none (dequantize to dtype) | int8 (per channel) | int4 (groups of "
+            "32) | default: as the checkpoint stores them (GGUF Q4_0/Q4_1/Q8_0 stay quantized)"
+        },
     )
     device: str = field(default="cpu", metadata={"help": "cpu (cuda arrives with the GPU path)"})
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
@@ -100,7 +104,18 @@ class EngineConfig:
         metadata={"help": "fcfs | priority (lower priority value runs first, then arrival)"},
     )
     enable_prefix_caching: bool = field(
-        default=True, metadata={"help": "reuse KV of identical prompt prefixes across requests"}
+        default=True,
+        metadata={
+            "help": "reuse KV of identical prompt prefixes across requests and turns",
+            "off_flag": "--no-prefix-caching",
+        },
+    )
+    cache_aware_max_waiting: int = field(
+        default=128,
+        metadata={
+            "help": "while at most this many requests wait, admit those with the longest cached "
+            "prefix first (0: always the scheduling policy's order)"
+        },
     )
     batch_invariant: bool = field(
         default=False,
@@ -108,6 +123,29 @@ class EngineConfig:
             "help": "bit-identical results whatever the batch: matmuls run in fixed 16-row tiles "
             "(costs speed; see docs/benchmarks.md)"
         },
+    )
+    speculative: str | None = field(
+        default=None,
+        metadata={
+            "help": "speculative decoding proposer: suffix | ngram (draft: not implemented yet); "
+            "output is identical to plain decoding"
+        },
+    )
+    num_speculative_tokens: int = field(
+        default=8, metadata={"help": "most draft tokens verified per request and step"}
+    )
+    speculative_model: str | None = field(
+        default=None, metadata={"help": "draft model for --speculative draft (not implemented)"}
+    )
+    prompt_lookup_min: int = field(
+        default=3, metadata={"help": "ngram: shortest tail n-gram looked up"}
+    )
+    prompt_lookup_max: int = field(default=4, metadata={"help": "ngram: longest tail n-gram"})
+    suffix_max_depth: int = field(
+        default=24, metadata={"help": "suffix: longest match / deepest suffix tree path"}
+    )
+    suffix_max_cached_requests: int = field(
+        default=1000, metadata={"help": "suffix: finished outputs kept in the global tree"}
     )
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
     trust_remote_code: bool = field(default=False, metadata={"help": "passed to transformers"})
@@ -123,9 +161,38 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.cache_aware_max_waiting < 0:
+            raise ValueError(
+                f"cache_aware_max_waiting must be >= 0, got {self.cache_aware_max_waiting}"
+            )
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}"
+            )
+        if self.speculative not in (None, "suffix", "ngram", "draft"):
+            raise ValueError(
+                f"speculative must be suffix, ngram or draft; got {self.speculative!r}"
+            )
+        if self.speculative == "draft":
+            raise ValueError("speculative='draft' (a draft model proposer) is not implemented yet")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(
+                f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}"
+            )
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
+            )
+        if self.suffix_max_depth < 1 or self.suffix_max_cached_requests < 0:
+            raise ValueError(
+                "need suffix_max_depth >= 1 and suffix_max_cached_requests >= 0, got "
+                f"{self.suffix_max_depth} and {self.suffix_max_cached_requests}"
+            )
+        if self.quantization not in (None, "none", "int8", "int4"):
+            raise ValueError(
+                f"quantization must be none, int8 or int4 (or unset: as the checkpoint stores "
+                f"the weights); got {self.quantization!r}"
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ValueError(

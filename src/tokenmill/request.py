@@ -52,6 +52,9 @@ class Request:
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Draft tokens a proposer guessed to follow output_token_ids; not part of num_tokens. The
+    # scheduler runs them as extra query tokens of the next step and then clears them.
+    spec_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0

@@ -31,6 +31,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    use_speculation: bool = True  # False: never draft for this request (engine --speculative)
     priority_hint: int = field(default=0, repr=False)  # unused; priority is per request
 
     def __post_init__(self) -> None:

@@ -273,6 +273,22 @@ class KVMachine(RuleBasedStateMachine):
     def reset_cache(self) -> None:
         self.kv.reset_prefix_cache()
 
+    @rule()
+    def evict_all(self) -> None:
+        """A request that needs every free block evicts every cached free block; once it is
+        freed uncomputed, the free blocks hold no cached KV at all."""
+        num_free = self.kv.num_free_blocks
+        if not num_free:
+            return
+        base = 1000 + 1000 * next(_ids)  # fresh tokens: no hit, not cacheable by anyone else
+        filler = make_req(list(range(base, base + num_free * self.bs)))
+        assert self.kv.allocate_slots(filler, filler.num_tokens) is not None
+        pool = self.kv.block_pool
+        assert pool.num_free_blocks == 0
+        assert all(b.ref_cnt > 0 for b in pool.cached_blocks.values())
+        finish(self.kv, filler)
+        assert not any(b.block_hash for b in pool.free_block_queue)
+
     @invariant()
     def consistent(self) -> None:
         if not hasattr(self, "kv"):
@@ -285,8 +301,15 @@ class KVMachine(RuleBasedStateMachine):
         for block in pool.blocks:
             assert block.ref_cnt == sum(block in t for t in tables)
         num_used = sum(1 for b in pool.blocks if b.ref_cnt > 0)
-        assert pool.num_free_blocks + num_used == pool.num_blocks
-        assert sum(1 for b in pool.free_block_queue if b.block_hash) <= pool.num_cached_blocks
+        num_free_cached = sum(1 for b in pool.free_block_queue if b.block_hash)
+        num_free_empty = sum(1 for b in pool.free_block_queue if not b.block_hash)
+        # free (evictable cached + empty) + used == total; no block is free and referenced
+        assert num_free_cached + num_free_empty + num_used == pool.num_blocks
+        assert all(b.ref_cnt == 0 for b in pool.free_block_queue)
+        assert num_free_cached <= pool.num_cached_blocks
+        num_used_cached = sum(1 for b in pool.blocks if b.ref_cnt > 0 and b.block_hash)
+        assert num_free_cached + num_used_cached == pool.num_cached_blocks
+        assert 0 <= self.kv.prefix_hits <= self.kv.prefix_queries
         for r in self.paused:
             assert not self.kv.get_block_ids(r)
 

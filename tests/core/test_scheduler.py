@@ -402,6 +402,8 @@ def test_priority_policy_order_and_victim() -> None:
     max_num_seqs=st.integers(1, 6),
     caching=st.booleans(),
     policy=st.sampled_from(["fcfs", "priority"]),
+    cache_aware_max_waiting=st.sampled_from([0, 2, 128]),
+    max_passed_over=st.integers(1, 3),
 )
 def test_random_workloads_match_reference(
     data: st.DataObject,
@@ -410,6 +412,8 @@ def test_random_workloads_match_reference(
     max_num_seqs: int,
     caching: bool,
     policy: str,
+    cache_aware_max_waiting: int,
+    max_passed_over: int,
 ) -> None:
     max_model_len = 24
     num_blocks = data.draw(st.integers(-(-max_model_len // block_size), 30), label="num_blocks")
@@ -421,6 +425,8 @@ def test_random_workloads_match_reference(
         num_blocks=num_blocks,
         enable_prefix_caching=caching,
         policy=policy,
+        cache_aware_max_waiting=cache_aware_max_waiting,
+        max_passed_over=max_passed_over,
     )
     prompts = st.lists(st.integers(0, 3), min_size=1, max_size=16)
     arrivals: list[list[Request]] = []

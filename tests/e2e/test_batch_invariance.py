@@ -63,13 +63,18 @@ def test_batch_invariance(make_llm, default_llm_fp32, workload) -> None:
     assert together == alone
 
     tiny_budget = make_llm(
-        dtype="float32", batch_invariant=True, max_num_batched_tokens=24, kv_cache_memory_gb=0.5
+        dtype="float32",
+        quantization="none",
+        batch_invariant=True,
+        max_num_batched_tokens=24,
+        kv_cache_memory_gb=0.5,
     )
     assert _run(tiny_budget, prompts, params) == alone
 
     # 8 blocks of 16 tokens per 3 requests' worth of work: requests must be preempted.
     tiny_cache = make_llm(
         dtype="float32",
+        quantization="none",
         batch_invariant=True,
         num_kv_blocks=24,
         max_model_len=256,

@@ -337,7 +337,13 @@ def test_prompt_logprobs_with_n_samples(default_llm_fp32) -> None:
 
 def test_prompt_logprobs_survive_preemption(make_llm) -> None:
     """A request preempted (recompute) after its prompt does not report prompt logprobs twice."""
-    llm = make_llm(dtype="float32", max_model_len=48, num_kv_blocks=4, enable_prefix_caching=False)
+    llm = make_llm(
+        dtype="float32",
+        quantization="none",
+        max_model_len=48,
+        num_kv_blocks=4,
+        enable_prefix_caching=False,
+    )
     prompts = [
         "The history of the printing press begins in 1440, when Johannes Gutenberg built a machine",
         "Another long prompt about the mountains and rivers of northern Europe in the winter",
@@ -353,7 +359,13 @@ def test_prompt_logprobs_survive_preemption(make_llm) -> None:
 def test_prompt_logprobs_after_preemption_mid_prefill(make_llm) -> None:
     """Preempted halfway through its (chunked) prompt, a request recomputes it from the start:
     its prompt logprobs must still line up with the prompt tokens, none twice or shifted."""
-    llm = make_llm(dtype="float32", max_model_len=64, num_kv_blocks=5, max_num_batched_tokens=2)
+    llm = make_llm(
+        dtype="float32",
+        quantization="none",
+        max_model_len=64,
+        num_kv_blocks=5,
+        max_num_batched_tokens=2,
+    )
     engine = llm.engine
     a = "The history of the printing press begins in 1440, when Johannes Gutenberg built a machine"
     b = (
@@ -464,7 +476,9 @@ def test_priority_accepted(default_llm_fp32) -> None:
 
 
 def test_priority_policy_engine(make_llm) -> None:
-    llm = make_llm(dtype="float32", scheduling_policy="priority", max_model_len=512)
+    llm = make_llm(
+        dtype="float32", quantization="none", scheduling_policy="priority", max_model_len=512
+    )
     params = [
         SamplingParams(temperature=0, max_tokens=2),
         SamplingParams(temperature=0, max_tokens=3),

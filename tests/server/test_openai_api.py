@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import uuid
 
 import httpx
 import openai
@@ -198,7 +199,12 @@ def test_chat_greedy_stream_equals_non_stream(server: Server, client: openai.Ope
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == msg.content
-    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+    details = {"prompt_tokens_details"}
+    assert chunks[-1].usage.model_dump(exclude=details) == full.usage.model_dump(exclude=details)
+    # the streamed request repeats the first one: its prompt's full blocks come from the cache
+    block = server.engine.config.block_size
+    cached = (full.usage.prompt_tokens - 1) // block * block
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
     finish = [
         c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
     ]
@@ -326,3 +332,59 @@ def test_metrics_after_requests(server: Server, client: openai.OpenAI) -> None:
     assert m("tokenmill_time_per_output_token_seconds_count") > 0
     assert m("tokenmill_kv_cache_usage_perc") == 0
     assert m("tokenmill_num_preemptions_total") >= 0
+
+
+# -- prefix cache ----------------------------------------------------------------------------
+
+
+def test_prefix_cache_usage_and_metrics(server: Server, client: openai.OpenAI) -> None:
+    """A repeated prompt reports its cached tokens in usage (streamed too), a cache_salt keeps
+    tenants apart, and /metrics counts the queried and hit tokens the KV cache manager saw."""
+    salt = f"test-{uuid.uuid4().hex}"  # nothing cached under it yet, whatever ran before
+    prompt = "Tell me about the history of Lyon. " * 6
+    num_prompt = num_tokens(server, prompt=prompt)
+    block = server.engine.config.block_size
+    assert num_prompt > 2 * block
+    expected = (num_prompt - 1) // block * block  # full blocks; the last token is recomputed
+    kw = dict(model=server.model, prompt=prompt, max_tokens=2, temperature=0)
+    salted = {"cache_salt": salt}
+    before = server.wait_idle()
+
+    first = client.completions.create(**kw, extra_body=salted)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.completions.create(**kw, extra_body=salted)
+    assert second.usage.prompt_tokens_details.cached_tokens == expected
+    assert second.choices[0].text == first.choices[0].text
+    chunks = list(
+        client.completions.create(
+            **kw, extra_body=salted, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == expected
+    other = client.completions.create(**kw, extra_body={"cache_salt": salt + "-other"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+    messages = [{"role": "user", "content": prompt}]
+    chat_kw = dict(model=server.model, messages=messages, max_tokens=2, temperature=0)
+    client.chat.completions.create(**chat_kw, extra_body=salted)
+    chat = client.chat.completions.create(**chat_kw, extra_body=salted)
+    num_chat = chat.usage.prompt_tokens
+    expected_chat = (num_chat - 1) // block * block
+    assert chat.usage.prompt_tokens_details.cached_tokens == expected_chat
+    chat_chunks = list(
+        client.chat.completions.create(
+            **chat_kw, extra_body=salted, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chat_chunks[-1].usage.model_dump() == chat.usage.model_dump()
+
+    m = server.wait_idle()
+    queries = m("tokenmill_prefix_cache_queries_total") - before(
+        "tokenmill_prefix_cache_queries_total"
+    )
+    hits = m("tokenmill_prefix_cache_hits_total") - before("tokenmill_prefix_cache_hits_total")
+    assert queries == 4 * num_prompt + 3 * num_chat
+    assert hits == 2 * expected + 2 * expected_chat
+    total_hits = m("tokenmill_prefix_cache_hits_total")
+    total_queries = m("tokenmill_prefix_cache_queries_total")
+    assert m("tokenmill_prefix_cache_hit_rate") == pytest.approx(total_hits / total_queries)

@@ -94,6 +94,20 @@ class KVCacheManager:
             block_ids.append(block.block_id)
         return block_ids, len(block_ids) * self.block_size
 
+    def first_uncached_block_hash(self, req: Request, num_cached: int) -> BlockHash | None:
+        """Hash of the block after a `num_cached`-token hit (from the last lookup), if full."""
+        hashes = self.req_to_block_hashes.get(req.request_id, ())
+        i = num_cached // self.block_size
+        return hashes[i] if i < len(hashes) else None
+
+    def uncomputed_block_hashes(self, req: Request) -> list[BlockHash]:
+        """Hashes of full blocks the request holds but has not computed (cached) yet: the KV
+        that becomes reusable by other requests over the next steps."""
+        req_id = req.request_id
+        hashes = self.req_to_block_hashes.get(req_id, [])
+        num_held = len(self.req_to_blocks.get(req_id, ()))
+        return hashes[self.num_cached_block.get(req_id, 0) : num_held]
+
     def _num_blocks_to_allocate(
         self, req: Request, num_tokens: int, new_computed: Sequence[KVBlock]
     ) -> tuple[int, int]:
@@ -149,8 +163,9 @@ class KVCacheManager:
         blocks = self.req_to_blocks.get(req_id)
         if not blocks:
             # First allocation since admission (new or resumed): count the prefix lookup.
-            self.prefix_queries += req.num_tokens
-            self.prefix_hits += num_new_computed_tokens
+            if self.enable_prefix_caching:
+                self.prefix_queries += req.num_tokens
+                self.prefix_hits += num_new_computed_tokens
             blocks = self.req_to_blocks[req_id] = []
             self.num_cached_block[req_id] = len(computed)
         self.block_pool.touch(computed)

@@ -13,6 +13,11 @@ class ScheduledSeq:
 
     `sample` is True when the chunk reaches the request's last known token, so the logits of the
     chunk's last position give its next token. Intermediate prompt chunks only fill the KV cache.
+
+    Speculative decoding: the last `num_draft_tokens` of `token_ids` are unverified drafts (only
+    when `sample`). The logits of the last `num_draft_tokens + 1` positions verify them; the
+    runner returns the accepted drafts plus one token, and the KV of rejected drafts is dropped
+    by rolling back `num_computed_tokens`.
     """
 
     req: Request
@@ -20,10 +25,15 @@ class ScheduledSeq:
     start_pos: int
     block_ids: list[int]
     sample: bool
+    num_draft_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def draft_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.token_ids) - self.num_draft_tokens :]
 
 
 @dataclass
@@ -52,7 +62,8 @@ class TopLogprobs:
 
 @dataclass
 class ModelRunnerOutput:
-    # req_id -> the token(s) sampled for it this step (only for seqs with sample=True)
+    # req_id -> the token(s) sampled for it this step (only for seqs with sample=True): the
+    # accepted drafts, then the one token the target model chose after them
     sampled_token_ids: dict[str, list[int]]
     # req_id -> logprobs of each sampled token (only when requested)
     logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tokenmill.core.admission import CacheAwareAdmission
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.policy import POLICIES, make_key, make_waiting_queue
 from tokenmill.core.sched_types import (
@@ -21,6 +22,7 @@ from tokenmill.core.sched_types import (
     ScheduledSeq,
     SchedulerOutput,
 )
+from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.errors import InvalidRequestError
 from tokenmill.request import Request, RequestStatus
 
@@ -36,14 +38,22 @@ class SchedulerConfig:
     num_blocks: int
     enable_prefix_caching: bool = True
     policy: str = "fcfs"  # fcfs | priority (lower `priority` first, then arrival)
+    # Longest cached prefix first while at most this many wait (0: policy order only); a request
+    # passed over max_passed_over times goes first (see core/admission.py).
+    cache_aware_max_waiting: int = 128
+    max_passed_over: int = 8
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("block_size", "num_blocks"):
+        for name in ("block_size", "num_blocks", "max_passed_over"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache_aware_max_waiting < 0:
+            raise ValueError(
+                f"cache_aware_max_waiting must be >= 0, got {self.cache_aware_max_waiting}"
+            )
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
 
@@ -72,6 +82,8 @@ class Scheduler:
         self._first_siblings: dict[str, Request] = {}  # parent_id -> sample_index 0
         self._finished_req_ids: list[str] = []
         self.num_preemptions = 0
+        self.spec_stats = SpecDecodeStats()
+        self.admission = CacheAwareAdmission(self.kv_cache_manager, config)
 
     # ---------------------------------------------------------------- requests in and out
 
@@ -154,9 +166,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            # Drafts are ordinary tokens here: they take budget and KV slots, and are cut first
+            # when the budget is short.
+            num_pending = req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens
+            num_new = min(num_pending, budget)
             assert num_new > 0, f"running request {req.request_id} has nothing to compute"
             block_ids = self.kv_cache_manager.allocate_slots(req, num_new)
+            if block_ids is None and req.spec_token_ids:
+                req.spec_token_ids = []  # drafts are never worth a preemption
+                num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+                block_ids = self.kv_cache_manager.allocate_slots(req, num_new)
             while block_ids is None:
                 # running is sorted, so the victim is never one already scheduled this step.
                 victim = self.running[-1]
@@ -186,12 +205,16 @@ class Scheduler:
     def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
         kv = self.kv_cache_manager
         admitted: list[Request] = []
-        for req in self.waiting:
+        admission = self.admission.start_round(self.waiting, self.running)
+        for req in admission.reqs:
             if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                 break
             if not self._siblings_ready(req):
                 continue
+            # Looked up again here: admitting an earlier request may have evicted blocks.
             computed_ids, num_cached = kv.get_computed_blocks(req)
+            if admission.should_wait(req, num_cached):
+                continue  # its next blocks are being computed: hit them next step instead
             num_remaining = req.num_tokens - num_cached
             # Admit only if the KV cache can hold the whole remainder: admitting chunk by chunk
             # lets several half-prefilled prompts fill the cache and deadlock.
@@ -205,8 +228,10 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             req.status = RequestStatus.RUNNING
             admitted.append(req)
+            admission.admit(req)
             seqs.append(self._make_seq(req, num_new, block_ids))
             budget -= num_new
+        admission.close()
         for req in admitted:
             self.waiting.remove(req)
             bisect.insort(self.running, req, key=self._key)
@@ -221,12 +246,19 @@ class Scheduler:
 
     def _make_seq(self, req: Request, num_new: int, block_ids: list[int]) -> ScheduledSeq:
         start = req.num_computed_tokens
+        end = start + num_new
+        num_draft = max(0, end - req.num_tokens)
+        token_ids = req.token_slice(start, end - num_draft)
+        if num_draft:
+            token_ids += req.spec_token_ids[:num_draft]
+        req.spec_token_ids = []  # consumed: the proposer drafts afresh before each step
         return ScheduledSeq(
             req=req,
-            token_ids=req.token_slice(start, start + num_new),
+            token_ids=token_ids,
             start_pos=start,
             block_ids=block_ids,
-            sample=start + num_new == req.num_tokens,
+            sample=end >= req.num_tokens,
+            num_draft_tokens=num_draft,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -234,6 +266,7 @@ class Scheduler:
         self.kv_cache_manager.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_preempted(req)
@@ -251,18 +284,27 @@ class Scheduler:
                 continue  # aborted or finished since schedule()
             req_id = req.request_id
             assert req.num_computed_tokens == seq.start_pos
-            req.num_computed_tokens += seq.num_tokens
-            self.kv_cache_manager.cache_blocks(req, req.num_computed_tokens)
+            num_computed = seq.start_pos + seq.num_tokens
 
             new_ids: list[int] = []
             if seq.sample:
                 sampled = runner_out.sampled_token_ids.get(req_id)
                 assert sampled, f"no token sampled for {req_id}"
+                if seq.num_tokens - seq.num_draft_tokens == 1:
+                    self.spec_stats.record(seq.num_draft_tokens, len(sampled))
+                # Rejected drafts' KV is dropped by not counting it: those slots are rewritten
+                # later. The lookahead blocks stay with the request for its next drafts
+                # (freeing them would push cached prefix blocks out of the LRU free queue).
+                num_computed -= max(0, seq.num_draft_tokens + 1 - len(sampled))
                 for token_id in sampled:
                     req.output_token_ids.append(token_id)
                     new_ids.append(token_id)
                     if self._check_stop(req, token_id):
                         break
+            # Only now do the accepted drafts' positions hold verified tokens: a block is hashed
+            # into the prefix cache only once every token in it is verified.
+            req.num_computed_tokens = min(num_computed, req.num_tokens)
+            self.kv_cache_manager.cache_blocks(req, req.num_computed_tokens)
             logprobs = runner_out.logprobs.get(req_id)
             if logprobs is not None:
                 logprobs = logprobs[: len(new_ids)]

@@ -51,6 +51,16 @@ class EngineStats:
     num_total_blocks: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    # Prefix cache, counted by the KV cache manager: prompt tokens looked up at admission, and
+    # of those, tokens served from the cache.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # Speculative decoding (see core/spec_stats.py): a decode step is one request generating in
+    # one step; it yields 1 + accepted tokens.
+    spec_drafted_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_decode_steps: int = 0
+    spec_decode_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -449,7 +459,8 @@ class AsyncLLMEngine:
 
     def _update_stats(self) -> None:
         sched = self.engine.scheduler
-        pool = sched.kv_cache_manager.block_pool
+        kv = sched.kv_cache_manager
+        pool = kv.block_pool
         self.stats = EngineStats(
             num_running=sched.num_running,
             num_waiting=sched.num_waiting,
@@ -458,4 +469,10 @@ class AsyncLLMEngine:
             num_total_blocks=pool.num_blocks,
             num_preemptions=sched.num_preemptions,
             num_steps=self.stats.num_steps,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
+            spec_drafted_tokens=sched.spec_stats.num_drafted_tokens,
+            spec_accepted_tokens=sched.spec_stats.num_accepted_tokens,
+            spec_decode_steps=sched.spec_stats.num_decode_steps,
+            spec_decode_tokens=sched.spec_stats.num_decode_tokens,
         )

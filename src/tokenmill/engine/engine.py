@@ -17,6 +17,7 @@ from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec_decode.speculator import Speculator, build_proposer
 from tokenmill.worker.kv_cache import num_blocks_for_budget
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -61,6 +62,7 @@ class LLMEngine:
                 block_size=config.block_size,
                 num_blocks=self.num_blocks,
                 enable_prefix_caching=config.enable_prefix_caching,
+                cache_aware_max_waiting=config.cache_aware_max_waiting,
                 policy=config.scheduling_policy,
             )
         )
@@ -68,6 +70,12 @@ class LLMEngine:
             self.model_config.eos_token_ids
         )
         self.outputs = OutputProcessor(self.tokenizer)
+        proposer = build_proposer(config)
+        self.speculator = (
+            None
+            if proposer is None
+            else Speculator(proposer, config.num_speculative_tokens, self.scheduler.max_model_len)
+        )
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         logger.info(
@@ -154,7 +162,11 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
+        if self.speculator is not None:
+            self.speculator.finish(sched.finished_req_ids)
         if sched.is_empty:
             return []
         result = self.runner.execute(sched)

@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.layers.quantization.block_method import BlockQuantMethod
+from tokenmill.layers.quantization.packing import BlockWeights, QuantizedTensor
+from tokenmill.layers.quantization.squeezellm import SqueezeLLMMethod, SqueezeLLMWeights
+
 # Rows per matmul tile in batch-invariant mode. oneDNN/MKL pick a kernel (and so a reduction
 # order) from the row count; a fixed tile makes each row's result independent of its neighbours
 # and of how many rows the step has (measured: bit-identical rows for any tiling, fp32 and bf16).
@@ -44,6 +48,10 @@ class UnquantizedMethod:
                 return
             layer.packed_weight = packed
 
+    def describe(self, layer: Linear) -> str:
+        w = layer._parameters.get("weight")
+        return "dense" if w is None else str(w.dtype).removeprefix("torch.")
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if not layer.batch_invariant:
             return self._matmul(layer, x)
@@ -72,7 +80,7 @@ class Linear(nn.Module):
         out_features: int,
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
-        quant_method: UnquantizedMethod | None = None,
+        quant_method: UnquantizedMethod | BlockQuantMethod | SqueezeLLMMethod | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -80,6 +88,7 @@ class Linear(nn.Module):
         self.dtype = dtype
         self.batch_invariant = False
         self.packed_weight: torch.Tensor | None = None
+        self._weight_bytes: int | None = None
         self.quant_method = quant_method or UnquantizedMethod()
         self.quant_method.create_weights(self)
         self.bias = (
@@ -90,6 +99,33 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)
+
+    def load_quantized(
+        self,
+        tensor: QuantizedTensor | BlockWeights | SqueezeLLMWeights,
+        shard: str | None = None,
+    ) -> None:
+        """Takes a weight (or one shard of a fused weight) that stays quantized."""
+        if isinstance(tensor, SqueezeLLMWeights):
+            if not isinstance(self.quant_method, SqueezeLLMMethod):
+                self.quant_method = SqueezeLLMMethod()
+            self.quant_method.load(self, tensor, shard)
+            return
+        if not isinstance(self.quant_method, BlockQuantMethod):
+            self.quant_method = BlockQuantMethod()
+        self.quant_method.load(self, tensor, shard)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weight the matmul reads (the packed blocks when quantized)."""
+        if self._weight_bytes is not None:
+            return self._weight_bytes
+        w = self._parameters.get("weight")
+        return 0 if w is None else w.numel() * w.element_size()
+
+    @weight_bytes.setter
+    def weight_bytes(self, value: int) -> None:
+        self._weight_bytes = value
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

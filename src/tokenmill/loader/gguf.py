@@ -1,7 +1,9 @@
-"""GGUF files: metadata as an HF config dict, tensors dequantized under HF parameter names."""
+"""GGUF files: metadata as an HF config dict, tensors under HF parameter names (dequantized, or
+Q4_0/Q4_1/Q8_0 blocks kept as they are for the quantized kernels)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -15,6 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.gguf_reader import ReaderField, ReaderTensor
 
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.quantization.packing import GGUF_FORMATS, QuantizedTensor
 
 # GGUF `general.architecture` -> HF `architectures[0]`. Mistral GGUFs are written as "llama".
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -269,9 +272,10 @@ class GGUFFile:
             raise ModelLoadError(f"GGUF file {self.path}: cannot read tensor {gguf_name!r}") from e
 
     def iter_tensors(
-        self, dtype: torch.dtype = torch.float32
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) pairs in file order, dequantized and in HF layout."""
+        self, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        """(HF name, tensor) pairs in file order, in HF layout: dequantized to `dtype`, or with
+        `keep_quantized` Q4_0/Q4_1/Q8_0 matrices as QuantizedTensor (their raw blocks)."""
         arch = self._checked_arch()
         cfg = self.hf_config()
         permute = arch in _PERMUTED_ARCHS
@@ -279,12 +283,26 @@ class GGUFFile:
             name = self.hf_name(gguf_name)
             if name is None:
                 continue
-            w = self.read_tensor(gguf_name, dtype)
+            t = self._tensors[gguf_name]
+            w: torch.Tensor | QuantizedTensor
+            if keep_quantized and t.tensor_type.name in GGUF_FORMATS and len(t.shape) == 2:
+                w = self._read_blocks(t)
+            else:
+                w = self.read_tensor(gguf_name, dtype)
             if permute and ".attn_q." in gguf_name:
                 w = _unpermute(w, cfg["num_attention_heads"])
             elif permute and ".attn_k." in gguf_name:
                 w = _unpermute(w, cfg["num_key_value_heads"])
             yield name, w
+
+    def _read_blocks(self, t: ReaderTensor) -> QuantizedTensor:
+        cols, rows = (int(d) for d in t.shape.tolist())
+        size, _ = GGUF_FORMATS[t.tensor_type.name]
+        data = torch.from_numpy(t.data)  # a read-only view of the memory-mapped file
+        if data.numel() != rows * cols // 32 * size:
+            raise ModelLoadError(f"GGUF file {self.path}: tensor {t.name!r} is truncated")
+        blocks = data.reshape(rows, -1).clone()  # own memory: the file may be closed later
+        return QuantizedTensor(t.tensor_type.name, blocks, (rows, cols))
 
 
 def _f32(value: Any) -> float:
@@ -307,8 +325,10 @@ def _field_value(field: ReaderField) -> Any:
     return field.parts[field.data[0]][0].item()
 
 
-def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def _unpermute(w: torch.Tensor | QuantizedTensor, n_head: int) -> torch.Tensor | QuantizedTensor:
     """Inverse of llama.cpp's LlamaModel.permute: rows [h, 2, d/2] were stored as [h, d/2, 2]."""
+    if isinstance(w, QuantizedTensor):  # whole rows of blocks move
+        return dataclasses.replace(w, blocks=_unpermute(w.blocks, n_head))
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 

@@ -17,6 +17,8 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.quantization.packing import BlockWeights, QuantizedTensor
+from tokenmill.layers.quantization.squeezellm import SqueezeLLMWeights
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.worker.forward_context import ForwardContext
 
@@ -131,6 +133,30 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [rows, vocab]
 
+    def _load_quantized(
+        self,
+        name: str,
+        tensor: QuantizedTensor | BlockWeights | SqueezeLLMWeights,
+        fused: dict[str, tuple[str, MergedLinear, str]],
+    ) -> torch.Tensor | None:
+        """Hands a quantized matrix to its Linear (None), or dequantizes it where the parameter
+        is not a Linear's weight (the embedding) and returns the dense tensor to copy."""
+        prefix, _, kind = name.rpartition(".")
+        if kind == "weight" and prefix in fused:
+            _, module, shard = fused[prefix]
+            start, end = module.shard_offset(shard)
+            _check_shape((end - start, module.in_features), tensor.shape, name)
+            module.load_quantized(tensor, shard)
+            return None
+        module = self.get_submodule(prefix) if kind == "weight" else None
+        if isinstance(module, Linear):
+            _check_shape((module.out_features, module.in_features), tensor.shape, name)
+            module.load_quantized(tensor)
+            return None
+        if name == "model.embed_tokens.weight" and self.config.tie_word_embeddings:
+            self.lm_head.load_quantized(tensor)  # the tied head reads the quantized blocks
+        return tensor.dequantize()
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Loads HF-named tensors, routing q/k/v and gate/up into their fused matmuls."""
         params = dict(self.named_parameters())
@@ -147,6 +173,12 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             prefix, _, kind = name.rpartition(".")  # kind: weight | bias
+            if isinstance(tensor, QuantizedTensor | BlockWeights | SqueezeLLMWeights):
+                tensor = self._load_quantized(name, tensor, fused)
+                if tensor is None:
+                    loaded.add(name if prefix not in fused else f"{fused[prefix][0]}.weight:"
+                               f"{fused[prefix][2]}")  # fmt: skip
+                    continue
             if prefix in fused:
                 merged_name, module, shard = fused[prefix]
                 start, end = module.shard_offset(shard)
@@ -171,6 +203,11 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:5])
             raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {shown}")
+
+
+def _check_shape(expected: tuple[int, ...], got: tuple[int, ...], name: str) -> None:
+    if tuple(expected) != tuple(got):
+        raise ModelLoadError(f"tensor {name!r} has shape {tuple(got)}, expected {tuple(expected)}")
 
 
 def _copy(target: torch.Tensor, tensor: torch.Tensor, name: str) -> None:

@@ -11,7 +11,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStats, StatsListener
+from tokenmill.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineStats,
+    RequestStats,
+    StatsListener,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -144,6 +149,49 @@ class _EngineCollector(Collector):
             s.num_preemptions,
         )
         yield self._family(CounterMetricFamily, "engine_steps", "Engine steps run.", s.num_steps)
+        yield self._family(
+            CounterMetricFamily,
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (at each admission).",
+            s.prefix_cache_queries,
+        )
+        yield self._family(
+            CounterMetricFamily,
+            "prefix_cache_hits",
+            "Prompt tokens served from the prefix cache (their KV was not computed again).",
+            s.prefix_cache_hits,
+        )
+        hit_rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
+        yield self._family(
+            GaugeMetricFamily,
+            "prefix_cache_hit_rate",
+            "Fraction of looked-up prompt tokens served from the prefix cache, since start.",
+            hit_rate,
+        )
+
+        yield from self._spec_families(s)
+
+    def _spec_families(self, s: EngineStats) -> Iterator:
+        counters = (
+            ("spec_decode_num_draft_tokens", "Draft tokens verified.", s.spec_drafted_tokens),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_accepted_tokens),
+            ("spec_decode_num_steps", "Decode steps (a request in a step).", s.spec_decode_steps),
+        )
+        for name, doc, value in counters:
+            yield self._family(CounterMetricFamily, name, doc, value)
+        drafted, steps = s.spec_drafted_tokens, s.spec_decode_steps
+        yield self._family(
+            GaugeMetricFamily,
+            "spec_decode_acceptance_rate",
+            "Fraction of draft tokens accepted, since start.",
+            s.spec_accepted_tokens / drafted if drafted else 0.0,
+        )
+        yield self._family(
+            GaugeMetricFamily,
+            "spec_decode_mean_tokens_per_step",
+            "Tokens a request gains per decode step (1 without speculation), since start.",
+            s.spec_decode_tokens / steps if steps else 0.0,
+        )
 
     def _family(self, cls: type, name: str, doc: str, value: float):
         family = cls(f"tokenmill_{name}", doc, labels=["model_name"])

@@ -135,7 +135,7 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
         **head,
         "object": "chat.completion",
         "choices": result,
-        "usage": usage(len(prompt_ids), num_completion),
+        "usage": usage(len(prompt_ids), num_completion, out.num_cached_tokens),
     }
     return JSONResponse(body)
 
@@ -163,8 +163,9 @@ async def _stream(
                 ],
             }
         )
-        num_completion = 0
+        num_completion = num_cached = 0
         async for out in stream:
+            num_cached = out.num_cached_tokens
             deltas = []
             for choice, c in zip(choices, out.outputs, strict=True):
                 text, entries, finish = choice.delta(c)
@@ -182,7 +183,8 @@ async def _stream(
             if deltas:
                 yield sse({**head, "choices": deltas})
         if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
+            body = usage(num_prompt, num_completion, num_cached)
+            yield sse({**head, "choices": [], "usage": body})
         yield SSE_DONE
     finally:
         stream.abort()

@@ -215,9 +215,11 @@ async def _error_events(content: AsyncIterator[str]) -> AsyncIterator[str]:
             await aclose()
 
 
-def usage(num_prompt: int, num_completion: int) -> dict[str, int]:
+def usage(num_prompt: int, num_completion: int, num_cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `num_cached` prompt tokens were served from the prefix cache."""
     return {
         "prompt_tokens": num_prompt,
         "completion_tokens": num_completion,
         "total_tokens": num_prompt + num_completion,
+        "prompt_tokens_details": {"cached_tokens": num_cached},
     }

@@ -167,14 +167,18 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Respo
             result.append(d)
             num_completion += len(c.token_ids)
     result.sort(key=lambda d: d["index"])
-    return JSONResponse({**head, "choices": result, "usage": usage(num_prompt, num_completion)})
+    num_cached = sum(out.num_cached_tokens for out in outs)
+    body = {**head, "choices": result, "usage": usage(num_prompt, num_completion, num_cached)}
+    return JSONResponse(body)
 
 
 async def _stream(
     streams: list, choices: list[_Choice], req: CompletionRequest, head: dict, num_prompt: int
 ) -> AsyncIterator[str]:
     num_completion = [0] * len(choices)
+    num_cached = [0] * len(streams)
     async for i, out in merge_streams(streams):
+        num_cached[i] = out.num_cached_tokens
         deltas = []
         for j, c in enumerate(out.outputs):
             idx = i * req.n + j
@@ -185,5 +189,6 @@ async def _stream(
         if deltas:
             yield sse({**head, "choices": deltas})
     if req.include_usage:
-        yield sse({**head, "choices": [], "usage": usage(num_prompt, sum(num_completion))})
+        body = usage(num_prompt, sum(num_completion), sum(num_cached))
+        yield sse({**head, "choices": [], "usage": body})
     yield SSE_DONE

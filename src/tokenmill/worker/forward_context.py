@@ -26,7 +26,7 @@ class ForwardContext:
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64
-    num_decode: int  # rows [0, num_decode) are single-token decodes
+    num_decode: int  # rows [0, num_decode) are decode rows (single tokens, verified drafts)
     decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int64, padded with 0
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_ctx] bool, True = attend
     decode_ctx_lens: torch.Tensor | None  # [num_decode] int64, keys per decode row

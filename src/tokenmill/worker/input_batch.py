@@ -12,7 +12,7 @@ from tokenmill.worker.forward_context import ForwardContext, PrefillSeq
 
 @dataclass
 class InputBatch:
-    seqs: list[ScheduledSeq]  # in packed order: decodes first, then multi-token seqs
+    seqs: list[ScheduledSeq]  # in packed order: decodes (and verify seqs) first, then chunks
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     ctx: ForwardContext
@@ -24,8 +24,12 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[
 
 
 def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) -> InputBatch:
-    decodes = [s for s in seqs if s.num_tokens == 1]
-    prefills = [s for s in seqs if s.num_tokens > 1]
+    # A speculative verify seq (last token + drafts) runs as decode rows, one per token: row i
+    # attends to start_pos + i + 1 keys, its own KV being written before attention. So each
+    # verified token is computed exactly like a plain decode row (bit-identical with the C++
+    # kernel), and all of them share the decode batch's one attention call per layer.
+    decodes = [s for s in seqs if s.num_tokens == 1 or s.num_draft_tokens]
+    prefills = [s for s in seqs if s.num_tokens > 1 and not s.num_draft_tokens]
     ordered = decodes + prefills
     input_ids: list[int] = []
     positions: list[int] = []
@@ -40,17 +44,21 @@ def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) ->
 
     decode_tables = decode_mask = decode_ctx_lens = None
     if decodes:
-        ctx_lens = torch.tensor([s.start_pos + 1 for s in decodes])  # [B]
+        lens = [s.start_pos + i + 1 for s in decodes for i in range(s.num_tokens)]
+        num_rows = len(lens)
+        ctx_lens = torch.tensor(lens)  # [B]
         width = -(-int(ctx_lens.max()) // block_size)
-        tables = torch.zeros(len(decodes), width, dtype=torch.int64)  # [B, max_blocks]
-        for i, s in enumerate(decodes):
+        tables = torch.zeros(num_rows, width, dtype=torch.int64)  # [B, max_blocks]
+        row = 0
+        for s in decodes:
             n = min(len(s.block_ids), width)
-            tables[i, :n] = torch.tensor(s.block_ids[:n])
+            tables[row : row + s.num_tokens, :n] = torch.tensor(s.block_ids[:n])
+            row += s.num_tokens
         pos = torch.arange(width * block_size)
         mask = pos.unsqueeze(0) < ctx_lens.unsqueeze(1)  # [B, max_blocks * block_size]
         decode_tables = tables.to(device)
         decode_ctx_lens = ctx_lens.to(device)
-        decode_mask = mask.view(len(decodes), 1, 1, -1).to(device)
+        decode_mask = mask.view(num_rows, 1, 1, -1).to(device)
 
     prefill_meta = []
     for s, start in zip(prefills, token_starts[len(decodes) :], strict=True):
@@ -63,7 +71,7 @@ def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) ->
 
     ctx = ForwardContext(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-        num_decode=len(decodes),
+        num_decode=sum(s.num_tokens for s in decodes),
         decode_block_tables=decode_tables,
         decode_mask=decode_mask,
         decode_ctx_lens=decode_ctx_lens,

@@ -17,6 +17,7 @@ from tokenmill.layers.attn_backends.cpu_ext import (
 )
 from tokenmill.layers.linear import Linear
 from tokenmill.models.registry import build_model
+from tokenmill.sampling.rejection import verify_drafts
 from tokenmill.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
 from tokenmill.worker.input_batch import build_input_batch
 from tokenmill.worker.kv_cache import allocate_kv_cache
@@ -46,10 +47,17 @@ class ModelRunner:
         self.model = build_model(model_config, dtype, max_model_len).to(device)
         self.model.load_weights(weights)
         self.model.eval()
+        weight_bytes: dict[str, int] = {}
         for module in self.model.modules():
             if isinstance(module, Linear):
                 module.quant_method.process_after_loading(module)
                 module.batch_invariant = batch_invariant
+                kind = module.quant_method.describe(module)
+                weight_bytes[kind] = weight_bytes.get(kind, 0) + module.weight_bytes
+        logger.info(
+            "linear weights: %s",
+            ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(weight_bytes.items())),
+        )
         self.kv_cache = allocate_kv_cache(model_config, num_blocks, block_size, dtype, device)
         decode_kernel = None
         kernel_ok = supports(model_config.head_dim, dtype)
@@ -67,14 +75,15 @@ class ModelRunner:
         batch = build_input_batch(sched.seqs, self.block_size, self.device)
         hidden = self.model(batch.input_ids, batch.positions, batch.ctx)  # [T, hidden]
 
-        # Rows whose logits we need: the last row of every sampling seq, and the prompt rows of
-        # seqs that asked for prompt logprobs.
+        # Rows whose logits we need: the last row of every sampling seq and the rows of its
+        # drafts, and the prompt rows of seqs that asked for prompt logprobs.
         sample_rows: list[int] = []
         sample_seqs: list[ScheduledSeq] = []
         plp_spans: list[tuple[ScheduledSeq, int, int, list[int]]] = []
         for s, start in zip(batch.seqs, batch.token_starts, strict=True):
             if s.sample:
-                sample_rows.append(start + s.num_tokens - 1)
+                end = start + s.num_tokens
+                sample_rows.extend(range(end - 1 - s.num_draft_tokens, end))
                 sample_seqs.append(s)
             k = s.req.sampling_params.prompt_logprobs
             if k is not None:
@@ -86,7 +95,7 @@ class ModelRunner:
 
         out = ModelRunnerOutput(sampled_token_ids={})
         if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows])  # [num_sample, vocab]
+            logits = self.model.compute_logits(hidden[sample_rows])  # [num_rows, vocab]
             rows = [
                 SamplingRow(
                     params=s.req.sampling_params,
@@ -97,11 +106,12 @@ class ModelRunner:
                 )
                 for s in sample_seqs
             ]
-            token_ids, logprobs = self.sampler(logits, rows)
-            for s, tok, lp in zip(sample_seqs, token_ids, logprobs, strict=True):
-                out.sampled_token_ids[s.req.request_id] = [tok]
-                if lp is not None:
-                    out.logprobs[s.req.request_id] = [lp]
+            drafts = [s.draft_token_ids for s in sample_seqs]
+            token_ids, logprobs = verify_drafts(self.sampler, logits, rows, drafts)
+            for s, toks, lps in zip(sample_seqs, token_ids, logprobs, strict=True):
+                out.sampled_token_ids[s.req.request_id] = toks
+                if lps is not None:
+                    out.logprobs[s.req.request_id] = lps
         for s, start, n, targets in plp_spans:
             logits = self.model.compute_logits(hidden[start : start + n])  # [n, vocab]
             k = s.req.sampling_params.prompt_logprobs or 0

@@ -1,9 +1,7 @@
 """C++ CPU decode attention over the paged KV cache (csrc/paged_attention.cpp).
 
-`load_cpu_attention()` JIT-builds the extension on first use (-O3 -march=native) into the
-torch_extensions cache (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), so later processes
-only reload it; at most once per process. If it cannot be built or loaded (no compiler, no
-ninja, ...) it logs one warning and returns None. TOKENMILL_NO_EXT=1 disables it.
+`load_cpu_attention()` JIT-builds the extension on first use (see tokenmill.kernels.cpp_build),
+at most once per process; None (with one warning) where it cannot be built.
 
 `paged_decode_attention` runs the kernel; `paged_prefill_attention` runs it for a short chunk of
 query tokens; `supports` tells which head_dim and dtype it takes.
@@ -12,64 +10,14 @@ query tokens; `supports` tells which head_dim and dtype it takes.
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from tokenmill.kernels.cpp_build import load_extension
 
 EXT_NAME = "tokenmill_cpu_attn"
 _SOURCE = "paged_attention.cpp"
-
-
-def _find_source() -> Path | None:
-    # src/tokenmill/layers/attn_backends/cpu_ext.py -> <repo>/csrc; an editable install runs the
-    # files in place, so this holds there too.
-    repo = Path(__file__).resolve().parents[4]
-    src = repo / "csrc" / _SOURCE
-    return src if src.is_file() else None
-
-
-def _host_tag() -> str:
-    # -march=native builds are only valid on this CPU; the tag changes the build hash, so a
-    # torch_extensions cache shared with another kind of CPU rebuilds instead of crashing.
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha1(flags.encode()).hexdigest()[:12]
-
-
-def _ensure_ninja_on_path() -> None:
-    # The ninja wheel installs its binary next to the interpreter, which is not on PATH when
-    # the venv's python is run without activating the venv.
-    if shutil.which("ninja"):
-        return
-    try:
-        import ninja  # type: ignore[import-not-found]
-    except ImportError:
-        return
-    bin_dir = getattr(ninja, "BIN_DIR", None)
-    if bin_dir:
-        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-
-
-def _summary(message: str) -> str:
-    # A failed build's message holds the whole build output: its first compiler error, else its
-    # last line before ninja gives up, says most.
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    errors = [line for line in lines if "error:" in line]
-    if errors:
-        return errors[0][:300]
-    lines = [line for line in lines if not line.startswith("ninja: build stopped")]
-    return lines[-1][:300] if lines else ""
 
 
 @functools.cache
@@ -78,37 +26,7 @@ def load_cpu_attention() -> Any | None:
 
     Built at most once per process; TOKENMILL_NO_EXT=1 disables it.
     """
-    if os.environ.get("TOKENMILL_NO_EXT", "") not in ("", "0"):
-        logger.info("TOKENMILL_NO_EXT is set: using the PyTorch reference attention")
-        return None
-    try:
-        src = _find_source()
-        if src is None:
-            raise FileNotFoundError(f"csrc/{_SOURCE} not found above {Path(__file__).parent}")
-        _ensure_ninja_on_path()
-        from torch.utils import cpp_extension
-
-        start = time.perf_counter()
-        cpp_extension.load(
-            name=EXT_NAME,
-            sources=[str(src)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DTOKENMILL_HOST={_host_tag()}"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        ops = torch.ops.tokenmill_cpu_attn
-        ops.paged_decode_attention  # noqa: B018 - fails here if the library did not register
-        logger.info("loaded %s in %.1f s", EXT_NAME, time.perf_counter() - start)
-        return ops
-    except Exception as e:  # any build or load failure means: use the fallback
-        logger.warning(
-            "could not build the C++ CPU attention (%s: %s); falling back to the PyTorch "
-            "reference attention, slower",
-            type(e).__name__,
-            _summary(str(e)),
-        )
-        return None
+    return load_extension(EXT_NAME, _SOURCE, "paged_decode_attention", "C++ CPU attention")
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -1,0 +1,1 @@
+"""C++ CPU kernels (csrc/), JIT-built with torch.utils.cpp_extension on first use."""

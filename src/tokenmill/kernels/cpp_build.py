@@ -1,0 +1,122 @@
+"""JIT builds of the C++ extensions in csrc/.
+
+`load_extension(name, source, probe)` builds `csrc/<source>` on first use (-O3 -march=native)
+into the torch_extensions cache (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), so later
+processes only reload it. If it cannot be built or loaded (no compiler, no ninja, ...) it logs one
+warning and returns None; callers keep a PyTorch fallback. TOKENMILL_NO_EXT=1 disables all of
+them. `make setup` builds them once ahead of time (`python -m tokenmill.kernels.cpp_build`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def find_source(name: str) -> Path | None:
+    # src/tokenmill/kernels/cpp_build.py -> <repo>/csrc; an editable install runs the files in
+    # place, so this holds there too.
+    src = Path(__file__).resolve().parents[3] / "csrc" / name
+    return src if src.is_file() else None
+
+
+def host_tag() -> str:
+    # -march=native builds are only valid on this CPU; the tag changes the build hash, so a
+    # torch_extensions cache shared with another kind of CPU rebuilds instead of crashing.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(flags.encode()).hexdigest()[:12]
+
+
+def _ensure_ninja_on_path() -> None:
+    # The ninja wheel installs its binary next to the interpreter, which is not on PATH when
+    # the venv's python is run without activating the venv.
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir:
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def _summary(message: str) -> str:
+    # A failed build's message holds the whole build output: its first compiler error, else its
+    # last line before ninja gives up, says most.
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    if errors:
+        return errors[0][:300]
+    lines = [line for line in lines if not line.startswith("ninja: build stopped")]
+    return lines[-1][:300] if lines else ""
+
+
+def load_extension(name: str, source: str, probe: str, what: str) -> Any | None:
+    """The op namespace `torch.ops.<name>`, building csrc/<source> if needed; None if unavailable.
+
+    `probe` is an op the library must register; `what` names the kernel in the warning.
+    """
+    if os.environ.get("TOKENMILL_NO_EXT", "") not in ("", "0"):
+        logger.info("TOKENMILL_NO_EXT is set: no %s", what)
+        return None
+    try:
+        src = find_source(source)
+        if src is None:
+            raise FileNotFoundError(f"csrc/{source} not found above {Path(__file__).parent}")
+        _ensure_ninja_on_path()
+        from torch.utils import cpp_extension
+
+        start = time.perf_counter()
+        cpp_extension.load(
+            name=name,
+            sources=[str(src)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DTOKENMILL_HOST={host_tag()}"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        ops = getattr(torch.ops, name)
+        getattr(ops, probe)  # fails here if the library did not register
+        logger.info("loaded %s in %.1f s", name, time.perf_counter() - start)
+        return ops
+    except Exception as e:  # any build or load failure means: use the fallback
+        logger.warning(
+            "could not build the %s (%s: %s); falling back to PyTorch, slower",
+            what,
+            type(e).__name__,
+            _summary(str(e)),
+        )
+        return None
+
+
+def build_all() -> int:
+    """Builds every extension now (the set-up step); returns how many are unavailable."""
+    from tokenmill.layers.attn_backends.cpu_ext import load_cpu_attention
+    from tokenmill.layers.quantization.cpu_quant import load_cpu_quant
+    from tokenmill.layers.quantization.squeezellm import load_cpu_lut
+
+    missing = 0
+    for load in (load_cpu_attention, load_cpu_quant, load_cpu_lut):
+        ok = load() is not None
+        missing += not ok
+        print(f"{load.__name__}: {'ok' if ok else 'unavailable (PyTorch fallback)'}")
+    return missing
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    build_all()

@@ -1,0 +1,107 @@
+"""The Linear method for weights kept in quantized blocks (GGUF Q4_0/Q4_1/Q8_0, int8, int4).
+
+Loading hands each part of a layer's weight to `load` (a QuantizedTensor from a GGUF file or
+BlockWeights quantized at load; a fused q/k/v or gate/up layer gets one part per shard). After
+loading, `process_after_loading` concatenates the parts and packs them into the kernel's tiles.
+Where the C++ kernel is unavailable, or a fused layer mixes quantized and dense parts, the parts
+are dequantized into a dense weight and the layer falls back to the dense method.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.layers.quantization.cpu_quant import (
+    dequantize_packed,
+    load_cpu_quant,
+    quant_linear,
+)
+from tokenmill.layers.quantization.packing import (
+    BlockWeights,
+    QuantizedTensor,
+    cat_rows,
+    pack_tiles,
+)
+
+if TYPE_CHECKING:
+    from tokenmill.layers.linear import Linear
+
+logger = logging.getLogger(__name__)
+
+# Above this many rows (a prompt chunk, a large batch) the weight is dequantized to bfloat16 for
+# the call and multiplied densely: the int8 dot products cost more per row than oneDNN's bf16
+# matmul once each weight is reused this often (measured crossover ~96 rows on the 2-core
+# host: 64 rows 72 vs 91 ms, 128 rows 139 vs 100 ms, 512 rows 516 vs 196 ms for SmolLM2's
+# decoder). Never in batch-invariant mode, where a row must not depend on the batch size.
+DENSE_ABOVE_ROWS = 96
+
+
+class BlockQuantMethod:
+    def __init__(self) -> None:
+        self.parts: dict[str | None, BlockWeights | torch.Tensor] = {}
+        self.packed: torch.Tensor | None = None
+        self.bits = 0
+        self.format = ""
+
+    def create_weights(self, layer: Linear) -> None:  # the dense weight stays until processed
+        pass
+
+    def load(
+        self, layer: Linear, tensor: QuantizedTensor | BlockWeights, shard: str | None
+    ) -> None:
+        if isinstance(tensor, QuantizedTensor):
+            self.format = self.format or tensor.qtype
+            tensor = tensor.unpack()
+        self.parts[shard] = tensor
+
+    def process_after_loading(self, layer: Linear) -> None:
+        from tokenmill.layers.linear import UnquantizedMethod
+
+        order = getattr(layer, "shard_names", (None,))
+        parts = [self.parts.get(s) for s in order]
+        quantized = all(isinstance(p, BlockWeights) for p in parts)
+        on_cpu = layer.weight.device.type == "cpu"
+        if quantized and on_cpu and load_cpu_quant() is not None:
+            bw = cat_rows(parts)  # type: ignore[arg-type]
+            self.bits = bw.bits
+            self.packed = pack_tiles(bw)
+            layer.weight_bytes = bw.nbytes()
+            if "weight" in layer._parameters:
+                del layer._parameters["weight"]  # the dense copy (a tied embedding keeps its own)
+            self.parts.clear()
+            return
+        # Dense fallback: dequantize the quantized parts into the dense weight's rows (parts
+        # that came dense were already copied there by the loader).
+        if quantized and on_cpu:
+            logger.warning("quantized CPU kernel unavailable: dequantizing %s", layer)
+        weight = layer.weight.data
+        for shard, part in zip(order, parts, strict=True):
+            if isinstance(part, BlockWeights):
+                start, end = layer.shard_offset(shard) if shard else (0, layer.out_features)
+                weight[start:end] = part.dequantize().to(weight.device, weight.dtype)
+        self.parts.clear()
+        layer.quant_method = UnquantizedMethod()
+        layer.quant_method.process_after_loading(layer)
+
+    def describe(self, layer: Linear) -> str:
+        return self.format or f"int{self.bits}"
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        assert self.packed is not None
+        if (
+            x.dtype == torch.bfloat16
+            and x.shape[0] > DENSE_ABOVE_ROWS
+            and not layer.batch_invariant
+        ):
+            w = dequantize_packed(self.packed, layer.out_features, self.bits)
+            return F.linear(x, w, layer.bias)
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            x = x.float()
+        y = quant_linear(x, self.packed, layer.out_features, self.bits)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.to(layer.dtype)

@@ -1,0 +1,53 @@
+"""The C++ weight-only quantized matmul (csrc/quant_linear.cpp), JIT-built on first use."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from tokenmill.kernels.cpp_build import load_extension
+
+EXT_NAME = "tokenmill_cpu_quant"
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
+
+
+@functools.cache
+def load_cpu_quant() -> Any | None:
+    """`torch.ops.tokenmill_cpu_quant`, or None (with one warning) where it cannot be had: the
+    kernel needs AVX512-VNNI."""
+    if not _cpu_has_vnni():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "this CPU has no AVX512-VNNI: quantized weights are dequantized at load (slower)"
+        )
+        return None
+    return load_extension(EXT_NAME, "quant_linear.cpp", "quant_linear", "quantized CPU matmul")
+
+
+def quant_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """y [M, n] = x [M, K] @ W^T for W packed by `packing.pack_tiles`; x float32 or bfloat16
+    (y has x's dtype). Activations are quantized to int8 per block of 32 inside."""
+    ops = load_cpu_quant()
+    if ops is None:
+        raise RuntimeError(f"{EXT_NAME} is unavailable")
+    return ops.quant_linear.default(x.contiguous(), packed, n, bits)
+
+
+def dequantize_packed(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The dense bfloat16 weight [n, K] of a `pack_tiles` weight (bit-exact with
+    `BlockWeights.dequantize().bfloat16()`)."""
+    ops = load_cpu_quant()
+    if ops is None:
+        raise RuntimeError(f"{EXT_NAME} is unavailable")
+    return ops.dequantize_packed.default(packed, n, bits)

@@ -1,0 +1,209 @@
+"""Speculative decoding end to end on a tiny random-weight model (fp32, batch-invariant).
+
+Greedy and seeded outputs are token-identical with speculation on and off, for every proposer,
+alone and in mixed batches with chunked prefill and with preemption; the first tokens of many
+seeded requests follow the model's distribution while drafts are being verified.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pytest
+
+from tokenmill import SamplingParams
+from tokenmill.request import Request
+from tokenmill.spec_decode.proposer import Proposer
+from tokenmill.spec_decode.speculator import Speculator
+from utils_tiny import make_tiny_hf_folder
+
+MAX_TOKENS = 24
+PROPOSERS = ("ngram", "suffix")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    # a small vocabulary keeps sampling and logprobs cheap; prompts are token ids below it
+    return str(make_tiny_hf_folder(tmp_path_factory.mktemp("spec"), vocab_size=512))
+
+
+@pytest.fixture(scope="module")
+def workload():
+    rng = random.Random(0)
+    words = list(range(300, 340))
+    prompts = []
+    for i in range(8):
+        n = rng.choice([5, 20, 45, 70])
+        # repeated spans give the proposers something to find
+        span = [rng.choice(words) for _ in range(8)]
+        prompts.append(([400 + i] + [rng.choice(words) for _ in range(n)] + span * 3)[: n + 20])
+    params = [
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        if i % 2 == 0
+        else SamplingParams(
+            max_tokens=MAX_TOKENS, temperature=0.8, top_k=30, seed=i, ignore_eos=True
+        )
+        for i in range(len(prompts))
+    ]
+    return prompts, params
+
+
+def _engine_kwargs(**kw):
+    return dict(dtype="float32", batch_invariant=True, **kw)
+
+
+def _tokens(llm, prompts, params) -> list[list[int]]:
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, workload):
+    from tokenmill import LLM
+
+    prompts, params = workload
+    llm = LLM(model=tiny_model, **_engine_kwargs())
+    return _tokens(llm, prompts, params)
+
+
+@pytest.mark.parametrize("proposer", PROPOSERS)
+def test_identical_alone_and_twice(make_llm, tiny_model, workload, reference, proposer) -> None:
+    prompts, params = workload
+    llm = make_llm(model=tiny_model, speculative=proposer, **_engine_kwargs())
+    alone = [_tokens(llm, [p], [sp])[0] for p, sp in zip(prompts[:4], params[:4], strict=True)]
+    assert alone == reference[:4]
+    stats = llm.engine.scheduler.spec_stats
+    first_accepted = stats.num_accepted_tokens
+    # Again, all together: the suffix proposer now also drafts from its global tree of outputs.
+    assert _tokens(llm, prompts, params) == reference
+    assert stats.num_accepted_tokens > first_accepted > 0
+    assert stats.mean_tokens_per_step > 1.0
+
+
+@pytest.mark.parametrize("proposer", PROPOSERS)
+def test_identical_with_chunked_prefill_and_preemption(
+    make_llm, tiny_model, workload, reference, proposer
+) -> None:
+    prompts, params = workload
+    chunked = make_llm(
+        model=tiny_model, speculative=proposer, max_num_batched_tokens=24, **_engine_kwargs()
+    )
+    assert _tokens(chunked, prompts, params) == reference
+    assert chunked.engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+    # 12 blocks of 16 tokens for 8 requests of up to 114 tokens: requests must be preempted.
+    small = make_llm(
+        model=tiny_model,
+        speculative=proposer,
+        num_kv_blocks=12,
+        max_model_len=160,
+        **_engine_kwargs(),
+    )
+    assert _tokens(small, prompts, params) == reference
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+
+class OracleProposer(Proposer):
+    """Drafts the known continuation, corrupted at random: long accepted runs and rejections."""
+
+    def __init__(self, continuations: dict[tuple[int, ...], list[int]]) -> None:
+        self.continuations = continuations
+        self.rng = random.Random(0)
+
+    def propose(self, reqs: list[Request], max_drafts: list[int]) -> list[list[int]]:
+        out = []
+        for req, k in zip(reqs, max_drafts, strict=True):
+            rest = self.continuations[tuple(req.prompt_token_ids)][req.num_output_tokens :]
+            out.append([t if self.rng.random() < 0.9 else 7 for t in rest[:k]])
+        return out
+
+
+def test_long_accepted_runs_stops_and_opt_out(make_llm, tiny_model, workload, reference) -> None:
+    prompts, params = workload
+    llm = make_llm(model=tiny_model, speculative="ngram", **_engine_kwargs())
+    engine = llm.engine
+    oracle = OracleProposer({tuple(p): r for p, r in zip(prompts, reference, strict=True)})
+    engine.speculator = Speculator(oracle, 6, engine.scheduler.max_model_len)
+    assert _tokens(llm, prompts, params) == reference
+    stats = engine.scheduler.spec_stats
+    assert 0.5 < stats.acceptance_rate < 1.0 and stats.mean_tokens_per_step > 2.0
+
+    # A stop token inside an accepted run ends the request right there.
+    greedy = 0
+    stop_at = 10
+    sp = SamplingParams(
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        ignore_eos=True,
+        stop_token_ids=[reference[greedy][stop_at]],
+    )
+    got = _tokens(llm, [prompts[greedy]], [sp])[0]
+    first = reference[greedy].index(reference[greedy][stop_at])
+    assert got == reference[greedy][: first + 1]
+
+    # Opted-out requests get no drafts.
+    before = stats.num_drafted_tokens
+    off = [
+        SamplingParams(**{**vars(p), "use_speculation": False})
+        for p in params  # same params otherwise
+    ]
+    assert _tokens(llm, prompts, off) == reference
+    assert stats.num_drafted_tokens == before
+
+
+def test_first_tokens_follow_the_model_distribution(make_llm, tiny_model) -> None:
+    """Seeded requests with temperature > 0 and top-k 4, drafts verified at the second token:
+    the empirical (first, second) token frequencies match the model's probabilities, read back
+    from the returned logprobs (the top-4 of the raw distribution, renormalized = top-k 4)."""
+    llm = make_llm(model=tiny_model, speculative="ngram", **_engine_kwargs())
+    prompt = [300, 301, 302, 303]
+    probe = llm.generate(
+        [prompt], SamplingParams(max_tokens=2, temperature=0.0, logprobs=8), use_tqdm=False
+    )[0].outputs[0]
+    candidates = sorted(set(probe.logprobs[1].keys()) | set(probe.logprobs[0].keys()))
+
+    class RandomCandidates(Proposer):
+        rng = random.Random(1)
+
+        def propose(self, reqs, max_drafts):
+            return [[self.rng.choice(candidates)] for _ in reqs]
+
+    engine = llm.engine
+    engine.speculator = Speculator(RandomCandidates(), 1, engine.scheduler.max_model_len)
+    n = 1000
+    params = [
+        # 3 tokens: the first comes from the prompt, the second is verified against a draft
+        SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=s, logprobs=4, ignore_eos=True)
+        for s in range(n)
+    ]
+    outs = [o.outputs[0] for o in llm.generate([prompt] * n, params, use_tqdm=False)]
+    stats = engine.scheduler.spec_stats
+    assert stats.num_verify_steps == n and 0 < stats.num_accepted_tokens < n
+
+    def top4(lps) -> dict[int, float]:
+        ps = {tok: math.exp(lp.logprob) for tok, lp in lps.items() if lp.rank <= 4}
+        total = sum(ps.values())
+        return {t: p / total for t, p in ps.items()}
+
+    p_first = top4(outs[0].logprobs[0])
+    firsts = Counter(o.token_ids[0] for o in outs)
+    tv_first = 0.5 * sum(
+        abs(firsts[t] / n - p_first.get(t, 0.0)) for t in set(firsts) | set(p_first)
+    )
+    # the second token given the first: its distribution is in every output's logprobs
+    by_first: dict[int, Counter] = {}
+    cond: dict[int, dict[int, float]] = {}
+    for o in outs:
+        by_first.setdefault(o.token_ids[0], Counter())[o.token_ids[1]] += 1
+        cond[o.token_ids[0]] = top4(o.logprobs[1])
+    tv_second = 0.0
+    for first, counts in by_first.items():
+        m = sum(counts.values())
+        keys = set(counts) | set(cond[first])
+        tv_second += m / n * 0.5 * sum(abs(counts[t] / m - cond[first].get(t, 0.0)) for t in keys)
+    # 1000 draws over 4 (and 4 x 4) cells: expected TV about 0.022 (0.05); 3x margin.
+    assert tv_first < 0.07
+    assert tv_second < 0.15
