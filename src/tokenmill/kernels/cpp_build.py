@@ -9,6 +9,7 @@ them. `make setup` builds them once ahead of time (`python -m tokenmill.kernels.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -29,15 +30,21 @@ def find_source(name: str) -> Path | None:
     return src if src.is_file() else None
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return frozenset(line.partition(":")[2].split())
+
+
 def host_tag() -> str:
     # -march=native builds are only valid on this CPU; the tag changes the build hash, so a
     # torch_extensions cache shared with another kind of CPU rebuilds instead of crashing.
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha1(flags.encode()).hexdigest()[:12]
+    return hashlib.sha1(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
 
 
 def _ensure_ninja_on_path() -> None:

@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
 
-from tokenmill.kernels.cpp_build import load_extension
+from tokenmill.kernels.cpp_build import cpu_flags, load_extension
+
+logger = logging.getLogger(__name__)
 
 EXT_NAME = "tokenmill_cpu_quant"
-
-
-def _cpu_has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
 
 
 @functools.cache
 def load_cpu_quant() -> Any | None:
     """`torch.ops.tokenmill_cpu_quant`, or None (with one warning) where it cannot be had: the
     kernel needs AVX512-VNNI."""
-    if not _cpu_has_vnni():
-        import logging
-
-        logging.getLogger(__name__).warning(
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
+        logger.warning(
             "this CPU has no AVX512-VNNI: quantized weights are dequantized at load (slower)"
         )
         return None
