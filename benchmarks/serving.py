@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +206,35 @@ async def run_level(
         return results, time.perf_counter() - start
 
 
+def load_plan(args: argparse.Namespace) -> list[tuple[str, float | None, int | None]]:
+    """(name, request rate, concurrency) of each load level, in order."""
+    if args.concurrency is not None:
+        return [(f"c={c}", None, c) for c in args.concurrency]
+    return [(f"rate={r:g}", r, None) for r in args.request_rates]
+
+
+def warm_up(args: argparse.Namespace, specs: list[RequestSpec], label: str = "") -> None:
+    warm = RequestSpec(specs[0].prompt, specs[0].prompt_len, 4)
+    res, _ = asyncio.run(run_level(args, [warm], None, 1))
+    if not res[0].ok:
+        prefix = f"{label}: " if label else ""
+        raise SystemExit(f"{prefix}warm-up request failed: {res[0].error}")
+
+
+def run_levels(
+    args: argparse.Namespace, specs: list[RequestSpec], label: str = ""
+) -> list[dict[str, Any]]:
+    """Every load level of `load_plan` in turn; prints each level's summary as it ends."""
+    levels = []
+    for name, rate, conc in load_plan(args):
+        results, duration = asyncio.run(run_level(args, specs, rate, conc))
+        summary = summarize(results, duration, args)
+        print_level(f"{label} {name}" if label else name, summary)
+        levels.append({"name": name, "request_rate": rate, "concurrency": conc,
+                       "summary": summary})  # fmt: skip
+    return levels
+
+
 def meets_sla(r: RequestResult, args: argparse.Namespace) -> bool:
     if not r.ok or r.ttft > r.prompt_len / args.sla_prompt_tps:
         return False
@@ -273,13 +304,8 @@ def print_level(name: str, s: dict[str, Any]) -> None:
         print(f"  error: {err}")
 
 
-def plot(levels: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+def draw_levels(levels: list[dict[str, Any]], ax1: Any, ax2: Any) -> None:
+    """Latency against throughput, and effective throughput per load level."""
     thr = [lv["summary"]["request_throughput"] for lv in levels]
     for key, label in (("e2e_ms", "e2e latency"), ("ttft_ms", "TTFT")):
         for stat, style in (("p50", "o-"), ("p99", "s--")):
@@ -300,10 +326,32 @@ def plot(levels: list[dict[str, Any]], path: Path, title: str) -> None:
     ax2.set_title("effective throughput (SLA met)")
     ax2.legend(fontsize=8)
     ax2.tick_params(axis="x", labelrotation=45, labelsize=8)
+
+
+def save_plot(path: Path, title: str, draw: Callable[[Any, Any], None]) -> None:
+    """A PNG of two side-by-side panels; `draw(ax1, ax2)` fills them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    draw(ax1, ax2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_report(
+    report: dict[str, Any], out: Path, title: str, draw: Callable[[Any, Any], None]
+) -> None:
+    """OUT.json (NaN written as null) and OUT.png."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
+    json_path.write_text(json.dumps(_json_safe(report), indent=2, default=str))
+    save_plot(png_path, title, draw)
+    print(f"\nwrote {json_path} and {png_path}")
 
 
 def _json_safe(obj: Any) -> Any:
@@ -372,31 +420,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.model = args.model or discover_model(args)
     specs = make_workload(args)
     if not args.no_warmup:
-        warm = RequestSpec(specs[0].prompt, specs[0].prompt_len, 4)
-        res, _ = asyncio.run(run_level(args, [warm], None, 1))
-        if not res[0].ok:
-            raise SystemExit(f"warm-up request failed: {res[0].error}")
-    levels = []
-    if args.concurrency is not None:
-        plan = [(f"c={c}", None, c) for c in args.concurrency]
-    else:
-        plan = [(f"rate={r:g}", r, None) for r in args.request_rates]
-    for name, rate, conc in plan:
-        results, duration = asyncio.run(run_level(args, specs, rate, conc))
-        summary = summarize(results, duration, args)
-        print_level(name, summary)
-        levels.append({"name": name, "request_rate": rate, "concurrency": conc,
-                       "summary": summary})  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        warm_up(args, specs)
+    levels = run_levels(args, specs)
     report = {"config": dict(vars(args)), "levels": levels}
     report["config"]["token_id_range"] = list(args.token_id_range)
-    json_path = out.with_suffix(".json")
-    json_path.write_text(json.dumps(_json_safe(report), indent=2, default=str))
     title = (f"{args.model} via {args.base_url}: {args.endpoint}, input ~{args.input_len}, "
              f"output ~{args.output_len} tokens")  # fmt: skip
-    plot(levels, out.with_suffix(".png"), title)
-    print(f"\nwrote {json_path} and {out.with_suffix('.png')}")
+    write_report(report, Path(args.out), title, functools.partial(draw_levels, levels))
     return report
 
 

@@ -18,9 +18,8 @@ Prompts are token ids of the same GGUF vocabulary, so both servers see identical
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
-import json
+import functools
 import os
 import shlex
 import signal
@@ -87,36 +86,16 @@ def bench_target(name: str, cmd: list[str], args: argparse.Namespace, specs) -> 
         targs = copy.copy(args)
         targs.base_url = f"{url}/v1"
         targs.model = serving.discover_model(targs)
-        warm = serving.RequestSpec(specs[0].prompt, specs[0].prompt_len, 4)
-        res, _ = asyncio.run(serving.run_level(targs, [warm], None, 1))
-        if not res[0].ok:
-            raise SystemExit(f"{name}: warm-up request failed: {res[0].error}")
-        levels = []
-        for level, rate, conc in plan(args):
-            results, duration = asyncio.run(serving.run_level(targs, specs, rate, conc))
-            summary = serving.summarize(results, duration, targs)
-            serving.print_level(f"{name} {level}", summary)
-            levels.append({"name": level, "request_rate": rate, "concurrency": conc,
-                           "summary": summary})  # fmt: skip
+        serving.warm_up(targs, specs, name)
+        levels = serving.run_levels(targs, specs, name)
         return {"command": shlex.join(cmd), "levels": levels}
     finally:
         stop(proc)
         log.close()
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, float | None, int | None]]:
-    if args.request_rates:
-        return [(f"rate={r:g}", r, None) for r in args.request_rates]
-    return [(f"c={c}", None, c) for c in args.concurrency]
-
-
-def plot(report: dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+def draw_targets(report: dict[str, Any], ax1: Any, ax2: Any) -> None:
+    """TTFT and end-to-end latency against output throughput, one colour per server."""
     for (name, target), color in zip(report["targets"].items(), ("C0", "C1", "C2"), strict=False):
         levels = target["levels"]
         tput = [lv["summary"]["output_throughput"] for lv in levels]
@@ -132,10 +111,6 @@ def plot(report: dict[str, Any], path: Path, title: str) -> None:
         ax.set_ylabel(f"{what} (s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -179,22 +154,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     model = args.model or str(default_model_path())
     specs = serving.make_workload(args)
-    report: dict[str, Any] = {"plan": plan(args), "model": model, "targets": {}}
+    report: dict[str, Any] = {"plan": serving.load_plan(args), "model": model, "targets": {}}
     for name, cmd in server_commands(args, model).items():
         if args.only and name not in args.only:
             continue
         report["targets"][name] = bench_target(name, cmd, args, specs)
     print_table(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     report["config"] = {k: v for k, v in vars(args).items() if k != "model"}
-    out.with_suffix(".json").write_text(
-        json.dumps(serving._json_safe(report), indent=2, default=str)
-    )
     title = (f"{Path(model).name}: {args.num_prompts} requests, input ~{args.input_len}, "
              f"output ~{args.output_len} tokens")  # fmt: skip
-    plot(report, out.with_suffix(".png"), title)
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    serving.write_report(report, Path(args.out), title, functools.partial(draw_targets, report))
     return report
 
 

@@ -35,6 +35,7 @@ namespace {
 constexpr int64_t kRows = 16;   // output rows per tile: one zmm of fp32 accumulators
 constexpr int64_t kBlock = 32;  // weights per quantization block along K
 constexpr int kMR = 4;          // activation rows per pass over a tile's weights
+constexpr int64_t kPrefetchAhead = 12;  // records (~2.3 KB at 4 bits) of software prefetch
 
 #ifdef TOKENMILL_HAS_VNNI
 
@@ -81,6 +82,10 @@ inline void tile_kernel(const uint8_t* rec0, int64_t nb, const int8_t* xq, int64
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* rec = rec0 + b * kRec;
+    // Records are streamed once per token from DRAM: fetch a few ahead (past the tile's end
+    // too: the next tile follows, and this thread usually takes it next).
+    for (int64_t line = 0; line < kRec; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(rec + kPrefetchAhead * kRec + line), _MM_HINT_T0);
     __m512i w[8];
     if constexpr (BITS == 4) {
       for (int p = 0; p < 4; ++p) {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from tokenmill.core.admission import CacheAwareAdmission
 from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.output_update import apply_sampled_tokens, make_core_output
 from tokenmill.core.policy import POLICIES, make_key, make_waiting_queue
 from tokenmill.core.sched_types import (
     EngineCoreOutput,
@@ -282,64 +283,12 @@ class Scheduler:
             req = seq.req
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted or finished since schedule()
-            req_id = req.request_id
-            assert req.num_computed_tokens == seq.start_pos
-            num_computed = seq.start_pos + seq.num_tokens
-
-            new_ids: list[int] = []
-            if seq.sample:
-                sampled = runner_out.sampled_token_ids.get(req_id)
-                assert sampled, f"no token sampled for {req_id}"
-                if seq.num_tokens - seq.num_draft_tokens == 1:
-                    self.spec_stats.record(seq.num_draft_tokens, len(sampled))
-                # Rejected drafts' KV is dropped by not counting it: those slots are rewritten
-                # later. The lookahead blocks stay with the request for its next drafts
-                # (freeing them would push cached prefix blocks out of the LRU free queue).
-                num_computed -= max(0, seq.num_draft_tokens + 1 - len(sampled))
-                for token_id in sampled:
-                    req.output_token_ids.append(token_id)
-                    new_ids.append(token_id)
-                    if self._check_stop(req, token_id):
-                        break
-            # Only now do the accepted drafts' positions hold verified tokens: a block is hashed
-            # into the prefix cache only once every token in it is verified.
-            req.num_computed_tokens = min(num_computed, req.num_tokens)
+            new_ids = apply_sampled_tokens(seq, runner_out, self.spec_stats, self.max_model_len)
             self.kv_cache_manager.cache_blocks(req, req.num_computed_tokens)
-            logprobs = runner_out.logprobs.get(req_id)
-            if logprobs is not None:
-                logprobs = logprobs[: len(new_ids)]
-            prompt_logprobs = runner_out.prompt_logprobs.get(req_id)
-            finished = req.is_finished
-            if finished:
+            if req.is_finished:
                 self.running.remove(req)
                 self._release(req)
-            if new_ids or prompt_logprobs or finished:
-                outputs.append(
-                    EngineCoreOutput(
-                        req=req,
-                        new_token_ids=new_ids,
-                        new_logprobs=logprobs,
-                        new_prompt_logprobs=prompt_logprobs,
-                        finished=finished,
-                        prompt_logprobs_start=seq.start_pos,
-                    )
-                )
+            out = make_core_output(seq, runner_out, new_ids)
+            if out is not None:
+                outputs.append(out)
         return outputs
-
-    def _check_stop(self, req: Request, token_id: int) -> bool:
-        """Apply the stop conditions for one just-appended token; sets status and reason."""
-        sp = req.sampling_params
-        # min_tokens: the first min_tokens outputs cannot stop the request.
-        if req.num_output_tokens > sp.min_tokens:
-            if not sp.ignore_eos and token_id in req.eos_token_ids:
-                req.status = RequestStatus.FINISHED_STOPPED
-                req.stop_reason = None
-                return True
-            if token_id in sp.stop_token_ids:
-                req.status = RequestStatus.FINISHED_STOPPED
-                req.stop_reason = token_id
-                return True
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            req.status = RequestStatus.FINISHED_LENGTH
-            return True
-        return False

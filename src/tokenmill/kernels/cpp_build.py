@@ -72,10 +72,13 @@ def _summary(message: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def load_extension(name: str, source: str, probe: str, what: str) -> Any | None:
+def load_extension(
+    name: str, source: str, probe: str, what: str, cflags: tuple[str, ...] = ()
+) -> Any | None:
     """The op namespace `torch.ops.<name>`, building csrc/<source> if needed; None if unavailable.
 
-    `probe` is an op the library must register; `what` names the kernel in the warning.
+    `probe` is an op the library must register; `what` names the kernel in the warning;
+    `cflags` are added to the compiler flags.
     """
     if os.environ.get("TOKENMILL_NO_EXT", "") not in ("", "0"):
         logger.info("TOKENMILL_NO_EXT is set: no %s", what)
@@ -91,7 +94,13 @@ def load_extension(name: str, source: str, probe: str, what: str) -> Any | None:
         cpp_extension.load(
             name=name,
             sources=[str(src)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DTOKENMILL_HOST={host_tag()}"],
+            extra_cflags=[
+                "-O3",
+                "-march=native",
+                "-fopenmp",
+                f"-DTOKENMILL_HOST={host_tag()}",
+                *cflags,
+            ],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -113,11 +122,12 @@ def load_extension(name: str, source: str, probe: str, what: str) -> Any | None:
 def build_all() -> int:
     """Builds every extension now (the set-up step); returns how many are unavailable."""
     from tokenmill.layers.attn_backends.cpu_ext import load_cpu_attention
+    from tokenmill.layers.fused import load_cpu_fused
     from tokenmill.layers.quantization.cpu_quant import load_cpu_quant
     from tokenmill.layers.quantization.squeezellm import load_cpu_lut
 
     missing = 0
-    for load in (load_cpu_attention, load_cpu_quant, load_cpu_lut):
+    for load in (load_cpu_attention, load_cpu_quant, load_cpu_lut, load_cpu_fused):
         ok = load() is not None
         missing += not ok
         print(f"{load.__name__}: {'ok' if ok else 'unavailable (PyTorch fallback)'}")

@@ -32,13 +32,19 @@ class PagedAttention(nn.Module):
         self.decode_kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        ctx: ForwardContext,
     ) -> torch.Tensor:
-        # q: [T, H, D]; k, v: [T, H_kv, D] -> out: [T, H, D]
+        # q: [T, H, D]; k, v: [T, H_kv, D] (None: the caller already wrote them to the cache)
+        # -> out: [T, H, D]
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
-        num_heads_kv, head_dim = self.num_kv_heads, self.head_dim
-        self.k_cache.view(-1, num_heads_kv, head_dim).index_copy_(0, ctx.slot_mapping, k)
-        self.v_cache.view(-1, num_heads_kv, head_dim).index_copy_(0, ctx.slot_mapping, v)
+        if k is not None and v is not None:
+            num_heads_kv, head_dim = self.num_kv_heads, self.head_dim
+            self.k_cache.view(-1, num_heads_kv, head_dim).index_copy_(0, ctx.slot_mapping, k)
+            self.v_cache.view(-1, num_heads_kv, head_dim).index_copy_(0, ctx.slot_mapping, v)
         out = torch.empty_like(q)
         if ctx.num_decode:
             out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.layers.fused import fused_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
@@ -17,6 +19,9 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); the sum is the next residual stream."""
+        ops = fused_ops(x)
+        if ops is not None:
+            return ops.add_rms_norm.default(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         residual = x

@@ -15,6 +15,7 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.attention import PagedAttention
+from tokenmill.layers.fused import fused_ops
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.quantization.packing import BlockWeights, QuantizedTensor
@@ -47,7 +48,17 @@ class LlamaAttention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         num_tokens = x.shape[0]  # x: [T, hidden]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        qkv = self.qkv_proj(x)  # [T, (H + 2 H_kv) D]
+        ops = fused_ops(qkv)
+        if ops is not None and self.attn.k_cache is not None:
+            # RoPE on q and k, k and v written to the cache, in one call
+            q = ops.rope_cache.default(
+                qkv, positions, self.rotary.cos, self.rotary.sin, self.attn.k_cache,
+                self.attn.v_cache, ctx.slot_mapping, self.num_heads, self.num_kv_heads,
+            )  # fmt: skip
+            out = self.attn(q, None, None, ctx)
+            return self.o_proj(out.reshape(num_tokens, -1))
+        q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, H_kv, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -66,7 +77,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(inter, cfg.hidden_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # SwiGLU
+        gate_up = self.gate_up_proj(x)  # [T, 2 * inter]
+        ops = fused_ops(gate_up)
+        if ops is not None:
+            return self.down_proj(ops.silu_mul.default(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # SwiGLU
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -104,4 +104,4 @@ class BlockQuantMethod:
         y = quant_linear(x, self.packed, layer.out_features, self.bits)
         if layer.bias is not None:
             y = y + layer.bias
-        return y.to(layer.dtype)
+        return y if y.dtype == layer.dtype else y.to(layer.dtype)

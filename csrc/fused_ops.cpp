@@ -1,0 +1,268 @@
+// Fused elementwise ops of the decoder layer for CPU, bfloat16 (tokenmill_cpu_fused).
+//
+// At decode the layer's matmuls are a few tens of microseconds each, and the dozen small aten
+// ops around them (residual add, RMSNorm with its casts, RoPE's slices and concatenations, the
+// KV-cache writes, SwiGLU) cost as much again in dispatch. These ops do each group in one call:
+//
+//   add_rms_norm(x [T, N], residual [T, N]?, weight [N], eps) -> (out, x + residual)
+//   rope_cache(qkv [T, (H + 2 H_kv) D], positions [T], cos, sin [P, D], k_cache, v_cache
+//              [blocks, block_size, H_kv, D], slot_mapping [T], H, H_kv) -> q [T, H, D]
+//   silu_mul(gate_up [T, 2 I]) -> silu(gate) * up [T, I]
+//
+// Each rounds to bfloat16 exactly where the PyTorch code of layers/norm.py, layers/rotary.py
+// and models/llama.py does (after every elementwise op; RMSNorm in float32, rounded, then times
+// the weight), so a row's values match that code's, and every row is computed on its own in a
+// fixed order (batch invariance). Built with -ffp-contract=off: a fused multiply-add would round
+// once where PyTorch rounds twice.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <cstdint>
+#include <tuple>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define TOKENMILL_HAS_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using bf16 = at::BFloat16;
+// Rows per parallel task: small batches stay on the calling thread (a fork costs more than
+// the work).
+constexpr int64_t kRowGrain = 16;
+
+#ifdef TOKENMILL_HAS_AVX512
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+inline __m512 load_bf16(const bf16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// float32 -> bfloat16, round to nearest even, NaN kept NaN (as c10::BFloat16 does).
+inline void store_bf16(bf16* p, __m512 v, __mmask16 m) {
+#ifdef __AVX512BF16__
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  const __m256i h = _mm512_cvtepi32_epi16(r);
+#endif
+  _mm256_mask_storeu_epi16(p, m, h);
+}
+
+inline __m512 round_bf16(__m512 v) {  // the float value of bf16(v)
+  alignas(64) bf16 tmp[16];
+  store_bf16(tmp, v, 0xFFFF);
+  return load_bf16(tmp, 0xFFFF);
+}
+
+// exp(x) to ~1 ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, times 2^n.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+void add_rms_norm_row(const bf16* x, const bf16* res, const bf16* w, bf16* out, bf16* sum,
+                      int64_t n, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    __m512 v = load_bf16(x + i, m);
+    if (res != nullptr) {
+      v = round_bf16(_mm512_add_ps(v, load_bf16(res + i, m)));
+      store_bf16(sum + i, v, m);
+    }
+    ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+  }
+  const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(n) + eps);
+  const bf16* src = res != nullptr ? sum : x;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 normed = round_bf16(_mm512_mul_ps(load_bf16(src + i, m), _mm512_set1_ps(inv)));
+    store_bf16(out + i, _mm512_mul_ps(normed, load_bf16(w + i, m)), m);
+  }
+}
+
+// One head: out = x * cos + rotate_half(x) * sin, each product and the sum rounded to bf16.
+inline void rope_head(const bf16* x, const bf16* cos, const bf16* sin, bf16* out, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 m = tail_mask(std::min<int64_t>(16, (i < half ? half : d) - i));
+    const __m512 v = load_bf16(x + i, m);
+    const __m512 rot = i < half ? _mm512_sub_ps(_mm512_setzero_ps(), load_bf16(x + i + half, m))
+                                : load_bf16(x + i - half, m);
+    const __m512 a = round_bf16(_mm512_mul_ps(v, load_bf16(cos + i, m)));
+    const __m512 b = round_bf16(_mm512_mul_ps(rot, load_bf16(sin + i, m)));
+    store_bf16(out + i, _mm512_add_ps(a, b), m);
+    if (i < half && i + 16 > half) i = half - 16;  // restart the loop at the second half
+  }
+}
+
+void silu_mul_row(const bf16* gu, bf16* out, int64_t inter) {
+  for (int64_t i = 0; i < inter; i += 16) {
+    const __mmask16 m = tail_mask(inter - i);
+    const __m512 g = load_bf16(gu + i, m);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 s = round_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+    store_bf16(out + i, _mm512_mul_ps(s, load_bf16(gu + inter + i, m)), m);
+  }
+}
+
+#endif  // TOKENMILL_HAS_AVX512
+
+void check_bf16_rows(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == 2 &&
+                  t.is_contiguous(),
+              op, ": ", name, " must be a contiguous 2-D bfloat16 CPU tensor");
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x,
+                                                const std::optional<at::Tensor>& residual,
+                                                const at::Tensor& weight, double eps) {
+#ifndef TOKENMILL_HAS_AVX512
+  TORCH_CHECK(false, "tokenmill_cpu_fused was built without AVX-512");
+#else
+  check_bf16_rows(x, "add_rms_norm", "x");
+  const int64_t T = x.size(0), N = x.size(1);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() &&
+                  weight.numel() == N,
+              "add_rms_norm: weight must be a contiguous bfloat16 [", N, "]");
+  const bf16* res = nullptr;
+  at::Tensor sum = x;
+  if (residual.has_value()) {
+    check_bf16_rows(*residual, "add_rms_norm", "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "add_rms_norm: residual shape ",
+                residual->sizes(), " != x shape ", x.sizes());
+    res = residual->data_ptr<bf16>();
+    sum = at::empty_like(x);
+  }
+  auto out = at::empty_like(x);
+  const bf16* xp = x.data_ptr<bf16>();
+  const bf16* wp = weight.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  bf16* sp = sum.data_ptr<bf16>();
+  at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      add_rms_norm_row(xp + t * N, res ? res + t * N : nullptr, wp, op + t * N, sp + t * N, N,
+                       static_cast<float>(eps));
+  });
+  return {out, sum};
+#endif
+}
+
+at::Tensor rope_cache(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& cos,
+                      const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                      const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads) {
+#ifndef TOKENMILL_HAS_AVX512
+  TORCH_CHECK(false, "tokenmill_cpu_fused was built without AVX-512");
+#else
+  check_bf16_rows(qkv, "rope_cache", "qkv");
+  check_bf16_rows(cos, "rope_cache", "cos");
+  check_bf16_rows(sin, "rope_cache", "sin");
+  const int64_t T = qkv.size(0), D = cos.size(1), P = cos.size(0);
+  TORCH_CHECK(D % 2 == 0 && sin.sizes() == cos.sizes(), "rope_cache: bad cos/sin tables");
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * D, "rope_cache: qkv width ",
+              qkv.size(1), " != (", num_heads, " + 2 * ", num_kv_heads, ") * ", D);
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->scalar_type() == at::kBFloat16 && c->dim() == 4 && c->size(2) == num_kv_heads &&
+                    c->size(3) == D && c->stride(3) == 1,
+                "rope_cache: caches must be bfloat16 [blocks, block_size, ", num_kv_heads, ", ",
+                D, "] with a contiguous last dim");
+  for (const at::Tensor* idx : {&positions, &slot_mapping})
+    TORCH_CHECK(idx->scalar_type() == at::kLong && idx->dim() == 1 && idx->numel() == T &&
+                    idx->is_contiguous(),
+                "rope_cache: positions and slot_mapping must be contiguous int64 [", T, "]");
+  const int64_t bs = k_cache.size(1), num_slots = k_cache.size(0) * bs;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < P, "rope_cache: position ", pos[t], " outside [0, ", P,
+                ")");
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, "rope_cache: slot ", slots[t],
+                " outside [0, ", num_slots, ")");
+  }
+  auto q = at::empty({T, num_heads, D}, qkv.options());
+  const bf16* src = qkv.data_ptr<bf16>();
+  const bf16* cp = cos.data_ptr<bf16>();
+  const bf16* sp = sin.data_ptr<bf16>();
+  bf16* qp = q.data_ptr<bf16>();
+  bf16* kc = k_cache.data_ptr<bf16>();
+  bf16* vc = v_cache.data_ptr<bf16>();
+  const int64_t width = qkv.size(1);
+  at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const bf16* row = src + t * width;
+      const bf16* c = cp + pos[t] * D;
+      const bf16* s = sp + pos[t] * D;
+      for (int64_t h = 0; h < num_heads; ++h) rope_head(row + h * D, c, s, qp + (t * num_heads + h) * D, D);
+      const int64_t block = slots[t] / bs, off = slots[t] % bs;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        const int64_t kofs = block * k_cache.stride(0) + off * k_cache.stride(1) + h * k_cache.stride(2);
+        const int64_t vofs = block * v_cache.stride(0) + off * v_cache.stride(1) + h * v_cache.stride(2);
+        rope_head(row + (num_heads + h) * D, c, s, kc + kofs, D);
+        std::memcpy(vc + vofs, row + (num_heads + num_kv_heads + h) * D, D * sizeof(bf16));
+      }
+    }
+  });
+  return q;
+#endif
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+#ifndef TOKENMILL_HAS_AVX512
+  TORCH_CHECK(false, "tokenmill_cpu_fused was built without AVX-512");
+#else
+  check_bf16_rows(gate_up, "silu_mul", "gate_up");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "silu_mul: gate_up width must be even");
+  auto out = at::empty({T, I}, gate_up.options());
+  const bf16* src = gate_up.data_ptr<bf16>();
+  bf16* dst = out.data_ptr<bf16>();
+  at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) silu_mul_row(src + t * 2 * I, dst + t * I, I);
+  });
+  return out;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tokenmill_cpu_fused, m) {
+  m.def("add_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "rope_cache(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor slot_mapping, int num_heads, int num_kv_heads) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tokenmill_cpu_fused, CPU, m) {
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rope_cache", &rope_cache);
+  m.impl("silu_mul", &silu_mul);
+}
