@@ -8,6 +8,10 @@
 //   rope_cache(qkv [T, (H + 2 H_kv) D], positions [T], cos, sin [P, D], k_cache, v_cache
 //              [blocks, block_size, H_kv, D], slot_mapping [T], H, H_kv) -> q [T, H, D]
 //   silu_mul(gate_up [T, 2 I]) -> silu(gate) * up [T, I]
+//   decode_layer(...) -> (out, residual): a whole decoder layer for a batch of decode rows
+//     whose matmuls are quantized (tokenmill_cpu_quant::quant_linear) and whose attention is
+//     tokenmill_cpu_attn::paged_decode_attention, called through the dispatcher: the same
+//     kernels in the same order as models/llama.py, without a trip through Python per op.
 //
 // Each rounds to bfloat16 exactly where the PyTorch code of layers/norm.py, layers/rotary.py
 // and models/llama.py does (after every elementwise op; RMSNorm in float32, rounded, then times
@@ -16,6 +20,8 @@
 // once where PyTorch rounds twice.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -251,6 +257,46 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 #endif
 }
 
+using QuantLinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t);
+using DecodeAttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, double);
+
+// y [T, n] = x W^T for a packed weight (and + bias, rounded like PyTorch's y + bias).
+at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits,
+                   const std::optional<at::Tensor>& bias = std::nullopt) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("tokenmill_cpu_quant::quant_linear", "")
+                             .typed<QuantLinearFn>();
+  at::Tensor y = op.call(x, packed, n, bits);
+  return bias.has_value() ? at::add(y, *bias) : y;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_layer(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& input_norm,
+    const at::Tensor& post_norm, double eps, const at::Tensor& qkv_w, int64_t qkv_bits,
+    const std::optional<at::Tensor>& qkv_bias, const at::Tensor& o_w, int64_t o_bits,
+    const at::Tensor& gate_up_w, int64_t gate_up_bits, const at::Tensor& down_w,
+    int64_t down_bits, int64_t intermediate, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& positions, at::Tensor& k_cache, at::Tensor& v_cache,
+    const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
+    double scale, int64_t num_heads, int64_t num_kv_heads) {
+  static const auto attention =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("tokenmill_cpu_attn::paged_decode_attention", "")
+          .typed<DecodeAttentionFn>();
+  const int64_t T = x.size(0), hidden = x.size(1), D = cos.size(1);
+  // x -> [RMSNorm -> GQA attention with RoPE -> +] -> [RMSNorm -> SwiGLU -> +]
+  auto [h, res] = add_rms_norm(x, residual, input_norm, eps);
+  const at::Tensor qkv = qlinear(h, qkv_w, (num_heads + 2 * num_kv_heads) * D, qkv_bits, qkv_bias);
+  const at::Tensor q = rope_cache(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                                  num_heads, num_kv_heads);  // [T, H, D]
+  const at::Tensor attn = attention.call(q, k_cache, v_cache, block_tables, ctx_lens, scale);
+  const at::Tensor o = qlinear(attn.view({T, num_heads * D}), o_w, hidden, o_bits);
+  auto [h2, res2] = add_rms_norm(o, res, post_norm, eps);
+  const at::Tensor gate_up = qlinear(h2, gate_up_w, 2 * intermediate, gate_up_bits);
+  return {qlinear(silu_mul(gate_up), down_w, hidden, down_bits), res2};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenmill_cpu_fused, m) {
@@ -259,10 +305,18 @@ TORCH_LIBRARY(tokenmill_cpu_fused, m) {
       "rope_cache(Tensor qkv, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slot_mapping, int num_heads, int num_kv_heads) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def(
+      "decode_layer(Tensor x, Tensor? residual, Tensor input_norm, Tensor post_norm, float eps, "
+      "Tensor qkv_w, int qkv_bits, Tensor? qkv_bias, Tensor o_w, int o_bits, Tensor gate_up_w, "
+      "int gate_up_bits, Tensor down_w, int down_bits, int intermediate, Tensor cos, Tensor sin, "
+      "Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+      "Tensor block_tables, Tensor ctx_lens, float scale, int num_heads, int num_kv_heads) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu_fused, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_cache", &rope_cache);
   m.impl("silu_mul", &silu_mul);
+  m.impl("decode_layer", &decode_layer);
 }

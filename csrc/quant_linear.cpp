@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define TOKENMILL_HAS_VNNI 1
@@ -72,9 +73,23 @@ void quantize_activations(const T* x, int64_t M, int64_t K, int8_t* xq, float* d
   });
 }
 
-template <int BITS, int MR>
+inline void store_row16(float* p, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
+inline void store_row16(at::BFloat16* p, __mmask16 mask, __m512 v) {
+  // round to nearest even, as Tensor.to(torch.bfloat16) does
+#ifdef __AVX512BF16__
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16));
+#endif
+  _mm256_mask_storeu_epi16(p, mask, h);
+}
+
+template <int BITS, int MR, typename OutT>
 inline void tile_kernel(const uint8_t* rec0, int64_t nb, const int8_t* xq, int64_t K,
-                        const float* dx, const float* sx, float* y, int64_t ldy, int64_t nvalid) {
+                        const float* dx, const float* sx, OutT* y, int64_t ldy, int64_t nvalid) {
   constexpr int64_t kWBytes = kRows * kBlock * BITS / 8;
   constexpr int64_t kRec = kWBytes + 2 * kRows * 2;
   const __m512i nib = _mm512_set1_epi8(0x0F);
@@ -118,19 +133,19 @@ inline void tile_kernel(const uint8_t* rec0, int64_t nb, const int8_t* xq, int64
     }
   }
   const __mmask16 mask = nvalid >= kRows ? 0xFFFF : static_cast<__mmask16>((1u << nvalid) - 1);
-  for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(y + i * ldy, mask, acc[i]);
+  for (int i = 0; i < MR; ++i) store_row16(y + i * ldy, mask, acc[i]);
 }
 
-template <int BITS>
+template <int BITS, typename OutT>
 void run_tiles(const uint8_t* packed, int64_t T, int64_t nb, int64_t n, const int8_t* xq,
-               const float* dx, const float* sx, int64_t M, int64_t K, float* y) {
+               const float* dx, const float* sx, int64_t M, int64_t K, OutT* y) {
   constexpr int64_t kRec = kRows * kBlock * BITS / 8 + 2 * kRows * 2;
   const int64_t grain = std::max<int64_t>(1, T / (4 * at::get_num_threads()));
   at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const uint8_t* rec = packed + t * nb * kRec;
       const int64_t nvalid = std::min<int64_t>(kRows, n - t * kRows);
-      float* yt = y + t * kRows;
+      OutT* yt = y + t * kRows;
       int64_t m = 0;
       for (; m + kMR <= M; m += kMR)
         tile_kernel<BITS, kMR>(rec, nb, xq + m * K, K, dx + m * nb, sx + m * nb, yt + m * n, n,
@@ -228,21 +243,26 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n
   TORCH_CHECK(packed.size(2) == rec, "quant_linear: record size ", packed.size(2), " != ", rec);
   TORCH_CHECK(n > (T - 1) * kRows && n <= T * kRows, "quant_linear: n = ", n, " does not fit ",
               T, " tiles");
-  auto y = at::empty({M, n}, x.options().dtype(at::kFloat));
-  if (M == 0) return y.to(x.scalar_type());
-  auto xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  auto dx = at::empty({M, nb}, x.options().dtype(at::kFloat));
-  auto sx = at::empty({M, nb}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kFloat)
-    quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-                         sx.data_ptr<float>());
-  else
-    quantize_activations(x.data_ptr<at::BFloat16>(), M, K, xq.data_ptr<int8_t>(),
-                         dx.data_ptr<float>(), sx.data_ptr<float>());
-  auto* fn = bits == 4 ? run_tiles<4> : run_tiles<8>;
-  fn(packed.data_ptr<uint8_t>(), T, nb, n, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-     sx.data_ptr<float>(), M, K, y.data_ptr<float>());
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  auto y = at::empty({M, n}, x.options());  // written in x's dtype by the tile kernel
+  if (M == 0) return y;
+  // Per-call scratch for the quantized activations, kept by the calling thread: at decode a
+  // call is ~20-60 us, and three allocations were a tenth of it.
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> dx, sx;
+  xq.resize(M * K);
+  dx.resize(M * nb);
+  sx.resize(M * nb);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kFloat) {
+    quantize_activations(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
+    (bits == 4 ? run_tiles<4, float> : run_tiles<8, float>)(
+        w, T, nb, n, xq.data(), dx.data(), sx.data(), M, K, y.data_ptr<float>());
+  } else {
+    quantize_activations(x.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), sx.data());
+    (bits == 4 ? run_tiles<4, at::BFloat16> : run_tiles<8, at::BFloat16>)(
+        w, T, nb, n, xq.data(), dx.data(), sx.data(), M, K, y.data_ptr<at::BFloat16>());
+  }
+  return y;
 #endif
 }
 

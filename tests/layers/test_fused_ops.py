@@ -111,16 +111,30 @@ def test_rope_cache_rejects_bad_slots():
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
-def test_bf16_model_greedy_unchanged_by_fusion(tmp_path, monkeypatch, arch):
-    """A bf16 model decodes the same tokens with the fused ops as with the PyTorch code, through
-    chunked prefill and decode (head_dim 64: the C++ decode attention reads the fused writes)."""
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_bf16_model_greedy_unchanged_by_fusion(tmp_path, monkeypatch, arch, quantization):
+    """A bf16 model decodes the same tokens with the fused ops (and, quantized, the whole-layer
+    decode op) as with the PyTorch code, through chunked prefill and decode (head_dim 64: the
+    C++ decode attention reads the fused cache writes)."""
+    from tokenmill.models.llama import _FusedLayer
+
     folder = str(make_tiny_hf_folder(tmp_path, arch, hidden_size=256, intermediate_size=512))
-    kwargs = dict(model=folder, dtype="bfloat16", max_num_batched_tokens=8, kv_cache_memory_gb=0.05)
+    kwargs = dict(
+        model=folder,
+        dtype="bfloat16",
+        quantization=quantization,
+        max_num_batched_tokens=8,
+        kv_cache_memory_gb=0.05,
+    )
     prompts = [[1, 5, 9, 200, 31, 7], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    fused_out = LLM(**kwargs).generate(
+    fused_llm = LLM(**kwargs)
+    fused_out = fused_llm.generate(
         [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
     )
+    whole_layer = [bool(layer._fused) for layer in fused_llm.engine.runner.model.model.layers]
+    assert all(whole_layer) == (quantization == "int4") and any(whole_layer) == all(whole_layer)
+    monkeypatch.setattr(_FusedLayer, "build", staticmethod(lambda layer, x: None))
     monkeypatch.setattr("tokenmill.layers.norm.fused_ops", lambda x: None)
     monkeypatch.setattr("tokenmill.models.llama.fused_ops", lambda x: None)
     plain_out = LLM(**kwargs).generate(

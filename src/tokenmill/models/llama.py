@@ -7,6 +7,8 @@ The batch is ragged and packed: every activation is [num_tokens, ...] with no pa
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.fused import fused_ops
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.quantization.block_method import DENSE_ABOVE_ROWS, BlockQuantMethod
 from tokenmill.layers.quantization.packing import BlockWeights, QuantizedTensor
 from tokenmill.layers.quantization.squeezellm import SqueezeLLMWeights
 from tokenmill.layers.rotary import RotaryEmbedding
@@ -92,6 +95,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self._fused: _FusedLayer | bool | None = None  # decided at the first decode step
 
     def forward(
         self,
@@ -100,10 +104,56 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         ctx: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = self._fused_decode_args(x, ctx)
+        if fused is not None:  # the whole layer in one C++ call (decode rows, quantized weights)
+            attn = self.self_attn.attn
+            return fused.ops.decode_layer.default(
+                x, residual, *fused.pre, positions, attn.k_cache, attn.v_cache,
+                ctx.slot_mapping, ctx.decode_block_tables, ctx.decode_ctx_lens, *fused.post,
+            )  # fmt: skip
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(positions, h, ctx)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
+
+    def _fused_decode_args(self, x: torch.Tensor, ctx: ForwardContext) -> _FusedLayer | None:
+        if ctx.prefills or x.shape[0] > DENSE_ABOVE_ROWS:
+            return None  # prompt chunks, or rows that take the dense bf16 matmul
+        if self._fused is None:
+            self._fused = _FusedLayer.build(self, x) or False
+        return self._fused or None
+
+
+@dataclass(frozen=True)
+class _FusedLayer:
+    """The fixed arguments of `tokenmill_cpu_fused::decode_layer` for one layer."""
+
+    ops: Any
+    pre: tuple  # arguments between (x, residual) and positions
+    post: tuple  # arguments after the decode context
+
+    @staticmethod
+    def build(layer: LlamaDecoderLayer, x: torch.Tensor) -> _FusedLayer | None:
+        ops = fused_ops(x)
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        methods = [lin.quant_method for lin in linears]
+        if (
+            ops is None
+            or not hasattr(ops, "decode_layer")
+            or attn.attn.decode_kernel is None
+            or not all(isinstance(m, BlockQuantMethod) and m.packed is not None for m in methods)
+            or any(lin.bias is not None for lin in linears[1:])
+        ):
+            return None
+        (qkv, o, gate_up, down) = methods
+        norm = layer.input_layernorm
+        pre = (norm.weight, layer.post_attention_layernorm.weight, norm.eps,
+               qkv.packed, qkv.bits, attn.qkv_proj.bias, o.packed, o.bits,
+               gate_up.packed, gate_up.bits, down.packed, down.bits,
+               mlp.down_proj.in_features, attn.rotary.cos, attn.rotary.sin)  # fmt: skip
+        post = (attn.attn.scale, attn.num_heads, attn.num_kv_heads)
+        return _FusedLayer(ops, pre, post)
 
 
 class LlamaModel(nn.Module):
