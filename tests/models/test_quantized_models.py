@@ -59,7 +59,8 @@ def test_default_model_stays_quantized(default_llm_fp32) -> None:
 def test_fallback_without_kernel_equals_dequantized(default_llm_fp32, monkeypatch, caplog) -> None:
     monkeypatch.setattr(block_method, "load_cpu_quant", lambda: None)
     with caplog.at_level(logging.WARNING):
-        llm = LLM(dtype="float32", **SMALL)
+        # batch-invariant like the reference engine, so both run the same attention kernels
+        llm = LLM(dtype="float32", batch_invariant=True, **SMALL)
     assert "quantized CPU kernel unavailable" in caplog.text
     assert all(isinstance(m.quant_method, UnquantizedMethod) for m in linears(llm).values())
     # Dequantized at load exactly as quantization="none" does: identical logits.

@@ -30,6 +30,11 @@ class PagedAttention(nn.Module):
         # The C++ paged decode kernel (csrc/paged_attention.cpp) when the runner could build it:
         # it reads keys straight from the blocks, no gather, no padding.
         self.decode_kernel: Callable[..., torch.Tensor] | None = None
+        # Its per-query form for prompt chunks (batch-invariant mode): each query token computed
+        # exactly like a decode row, so a token's output does not depend on how its prompt was
+        # chunked or how much of it came from the prefix cache. SDPA's reduction order depends on
+        # the chunk's length.
+        self.prefill_kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -50,7 +55,12 @@ class PagedAttention(nn.Module):
             out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx)
         for p in ctx.prefills:
             rows = slice(p.token_start, p.token_start + p.num_query)
-            out[rows] = self._prefill(q[rows], p.block_table, p.causal_mask)
+            if self.prefill_kernel is not None:
+                out[rows] = self.prefill_kernel(
+                    q[rows], self.k_cache, self.v_cache, p.block_table, p.start_pos, self.scale
+                )
+            else:
+                out[rows] = self._prefill(q[rows], p.block_table, p.causal_mask)
         return out
 
     def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

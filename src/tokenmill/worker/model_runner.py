@@ -13,6 +13,7 @@ from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.attn_backends.cpu_ext import (
     load_cpu_attention,
     paged_decode_attention,
+    paged_prefill_attention,
     supports,
 )
 from tokenmill.layers.linear import Linear
@@ -68,6 +69,8 @@ class ModelRunner:
             attn.k_cache = self.kv_cache[i, 0]  # [num_blocks, block_size, H_kv, D]
             attn.v_cache = self.kv_cache[i, 1]
             attn.decode_kernel = decode_kernel
+            if batch_invariant and decode_kernel is not None:
+                attn.prefill_kernel = paged_prefill_attention
         self.sampler = Sampler()
 
     @torch.inference_mode()
