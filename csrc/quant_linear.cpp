@@ -35,7 +35,7 @@ namespace {
 
 constexpr int64_t kRows = 16;   // output rows per tile: one zmm of fp32 accumulators
 constexpr int64_t kBlock = 32;  // weights per quantization block along K
-constexpr int kMR = 4;          // activation rows per pass over a tile's weights
+constexpr int kMR = 8;          // activation rows per pass over a tile's weights (<= 8: zmm)
 constexpr int64_t kPrefetchAhead = 12;  // records (~2.3 KB at 4 bits) of software prefetch
 
 #ifdef TOKENMILL_HAS_VNNI
@@ -146,13 +146,24 @@ void run_tiles(const uint8_t* packed, int64_t T, int64_t nb, int64_t n, const in
       const uint8_t* rec = packed + t * nb * kRec;
       const int64_t nvalid = std::min<int64_t>(kRows, n - t * kRows);
       OutT* yt = y + t * kRows;
-      int64_t m = 0;
-      for (; m + kMR <= M; m += kMR)
-        tile_kernel<BITS, kMR>(rec, nb, xq + m * K, K, dx + m * nb, sx + m * nb, yt + m * n, n,
-                               nvalid);
-      for (; m < M; ++m)
-        tile_kernel<BITS, 1>(rec, nb, xq + m * K, K, dx + m * nb, sx + m * nb, yt + m * n, n,
-                             nvalid);
+      // Rows in groups of kMR, the rest in one pass of its own width: a pass's cost is mostly
+      // unpacking the weights, whatever its width (9 rows as 8 + 1, not 4 + 4 + 1 x 1).
+      for (int64_t m = 0; m < M; m += kMR) {
+        const int64_t r = std::min<int64_t>(kMR, M - m);
+        const int8_t* xm = xq + m * K;
+        const float* dm = dx + m * nb;
+        const float* sm = sx + m * nb;
+        OutT* ym = yt + m * n;
+        switch (r) {
+#define TOKENMILL_PASS(W) \
+  case W:                 \
+    tile_kernel<BITS, W>(rec, nb, xm, K, dm, sm, ym, n, nvalid); \
+    break;
+          TOKENMILL_PASS(1) TOKENMILL_PASS(2) TOKENMILL_PASS(3) TOKENMILL_PASS(4)
+          TOKENMILL_PASS(5) TOKENMILL_PASS(6) TOKENMILL_PASS(7) TOKENMILL_PASS(8)
+#undef TOKENMILL_PASS
+        }
+      }
     }
   });
 }

@@ -55,6 +55,8 @@ class Request:
     # Draft tokens a proposer guessed to follow output_token_ids; not part of num_tokens. The
     # scheduler runs them as extra query tokens of the next step and then clears them.
     spec_token_ids: list[int] = field(default_factory=list)
+    num_drafted_tokens: int = 0  # draft tokens verified so far
+    num_accepted_draft_tokens: int = 0  # of which accepted
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0

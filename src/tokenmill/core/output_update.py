@@ -31,6 +31,8 @@ def apply_sampled_tokens(
         assert sampled, f"no token sampled for {req.request_id}"
         if seq.num_tokens - seq.num_draft_tokens == 1:
             spec_stats.record(seq.num_draft_tokens, len(sampled))
+            req.num_drafted_tokens += seq.num_draft_tokens
+            req.num_accepted_draft_tokens += len(sampled) - 1
         # Rejected drafts' KV is dropped by not counting it: those slots are rewritten
         # later. The lookahead blocks stay with the request for its next drafts
         # (freeing them would push cached prefix blocks out of the LRU free queue).

@@ -74,7 +74,12 @@ class LLMEngine:
         self.speculator = (
             None
             if proposer is None
-            else Speculator(proposer, config.num_speculative_tokens, self.scheduler.max_model_len)
+            else Speculator(
+                proposer,
+                config.num_speculative_tokens,
+                self.scheduler.max_model_len,
+                config.speculative_draft_cost,
+            )
         )
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()

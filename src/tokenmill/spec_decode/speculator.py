@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from tokenmill.config import EngineConfig
@@ -25,26 +26,49 @@ def build_proposer(config: EngineConfig) -> Proposer | None:
 
 
 class Speculator:
-    def __init__(self, proposer: Proposer, num_speculative_tokens: int, max_model_len: int) -> None:
+    """Asks the proposer for drafts each step, sized by what verifying them is worth.
+
+    A verified draft token costs one more row in the step: about `draft_cost` of a one-request
+    decode step. With B requests decoding, a step of B + D rows is worth it while each draft
+    token's chance of acceptance exceeds B c / (1 + B c) (c = draft_cost): at batch 1 almost
+    any draft pays, at batch 8 on a CPU only likely ones do. A request's chance is estimated
+    from its own history, a = (accepted + 1) / (drafted + 2), the i-th draft token accepted
+    with probability a^i, so it drafts at most log(threshold) / log(a) tokens. draft_cost 0
+    turns this off (always the full budget).
+    """
+
+    def __init__(
+        self,
+        proposer: Proposer,
+        num_speculative_tokens: int,
+        max_model_len: int,
+        draft_cost: float = 0.0,
+    ) -> None:
         self.proposer = proposer
         self.num_speculative_tokens = num_speculative_tokens
         self.max_model_len = max_model_len
+        self.draft_cost = draft_cost
 
     def propose(self, running: Iterable[Request]) -> None:
         """Sets `spec_token_ids` of each running request whose next step is a decode."""
-        reqs: list[Request] = []
-        caps: list[int] = []
+        decoding: list[Request] = []
         for req in running:
             req.spec_token_ids = []  # a request that was not scheduled last step keeps none
+            if req.num_computed_tokens == req.num_tokens - 1:  # else prefilling or resuming
+                decoding.append(req)
+        batch_cost = len(decoding) * self.draft_cost
+        threshold = batch_cost / (1.0 + batch_cost)
+        reqs: list[Request] = []
+        caps: list[int] = []
+        for req in decoding:
             if not req.sampling_params.use_speculation:
                 continue
-            if req.num_computed_tokens != req.num_tokens - 1:
-                continue  # still prefilling (or resuming after preemption)
             # A step emits up to drafts + 1 tokens: never draft past max_tokens or the context.
             cap = min(
                 self.num_speculative_tokens,
                 req.max_tokens - req.num_output_tokens - 1,
                 self.max_model_len - req.num_tokens - 1,
+                _worthwhile_drafts(req, threshold),
             )
             if cap > 0:
                 reqs.append(req)
@@ -56,3 +80,11 @@ class Speculator:
 
     def finish(self, req_ids: Iterable[str]) -> None:
         self.proposer.finish(req_ids)
+
+
+def _worthwhile_drafts(req: Request, threshold: float) -> int:
+    """Most draft tokens whose estimated acceptance chance a^i stays >= threshold."""
+    if threshold <= 0.0:
+        return 1 << 30
+    a = (req.num_accepted_draft_tokens + 1) / (req.num_drafted_tokens + 2)
+    return max(0, math.floor(math.log(threshold) / math.log(a) + 1e-9))
