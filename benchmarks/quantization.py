@@ -6,7 +6,9 @@ next to llama.cpp's llama-bench on the same GGUF, in one run.
 
 Single stream: one 128-token prompt, then `--decode-len` tokens, ignore_eos; the rate counts
 tokens after the first. Throughput: `--batch` requests of 128-token prompts and 128 output
-tokens submitted together. llama-bench's tg figure is its single-stream decode rate.
+tokens submitted together. llama-bench's tg figure is its single-stream decode rate. All engines
+are loaded at once and every round measures each format and llama-bench in turn; the best of
+`--repeats` rounds counts (the host's speed drifts by tens of percent over minutes).
 """
 
 from __future__ import annotations
@@ -31,48 +33,61 @@ FORMATS = {  # name -> LLM kwargs
 }
 
 
-def bench_format(kwargs: dict, prompts: list[list[int]], args) -> dict:
-    llm = LLM(**kwargs, max_model_len=1024, kv_cache_memory_gb=0.5)
-    runner = llm.engine.runner
-    weight_mib = sum(m.weight_bytes for m in runner.model.modules() if hasattr(m, "weight_bytes"))
-    warm = SamplingParams(max_tokens=8, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompts[0]}], warm, use_tqdm=False)
+class Format:
+    """One weight format's engine, loaded once; measured a round at a time."""
 
-    first = SamplingParams(max_tokens=1, temperature=0.0)
-    single = SamplingParams(max_tokens=args.decode_len, temperature=0.0, ignore_eos=True)
-    rates = []
-    for _ in range(args.repeats):
-        llm.engine.scheduler.kv_cache_manager.reset_prefix_cache()
+    def __init__(self, kwargs: dict, prompts: list[list[int]], args) -> None:
+        self.llm = LLM(**kwargs, max_model_len=1024, kv_cache_memory_gb=0.5)
+        self.prompts = prompts
+        self.args = args
+        model = self.llm.engine.runner.model
+        self.weight_mib = sum(getattr(m, "weight_bytes", 0) for m in model.modules()) / 2**20
+        warm = SamplingParams(max_tokens=8, ignore_eos=True)
+        self.llm.generate([{"prompt_token_ids": prompts[0]}], warm, use_tqdm=False)
+        self.single: list[float] = []
+        self.batch: list[float] = []
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> float:
+        self.llm.engine.scheduler.kv_cache_manager.reset_prefix_cache()
         t = time.perf_counter()
-        llm.generate([{"prompt_token_ids": prompts[0]}], first, use_tqdm=False)
-        t_first = time.perf_counter() - t
-        llm.engine.scheduler.kv_cache_manager.reset_prefix_cache()
+        self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    def run_single(self) -> None:
+        """Decode steps alone are timed: from the first token (the prefill's) to the last."""
+        engine = self.llm.engine
+        engine.scheduler.kv_cache_manager.reset_prefix_cache()
+        n = self.args.decode_len
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        engine.add_request(self.prompts[0], params)
+        while not any(out.outputs[0].token_ids for out in engine.step()):
+            pass
         t = time.perf_counter()
-        llm.generate([{"prompt_token_ids": prompts[0]}], single, use_tqdm=False)
-        rates.append((args.decode_len - 1) / (time.perf_counter() - t - t_first))
+        while engine.has_unfinished_requests():
+            engine.step()
+        self.single.append((n - 1) / (time.perf_counter() - t))
 
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    batch = [{"prompt_token_ids": p} for p in prompts[: args.batch]]
-    llm.engine.scheduler.kv_cache_manager.reset_prefix_cache()
-    t = time.perf_counter()
-    outs = llm.generate(batch, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t
-    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {
-        "linear_weight_mib": weight_mib / 2**20,
-        "single_stream_tok_s": max(rates),
-        "single_stream_runs": rates,
-        f"batch{args.batch}_tok_s": num_out / elapsed,
-    }
+    def run_batch(self) -> None:
+        params = SamplingParams(max_tokens=self.args.output_len, temperature=0.0, ignore_eos=True)
+        batch = self.prompts[: self.args.batch]
+        self.batch.append(len(batch) * self.args.output_len / self._generate(batch, params))
+
+    def result(self) -> dict:
+        return {
+            "linear_weight_mib": self.weight_mib,
+            "single_stream_tok_s": max(self.single),
+            "single_stream_runs": self.single,
+            f"batch{self.args.batch}_tok_s": max(self.batch),
+            f"batch{self.args.batch}_runs": self.batch,
+        }
 
 
-def bench_llama(path: str, args) -> dict:
+def llama_bench_once(path: str, args) -> tuple[str, float]:
     cmd = [path, "-m", str(default_model_path()), "-t", str(args.threads), "-p", "0",
-           "-n", str(args.decode_len), "-r", str(args.repeats), "-o", "json"]  # fmt: skip
+           "-n", str(args.decode_len), "-r", "1", "-o", "json"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rows = json.loads(out[out.index("[") :])
-    tg = next(r for r in rows if r.get("n_gen"))
-    return {"command": " ".join(cmd), "single_stream_tok_s": tg["avg_ts"]}
+    return " ".join(cmd), next(r for r in rows if r.get("n_gen"))["avg_ts"]
 
 
 def main() -> None:
@@ -90,13 +105,28 @@ def main() -> None:
     from tokenmill.engine.tokenizer import Tokenizer
 
     prompts = make_prompts(Tokenizer.from_gguf(default_model_path()), args.batch, 128)
-    results: dict[str, dict] = {}
-    for name in args.formats:
-        results[name] = bench_format(FORMATS[name], prompts, args)
-        print(name, json.dumps(results[name]), flush=True)
-    if args.llama_bench:
-        results["llama.cpp Q4_1 (llama-bench)"] = bench_llama(args.llama_bench, args)
-        print("llama.cpp", json.dumps(results["llama.cpp Q4_1 (llama-bench)"]), flush=True)
+    # All engines side by side; each round measures every format and llama-bench in turn, so
+    # a slow spell of a shared host hits them alike. The best round of each counts.
+    formats = {name: Format(FORMATS[name], prompts, args) for name in args.formats}
+    llama_runs: list[float] = []
+    llama_cmd = ""
+    for r in range(args.repeats):
+        for fmt in formats.values():
+            fmt.run_single()
+        if args.llama_bench:
+            llama_cmd, rate = llama_bench_once(args.llama_bench, args)
+            llama_runs.append(rate)
+        for fmt in formats.values():
+            fmt.run_batch()
+        print(f"round {r + 1}/{args.repeats} done", flush=True)
+    results = {name: fmt.result() for name, fmt in formats.items()}
+    if llama_runs:
+        results["llama.cpp Q4_1 (llama-bench)"] = {
+            "command": llama_cmd, "single_stream_tok_s": max(llama_runs),
+            "single_stream_runs": llama_runs,
+        }  # fmt: skip
+    for name, r in results.items():
+        print(name, json.dumps(r), flush=True)
 
     fp32 = results.get("fp32", {}).get("single_stream_tok_s")
     print(f"\n{'format':<30} {'weights MiB':>11} {'1-stream tok/s':>15} "

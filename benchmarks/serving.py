@@ -213,8 +213,19 @@ def load_plan(args: argparse.Namespace) -> list[tuple[str, float | None, int | N
     return [(f"rate={r:g}", r, None) for r in args.request_rates]
 
 
+WARM_UP_LEVEL = 10_000  # seeds the warm-up's prompt apart from every level's
+
+
+def level_workload(args: argparse.Namespace, level: int) -> list[RequestSpec]:
+    """The requests of load level `level` (0 = `make_workload(args)`): fresh prompts for each
+    level, so no level reuses what an earlier one left in a server's prefix or prompt cache;
+    the same for every server given the same arguments."""
+    return make_workload(argparse.Namespace(**{**vars(args), "seed": args.seed + level}))
+
+
 def warm_up(args: argparse.Namespace, specs: list[RequestSpec], label: str = "") -> None:
-    warm = RequestSpec(specs[0].prompt, specs[0].prompt_len, 4)
+    warm_spec = level_workload(args, WARM_UP_LEVEL)[0]
+    warm = RequestSpec(warm_spec.prompt, warm_spec.prompt_len, 4)
     res, _ = asyncio.run(run_level(args, [warm], None, 1))
     if not res[0].ok:
         prefix = f"{label}: " if label else ""
@@ -226,8 +237,9 @@ def run_levels(
 ) -> list[dict[str, Any]]:
     """Every load level of `load_plan` in turn; prints each level's summary as it ends."""
     levels = []
-    for name, rate, conc in load_plan(args):
-        results, duration = asyncio.run(run_level(args, specs, rate, conc))
+    for i, (name, rate, conc) in enumerate(load_plan(args)):
+        level_specs = specs if i == 0 else level_workload(args, i)
+        results, duration = asyncio.run(run_level(args, level_specs, rate, conc))
         summary = summarize(results, duration, args)
         print_level(f"{label} {name}" if label else name, summary)
         levels.append({"name": name, "request_rate": rate, "concurrency": conc,

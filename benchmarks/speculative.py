@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.spec_decode.speculator import build_proposer
+from tokenmill.spec_decode.suffix import SuffixProposer
 
 CODE = """def load_users(path):
     with open(path) as f:
@@ -179,9 +180,10 @@ class Timed:
             spec.propose = timed_propose
 
     def reset_global_tree(self) -> None:
-        spec = self.llm.engine.speculator
-        if spec is not None:
-            spec.proposer = build_proposer(self.llm.engine.config)
+        engine = self.llm.engine
+        spec = engine.speculator
+        if spec is not None and isinstance(spec.proposer, SuffixProposer):
+            spec.proposer = build_proposer(engine.config, engine.model_config, engine.max_model_len)
 
     def run(self, prompts: list[list[int]], params: SamplingParams, cell: Cell) -> None:
         stats = self.llm.engine.scheduler.spec_stats
@@ -227,6 +229,9 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=1, help="runs per cell; the fastest run of each mode counts"
     )
+    ap.add_argument(
+        "--draft-model", default=None, help="the draft model of mode 'draft' (same vocabulary)"
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
@@ -237,6 +242,7 @@ def main() -> None:
             dtype=args.dtype,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             speculative=None if mode == "off" else mode,
+            speculative_model=args.draft_model if mode == "draft" else None,
             num_speculative_tokens=args.num_speculative_tokens,
             num_threads=args.num_threads,
         )

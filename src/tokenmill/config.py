@@ -127,7 +127,8 @@ class EngineConfig:
     speculative: str | None = field(
         default=None,
         metadata={
-            "help": "speculative decoding proposer: suffix | ngram (draft: not implemented yet); "
+            "help": "speculative decoding proposer: suffix | ngram | draft (a small model, see "
+            "speculative_model); "
             "output is identical to plain decoding"
         },
     )
@@ -143,7 +144,10 @@ class EngineConfig:
         },
     )
     speculative_model: str | None = field(
-        default=None, metadata={"help": "draft model for --speculative draft (not implemented)"}
+        default=None,
+        metadata={
+            "help": "draft model for --speculative draft (path, GGUF or hub id; same vocabulary)"
+        },
     )
     prompt_lookup_min: int = field(
         default=3, metadata={"help": "ngram: shortest tail n-gram looked up"}
@@ -181,8 +185,8 @@ class EngineConfig:
             raise ValueError(
                 f"speculative must be suffix, ngram or draft; got {self.speculative!r}"
             )
-        if self.speculative == "draft":
-            raise ValueError("speculative='draft' (a draft model proposer) is not implemented yet")
+        if self.speculative == "draft" and not self.speculative_model:
+            raise ValueError("speculative='draft' needs speculative_model (a draft model path)")
         if not 0.0 <= self.speculative_draft_cost < 1.0:
             raise ValueError(
                 f"speculative_draft_cost must be in [0, 1), got {self.speculative_draft_cost}"

@@ -20,7 +20,8 @@ from tokenmill.spec_decode.speculator import Speculator
 from utils_tiny import make_tiny_hf_folder
 
 MAX_TOKENS = 24
-PROPOSERS = ("ngram", "suffix")
+# "draft": the tiny model drafting for itself (high acceptance); other weights are tested below
+PROPOSERS = ("ngram", "suffix", "draft")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,12 @@ def _engine_kwargs(**kw):
     return dict(dtype="float32", batch_invariant=True, **kw)
 
 
+def _spec_kwargs(proposer: str, tiny_model: str) -> dict:
+    if proposer == "draft":
+        return dict(speculative="draft", speculative_model=tiny_model)
+    return dict(speculative=proposer)
+
+
 def _tokens(llm, prompts, params) -> list[list[int]]:
     outs = llm.generate(prompts, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
@@ -71,7 +78,7 @@ def reference(tiny_model, workload):
 @pytest.mark.parametrize("proposer", PROPOSERS)
 def test_identical_alone_and_twice(make_llm, tiny_model, workload, reference, proposer) -> None:
     prompts, params = workload
-    llm = make_llm(model=tiny_model, speculative=proposer, **_engine_kwargs())
+    llm = make_llm(model=tiny_model, **_spec_kwargs(proposer, tiny_model), **_engine_kwargs())
     alone = [_tokens(llm, [p], [sp])[0] for p, sp in zip(prompts[:4], params[:4], strict=True)]
     assert alone == reference[:4]
     stats = llm.engine.scheduler.spec_stats
@@ -87,16 +94,15 @@ def test_identical_with_chunked_prefill_and_preemption(
     make_llm, tiny_model, workload, reference, proposer
 ) -> None:
     prompts, params = workload
-    chunked = make_llm(
-        model=tiny_model, speculative=proposer, max_num_batched_tokens=24, **_engine_kwargs()
-    )
+    spec = _spec_kwargs(proposer, tiny_model)
+    chunked = make_llm(model=tiny_model, max_num_batched_tokens=24, **spec, **_engine_kwargs())
     assert _tokens(chunked, prompts, params) == reference
     assert chunked.engine.scheduler.spec_stats.num_accepted_tokens > 0
 
     # 12 blocks of 16 tokens for 8 requests of up to 114 tokens: requests must be preempted.
     small = make_llm(
         model=tiny_model,
-        speculative=proposer,
+        **spec,
         num_kv_blocks=12,
         max_model_len=160,
         **_engine_kwargs(),
@@ -104,6 +110,21 @@ def test_identical_with_chunked_prefill_and_preemption(
     assert _tokens(small, prompts, params) == reference
     assert small.engine.scheduler.num_preemptions > 0
     assert small.engine.scheduler.spec_stats.num_accepted_tokens > 0
+
+
+def test_draft_model_with_other_weights(make_llm, tiny_model, workload, reference, tmp_path):
+    """A draft model that mostly guesses wrong changes nothing; a foreign vocabulary is refused."""
+    prompts, params = workload
+    other = str(make_tiny_hf_folder(tmp_path / "other", "Qwen2ForCausalLM", vocab_size=512))
+    llm = make_llm(
+        model=tiny_model, speculative="draft", speculative_model=other, **_engine_kwargs()
+    )
+    assert _tokens(llm, prompts, params) == reference
+    stats = llm.engine.scheduler.spec_stats
+    assert stats.num_drafted_tokens > stats.num_accepted_tokens
+    wrong = str(make_tiny_hf_folder(tmp_path / "wrong", vocab_size=600))
+    with pytest.raises(ValueError, match="vocabulary"):
+        make_llm(model=tiny_model, speculative="draft", speculative_model=wrong, **_engine_kwargs())
 
 
 class OracleProposer(Proposer):

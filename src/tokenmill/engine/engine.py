@@ -70,7 +70,7 @@ class LLMEngine:
             self.model_config.eos_token_ids
         )
         self.outputs = OutputProcessor(self.tokenizer)
-        proposer = build_proposer(config)
+        proposer = build_proposer(config, self.model_config, self.max_model_len)
         self.speculator = (
             None
             if proposer is None

@@ -5,16 +5,22 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from tokenmill.config import EngineConfig
+from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.request import Request
 from tokenmill.spec_decode.ngram import NgramProposer
 from tokenmill.spec_decode.proposer import Proposer
 from tokenmill.spec_decode.suffix import SuffixProposer
 
 
-def build_proposer(config: EngineConfig) -> Proposer | None:
+def build_proposer(
+    config: EngineConfig, target: ModelConfig, max_model_len: int
+) -> Proposer | None:
     if config.speculative is None:
         return None
+    if config.speculative == "draft":
+        from tokenmill.spec_decode.draft_model import DraftModelProposer
+
+        return DraftModelProposer.load(config, target, max_model_len)
     if config.speculative == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     if config.speculative == "suffix":
