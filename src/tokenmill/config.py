@@ -80,7 +80,8 @@ class EngineConfig:
         default=None,
         metadata={
             "help": "weights: none (dequantize to dtype) | int8 (per channel) | int4 (groups of "
-            "32) | default: as the checkpoint stores them (GGUF Q4_0/Q4_1/Q8_0 stay quantized)"
+            "32) | squeezellm (require a `tokenmill quantize` checkpoint) | default: as the "
+            "checkpoint stores them (GGUF Q4_0/Q4_1/Q8_0 and SqueezeLLM stay quantized)"
         },
     )
     device: str = field(default="cpu", metadata={"help": "cpu (cuda arrives with the GPU path)"})
@@ -205,10 +206,10 @@ class EngineConfig:
                 "need suffix_max_depth >= 1 and suffix_max_cached_requests >= 0, got "
                 f"{self.suffix_max_depth} and {self.suffix_max_cached_requests}"
             )
-        if self.quantization not in (None, "none", "int8", "int4"):
+        if self.quantization not in (None, "none", "int8", "int4", "squeezellm"):
             raise ValueError(
-                f"quantization must be none, int8 or int4 (or unset: as the checkpoint stores "
-                f"the weights); got {self.quantization!r}"
+                f"quantization must be none, int8, int4 or squeezellm (or unset: as the "
+                f"checkpoint stores the weights); got {self.quantization!r}"
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ValueError(

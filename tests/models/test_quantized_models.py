@@ -85,5 +85,5 @@ def test_rtn_quantization_of_safetensors(tmp_path, quantization: str, bound: flo
 
 
 def test_unknown_quantization_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="quantization must be none, int8 or int4"):
+    with pytest.raises(ValueError, match="quantization must be none, int8, int4 or squeezellm"):
         LLM(quantization="awq")

@@ -120,6 +120,12 @@ def test_quantize_cli_on_tiny_model(tiny_folder, tmp_path, capsys) -> None:
     assert 0 < (got - orig).abs().mean() < 0.5
     with pytest.raises(ModelLoadError, match="cannot be requantized"):
         LLM(model=str(out), quantization="int4", **SMALL)
+    # quantization="squeezellm" takes the checkpoint as it is, and refuses anything else
+    explicit = LLM(model=str(out), quantization="squeezellm", **SMALL)
+    assert torch.equal(prompt_logprobs(explicit), got)
+    for other in (str(tiny_folder), None):  # a plain HF folder, the default GGUF
+        with pytest.raises(ModelLoadError, match="needs a SqueezeLLM checkpoint"):
+            LLM(model=other, quantization="squeezellm", **SMALL)
 
 
 def test_gguf_tokenizer_saved_as_hf_files(tmp_path) -> None:

@@ -81,6 +81,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
             if config.tokenizer
             else Tokenizer.from_gguf(gguf)
         )
+        if config.quantization == "squeezellm":
+            raise ModelLoadError(_not_squeezellm(source.path))
         # Unset quantization = as stored: Q4_0/Q4_1/Q8_0 blocks reach the kernels as they are.
         weights = gguf.iter_tensors(dtype, keep_quantized=config.quantization is None)
     else:
@@ -91,6 +93,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
         tokenizer = Tokenizer.from_pretrained(config.tokenizer or str(source.path))
         weights = iter_safetensors(source.path, dtype)
         sq_bits = squeezellm_bits(hf_config)  # a `tokenmill quantize` checkpoint
+        if sq_bits is None and config.quantization == "squeezellm":
+            raise ModelLoadError(_not_squeezellm(source.path))
         if sq_bits is not None:
             if config.quantization in ("int8", "int4"):
                 raise ModelLoadError(
@@ -119,3 +123,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
             )
         max_len = config.max_model_len
     return LoadedModel(source.name, model_config, tokenizer, dtype, max_len, weights)
+
+
+def _not_squeezellm(path: object) -> str:
+    return (
+        f"quantization='squeezellm' needs a SqueezeLLM checkpoint, and {path} is not one; make "
+        "one with `tokenmill quantize MODEL --out DIR`, or leave quantization unset"
+    )
