@@ -16,6 +16,7 @@ from tokenmill.layers.attn_backends.cpu_ext import (
     paged_prefill_attention,
     supports,
 )
+from tokenmill.layers.fused import load_cpu_fused
 from tokenmill.layers.linear import Linear
 from tokenmill.models.registry import build_model
 from tokenmill.sampling.rejection import verify_drafts
@@ -59,6 +60,8 @@ class ModelRunner:
             "linear weights: %s",
             ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(weight_bytes.items())),
         )
+        if device == "cpu" and dtype == torch.bfloat16:
+            load_cpu_fused()  # built (or loaded from cache) now, not inside the first request
         self.kv_cache = allocate_kv_cache(model_config, num_blocks, block_size, dtype, device)
         decode_kernel = None
         kernel_ok = supports(model_config.head_dim, dtype)
