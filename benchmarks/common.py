@@ -1,8 +1,11 @@
-"""Shared helpers for benchmarks: deterministic prompts of exact token lengths, the GGUF path."""
+"""Shared helpers for benchmarks: deterministic prompts of exact token lengths, results JSON."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
+from pathlib import Path
 
 WORDS = (
     "the river mountain city ancient library engine quiet storm garden light winter market "
@@ -21,3 +24,10 @@ def make_prompts(tokenizer, num: int, num_tokens: int, seed: int = 0) -> list[li
         ids = tokenizer.encode(" ".join(words), add_special_tokens=False)
         prompts.append(ids[:num_tokens])
     return prompts
+
+
+def write_results(args: argparse.Namespace, results: dict) -> None:
+    """{"config": the arguments, "results": results} as JSON at `args.out`."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": vars(args), "results": results}, indent=2))

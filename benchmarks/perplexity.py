@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import torch
+from common import write_results  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.layers.linear import Linear
@@ -107,9 +108,7 @@ def main() -> None:
     for name, r in results.items():
         rel = f"{100 * (r['ppl'] / base - 1):+7.2f}%" if base else ""
         print(f"{name:<26} {r['ppl']:10.3f} {rel}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
+    write_results(args, results)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ import argparse
 import json
 import subprocess
 import time
-from pathlib import Path
 
-from common import make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
+from common import make_prompts, write_results  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.loader.model_source import default_model_path
@@ -137,9 +136,7 @@ def main() -> None:
         tput = r.get(f"batch{args.batch}_tok_s")
         tput_s = f"{tput:15.1f}" if tput else " " * 15
         print(f"{name:<30} {mib} {r['single_stream_tok_s']:15.1f} {tput_s} {ratio}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
+    write_results(args, results)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,6 @@ class _FusedLayer:
         methods = [lin.quant_method for lin in linears]
         if (
             ops is None
-            or not hasattr(ops, "decode_layer")
             or attn.attn.decode_kernel is None
             or not all(isinstance(m, BlockQuantMethod) and m.packed is not None for m in methods)
             or any(lin.bias is not None for lin in linears[1:])

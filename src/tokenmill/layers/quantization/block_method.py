@@ -10,6 +10,7 @@ are dequantized into a dense weight and the layer falls back to the dense method
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -91,17 +92,33 @@ class BlockQuantMethod:
         return self.format or f"int{self.bits}"
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        assert self.packed is not None
-        if (
-            x.dtype == torch.bfloat16
-            and x.shape[0] > DENSE_ABOVE_ROWS
-            and not layer.batch_invariant
-        ):
-            w = dequantize_packed(self.packed, layer.out_features, self.bits)
-            return F.linear(x, w, layer.bias)
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            x = x.float()
-        y = quant_linear(x, self.packed, layer.out_features, self.bits)
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y if y.dtype == layer.dtype else y.to(layer.dtype)
+        packed = self.packed
+        assert packed is not None
+        n, bits = layer.out_features, self.bits
+        return kernel_or_dense(
+            layer,
+            x,
+            DENSE_ABOVE_ROWS,
+            lambda x: quant_linear(x, packed, n, bits),
+            lambda: dequantize_packed(packed, n, bits),
+        )
+
+
+def kernel_or_dense(
+    layer: Linear,
+    x: torch.Tensor,
+    dense_above_rows: int,
+    kernel: Callable[[torch.Tensor], torch.Tensor],
+    dequantize: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """A quantized layer's matmul: `kernel(x)` (float32 or bfloat16 x, y in x's dtype), or, for
+    more than `dense_above_rows` bfloat16 rows outside batch-invariant mode, oneDNN's bf16
+    matmul on the `dequantize()`d weight."""
+    if x.dtype == torch.bfloat16 and x.shape[0] > dense_above_rows and not layer.batch_invariant:
+        return F.linear(x, dequantize(), layer.bias)
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    y = kernel(x)
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.to(layer.dtype)

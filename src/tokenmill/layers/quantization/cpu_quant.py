@@ -33,7 +33,7 @@ def quant_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bits: int) -> to
     ops = load_cpu_quant()
     if ops is None:
         raise RuntimeError(f"{EXT_NAME} is unavailable")
-    return ops.quant_linear.default(x if x.is_contiguous() else x.contiguous(), packed, n, bits)
+    return ops.quant_linear.default(x.contiguous(), packed, n, bits)
 
 
 def dequantize_packed(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from tokenmill.kernels.cpp_build import load_extension
+from tokenmill.layers.quantization.block_method import kernel_or_dense
 
 if TYPE_CHECKING:
     from tokenmill.layers.linear import Linear
@@ -208,16 +208,11 @@ class SqueezeLLMMethod:
         return f"squeezellm{self.bits}"
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.dtype == torch.bfloat16
-            and x.shape[0] > DENSE_ABOVE_ROWS
-            and not layer.batch_invariant
-        ):
-            w = lut_dequantize(*self.tensors, layer.in_features)
-            return F.linear(x, w, layer.bias)
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            x = x.float()
-        y = lut_linear(x, *self.tensors)
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y.to(layer.dtype)
+        tensors, cols = self.tensors, layer.in_features
+        return kernel_or_dense(
+            layer,
+            x,
+            DENSE_ABOVE_ROWS,
+            lambda x: lut_linear(x, *tensors),
+            lambda: lut_dequantize(*tensors, cols),
+        )
