@@ -211,6 +211,13 @@ class Timed:
         cell.step_s += self.step_s - before[6]
 
 
+def _threshold(llm: LLM, batch: int) -> float | None:
+    spec = llm.engine.speculator
+    if spec is None or spec.cost is None:
+        return None
+    return round(spec.cost.acceptance_threshold(batch), 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--modes", default="off,ngram,suffix")
@@ -305,6 +312,8 @@ def main() -> None:
                     "propose_us_per_step": round(1e6 * c.propose_s / c.steps, 1) if c.steps else 0,
                     "step_ms": round(1e3 * c.step_s / c.steps, 2) if c.steps else 0,
                     "outputs_equal_to_off": f"{same}/{len(c.outputs)}",
+                    # the acceptance chance a draft token needed at this batch size, at the end
+                    "draft_threshold": _threshold(engines[mode].llm, batch),
                     "tok_s_per_run": all_tok_s,
                 }
                 results.append(row)

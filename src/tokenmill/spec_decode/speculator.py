@@ -6,9 +6,11 @@ import math
 from collections.abc import Iterable
 
 from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.core.sched_types import SchedulerOutput
 from tokenmill.request import Request
 from tokenmill.spec_decode.ngram import NgramProposer
 from tokenmill.spec_decode.proposer import Proposer
+from tokenmill.spec_decode.step_cost import StepCostModel
 from tokenmill.spec_decode.suffix import SuffixProposer
 
 
@@ -34,13 +36,14 @@ def build_proposer(
 class Speculator:
     """Asks the proposer for drafts each step, sized by what verifying them is worth.
 
-    A verified draft token costs one more row in the step: about `draft_cost` of a one-request
-    decode step. With B requests decoding, a step of B + D rows is worth it while each draft
-    token's chance of acceptance exceeds B c / (1 + B c) (c = draft_cost): at batch 1 almost
-    any draft pays, at batch 8 on a CPU only likely ones do. A request's chance is estimated
-    from its own history, a = (accepted + 1) / (drafted + 2), the i-th draft token accepted
-    with probability a^i, so it drafts at most log(threshold) / log(a) tokens. draft_cost 0
-    turns this off (always the full budget).
+    A verified draft token costs one more row in the step. With B requests decoding, it is
+    worth it while its chance of acceptance exceeds B c / (1 + B c), c being a row's cost
+    relative to a step's fixed cost (`StepCostModel`: `draft_cost` at first, then fitted to
+    the measured step times): at batch 1 almost any draft pays, at batch 8 on a CPU only
+    likely ones do. A request's chance is estimated from its own history,
+    a = (accepted + 1) / (drafted + 2), the i-th draft token accepted with probability a^i, so
+    it drafts at most log(threshold) / log(a) tokens. draft_cost 0 turns this off (always the
+    full budget).
     """
 
     def __init__(
@@ -53,7 +56,13 @@ class Speculator:
         self.proposer = proposer
         self.num_speculative_tokens = num_speculative_tokens
         self.max_model_len = max_model_len
-        self.draft_cost = draft_cost
+        self.cost = StepCostModel(draft_cost) if draft_cost > 0.0 else None
+
+    def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
+        """Feeds the cost model one step's wall time, if the step only decoded."""
+        if self.cost is not None and all(s.sample and s.num_tokens == 1 + s.num_draft_tokens
+                                         for s in sched.seqs):  # fmt: skip
+            self.cost.observe(sched.num_batched_tokens, seconds)
 
     def propose(self, running: Iterable[Request]) -> None:
         """Sets `spec_token_ids` of each running request whose next step is a decode."""
@@ -62,8 +71,7 @@ class Speculator:
             req.spec_token_ids = []  # a request that was not scheduled last step keeps none
             if req.num_computed_tokens == req.num_tokens - 1:  # else prefilling or resuming
                 decoding.append(req)
-        batch_cost = len(decoding) * self.draft_cost
-        threshold = batch_cost / (1.0 + batch_cost)
+        threshold = 0.0 if self.cost is None else self.cost.acceptance_threshold(len(decoding))
         reqs: list[Request] = []
         caps: list[int] = []
         for req in decoding:
