@@ -84,14 +84,39 @@ class EngineConfig:
             "checkpoint stores them (GGUF Q4_0/Q4_1/Q8_0 and SqueezeLLM stay quantized)"
         },
     )
-    device: str = field(default="cpu", metadata={"help": "cpu (cuda arrives with the GPU path)"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda when available, else cpu) | cpu | cuda[:N]"}
+    )
+    attention_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (cpu: the C++ kernel, cuda: triton) | cpu | sdpa (PyTorch reference "
+            "per sequence) | triton (one ragged kernel over the paged cache) | unified-ref "
+            "(the PyTorch oracle of the triton kernel)"
+        },
+    )
+    enforce_eager: bool = field(
+        default=False,
+        metadata={"help": "no CUDA graphs (by default decode-only steps replay captured graphs)"},
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata={
+            "help": "cuda: fraction of the GPU's memory for weights, activations and the KV "
+            "cache, which gets what a profiling forward leaves"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed for requests that give none"})
     max_model_len: int | None = field(
         default=None, metadata={"help": "context length cap (default: the model's)"}
     )
     block_size: int = field(default=16, metadata={"help": "tokens per KV cache block"})
-    kv_cache_memory_gb: float = field(
-        default=1.0, metadata={"help": "memory budget for the KV cache, GiB"}
+    kv_cache_memory_gb: float | None = field(
+        default=None,
+        metadata={
+            "help": "memory budget for the KV cache, GiB (default: 1 on the CPU; on cuda, what "
+            "gpu_memory_utilization leaves)"
+        },
     )
     num_kv_blocks: int | None = field(
         default=None, metadata={"help": "exact number of KV blocks (overrides the memory budget)"}
@@ -139,9 +164,9 @@ class EngineConfig:
     speculative_draft_cost: float = field(
         default=0.12,
         metadata={
-            "help": "cost of verifying one draft token as a fraction of a one-request decode "
-            "step; drafts shrink with the batch and a request's acceptance rate (0: always "
-            "draft the full budget; ~0.12 measured for the default model on a 2-core CPU)"
+            "help": "cost of verifying one draft token as a fraction of a decode step's fixed "
+            "cost, until it is measured from the engine's own step times; drafts shrink with "
+            "the batch and a request's acceptance rate (0: always draft the full budget)"
         },
     )
     speculative_model: str | None = field(
@@ -172,7 +197,7 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.kv_cache_memory_gb <= 0:
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.cache_aware_max_waiting < 0:
             raise ValueError(
@@ -210,6 +235,17 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be none, int8, int4 or squeezellm (or unset: as the "
                 f"checkpoint stores the weights); got {self.quantization!r}"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.attention_backend not in ("auto", "cpu", "sdpa", "triton", "unified-ref"):
+            raise ValueError(
+                "attention_backend must be auto, cpu, sdpa, triton or unified-ref; got "
+                f"{self.attention_backend!r}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
             raise ValueError(

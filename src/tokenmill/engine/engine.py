@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -11,21 +12,22 @@ import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
-from tokenmill.engine.loading import LoadedModel, load_model
+from tokenmill.engine.loading import LoadedModel, load_model, resolve_device
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.speculator import Speculator, build_proposer
-from tokenmill.worker.kv_cache import num_blocks_for_budget
-from tokenmill.worker.model_runner import ModelRunner
+from tokenmill.worker.kv_cache import DEFAULT_CPU_KV_GB, num_blocks_for_budget
+from tokenmill.worker.model_runner import GpuOptions, ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        config = dataclasses.replace(config, device=resolve_device(config.device))
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -36,24 +38,36 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.dtype = loaded.dtype
         self.max_model_len = loaded.max_model_len
-        self.num_blocks = num_blocks_for_budget(
-            self.model_config,
-            config.block_size,
-            self.dtype,
-            config.kv_cache_memory_gb,
-            self.max_model_len,
-            config.num_kv_blocks,
-        )
+        num_blocks: int | None = None
+        explicit = config.num_kv_blocks is not None or config.kv_cache_memory_gb is not None
+        if explicit or config.device == "cpu":
+            num_blocks = num_blocks_for_budget(
+                self.model_config,
+                config.block_size,
+                self.dtype,
+                config.kv_cache_memory_gb or DEFAULT_CPU_KV_GB,
+                self.max_model_len,
+                config.num_kv_blocks,
+            )
+        # On a GPU with no explicit budget the runner sizes the cache from free memory.
         self.runner = ModelRunner(
             self.model_config,
             loaded.weights,
             dtype=self.dtype,
             max_model_len=self.max_model_len,
-            num_blocks=self.num_blocks,
+            num_blocks=num_blocks,
             block_size=config.block_size,
             device=config.device,
             batch_invariant=config.batch_invariant,
+            attention_backend=config.attention_backend,
+            gpu=GpuOptions(
+                enforce_eager=config.enforce_eager,
+                memory_utilization=config.gpu_memory_utilization,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+            ),
         )
+        self.num_blocks = self.runner.num_blocks
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_batched_tokens=config.max_num_batched_tokens,
@@ -167,6 +181,7 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
@@ -179,4 +194,6 @@ class LLMEngine:
         outputs, stopped = self.outputs.process(core_outputs)
         for req_id in stopped:
             self.scheduler.finish_request(req_id, RequestStatus.FINISHED_STOPPED)
+        if self.speculator is not None:  # the whole step: what an accepted draft token saves
+            self.speculator.observe_step(sched, time.perf_counter() - t0)
         return outputs

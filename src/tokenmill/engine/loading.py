@@ -46,6 +46,24 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def resolve_device(name: str) -> str:
+    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; a clear error for a missing GPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device={name!r} but torch sees no CUDA GPU (torch {torch.__version__}); use "
+                "device='cpu' (--device cpu) or a CUDA build of torch on a GPU machine"
+            )
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device={name!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+    return name
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name != "auto":
         return _DTYPES[name]

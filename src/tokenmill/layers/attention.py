@@ -35,6 +35,9 @@ class PagedAttention(nn.Module):
         # chunked or how much of it came from the prefix cache. SDPA's reduction order depends on
         # the chunk's length.
         self.prefill_kernel: Callable[..., torch.Tensor] | None = None
+        # One ragged kernel for the whole batch (the GPU path: triton_attn.paged_attention, or
+        # its PyTorch reference), used when the context carries `unified` metadata.
+        self.unified_kernel: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -50,6 +53,13 @@ class PagedAttention(nn.Module):
             num_heads_kv, head_dim = self.num_kv_heads, self.head_dim
             self.k_cache.view(-1, num_heads_kv, head_dim).index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.view(-1, num_heads_kv, head_dim).index_copy_(0, ctx.slot_mapping, v)
+        if ctx.unified is not None:
+            assert self.unified_kernel is not None, "unified metadata without a unified kernel"
+            m = ctx.unified
+            return self.unified_kernel(
+                q, self.k_cache, self.v_cache, m.block_tables, m.seq_lens, m.query_start_loc,
+                m.max_query_len, self.scale,
+            )  # fmt: skip
         out = torch.empty_like(q)
         if ctx.num_decode:
             out[: ctx.num_decode] = self._decode(q[: ctx.num_decode], ctx)

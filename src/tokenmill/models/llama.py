@@ -117,7 +117,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
     def _fused_decode_args(self, x: torch.Tensor, ctx: ForwardContext) -> _FusedLayer | None:
-        if ctx.prefills or x.shape[0] > DENSE_ABOVE_ROWS:
+        if ctx.prefills or ctx.unified is not None or x.shape[0] > DENSE_ABOVE_ROWS:
             return None  # prompt chunks, or rows that take the dense bf16 matmul
         if self._fused is None:
             self._fused = _FusedLayer.build(self, x) or False

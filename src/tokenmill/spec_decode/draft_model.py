@@ -48,7 +48,7 @@ class DraftModelProposer(Proposer):
         """The draft model named by `config.speculative_model`, loaded like the target (same
         dtype, device and quantization rules); it must share the target's vocabulary."""
         from tokenmill.engine.loading import load_model
-        from tokenmill.worker.kv_cache import num_blocks_for_budget
+        from tokenmill.worker.kv_cache import DEFAULT_CPU_KV_GB, num_blocks_for_budget
 
         if not config.speculative_model:
             raise ValueError("speculative='draft' needs speculative_model (a draft model path)")
@@ -67,7 +67,11 @@ class DraftModelProposer(Proposer):
         max_len = max_model_len + config.num_speculative_tokens + 1
         num_blocks = min(
             num_blocks_for_budget(
-                loaded.model_config, block_size, loaded.dtype, config.kv_cache_memory_gb, max_len
+                loaded.model_config,
+                block_size,
+                loaded.dtype,
+                config.kv_cache_memory_gb or DEFAULT_CPU_KV_GB,
+                max_len,
             ),
             config.max_num_seqs * math.ceil(max_len / block_size),
         )
@@ -79,6 +83,7 @@ class DraftModelProposer(Proposer):
             num_blocks=num_blocks,
             block_size=block_size,
             device=config.device,
+            attention_backend=config.attention_backend,
         )
         return cls(runner, block_size, num_blocks)
 

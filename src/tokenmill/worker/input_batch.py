@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.core.sched_types import ScheduledSeq
-from tokenmill.worker.forward_context import ForwardContext, PrefillSeq
+from tokenmill.worker.forward_context import ForwardContext, PrefillSeq, UnifiedAttentionMeta
 
 
 @dataclass
@@ -23,7 +23,20 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
-def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) -> InputBatch:
+def _to_device(values: list[int] | torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device == "cpu":
+        return t
+    # Pinned host memory makes the copy asynchronous: no sync per tensor on the GPU path.
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def build_input_batch(
+    seqs: list[ScheduledSeq], block_size: int, device: str, unified: bool = False
+) -> InputBatch:
+    """Packs the step's tokens. `unified`: attention metadata for one ragged kernel over the
+    whole batch (`UnifiedAttentionMeta`, the GPU path) instead of the CPU path's decode tensors
+    and per-chunk masks."""
     # A speculative verify seq (last token + drafts) runs as decode rows, one per token: row i
     # attends to start_pos + i + 1 keys, its own KV being written before attention. So each
     # verified token is computed exactly like a plain decode row (bit-identical with the C++
@@ -41,6 +54,24 @@ def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) ->
         end = s.start_pos + s.num_tokens
         positions.extend(range(s.start_pos, end))
         slot_mapping.extend(_slots(s.block_ids, s.start_pos, end, block_size))
+
+    num_decode = sum(s.num_tokens for s in decodes)
+    if unified:
+        return InputBatch(
+            seqs=ordered,
+            input_ids=_to_device(input_ids, device, torch.int64),
+            positions=_to_device(positions, device, torch.int64),
+            ctx=ForwardContext(
+                slot_mapping=_to_device(slot_mapping, device, torch.int64),
+                num_decode=num_decode,
+                decode_block_tables=None,
+                decode_mask=None,
+                decode_ctx_lens=None,
+                prefills=[],
+                unified=_unified_meta(decodes, prefills, block_size, device),
+            ),
+            token_starts=token_starts,
+        )
 
     decode_tables = decode_mask = decode_ctx_lens = None
     if decodes:
@@ -71,7 +102,7 @@ def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) ->
 
     ctx = ForwardContext(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-        num_decode=sum(s.num_tokens for s in decodes),
+        num_decode=num_decode,
         decode_block_tables=decode_tables,
         decode_mask=decode_mask,
         decode_ctx_lens=decode_ctx_lens,
@@ -83,4 +114,37 @@ def build_input_batch(seqs: list[ScheduledSeq], block_size: int, device: str) ->
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
         ctx=ctx,
         token_starts=token_starts,
+    )
+
+
+def _unified_meta(
+    decodes: list[ScheduledSeq], prefills: list[ScheduledSeq], block_size: int, device: str
+) -> UnifiedAttentionMeta:
+    # Decode rows first (a verify seq's tokens each their own one-query sequence, as on the CPU
+    # path: a verified token is computed like a plain decode row), then one sequence per chunk.
+    lens: list[int] = []
+    query_lens: list[int] = []
+    tables: list[list[int]] = []
+    for s in decodes:
+        for i in range(s.num_tokens):
+            lens.append(s.start_pos + i + 1)
+            query_lens.append(1)
+            tables.append(s.block_ids)
+    for s in prefills:
+        lens.append(s.start_pos + s.num_tokens)
+        query_lens.append(s.num_tokens)
+        tables.append(s.block_ids)
+    width = max(-(-n // block_size) for n in lens)
+    table = torch.zeros(len(lens), width, dtype=torch.int32)  # [S, max_blocks]
+    for i, (ids, n) in enumerate(zip(tables, lens, strict=True)):
+        used = -(-n // block_size)
+        table[i, :used] = torch.tensor(ids[:used], dtype=torch.int32)
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    return UnifiedAttentionMeta(
+        block_tables=_to_device(table, device, torch.int32),
+        seq_lens=_to_device(lens, device, torch.int32),
+        query_start_loc=_to_device(starts, device, torch.int32),
+        max_query_len=max(query_lens),
     )

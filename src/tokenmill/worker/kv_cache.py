@@ -8,6 +8,8 @@ import torch
 
 from tokenmill.config import ModelConfig
 
+DEFAULT_CPU_KV_GB = 1.0  # the KV budget where none is given and no GPU profiles its memory
+
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
