@@ -3,13 +3,18 @@
 Loading hands each part of a layer's weight to `load` (a QuantizedTensor from a GGUF file or
 BlockWeights quantized at load; a fused q/k/v or gate/up layer gets one part per shard). After
 loading, `process_after_loading` concatenates the parts and packs them into the kernel's tiles.
-Where the C++ kernel is unavailable, or a fused layer mixes quantized and dense parts, the parts
-are dequantized into a dense weight and the layer falls back to the dense method.
+On a CUDA device they are packed for the Triton kernel instead (`triton_quant`; TOKENMILL_NO_TRITON
+or a missing triton keeps the dense path). Where no kernel is available, or a fused layer mixes
+quantized and dense parts, the parts are dequantized into a dense weight and the layer falls back
+to the dense method.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,6 +35,7 @@ from tokenmill.layers.quantization.packing import (
 
 if TYPE_CHECKING:
     from tokenmill.layers.linear import Linear
+    from tokenmill.layers.quantization.triton_quant import GpuQuantWeight
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +47,27 @@ logger = logging.getLogger(__name__)
 DENSE_ABOVE_ROWS = 96
 
 
+@functools.cache
+def _warn_no_triton() -> None:
+    logger.warning("triton is not installed: quantized weights are dequantized at load on CUDA")
+
+
+def _use_triton(device: torch.device) -> bool:
+    """Whether a layer on `device` keeps its blocks for the Triton kernel (tests monkeypatch
+    this to run the kernel under Triton's interpreter on CPU)."""
+    if device.type != "cuda" or os.environ.get("TOKENMILL_NO_TRITON"):
+        return False
+    if importlib.util.find_spec("triton") is None:
+        _warn_no_triton()
+        return False
+    return True
+
+
 class BlockQuantMethod:
     def __init__(self) -> None:
         self.parts: dict[str | None, BlockWeights | torch.Tensor] = {}
         self.packed: torch.Tensor | None = None
+        self.gpu_weight: GpuQuantWeight | None = None  # the Triton kernel's layout
         self.bits = 0
         self.format = ""
 
@@ -65,11 +88,18 @@ class BlockQuantMethod:
         order = getattr(layer, "shard_names", (None,))
         parts = [self.parts.get(s) for s in order]
         quantized = all(isinstance(p, BlockWeights) for p in parts)
-        on_cpu = layer.weight.device.type == "cpu"
-        if quantized and on_cpu and load_cpu_quant() is not None:
+        device = layer.weight.device
+        on_cpu = device.type == "cpu"
+        use_triton = quantized and _use_triton(device)
+        if quantized and (use_triton or (on_cpu and load_cpu_quant() is not None)):
             bw = cat_rows(parts)  # type: ignore[arg-type]
             self.bits = bw.bits
-            self.packed = pack_tiles(bw)
+            if use_triton:  # imported only here: the module imports triton
+                from tokenmill.layers.quantization.triton_quant import pack_for_gpu
+
+                self.gpu_weight = pack_for_gpu(bw).to(device)
+            else:
+                self.packed = pack_tiles(bw)
             layer.weight_bytes = bw.nbytes()
             if "weight" in layer._parameters:
                 del layer._parameters["weight"]  # the dense copy (a tied embedding keeps its own)
@@ -92,6 +122,11 @@ class BlockQuantMethod:
         return self.format or f"int{self.bits}"
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.gpu_weight is not None:
+            from tokenmill.layers.quantization.triton_quant import quant_matmul
+
+            y = quant_matmul(x, self.gpu_weight, layer.bias, batch_invariant=layer.batch_invariant)
+            return y.to(layer.dtype)
         packed = self.packed
         assert packed is not None
         n, bits = layer.out_features, self.bits
