@@ -188,7 +188,8 @@ def make_llm(folder: str, **wanted: Any):
         "dropped_kwargs": dropped,
         "num_kv_blocks": getattr(llm.engine, "num_blocks", None),
         "unified_attention": getattr(runner, "unified", None),
-        "cuda_graphs": getattr(runner, "graphs", None) is not None,
+        # eager mode keeps the padded decode buffers but captures nothing (capture=False)
+        "cuda_graphs": getattr(getattr(runner, "graphs", None), "capture", False),
         "dtype": str(llm.engine.dtype),
     }
     graphs = getattr(runner, "graphs", None)

@@ -79,3 +79,19 @@ def test_requests_without_speculation_count_toward_the_batch():
 def test_zero_cost_keeps_the_full_budget(batch):
     reqs = [decoding_request(drafted=50, accepted=0) for _ in range(batch)]
     assert drafts_for(reqs, 0.0) == [8] * batch
+
+
+def test_measured_cost_rules_drafts_out_but_the_prior_is_tried_now_and_then():
+    from tokenmill.spec_decode.speculator import EXPLORE_EVERY
+
+    spec = Speculator(FixedDrafts(), 8, 4096, draft_cost=0.12)
+    for _ in range(2):
+        for rows in (1, 2, 3):
+            spec.cost.observe(rows, 0.004 * rows)  # rows cost all: never worth a draft
+    batch = [decoding_request(drafted=100, accepted=90)]
+    sizes = []
+    for _ in range(2 * EXPLORE_EVERY):
+        spec.propose(batch)
+        sizes.append(len(batch[0].spec_token_ids))
+    assert sizes.count(0) == 2 * EXPLORE_EVERY - 2
+    assert sizes[EXPLORE_EVERY - 1] == sizes[2 * EXPLORE_EVERY - 1] == 8  # the prior's budget

@@ -1,5 +1,6 @@
 """The online step-cost model behind the draft budget: the prior until two nearby row counts
-are measured, then the local slope of measured step times, fitted near the batch size."""
+are measured, then the local slope of measured step times (medians, each row count's first step
+dropped), fitted near the batch size."""
 
 from __future__ import annotations
 
@@ -57,13 +58,31 @@ def test_bad_samples_ignored_and_free_rows_mean_always_draft():
     model.observe(4, float("nan"))
     model.observe(5, -1.0)
     assert model.local_fit(4) is None
-    for rows in range(1, 33):
-        model.observe(rows, 0.01)  # rows cost nothing (a GPU at small batch)
+    for _ in range(2):
+        for rows in range(1, 33):
+            model.observe(rows, 0.01)  # rows cost nothing (a GPU at small batch)
     assert model.acceptance_threshold(16) == 0.0
 
 
 def test_rows_costing_more_than_the_step_mean_never_draft():
     model = StepCostModel(0.12)
-    for rows in (4, 8, 12):
-        model.observe(rows, 0.001 * rows)  # all cost is per row: a = 0
+    for _ in range(2):
+        for rows in (4, 8, 12):
+            model.observe(rows, 0.001 * rows)  # all cost is per row: a = 0
     assert model.acceptance_threshold(8) == pytest.approx(1.0)
+    assert model.acceptance_threshold(8, prior=True) == pytest.approx(prior_threshold(8, 0.12))
+
+
+def test_first_step_of_a_row_count_and_outliers_do_not_count():
+    """A row count's first step (oneDNN building kernels for a new shape) is dropped, and its
+    time is a median: one slow step among normal ones moves nothing."""
+    model = StepCostModel(0.12)
+    model.observe(1, 0.005)
+    model.observe(9, 0.5)  # first 9-row step: a kernel build
+    for _ in range(5):
+        model.observe(1, 0.005)
+        model.observe(9, 0.007)
+    model.observe(9, 0.3)  # a hiccup
+    a, b = model.local_fit(1)
+    assert b == pytest.approx(0.00025)
+    assert model.acceptance_threshold(1) < 0.1

@@ -13,6 +13,8 @@ from tokenmill.spec_decode.proposer import Proposer
 from tokenmill.spec_decode.step_cost import StepCostModel
 from tokenmill.spec_decode.suffix import SuffixProposer
 
+EXPLORE_EVERY = 16  # engine steps per step whose drafts the prior row cost sizes
+
 
 def build_proposer(
     config: EngineConfig, target: ModelConfig, max_model_len: int
@@ -57,6 +59,7 @@ class Speculator:
         self.num_speculative_tokens = num_speculative_tokens
         self.max_model_len = max_model_len
         self.cost = StepCostModel(draft_cost) if draft_cost > 0.0 else None
+        self._num_proposals = 0
 
     def observe_step(self, sched: SchedulerOutput, seconds: float) -> None:
         """Feeds the cost model one step's wall time, if the step only decoded."""
@@ -71,7 +74,13 @@ class Speculator:
             req.spec_token_ids = []  # a request that was not scheduled last step keeps none
             if req.num_computed_tokens == req.num_tokens - 1:  # else prefilling or resuming
                 decoding.append(req)
-        threshold = 0.0 if self.cost is None else self.cost.acceptance_threshold(len(decoding))
+        threshold = 0.0
+        if self.cost is not None:
+            self._num_proposals += 1
+            # Now and then the prior decides, so row counts the fit has ruled out get measured
+            # again: an estimate spoiled by one slow step must not stop drafting for good.
+            explore = self._num_proposals % EXPLORE_EVERY == 0
+            threshold = self.cost.acceptance_threshold(len(decoding), prior=explore)
         reqs: list[Request] = []
         caps: list[int] = []
         for req in decoding:

@@ -9,39 +9,46 @@ The cost of a row depends on the machine, the model and the batch: on the 2-core
 row of the default model costs ~0.2 of a one-row step at batch 1, and more at batch 8, where
 the quantized GEMV turns compute-bound; on a GPU rows are nearly free until the batch is large.
 So a single straight line fitted over every step is wrong at one end or the other. Instead, the
-mean step time is kept per row count (a moving average), and the slope at batch B is fitted
-over the row counts near B: [B / 2, 2 B + 8]. Until two such row counts have been seen, the
-prior `row_cost` (b / a, `speculative_draft_cost`) stands in.
+step time is kept per row count (the median of its last few steps, the first one dropped: a
+new row count makes oneDNN build new kernels), and the slope at batch B is fitted over the row
+counts near B: [B / 2, 2 B + 8]. Until two such row counts have been seen, the prior
+`row_cost` (b / a, `speculative_draft_cost`) stands in. The Speculator drafts with the prior
+now and then, so that a pessimistic estimate is measured again rather than kept forever.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 
-_EMA = 0.1  # weight of a new step in its row count's moving average
-_MAX_WEIGHT = 32  # a row count's weight in the fit saturates: old, busy sizes do not drown new ones
+_SAMPLES = 8  # steps kept per row count; their median is its time
 
 
 class StepCostModel:
     def __init__(self, prior_row_cost: float) -> None:
         self.prior_row_cost = prior_row_cost  # b / a until measured
-        self._mean: dict[int, float] = {}  # rows -> moving average of the step's seconds
-        self._count: dict[int, int] = {}
+        self._samples: dict[int, collections.deque[float]] = {}  # rows -> recent step seconds
+        self._seen: set[int] = set()  # row counts whose (dropped) first step has been seen
+        self._median: dict[int, float] = {}
         self._thresholds: dict[int, float] = {}  # batch size -> threshold, until the next step
 
     def observe(self, num_rows: int, seconds: float) -> None:
         """Records one decode-only step of `num_rows` rows (drafts included)."""
         if num_rows < 1 or not math.isfinite(seconds) or seconds <= 0.0:
             return
-        old = self._mean.get(num_rows)
-        self._mean[num_rows] = seconds if old is None else old + _EMA * (seconds - old)
-        self._count[num_rows] = min(self._count.get(num_rows, 0) + 1, _MAX_WEIGHT)
+        if num_rows not in self._seen:
+            self._seen.add(num_rows)
+            return
+        samples = self._samples.setdefault(num_rows, collections.deque(maxlen=_SAMPLES))
+        samples.append(seconds)
+        self._median[num_rows] = statistics.median(samples)
         self._thresholds.clear()
 
     def local_fit(self, batch_size: int) -> tuple[float, float] | None:
         """(a, b) of t(n) = a + b n over the measured row counts near batch_size, or None."""
         lo, hi = max(1, batch_size // 2), 2 * batch_size + 8
-        pts = [(n, t, self._count[n]) for n, t in self._mean.items() if lo <= n <= hi]
+        pts = [(n, t, len(self._samples[n])) for n, t in self._median.items() if lo <= n <= hi]
         total = sum(w for _, _, w in pts)
         if len(pts) < 2:
             return None
@@ -52,12 +59,13 @@ class StepCostModel:
         b = max(cov / var_x, 0.0)
         return mean_y - b * mean_x, b
 
-    def acceptance_threshold(self, batch_size: int) -> float:
-        """The chance of acceptance a draft token needs to be worth its row at this batch size."""
-        cached = self._thresholds.get(batch_size)
+    def acceptance_threshold(self, batch_size: int, prior: bool = False) -> float:
+        """The chance of acceptance a draft token needs to be worth its row at this batch size
+        (`prior`: by the prior row cost, whatever has been measured)."""
+        cached = None if prior else self._thresholds.get(batch_size)
         if cached is not None:
             return cached
-        fit = self.local_fit(batch_size)
+        fit = None if prior else self.local_fit(batch_size)
         if fit is None:
             cost = batch_size * self.prior_row_cost
             threshold = cost / (1.0 + cost)
@@ -65,5 +73,6 @@ class StepCostModel:
             a, b = fit
             step = a + b * batch_size  # t(B): the step without drafts
             threshold = 1.0 if step <= 0.0 else min(1.0, b * batch_size / step)
-        self._thresholds[batch_size] = threshold
+        if not prior:
+            self._thresholds[batch_size] = threshold
         return threshold

@@ -4,14 +4,15 @@ A decode step launches hundreds of small kernels; replaying a captured graph lau
 at once. The graphs read static buffers: each step copies its inputs into the first n rows of
 the smallest bucket b >= n, and rows n..b-1 are padding that computes a throw-away token whose
 KV goes to the reserved null block (which no request ever owns) and whose attention reads that
-block's first key only. A row's result does not depend on the padding: every op of a decode
-row is row-local (matmuls per row, attention per sequence), so `enforce_eager` gives the same
-tokens wherever the matmul picks the same kernel for the bucket's row count as for n.
+block's first key only. A row's result does not depend on what the padding rows hold (every
+op of a decode row is row-local), but a matmul may pick another kernel, and so round
+differently, for another row count. So the runner pads eager decode steps the same way
+(`capture=False`): with `--enforce-eager` only the replay differs and the tokens are identical.
 
 Only the model's forward is captured; logits and sampling stay eager (they run on the rows
 that sample, which speculative steps make fewer or more than the decode rows).
-On the CPU `capture=False` runs the same padded buffers eagerly, which lets tests check the
-padding logic without a GPU.
+`capture=False` runs the same padded buffers eagerly: `--enforce-eager` on the GPU, and the
+tests of the padding logic on the CPU.
 """
 
 from __future__ import annotations

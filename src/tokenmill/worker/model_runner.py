@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -98,8 +99,11 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(model_config, num_blocks + 1, block_size, dtype, device)
         self._bind_cache(attn_layers, self.kv_cache)
         self.sampler = Sampler()
+        # Decode-only steps on the GPU run padded to a graph's batch size over static buffers;
+        # enforce_eager runs the very same padded batches without capturing, so each matmul and
+        # attention launch sees the same shapes and the tokens are identical.
         self.graphs: DecodeGraphs | None = None
-        if on_cuda and self.unified and not gpu.enforce_eager:
+        if on_cuda and backend == "triton":
             self.graphs = DecodeGraphs(
                 self.model,
                 max_batch=gpu.max_num_seqs,
@@ -107,6 +111,7 @@ class ModelRunner:
                 block_size=block_size,
                 null_block=self.null_block,
                 device=device,
+                capture=not gpu.enforce_eager,
             )
 
     def _process_weights(self, batch_invariant: bool) -> None:
@@ -233,9 +238,13 @@ def _bind_kernels(
     elif backend == "triton":
         from tokenmill.layers.attn_backends.triton_attn import paged_attention
 
-        attn.unified_kernel = paged_attention
+        # The decode path splits long rows over as many programs as fill the GPU, a count that
+        # depends on the batch; batch-invariant mode keeps one split per row.
+        attn.unified_kernel = (
+            functools.partial(paged_attention, num_splits=1) if batch_invariant else paged_attention
+        )
     elif backend == "unified-ref":
-        from tokenmill.layers.attn_backends.triton_attn import reference_paged_attention
+        from tokenmill.layers.attn_backends.unified_ref import reference_paged_attention
 
         attn.unified_kernel = reference_paged_attention
 

@@ -20,11 +20,14 @@ interpreter if TRITON_INTERPRET=1 was set before the import (kernels are defined
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
+
+from tokenmill.layers.attn_backends.unified_ref import reference_paged_attention
+
+__all__ = ["paged_attention", "reference_paged_attention", "supports", "interpreted"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
@@ -308,38 +311,6 @@ def paged_attention(
             out.stride(0), out.stride(1), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             BLOCK_D=block_d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
         )  # fmt: skip
-    return out
-
-
-def reference_paged_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    max_query_len: int,
-    scale: float,
-    out: torch.Tensor | None = None,
-    **_: object,
-) -> torch.Tensor:
-    """`paged_attention` in plain PyTorch, one sequence at a time, softmax in fp32 (syncs)."""
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = q.shape[1] // num_kv_heads
-    out = torch.empty_like(q) if out is None else out
-    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
-    for i, seq_len in enumerate(lens):
-        a, b = starts[i], starts[i + 1]
-        if a == b or seq_len == 0:  # padding, left untouched like the kernels do
-            continue
-        t = torch.arange(seq_len, device=q.device)
-        blocks, offsets = block_tables[i, t // block_size].long(), t % block_size
-        keys = k_cache[blocks, offsets].float().repeat_interleave(group, dim=1)  # [n, H, D]
-        values = v_cache[blocks, offsets].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[a:b].float(), keys) * scale
-        q_pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
-        scores.masked_fill_(t[None, None, :] > q_pos[None, :, None], -math.inf)
-        out[a:b] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(out.dtype)
     return out
 
 
