@@ -11,7 +11,7 @@ from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.ngram import NgramProposer, ngram_lookup
 from tokenmill.spec_decode.suffix import SuffixProposer
-from tokenmill.spec_decode.suffix_tree import SuffixTree, draft_path
+from tokenmill.spec_decode.suffix_tree import SuffixTree
 
 seqs_st = st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=30), min_size=1, max_size=5)
 
@@ -77,10 +77,11 @@ def test_draft_path_follows_most_frequent_child_above_min_prob() -> None:
     tree.extend(0, [1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3, 4])
     # "1 2": 3 occurrences, all followed by 3; "1 2 3" then 4 (2 of 3); "1 2 3 4" then 1 (1 of 2)
     node = tree.match([9, 1, 2], 8)[-1]
-    tokens, score = draft_path(node, 4, 0.1, node.count)
+    tokens, score = tree.draft_path(node, 4, 0.1, tree.node_count(node))
     assert tokens == [3, 4, 1, 2] and score == pytest.approx(1 + 2 / 3 + 1 / 3 + 1 / 3)
-    assert draft_path(node, 4, 0.7, node.count)[0] == [3]  # 2/3 < 0.7 stops after "3"
-    assert draft_path(node, 1, 0.1, node.count)[0] == [3]
+    # 2/3 < 0.7 stops after "3"
+    assert tree.draft_path(node, 4, 0.7, tree.node_count(node))[0] == [3]
+    assert tree.draft_path(node, 1, 0.1, tree.node_count(node))[0] == [3]
 
 
 def _req(prompt: list[int], output: list[int] = (), rid: str = "r", salt: str | None = None):
@@ -132,3 +133,18 @@ def test_ngram_lookup_prefers_longest_then_latest_match() -> None:
     req.output_token_ids = [7]  # buffers grow with the output
     assert prop.propose([req], [2]) == [[5, 6]]
     prop.finish(["n"])
+
+
+def test_removed_nodes_are_reused_and_the_tree_is_invisible_to_the_gc() -> None:
+    import gc
+
+    rng = np.random.default_rng(0)
+    tree = SuffixTree(max_depth=8)
+    tree.extend(0, rng.integers(0, 50, 300).tolist())
+    size = len(tree._count)
+    for i in range(1, 6):  # add and drop sequences: the node arrays stop growing
+        tree.extend(i, rng.integers(0, 50, 300).tolist())
+        tree.remove(i)
+    assert len(tree._count) <= 2 * size
+    # the child dicts hold only ints, so the collector does not track them
+    assert not any(gc.is_tracked(kids) for kids in tree._children if kids is not None)

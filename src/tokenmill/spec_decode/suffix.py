@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from tokenmill.request import Request
 from tokenmill.spec_decode.proposer import Proposer
-from tokenmill.spec_decode.suffix_tree import SuffixTree, draft_path
+from tokenmill.spec_decode.suffix_tree import SuffixTree
 
 # Match lengths that have an earlier occurrence tried per tree, longest first. Shorter matches
 # have more continuations (a wide max() per draft step) and rarely beat a longer one; trying
@@ -76,17 +76,19 @@ class SuffixProposer(Proposer):
         # with the match, so once the best score reaches the budget no shorter match can win.
         # Own tree: its active nodes are the matches; each count includes the live occurrence
         # at the very end, which has no continuation yet.
-        active = state.tree.active_nodes(0)
+        own = state.tree
+        active = own.active_nodes(0)
         tried = 0
         for p in range(len(active), 0, -1):
             budget = self._budget(p, max_draft)
             if best_score >= budget or tried == MAX_MATCHES_TRIED:
                 break
             node = active[p - 1]
-            if node.count < 2:
+            count = own.node_count(node)
+            if count < 2:
                 continue  # no earlier occurrence
             tried += 1
-            tokens, score = draft_path(node, budget, self.min_token_prob, node.count - 1)
+            tokens, score = own.draft_path(node, budget, self.min_token_prob, count - 1)
             if score > best_score:
                 best, best_score = tokens, score
         tree = self._global.get(req.cache_salt)
@@ -99,7 +101,9 @@ class SuffixProposer(Proposer):
                 if best_score >= budget:
                     break
                 node = matches[p - 1]
-                tokens, score = draft_path(node, budget, self.min_token_prob, node.count)
+                tokens, score = tree.draft_path(
+                    node, budget, self.min_token_prob, tree.node_count(node)
+                )
                 if score > best_score:
                     best, best_score = tokens, score
         return best

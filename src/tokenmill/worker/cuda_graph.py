@@ -85,6 +85,7 @@ class DecodeGraphs:
             unified=meta,
         )
 
+    @torch.inference_mode()  # as the runner's steps run: no autograd state in the graphs
     def _capture_all(self) -> None:
         pool = None
         # Largest first: the smaller graphs then fit in the memory pool the largest reserved.
