@@ -11,7 +11,9 @@ import torch
 from tokenmill import SamplingParams
 from tokenmill.config import EngineConfig
 from tokenmill.errors import ModelLoadError
+from tokenmill.layers.attention import PagedAttention
 from tokenmill.worker.cuda_graph import DecodeGraphs, graph_buckets
+from tokenmill.worker.model_runner import GpuOptions
 from utils_tiny import make_tiny_hf_folder
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -97,6 +99,21 @@ def test_padded_decode_buffers_give_the_same_tokens(make_llm, tiny_model, refere
     assert {4, 3, 2, 1} <= set(used)
     # padding rows wrote only into the null block: its KV changed, the pool's blocks are intact
     assert runner.kv_cache[:, :, runner.null_block].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["unified-ref", "sdpa"])
+def test_profiling_forward(make_llm, tiny_model, reference, backend):
+    """The forward that sizes the GPU's KV cache, run on the CPU: a step longer than the
+    context is split into max_model_len sequences over a throw-away cache; rebinding the real
+    cache afterwards leaves the engine as it was."""
+    llm = _engine(make_llm, tiny_model, attention_backend=backend)
+    runner = llm.engine.runner
+    layers = [m for m in runner.model.modules() if isinstance(m, PagedAttention)]
+    assert runner.max_model_len < 700
+    runner._profile_run(GpuOptions(max_num_seqs=4, max_num_batched_tokens=700), layers)
+    assert layers[0].k_cache.data_ptr() != runner.kv_cache[0, 0].data_ptr()
+    runner._bind_cache(layers, runner.kv_cache)
+    assert _greedy(llm, _prompts()) == reference
 
 
 def test_device_options_are_checked():
