@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 WORDS = (
@@ -31,3 +34,25 @@ def write_results(args: argparse.Namespace, results: dict) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
+
+
+def time_ms(fn: Callable[[], object], device, iters: int) -> float:
+    """Median milliseconds of fn() (CUDA events on a GPU, wall clock elsewhere)."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)

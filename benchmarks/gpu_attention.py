@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tests load this file by path
+from common import time_ms  # noqa: E402
 
 H, H_KV, D, BLOCK = 32, 8, 64, 16
 # name -> (query tokens per sequence, cached keys before them, sequences)
@@ -32,26 +34,6 @@ CASES = {
 }
 TINY = {"decode b=3 ctx=40": (1, 39, 3), "prefill 2x24": (24, 0, 2)}
 TINY_HEADS = (4, 2, 16)  # H, H_kv, D
-
-
-def _time_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU, wall clock elsewhere)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def _sdpa_baseline(
@@ -111,8 +93,8 @@ def benchmark_paged_attention(device: str = "cuda", tiny: bool = False, iters: i
         qsl = torch.arange(0, s * n + 1, n, dtype=torch.int32, device=dev)
         args = (q, kv[0], kv[1], tables, seq_lens, qsl, n, scale)
         out = torch.empty_like(q)
-        t_ms = _time_ms(lambda args=args, out=out: paged_attention(*args, out=out), dev, iters)
-        b_ms = _time_ms(
+        t_ms = time_ms(lambda args=args, out=out: paged_attention(*args, out=out), dev, iters)
+        b_ms = time_ms(
             lambda q=q, kv=kv, t=tables, n=n, k=keys: _sdpa_baseline(
                 q, kv[0], kv[1], t, n, k, scale
             ),
@@ -120,7 +102,7 @@ def benchmark_paged_attention(device: str = "cuda", tiny: bool = False, iters: i
             iters,
         )
         if n == 1:  # the split-K decode path vs one program per (sequence, kv head)
-            one = _time_ms(
+            one = time_ms(
                 lambda a=args, o=out: paged_attention(*a, out=o, num_splits=1), dev, iters
             )
             results[name] = {"triton_no_split": {"ms": one}}

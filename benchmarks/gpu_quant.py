@@ -15,38 +15,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tests load this file by path
+from common import time_ms  # noqa: E402
 
 FORMATS = {"Q4_1": 4, "Q8_0": 8}  # name -> bits (Q4_0 / int4 read the same bytes as Q4_1)
 SHAPES = [(2048, 2048), (3072, 2048), (8192, 2048), (16384, 2048)]  # (N, K)
 ROWS = [1, 8, 64, 512]
 TINY_SHAPES = [(72, 96)]
 TINY_ROWS = [1, 20]
-
-
-def _time_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU, wall clock elsewhere)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def bench_quant_matmul(device: str = "cuda", tiny: bool = False, iters: int = 50) -> dict:
@@ -88,7 +70,7 @@ def bench_quant_matmul(device: str = "cuda", tiny: bool = False, iters: int = 50
                 }
                 entry: dict[str, object] = {}
                 for path, (fn, nbytes) in paths.items():
-                    ms = _time_ms(fn, dev, iters)
+                    ms = time_ms(fn, dev, iters)
                     entry[path] = {"ms": ms, "weight_GBps": nbytes / ms / 1e6}
                 ref = F.linear(x.float(), dense.float())
                 err = (quant_matmul(x, gw).float() - ref).abs().max() / ref.abs().max()
