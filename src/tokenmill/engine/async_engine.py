@@ -19,10 +19,18 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from tokenmill.engine.engine import LLMEngine
+from tokenmill.engine.request_stream import RequestStream, snapshot
+from tokenmill.engine.stats import (
+    EngineStats,
+    RequestStats,
+    RequestTiming,
+    StatsListener,
+    engine_stats,
+    request_stats,
+)
 from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -40,123 +48,8 @@ class QueueFullError(RuntimeError):
     """Too many requests are already waiting; the client should retry later."""
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the scheduler's state, taken on the engine thread after each iteration."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0  # fraction of KV blocks in use
-    num_used_blocks: int = 0
-    num_total_blocks: int = 0
-    num_preemptions: int = 0
-    num_steps: int = 0
-    # Prefix cache, counted by the KV cache manager: prompt tokens looked up at admission, and
-    # of those, tokens served from the cache.
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    # Speculative decoding (see core/spec_stats.py): a decode step is one request generating in
-    # one step; it yields 1 + accepted tokens.
-    spec_drafted_tokens: int = 0
-    spec_accepted_tokens: int = 0
-    spec_decode_steps: int = 0
-    spec_decode_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class RequestStats:
-    """Timings of one finished (or aborted) request, in seconds."""
-
-    request_id: str
-    finish_reasons: tuple[str, ...]
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    e2e_latency: float
-    time_to_first_token: float | None
-    time_per_output_token: float | None
-
-
-class StatsListener:
-    """Hooks the engine thread calls; implementations must be thread-safe (prometheus is)."""
-
-    def on_tokens(self, num_prompt_tokens: int, num_generation_tokens: int) -> None:
-        """Prompt tokens of newly added requests and newly generated tokens."""
-
-    def on_first_token(self, ttft: float) -> None:
-        """A request produced its first token, `ttft` seconds after it arrived."""
-
-    def on_finished(self, stats: RequestStats) -> None:
-        """A request finished (stop, length or abort)."""
-
-
-@dataclass
-class _Timing:
-    arrival: float
-    num_prompt_tokens: int
-    first_token: float | None = None
-    num_generated: int = 0
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """A copy the event loop may read while the engine thread keeps appending to the original."""
-    outputs = [
-        dataclasses.replace(
-            c,
-            token_ids=list(c.token_ids),
-            logprobs=None if c.logprobs is None else list(c.logprobs),
-        )
-        for c in out.outputs
-    ]
-    prompt_lps = None if out.prompt_logprobs is None else list(out.prompt_logprobs)
-    return dataclasses.replace(
-        out, outputs=outputs, prompt_logprobs=prompt_lps, metrics=dict(out.metrics)
-    )
-
-
-class RequestStream:
-    """The outputs of one request, newest cumulative snapshot first-come. Iterate it with
-    `async for`; `abort()` (idempotent) cancels the request if it has not finished."""
-
-    def __init__(self, engine: AsyncLLMEngine, request_id: str, num_seqs: int) -> None:
-        self.request_id = request_id
-        self.num_seqs = num_seqs
-        self.finished = False
-        self._engine = engine
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._closed = False
-
-    def _put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished or self._closed:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        while not isinstance(item, BaseException) and not self._queue.empty():
-            item = self._queue.get_nowait()  # cumulative: only the newest matters
-        if isinstance(item, BaseException):
-            self._closed = True
-            raise item
-        if item.finished:
-            self.finished = True
-        return item
-
-    async def final(self) -> RequestOutput:
-        """Waits for the request to finish and returns its last output."""
-        last = None
-        async for out in self:
-            last = out
-        assert last is not None and last.finished
-        return last
-
-    def abort(self) -> None:
-        """Cancels the request (no-op once it finished). Safe to call from a `finally`."""
-        if not self.finished and not self._closed:
-            self._closed = True
-            self._engine._abort(self.request_id)
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineStats", "QueueFullError",
+           "RequestStats", "RequestStream", "StatsListener"]  # fmt: skip
 
 
 class AsyncLLMEngine:
@@ -184,7 +77,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}  # event-loop side only
         self._num_pending_seqs = 0  # event-loop side only
         self._futures: set[asyncio.Future[Any]] = set()  # event-loop side: awaiting the thread
-        self._timings: dict[str, _Timing] = {}  # engine-thread side only
+        self._timings: dict[str, RequestTiming] = {}  # engine-thread side only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -256,7 +149,7 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise InvalidRequestError(f"request_id {request_id!r} is already running", "request_id")
         assert self._loop is not None
-        stream = RequestStream(self, request_id, num_seqs)
+        stream = RequestStream(self._abort, request_id, num_seqs)
         self._streams[request_id] = stream
         self._num_pending_seqs += num_seqs
         accepted: asyncio.Future[None] = self._new_future()
@@ -398,7 +291,7 @@ class AsyncLLMEngine:
                 self._post(self._resolve, fut, None, e)
                 return
             num_prompt = len(self.engine.outputs.states[rid].prompt_token_ids)
-            self._timings[rid] = _Timing(arrival, num_prompt)
+            self._timings[rid] = RequestTiming(arrival, num_prompt)
             self.stats_listener.on_tokens(num_prompt, 0)
             self._post(self._resolve, fut, None, None)
         elif kind == "abort":
@@ -433,46 +326,12 @@ class AsyncLLMEngine:
                     listener.on_first_token(now - timing.arrival)
                 if out.finished:
                     del self._timings[out.request_id]
-                    listener.on_finished(self._request_stats(out, timing, now))
-            snapshots.append(_snapshot(out))
+                    listener.on_finished(request_stats(out, timing, now))
+            snapshots.append(snapshot(out))
         if num_new_tokens:
             listener.on_tokens(0, num_new_tokens)
         if snapshots:
             self._post(self._dispatch, snapshots)
 
-    @staticmethod
-    def _request_stats(out: RequestOutput, timing: _Timing, now: float) -> RequestStats:
-        ttft = None if timing.first_token is None else timing.first_token - timing.arrival
-        longest = max((len(c.token_ids) for c in out.outputs), default=0)
-        tpot = None
-        if timing.first_token is not None and longest > 1:
-            tpot = (now - timing.first_token) / (longest - 1)
-        return RequestStats(
-            request_id=out.request_id,
-            finish_reasons=tuple(c.finish_reason or "abort" for c in out.outputs),
-            num_prompt_tokens=timing.num_prompt_tokens,
-            num_generation_tokens=timing.num_generated,
-            e2e_latency=now - timing.arrival,
-            time_to_first_token=ttft,
-            time_per_output_token=tpot,
-        )
-
     def _update_stats(self) -> None:
-        sched = self.engine.scheduler
-        kv = sched.kv_cache_manager
-        pool = kv.block_pool
-        self.stats = EngineStats(
-            num_running=sched.num_running,
-            num_waiting=sched.num_waiting,
-            kv_cache_usage=sched.kv_cache_usage,
-            num_used_blocks=pool.num_used_blocks,
-            num_total_blocks=pool.num_blocks,
-            num_preemptions=sched.num_preemptions,
-            num_steps=self.stats.num_steps,
-            prefix_cache_queries=kv.prefix_queries,
-            prefix_cache_hits=kv.prefix_hits,
-            spec_drafted_tokens=sched.spec_stats.num_drafted_tokens,
-            spec_accepted_tokens=sched.spec_stats.num_accepted_tokens,
-            spec_decode_steps=sched.spec_stats.num_decode_steps,
-            spec_decode_tokens=sched.spec_stats.num_decode_tokens,
-        )
+        self.stats = engine_stats(self.engine, self.stats.num_steps)
