@@ -116,6 +116,27 @@ def test_profiling_forward(make_llm, tiny_model, reference, backend):
     assert _greedy(llm, _prompts()) == reference
 
 
+def test_speculative_verify_rows_through_the_padded_decode_buffers(make_llm, tiny_model, reference):
+    """Verified drafts are decode rows too: with n-gram drafts a step has more rows than
+    requests, and still goes through the graph runner's padded buffers (or, past its largest
+    bucket, the eager path) with the plain-decoding tokens."""
+    llm = _engine(
+        make_llm, tiny_model, attention_backend="unified-ref", speculative="ngram",
+        speculative_draft_cost=0.0, prompt_lookup_min=1,
+    )  # fmt: skip
+    runner = llm.engine.runner
+    runner.graphs = DecodeGraphs(
+        runner.model, max_batch=8, max_blocks=-(-runner.max_model_len // runner.block_size),
+        block_size=runner.block_size, null_block=runner.null_block, device="cpu", capture=False,
+    )  # fmt: skip
+    rows: list[int] = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda batch: rows.append(batch.input_ids.shape[0]) or run(batch)
+    assert _greedy(llm, _prompts()) == reference
+    assert llm.engine.scheduler.spec_stats.num_drafted_tokens > 0
+    assert any(n > 4 for n in rows)  # steps with drafts: more rows than the 4 requests
+
+
 def test_device_options_are_checked():
     with pytest.raises(ValueError, match="device must be"):
         EngineConfig(device="tpu")
