@@ -146,6 +146,15 @@ def test_device_options_are_checked():
         EngineConfig(gpu_memory_utilization=1.5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's error")
+def test_triton_backend_on_the_cpu_is_a_clear_error(tiny_model, monkeypatch):
+    from tokenmill import LLM
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs on a CUDA device"):
+        LLM(model=tiny_model, device="cpu", attention_backend="triton")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(tiny_model):
     from tokenmill import LLM

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -225,6 +226,11 @@ def _attention_backend(name: str, device: str, use_cpu_kernels: bool) -> str:
         raise ValueError("attention_backend='cpu': the C++ attention kernel could not be built")
     if name == "triton" and not triton_available():
         raise ValueError("attention_backend='triton' needs the triton package (pip install triton)")
+    if name == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "attention_backend='triton' runs on a CUDA device (on the CPU only under Triton's "
+            "slow interpreter, TRITON_INTERPRET=1, for tests); use cpu or sdpa here"
+        )
     return name
 
 
