@@ -139,18 +139,15 @@ class ModelRunner:
         """The largest step: max_num_batched_tokens prompt tokens in sequences of at most
         max_model_len, with a throw-away cache just big enough, then max_num_seqs logit rows."""
         num_tokens = gpu.max_num_batched_tokens
-        num_blocks = -(-num_tokens // self.block_size) + 1
-        cache = allocate_kv_cache(
-            self.model_config, num_blocks, self.block_size, self.dtype, self.device
-        )
-        self._bind_cache(attn_layers, cache)
         seqs, block = [], 0
         for start in range(0, num_tokens, self.max_model_len):
             n = min(self.max_model_len, num_tokens - start)
             used = -(-n // self.block_size)
-            ids = list(range(block, block + used))
+            seqs.append(_profile_seq(n, list(range(block, block + used))))
             block += used
-            seqs.append(_profile_seq(n, ids))
+        cfg = self.model_config
+        cache = allocate_kv_cache(cfg, block, self.block_size, self.dtype, self.device)
+        self._bind_cache(attn_layers, cache)
         batch = build_input_batch(seqs, self.block_size, self.device, unified=self.unified)
         hidden = self.model(batch.input_ids, batch.positions, batch.ctx)
         rows = min(gpu.max_num_seqs, num_tokens)
