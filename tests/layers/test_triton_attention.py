@@ -26,15 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from utils_triton import CUDA, interpreted, run_after_late_env  # sets TRITON_INTERPRET first
+
 pytest.importorskip("triton")
 
 from tokenmill.layers.attn_backends import triton_attn as ta  # noqa: E402
 
-if not CUDA and not ta.interpreted():  # imported earlier in this process without the variable
-    ta = importlib.reload(ta)
+ta = interpreted(ta)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,10 +133,7 @@ torch.testing.assert_close(ta.paged_attention(**decode, num_splits=2), ref, atol
 @pytest.mark.skipif(CUDA, reason="the interpreter is only used without CUDA")
 def test_interpreter_after_late_env() -> None:
     """triton imported before TRITON_INTERPRET was set (as another test module may do)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", LATE_ENV_SCRIPT], env=env, capture_output=True, text=True
-    )
+    proc = run_after_late_env(LATE_ENV_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

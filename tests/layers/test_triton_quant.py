@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from utils_triton import CUDA, interpreted, run_after_late_env  # sets TRITON_INTERPRET first
+
 pytest.importorskip("triton")
 
 from gguf import GGMLQuantizationType  # noqa: E402
@@ -40,8 +36,7 @@ from tokenmill.layers.quantization.packing import (  # noqa: E402
     quantize_rtn,
 )
 
-if not CUDA and not tq.interpreted():  # imported earlier in this process without the variable
-    tq = importlib.reload(tq)
+tq = interpreted(tq)
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "int8", "int4"]
@@ -100,10 +95,7 @@ assert tq.interpreted() and (y.double() - ref).abs().max() < 1e-2 * ref.abs().ma
 @pytest.mark.skipif(CUDA, reason="the interpreter is only used without CUDA")
 def test_interpreter_after_late_env() -> None:
     """triton imported before TRITON_INTERPRET was set (as another test module may do)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", LATE_ENV_SCRIPT], env=env, capture_output=True, text=True
-    )
+    proc = run_after_late_env(LATE_ENV_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

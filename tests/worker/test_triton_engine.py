@@ -7,14 +7,10 @@ behind Linear) that the kernel tests check in isolation; speed needs a GPU."""
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
-import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from utils_triton import CUDA, interpreted  # sets TRITON_INTERPRET first
+
 pytest.importorskip("triton")
 
 from tokenmill import SamplingParams  # noqa: E402
@@ -22,12 +18,10 @@ from tokenmill.layers.attn_backends import triton_attn  # noqa: E402
 from tokenmill.layers.quantization import block_method, triton_quant  # noqa: E402
 from utils_tiny import make_tiny_hf_folder  # noqa: E402
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU")
+pytestmark = pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU")
 
-if not triton_attn.interpreted():  # imported earlier in this process without the variable
-    importlib.reload(triton_attn)
-if not triton_quant.interpreted():
-    importlib.reload(triton_quant)
+interpreted(triton_attn)
+interpreted(triton_quant)
 
 
 @pytest.fixture(scope="module")
