@@ -56,3 +56,24 @@ def time_ms(fn: Callable[[], object], device, iters: int) -> float:
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def hf_generate(model, prompts: list[list[int]], max_new: int, pad: int = 0):
+    """Greedy transformers `generate` over one left-padded batch, exactly `max_new` new tokens
+    per row (min_new_tokens masks EOS); returns the new token ids, [batch, max_new]."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    device = model.device
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return out[:, width:]

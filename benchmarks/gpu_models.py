@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import hf_generate  # benchmarks/ is on the path (gpu_check puts it there)
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -231,25 +232,6 @@ def tm_generate(
     ]  # fmt: skip
     res = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [r.outputs[0].token_ids for r in res]
-
-
-@torch.inference_mode()
-def hf_generate(model, prompts: list[list[int]], max_new: int) -> torch.Tensor:
-    """Greedy transformers generate, left padded with id 0, exactly `max_new` new tokens
-    (min_new_tokens masks EOS); returns [batch, max_new] new token ids."""
-    device = model.device
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new,
-        min_new_tokens=max_new,
-        do_sample=False,
-        pad_token_id=0,
-    )
-    return out[:, width:]
 
 
 def hf_batched(model, prompts, outs, batch_size: int, timed, stats: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
+from common import hf_generate, make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.loader.model_source import default_model_path
@@ -79,19 +79,7 @@ def bench_transformers(args, prompts_ids, long_prompt) -> dict:
     )
 
     def generate(batch: list[list[int]], max_new: int) -> int:
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new,
-                min_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        return (out.shape[1] - width) * len(batch)
+        return hf_generate(model, batch, max_new, pad).numel()
 
     generate(prompts_ids[:2], 2)
     t = time.perf_counter()
