@@ -72,24 +72,31 @@ def test_graph_buckets():
     assert graph_buckets(128)[-3:] == [96, 112, 128]
 
 
-def test_padded_decode_buffers_give_the_same_tokens(make_llm, tiny_model, reference):
-    """The CUDA-graph runner's static buffers and padding rows, run eagerly on the CPU: decode
-    batches of 4, 3, 2, 1 rows pad to buckets 4, 4, 2, 1 and the tokens do not change."""
-    llm = _engine(make_llm, tiny_model, attention_backend="unified-ref")
-    runner = llm.engine.runner
+def _install_padded_decode(runner, max_batch: int) -> list[int]:
+    """Gives the runner the CUDA-graph runner's padded buffers, run eagerly (capture=False);
+    returns the list that records each decode batch's row count."""
     graphs = DecodeGraphs(
         runner.model,
-        max_batch=4,
+        max_batch=max_batch,
         max_blocks=-(-runner.max_model_len // runner.block_size),
         block_size=runner.block_size,
         null_block=runner.null_block,
         device="cpu",
         capture=False,
     )
-    used: list[int] = []
+    rows: list[int] = []
     run = graphs.run
-    graphs.run = lambda batch: used.append(batch.input_ids.shape[0]) or run(batch)
+    graphs.run = lambda batch: rows.append(batch.input_ids.shape[0]) or run(batch)
     runner.graphs = graphs
+    return rows
+
+
+def test_padded_decode_buffers_give_the_same_tokens(make_llm, tiny_model, reference):
+    """The CUDA-graph runner's static buffers and padding rows, run eagerly on the CPU: decode
+    batches of 4, 3, 2, 1 rows pad to buckets 4, 4, 2, 1 and the tokens do not change."""
+    llm = _engine(make_llm, tiny_model, attention_backend="unified-ref")
+    runner = llm.engine.runner
+    used = _install_padded_decode(runner, max_batch=4)
     prompts = _prompts()
     # staggered lengths: the batch shrinks from 4 decode rows to 1 as requests finish
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 12, 8, 6)]
@@ -125,13 +132,7 @@ def test_speculative_verify_rows_through_the_padded_decode_buffers(make_llm, tin
         speculative_draft_cost=0.0, prompt_lookup_min=1,
     )  # fmt: skip
     runner = llm.engine.runner
-    runner.graphs = DecodeGraphs(
-        runner.model, max_batch=8, max_blocks=-(-runner.max_model_len // runner.block_size),
-        block_size=runner.block_size, null_block=runner.null_block, device="cpu", capture=False,
-    )  # fmt: skip
-    rows: list[int] = []
-    run = runner.graphs.run
-    runner.graphs.run = lambda batch: rows.append(batch.input_ids.shape[0]) or run(batch)
+    rows = _install_padded_decode(runner, max_batch=8)
     assert _greedy(llm, _prompts()) == reference
     assert llm.engine.scheduler.spec_stats.num_drafted_tokens > 0
     assert any(n > 4 for n in rows)  # steps with drafts: more rows than the 4 requests
