@@ -28,22 +28,20 @@ _SAMPLES = 8  # steps kept per row count; their median is its time
 class StepCostModel:
     def __init__(self, prior_row_cost: float) -> None:
         self.prior_row_cost = prior_row_cost  # b / a until measured
-        self._samples: dict[int, collections.deque[float]] = {}  # rows -> recent step seconds
-        self._seen: set[int] = set()  # row counts whose (dropped) first step has been seen
-        self._median: dict[int, float] = {}
-        self._thresholds: dict[int, float] = {}  # batch size -> threshold, until the next step
+        # rows -> recent step seconds; empty while only the (dropped) first step has been seen
+        self._samples: dict[int, collections.deque[float]] = {}
+        self._median: dict[int, float] = {}  # rows with samples -> their median
 
     def observe(self, num_rows: int, seconds: float) -> None:
         """Records one decode-only step of `num_rows` rows (drafts included)."""
         if num_rows < 1 or not math.isfinite(seconds) or seconds <= 0.0:
             return
-        if num_rows not in self._seen:
-            self._seen.add(num_rows)
+        samples = self._samples.get(num_rows)
+        if samples is None:
+            self._samples[num_rows] = collections.deque(maxlen=_SAMPLES)
             return
-        samples = self._samples.setdefault(num_rows, collections.deque(maxlen=_SAMPLES))
         samples.append(seconds)
         self._median[num_rows] = statistics.median(samples)
-        self._thresholds.clear()
 
     def local_fit(self, batch_size: int) -> tuple[float, float] | None:
         """(a, b) of t(n) = a + b n over the measured row counts near batch_size, or None."""
@@ -62,9 +60,6 @@ class StepCostModel:
     def acceptance_threshold(self, batch_size: int, prior: bool = False) -> float:
         """The chance of acceptance a draft token needs to be worth its row at this batch size
         (`prior`: by the prior row cost, whatever has been measured)."""
-        cached = None if prior else self._thresholds.get(batch_size)
-        if cached is not None:
-            return cached
         fit = None if prior else self.local_fit(batch_size)
         if fit is None:
             cost = batch_size * self.prior_row_cost
@@ -73,6 +68,4 @@ class StepCostModel:
             a, b = fit
             step = a + b * batch_size  # t(B): the step without drafts
             threshold = 1.0 if step <= 0.0 else min(1.0, b * batch_size / step)
-        if not prior:
-            self._thresholds[batch_size] = threshold
         return threshold
