@@ -1,10 +1,47 @@
-"""Per-request sampling parameters, with vLLM's field names."""
+"""Per-request sampling parameters, with vLLM's field names.
+
+The value ranges below are checked here, so the offline API and the server enforce the same
+limits (the server's request schema is built from these constants); checks that need the model
+(token ids against the vocabulary, lengths against the context) are the engine's.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequestError
+
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as in OpenAI's API
+# repetition_penalty divides positive logits and multiplies negative ones (1: off); below ~1e-37
+# the float32 logits overflow, so the range is bounded on both sides.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0  # logit_bias values lie in [-100, 100], as in OpenAI's API
+MAX_LOGPROBS = 20  # top logprobs per position
+MAX_TOP_K = 2**31 - 1  # values at or above the vocabulary size mean "off"
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+SEED_MIN, SEED_MAX = INT64_MIN, 2**64 - 1  # any 64-bit seed, signed or not
+PRIORITY_MIN, PRIORITY_MAX = INT64_MIN, INT64_MAX
+
+
+def check_priority(priority: int) -> None:
+    """Priorities are 64-bit integers (lower runs first under the priority policy)."""
+    if not _is_int(priority) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise InvalidRequestError(
+            f"priority must be an integer in [-2^63, 2^63 - 1], got {priority!r}", "priority"
+        )
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _in_range(v: object, lo: float, hi: float) -> bool:
+    """lo <= v <= hi for a finite real number (NaN fails every comparison, so it is out)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
 
 
 @dataclass
@@ -49,38 +86,65 @@ class SamplingParams:
         def bad(param: str, msg: str) -> InvalidRequestError:
             return InvalidRequestError(f"{param} {msg}", param=param)
 
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise bad("n", f"must be an integer >= 1, got {self.n!r}")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens < 1
-        ):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise bad("temperature", f"must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not _in_range(self.temperature, 0.0, MAX_TEMPERATURE):
+            limit = f">= 0 and <= {MAX_TEMPERATURE:g}"
+            raise bad("temperature", f"must be {limit}, got {self.temperature}")
+        if not _in_range(self.top_p, 0.0, 1.0) or self.top_p == 0.0:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise bad("top_k", f"must be 0 or -1 (disabled) or >= 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise bad(
+                "top_k",
+                f"must be 0 or -1 (disabled) or >= 1 and <= {MAX_TOP_K}, got {self.top_k!r}",
+            )
+        if not _in_range(self.min_p, 0.0, 1.0):
             raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
-        if self.min_tokens < 0:
-            raise bad("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        lo, hi = MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY
+        if not _in_range(self.repetition_penalty, lo, hi):
+            raise bad(
+                "repetition_penalty",
+                f"must be > 0, in [{lo:g}, {hi:g}] (1: no penalty), got {self.repetition_penalty}",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _in_range(v, -MAX_PENALTY, MAX_PENALTY):
+                raise bad(name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad("min_tokens", f"must be >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad(
+                "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or not 0 <= v <= 20):
-                raise bad(name, f"must be an integer in [0, 20], got {v!r}")
-        if self.logit_bias:
-            for tok, bias in self.logit_bias.items():
-                if not -100.0 <= bias <= 100.0:
-                    raise bad("logit_bias", f"values must be in [-100, 100], got {bias} for {tok}")
-        if any(not s for s in self.stop):
-            raise bad("stop", "strings must be non-empty")
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+        seed = self.seed
+        if seed is not None and (not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX):
+            raise bad("seed", f"must be an integer in [-2^63, 2^64 - 1], got {seed!r}")
+        for tok, bias in (self.logit_bias or {}).items():
+            if not _in_range(bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS):
+                raise bad(
+                    "logit_bias",
+                    f"values must be in [-{MAX_LOGIT_BIAS:g}, "
+                    f"{MAX_LOGIT_BIAS:g}], got {bias} for {tok}",
+                )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"may hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise bad("stop", f"strings must be non-empty, got {s!r}")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise bad(
+                    "stop",
+                    f"strings must be at most {MAX_STOP_STRING_CHARS} characters, got {len(s)}",
+                )
+        for tok in self.stop_token_ids:
+            if not _is_int(tok) or tok < 0:
+                raise bad("stop_token_ids", f"must be token ids >= 0, got {tok!r}")
 
     @property
     def greedy(self) -> bool:

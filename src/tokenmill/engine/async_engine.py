@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from tokenmill.engine.engine import LLMEngine
@@ -31,7 +31,7 @@ from tokenmill.engine.stats import (
     engine_stats,
     request_stats,
 )
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import CapacityError, InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -48,7 +48,7 @@ class QueueFullError(RuntimeError):
     """Too many requests are already waiting; the client should retry later."""
 
 
-__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineStats", "QueueFullError",
+__all__ = ["AsyncLLMEngine", "CapacityError", "EngineDeadError", "EngineStats", "QueueFullError",
            "RequestStats", "RequestStream", "StatsListener"]  # fmt: skip
 
 
@@ -56,7 +56,8 @@ class AsyncLLMEngine:
     """Runs an LLMEngine in a background thread and serves many concurrent async requests.
 
     `max_pending_seqs` bounds the sequences (a request with n samples counts n) in the engine at
-    once, running and waiting together; `add_request` raises QueueFullError beyond it.
+    once, running and waiting together; `add_request` raises QueueFullError beyond it while
+    others are pending, and CapacityError for a request that alone needs more.
     """
 
     def __init__(
@@ -119,6 +120,18 @@ class AsyncLLMEngine:
         return self._num_pending_seqs
 
     # -- requests -------------------------------------------------------------------------------
+    def check_capacity(self, n: int, num_prompts: int = 1) -> None:
+        """CapacityError when n samples of each of `num_prompts` prompts could never be pending
+        at once, however long the client waits: retrying cannot help (unlike a full queue)."""
+        limit = self.max_pending_seqs
+        if limit is not None and n * num_prompts > limit:
+            raise CapacityError(
+                f"the request needs {n * num_prompts} sequences at once (n={n} x {num_prompts} "
+                f"prompt(s)), but this server holds at most {limit} (running and queued "
+                "together); lower n or send fewer prompts",
+                "n",
+            )
+
     async def add_request(
         self,
         prompt: str | list[int],
@@ -129,41 +142,61 @@ class AsyncLLMEngine:
     ) -> RequestStream:
         """Queues a request and returns its stream once the engine accepted it.
 
-        Raises InvalidRequestError (bad input), QueueFullError or EngineDeadError.
+        Raises InvalidRequestError (bad input; CapacityError when it can never fit),
+        QueueFullError or EngineDeadError.
+        """
+        request_id = request_id or f"req-{next(self._ids)}-{time.time_ns()}"
+        (stream,) = await self.add_requests([prompt], params, [request_id], priority, cache_salt)
+        return stream
+
+    async def add_requests(
+        self,
+        prompts: Sequence[str | list[int]],
+        params: SamplingParams,
+        request_ids: Sequence[str],
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> list[RequestStream]:
+        """Admits one request per prompt, all or none: a single capacity check covers all of
+        their sequences, and the engine thread adds them in one go (if one fails, none stays).
         """
         if not self.is_running:
             raise EngineDeadError(
                 "the engine loop is not running"
                 + (f" (it failed: {self.error!r})" if self.error else "")
             )
-        num_seqs = params.n
-        if (
-            self.max_pending_seqs is not None
-            and self._num_pending_seqs + num_seqs > self.max_pending_seqs
-        ):
+        if len(set(request_ids)) != len(prompts):
+            raise ValueError(f"need {len(prompts)} distinct request ids, got {request_ids}")
+        self.check_capacity(params.n, len(prompts))
+        num_seqs = params.n * len(prompts)
+        limit = self.max_pending_seqs
+        if limit is not None and self._num_pending_seqs + num_seqs > limit:
             raise QueueFullError(
                 f"the server is at capacity ({self._num_pending_seqs} sequences pending, "
-                f"limit {self.max_pending_seqs}); retry later"
+                f"limit {limit}; this request needs {num_seqs}); retry later"
             )
-        request_id = request_id or f"req-{next(self._ids)}-{time.time_ns()}"
-        if request_id in self._streams:
-            raise InvalidRequestError(f"request_id {request_id!r} is already running", "request_id")
+        for rid in request_ids:
+            if rid in self._streams:
+                raise InvalidRequestError(f"request_id {rid!r} is already running", "request_id")
         assert self._loop is not None
-        stream = RequestStream(self._abort, request_id, num_seqs)
-        self._streams[request_id] = stream
-        self._num_pending_seqs += num_seqs
+        # Registered before the first await: the capacity check and the reservation are atomic.
+        streams = [RequestStream(self._abort, rid, params.n) for rid in request_ids]
+        for stream in streams:
+            self._streams[stream.request_id] = stream
+            self._num_pending_seqs += stream.num_seqs
         accepted: asyncio.Future[None] = self._new_future()
-        self._cmds.put(
-            ("add", request_id, prompt, params, priority, cache_salt, time.monotonic(), accepted)
-        )
+        batch = list(zip(request_ids, prompts, strict=True))
+        self._cmds.put(("add", batch, params, priority, cache_salt, time.monotonic(), accepted))
         try:
             await accepted
         except BaseException:
-            self._forget(request_id)
+            for rid in request_ids:
+                self._forget(rid)
             if not accepted.done() or accepted.cancelled():
-                self._abort(request_id)  # cancelled while the engine thread was adding it
+                for rid in request_ids:  # cancelled while the engine thread was adding them
+                    self._abort(rid)
             raise
-        return stream
+        return streams
 
     async def generate(
         self,
@@ -281,18 +314,23 @@ class AsyncLLMEngine:
     def _execute(self, cmd: tuple[Any, ...]) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, prompt, params, priority, cache_salt, arrival, fut = cmd
+            _, batch, params, priority, cache_salt, arrival, fut = cmd
             if fut.cancelled():
                 return
+            added: list[str] = []
             try:
-                self.engine.add_request(prompt, params, rid, priority, cache_salt)
+                for rid, prompt in batch:
+                    added.append(rid)
+                    self.engine.add_request(prompt, params, rid, priority, cache_salt)
             except Exception as e:
-                self.engine.abort_request(rid)  # drop any partial state; no-op if none
+                for rid in added:  # drop every request of the batch, and any partial state
+                    self.engine.abort_request(rid)
                 self._post(self._resolve, fut, None, e)
                 return
-            num_prompt = len(self.engine.outputs.states[rid].prompt_token_ids)
-            self._timings[rid] = RequestTiming(arrival, num_prompt)
-            self.stats_listener.on_tokens(num_prompt, 0)
+            for rid, _ in batch:
+                num_prompt = len(self.engine.outputs.states[rid].prompt_token_ids)
+                self._timings[rid] = RequestTiming(arrival, num_prompt)
+                self.stats_listener.on_tokens(num_prompt, 0)
             self._post(self._resolve, fut, None, None)
         elif kind == "abort":
             self._abort_on_engine(cmd[1])

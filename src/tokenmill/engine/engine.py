@@ -14,10 +14,10 @@ from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
 from tokenmill.engine.loading import LoadedModel, load_model, resolve_device
 from tokenmill.engine.output_processor import OutputProcessor
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import ContextLengthError, InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, check_priority
 from tokenmill.spec_decode.speculator import Speculator, build_proposer
 from tokenmill.worker.kv_cache import DEFAULT_CPU_KV_GB, num_blocks_for_budget
 from tokenmill.worker.model_runner import GpuOptions, ModelRunner
@@ -123,8 +123,8 @@ class LLMEngine:
         params.validate()
         prompt_text = prompt if isinstance(prompt, str) else None
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(prompt_ids, params)
-        room = self.max_model_len - len(prompt_ids)
+        self._validate(prompt_ids, params, priority)
+        room = self.max_seq_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         reqs = [
@@ -147,7 +147,55 @@ class LLMEngine:
             self.scheduler.add_request(req)
         return request_id
 
-    def _validate_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    @property
+    def max_seq_len(self) -> int:
+        """The most tokens (prompt plus output) one sequence may ever hold: the context length,
+        or the whole KV cache if that is smaller."""
+        return self.scheduler.max_model_len
+
+    def check_length(
+        self, num_prompt_tokens: int, max_tokens: int | None = None, min_tokens: int = 0
+    ) -> None:
+        """Raises ContextLengthError unless a prompt of this length, plus `max_tokens` when
+        given (and `min_tokens`, which could never all be generated otherwise), fits one
+        sequence.
+
+        This is exact for any n: the samples of an n > 1 request share the prompt's full blocks
+        through the prefix cache and each holds its own output blocks, but they need not run at
+        once. Under KV pressure the scheduler preempts the newest running sequence, so the
+        oldest always advances, and a sequence of max_seq_len tokens fits the cache on its own.
+        """
+        limit = self.max_seq_len
+        if limit < self.max_model_len:
+            cfg = self.scheduler.config
+            what = (
+                f"This server's KV cache holds at most {limit} tokens per sequence "
+                f"({cfg.num_blocks} blocks of {cfg.block_size} tokens)"
+            )
+        else:
+            what = f"This model's maximum context length is {limit} tokens"
+        if num_prompt_tokens >= limit:
+            raise ContextLengthError(
+                f"{what}, but the prompt has {num_prompt_tokens} tokens (it must leave room for "
+                "at least 1 generated token).",
+                "prompt",
+            )
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise ContextLengthError(
+                f"{what}. However, you requested {num_prompt_tokens + max_tokens} tokens "
+                f"({num_prompt_tokens} in the prompt, {max_tokens} for the completion). Please "
+                "reduce the prompt or max_tokens.",
+                "max_tokens",
+            )
+        if num_prompt_tokens + min_tokens > limit:
+            raise ContextLengthError(
+                f"{what}, so the {num_prompt_tokens}-token prompt leaves room for at most "
+                f"{limit - num_prompt_tokens} generated tokens; min_tokens is {min_tokens}.",
+                "min_tokens",
+            )
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams, priority: int) -> None:
+        check_priority(priority)
         if not prompt_ids:
             raise InvalidRequestError("prompt must not be empty", "prompt")
         vocab = self.model_config.vocab_size
@@ -156,18 +204,18 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt token ids must be in [0, {vocab}); got {bad[:5]}", "prompt"
             )
-        if len(prompt_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt_ids)} tokens, but the model's context is "
-                f"{self.max_model_len} tokens (the prompt must leave room for at least 1 token)",
-                "prompt",
-            )
+        self.check_length(len(prompt_ids), None, params.min_tokens)
         for tok in params.logit_bias or {}:
             if not 0 <= tok < vocab:
                 raise InvalidRequestError(
                     f"logit_bias token id {tok} is outside the vocabulary [0, {vocab})",
                     "logit_bias",
                 )
+        bad = [t for t in params.stop_token_ids or () if t >= vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"stop_token_ids must be in [0, {vocab}); got {bad[:5]}", "stop_token_ids"
+            )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         state = self.outputs.states.get(request_id)

@@ -15,7 +15,8 @@ import tokenmill
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.server.errors import APIError, error_response, install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
-from tokenmill.server.middleware import RequestGuard
+from tokenmill.server.middleware import RequestGuard, needs_api_key
+from tokenmill.server.openapi import Limits, install_openapi
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -56,6 +57,15 @@ def create_app(
     app.state.ctx = ctx
     app.state.metrics = metrics
     install_error_handlers(app)
+    aliases = [engine.engine.config.model] if engine.engine.config.model else []
+    limits = Limits(
+        model_names=list(dict.fromkeys(ctx.served_model_names + aliases)),
+        vocab_size=ctx.vocab_size,
+        max_seq_len=ctx.max_model_len,
+        max_pending_seqs=engine.max_pending_seqs,
+        needs_api_key=lambda path: api_key is not None and needs_api_key(path),
+    )
+    install_openapi(app, limits)
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     if cors_origins:
         app.add_middleware(

@@ -76,7 +76,7 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc), exc.param)
+        return APIError(400, str(exc), exc.param, exc.code)
     if isinstance(exc, QueueFullError):
         return APIError(503, str(exc), code="server_overloaded", headers={"Retry-After": "1"})
     if isinstance(exc, EngineDeadError):
@@ -87,15 +87,38 @@ def to_api_error(exc: BaseException) -> APIError:
     return APIError(500, "internal server error")
 
 
+# Fields holding objects: their errors name the inner field (messages[0].role); any other field's
+# errors name the field itself, whatever union branch or list item pydantic was looking at.
+_NESTED = {"messages": 3, "stream_options": 2}
+_LIMITS = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+    "string_too_short": "must have at least {min_length} character(s)",
+    "string_too_long": "must have at most {max_length} character(s)",
+}
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     parts = [p for p in loc if p != "body"]
+    if not parts:
+        return None
+    parts = parts[: _NESTED.get(str(parts[0]), 1)]
     param = ""
     for p in parts:
         if isinstance(p, int):
             param += f"[{p}]"
         else:
             param += f".{p}" if param else str(p)
-    return param or None
+    return param
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -108,8 +131,6 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if kind == "json_invalid":
         return APIError(400, "the request body is not valid JSON")
     if loc in ((), ("body",)):
-        if kind == "missing":
-            return APIError(400, "the request body must be a JSON object")
         return APIError(400, "the request body must be a JSON object")
     param = _loc_to_param(loc)
     msg = str(err.get("msg", "is invalid"))
@@ -118,6 +139,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         msg = "is required"
     elif kind == "extra_forbidden":
         msg = "is not a recognized argument"
+    elif kind in _LIMITS:
+        msg = _LIMITS[kind].format(**err.get("ctx", {})) + f", got {_short(err.get('input'))}"
     else:
         msg = msg[:1].lower() + msg[1:]
     return APIError(400, f"{param} {msg}" if param else msg, param)

@@ -21,6 +21,11 @@ from tokenmill.server.errors import error_bytes
 logger = logging.getLogger(__name__)
 
 
+def needs_api_key(path: str) -> bool:
+    """The paths that require the API key, when the server has one."""
+    return path.startswith("/v1/")
+
+
 class RequestGuard:
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
@@ -32,7 +37,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith("/v1/"):
+        if self.api_key is not None and needs_api_key(scope["path"]):
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(

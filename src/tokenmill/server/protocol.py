@@ -1,16 +1,92 @@
 """OpenAI-compatible request models (pydantic, at the HTTP edge only) and their translation to
-SamplingParams. Responses are built as plain dicts by the serving modules."""
+SamplingParams. Responses are built as plain dicts by the serving modules (their documented
+shapes are in openapi.py).
+
+The value ranges come from sampling_params.py, so the OpenAPI document states the limits the
+server enforces. Limits that depend on the served model (vocabulary, context length, queue) are
+marked with `x-limit` here and filled in by openapi.py. Union-typed fields keep a `before`
+validator that names the problem plainly; their annotations only shape the schema.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+    field_validator,
+)
 
 from tokenmill.errors import InvalidRequestError
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MIN_REPETITION_PENALTY,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    SEED_MAX,
+    SEED_MIN,
+    SamplingParams,
+)
 
 MAX_N = 128  # most samples per prompt
+
+# Limits filled in per server by openapi.py (see `x-limit` there).
+TokenId = Annotated[StrictInt, Field(ge=0, json_schema_extra={"x-limit": "token_id"})]
+TokenCount = Annotated[StrictInt, Field(json_schema_extra={"x-limit": "seq_len"})]
+_TOKEN_ID = {"type": "integer", "minimum": 0, "x-limit": "token_id"}
+_TEXT = {"type": "string", "minLength": 1}
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "minItems": 1, "items": _TEXT, "x-limit": "num_prompts"},
+        {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+            "x-limit": "num_prompts",
+        },
+    ]
+}
+_STOP_STRING = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_STRING_CHARS}
+_STOP_SCHEMA = {
+    "anyOf": [
+        _STOP_STRING,
+        {"type": "array", "maxItems": MAX_STOP_STRINGS, "items": _STOP_STRING},
+        {"type": "null"},
+    ]
+}
+_TOKEN_KEY = re.compile(r"[0-9]+")
+_LOGIT_BIAS_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "object",
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {
+                "type": "number",
+                "minimum": -MAX_LOGIT_BIAS,
+                "maximum": MAX_LOGIT_BIAS,
+            },
+            "description": "token id (a decimal string) -> bias added to its logit",
+        },
+        {"type": "null"},
+    ]
+}
 
 
 class _Request(BaseModel):
@@ -23,32 +99,40 @@ class StreamOptions(_Request):
     include_usage: StrictBool = False
 
 
+def _unsupported(v: Any, name: str) -> Any:
+    if v:
+        raise ValueError(f"{name} are not supported" if name == "tools" else "is not supported")
+    return v
+
+
 class _SamplingFields(_Request):
     """Fields shared by completions and chat, with vLLM's extras."""
 
-    model: str | None = None
-    n: StrictInt = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    model: StrictStr | None = None
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    temperature: StrictFloat | None = Field(None, ge=0, le=MAX_TEMPERATURE)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: StrictInt | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    presence_penalty: StrictFloat | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: StrictFloat | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: Annotated[dict[str, StrictFloat] | None, WithJsonSchema(_LOGIT_BIAS_SCHEMA)] = None
+    user: StrictStr | None = None
     # extras (vLLM names)
-    top_k: StrictInt | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: StrictInt | None = Field(None, ge=-1, le=MAX_TOP_K)
+    min_p: StrictFloat | None = Field(None, ge=0, le=1)
+    repetition_penalty: StrictFloat | None = Field(
+        None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
     ignore_eos: StrictBool = False
-    min_tokens: StrictInt = 0
-    stop_token_ids: list[StrictInt] | None = None
+    min_tokens: TokenCount = Field(0, ge=0)
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
-    priority: StrictInt = 0
-    cache_salt: str | None = None
+    priority: StrictInt = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    cache_salt: StrictStr | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -59,25 +143,21 @@ class _SamplingFields(_Request):
             return v
         raise ValueError("must be a string or a list of strings")
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _check_logit_bias(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for key in v:
+                if not _TOKEN_KEY.fullmatch(key):
+                    raise ValueError(f"keys must be token ids (decimal digits), got {key!r}")
+        return v
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, **kw: Any):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError(
                 "stream_options is only allowed when stream is true", "stream_options"
             )
-        if self.n > MAX_N:
-            raise InvalidRequestError(f"n must be <= {MAX_N}, got {self.n}", "n")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise InvalidRequestError("seed must fit in 64 bits", "seed")
-        bias = None
-        if self.logit_bias:
-            bias = {}
-            for key, val in self.logit_bias.items():
-                try:
-                    bias[int(key)] = val
-                except ValueError:
-                    raise InvalidRequestError(
-                        f"logit_bias keys must be token ids, got {key!r}", "logit_bias"
-                    ) from None
+        bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         return SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
@@ -85,7 +165,7 @@ class _SamplingFields(_Request):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=bias,
@@ -106,12 +186,14 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(...)
-    max_tokens: StrictInt | None = 16
-    logprobs: StrictInt | None = None
+    prompt: Annotated[
+        str | list[str] | list[StrictInt] | list[list[StrictInt]], WithJsonSchema(_PROMPT_SCHEMA)
+    ]
+    max_tokens: TokenCount | None = Field(16, ge=1)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
-    best_of: StrictInt | None = None
-    suffix: str | None = None
+    best_of: StrictInt | None = Field(None, ge=1, le=MAX_N, description="must equal n")
+    suffix: Annotated[StrictStr, Field(max_length=0)] | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -121,19 +203,23 @@ class CompletionRequest(_SamplingFields):
                 isinstance(t, int) and not isinstance(t, bool) for t in x
             )
 
+        if v == "" or v == [] or (isinstance(v, list) and ("" in v or [] in v)):
+            raise ValueError("must not be empty (nor hold an empty prompt)")
         if isinstance(v, str):
             return v
-        if isinstance(v, list) and v:
-            if all(isinstance(p, str) for p in v) or is_ids(v):
-                return v
-            if all(is_ids(p) for p in v):
-                return v
-        if isinstance(v, list) and not v:
-            raise ValueError("must not be empty")
+        if isinstance(v, list) and (all(isinstance(p, str) for p in v) or is_ids(v)):
+            return v
+        if isinstance(v, list) and all(is_ids(p) for p in v):
+            return v
         raise ValueError(
             "must be a string, a list of strings, a list of token ids or a list of lists of "
             "token ids"
         )
+
+    @field_validator("suffix", mode="before")
+    @classmethod
+    def _check_suffix(cls, v: Any) -> Any:
+        return _unsupported(v, "suffix")
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -146,13 +232,13 @@ class CompletionRequest(_SamplingFields):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: StrictStr
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -178,30 +264,23 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: TokenCount | None = Field(None, ge=1)
+    max_completion_tokens: TokenCount | None = Field(None, ge=1)
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = None
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
     add_generation_prompt: StrictBool = True
 
-    @field_validator("messages")
+    @field_validator("tools", mode="before")
     @classmethod
-    def _check_messages(cls, v: list[ChatMessage]) -> list[ChatMessage]:
-        if not v:
-            raise ValueError("must contain at least one message")
-        return v
+    def _check_tools(cls, v: Any) -> Any:
+        return _unsupported(v, "tools")
 
     def num_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError(
                 "top_logprobs is only allowed when logprobs is true", "top_logprobs"
-            )
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
-            raise InvalidRequestError(
-                f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs}",
-                "top_logprobs",
             )
         if not self.logprobs:
             return None
@@ -209,13 +288,24 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    """Exactly one of `prompt` (text) or `messages` (a chat, through the template)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        }
+    )
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
-    tokens: list[StrictInt]
+    model: StrictStr | None = None
+    tokens: list[TokenId]

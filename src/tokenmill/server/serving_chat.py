@@ -91,23 +91,14 @@ class _Choice:
 
 async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext) -> Response:
     model = ctx.check_model(req.model)
-    if req.tools:
-        raise APIError(400, "tools are not supported", "tools")
     max_tokens = (
         req.max_completion_tokens if req.max_completion_tokens is not None else (req.max_tokens)
     )
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"{param} must be >= 1, got {max_tokens}", param)
     num_logprobs = req.num_logprobs()
     params = req.sampling_params(max_tokens, num_logprobs)
     prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt)
-    try:
-        ctx.check_context(len(prompt_ids), max_tokens, "messages")
-    except APIError as e:
-        if e.param == "max_tokens":
-            e.param = param
-        raise
+    ctx.check_context(len(prompt_ids), params, "messages", param)
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     (stream,) = await ctx.add_all([prompt_ids], params, request_id, req.priority, req.cache_salt)

@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
 from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.errors import ContextLengthError
 from tokenmill.outputs import RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import APIError, error_body, to_api_error
@@ -35,8 +36,7 @@ class ServerContext:
     ) -> ServerContext:
         core = engine.engine
         names = list(served_model_names or [core.model_name])
-        max_len = min(core.max_model_len, core.scheduler.max_model_len)
-        return cls(engine, names, core.tokenizer, max_len, core.model_config.vocab_size)
+        return cls(engine, names, core.tokenizer, core.max_seq_len, core.model_config.vocab_size)
 
     @property
     def model_name(self) -> str:
@@ -68,26 +68,16 @@ class ServerContext:
                 400, f"{param} token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param
             )
 
-    def check_context(self, num_prompt: int, max_tokens: int | None, prompt_param: str) -> None:
-        """400 when the prompt, or the prompt plus max_tokens, does not fit the context."""
-        limit = self.max_model_len
-        if num_prompt >= limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens, but the prompt has "
-                f"{num_prompt} tokens (it must leave room for at least 1 generated token).",
-                prompt_param,
-                code="context_length_exceeded",
-            )
-        if max_tokens is not None and num_prompt + max_tokens > limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for "
-                "the completion). Please reduce the prompt or max_tokens.",
-                "max_tokens",
-                code="context_length_exceeded",
-            )
+    def check_context(
+        self, num_prompt: int, params: SamplingParams, prompt_param: str, max_tokens_param: str
+    ) -> None:
+        """400 when the prompt, or the prompt plus max_tokens (or min_tokens), can never fit one
+        sequence."""
+        try:
+            self.engine.engine.check_length(num_prompt, params.max_tokens, params.min_tokens)
+        except ContextLengthError as e:
+            param = {"prompt": prompt_param, "max_tokens": max_tokens_param}.get(e.param, e.param)
+            raise APIError(400, str(e), param, e.code) from None
 
     async def add_all(
         self,
@@ -97,19 +87,13 @@ class ServerContext:
         priority: int = 0,
         cache_salt: str | None = None,
     ) -> list[RequestStream]:
-        """Adds one engine request per prompt; if any fails, the others are aborted."""
-        streams: list[RequestStream] = []
-        try:
-            for i, ids in enumerate(prompts):
-                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                streams.append(
-                    await self.engine.add_request(ids, params, rid, priority, cache_salt)
-                )
-        except BaseException:
-            for s in streams:
-                s.abort()
-            raise
-        return streams
+        """Adds one engine request per prompt, all of them or none."""
+        ids = (
+            [request_id]
+            if len(prompts) == 1
+            else [f"{request_id}-{i}" for i in range(len(prompts))]
+        )
+        return await self.engine.add_requests(prompts, params, ids, priority, cache_salt)
 
 
 def safe_logprob(value: float) -> float:

@@ -121,12 +121,9 @@ class _Choice:
 
 async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Response:
     model = ctx.check_model(req.model)
-    if req.suffix:
-        raise APIError(400, "suffix is not supported", "suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported (it must be omitted or equal n)", "best_of")
-    if req.max_tokens is not None and req.max_tokens < 1:
-        raise APIError(400, f"max_tokens must be >= 1, got {req.max_tokens}", "max_tokens")
+    ctx.engine.check_capacity(req.n, len(req.prompts()))  # before tokenizing every prompt
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     params = req.sampling_params(req.max_tokens, req.logprobs, prompt_logprobs=prompt_logprobs)
     tok = ctx.tokenizer
@@ -141,7 +138,7 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Respo
             ctx.check_prompt_ids(p, "prompt")
             prompts.append(_Prompt(tok.decode(p, skip_special_tokens=False), p))
     for p in prompts:
-        ctx.check_context(len(p.token_ids), req.max_tokens, "prompt")
+        ctx.check_context(len(p.token_ids), params, "prompt", "max_tokens")
 
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await ctx.add_all(

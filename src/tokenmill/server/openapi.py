@@ -1,0 +1,267 @@
+"""The OpenAPI document at /openapi.json, made to match what the server really answers.
+
+FastAPI's generated document is post-processed once: every operation lists the statuses the
+server sends (400 rather than FastAPI's 422, 401/413 from the request guard, 503 with
+Retry-After) with OpenAI's error body; 200s get their real shapes and media types (JSON or
+server-sent events, Prometheus text for /metrics); and the request limits that depend on the
+served model (`x-limit` markers in protocol.py: token ids, sequence length, prompts per request,
+model names) are filled in. So a request the document accepts is only ever refused for what a
+schema cannot say (a prompt plus max_tokens over the context, a cross-field rule, a full queue).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict
+
+# -- documented shapes (the serving modules build these as plain dicts) ------------------------
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Doc):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Doc):
+    """OpenAI's error shape, for every status >= 400."""
+
+    error: ErrorDetail
+
+
+class PromptTokensDetails(_Doc):
+    cached_tokens: int
+
+
+class Usage(_Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionLogprobs(_Doc):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Doc):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class CompletionResponse(_Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(_Doc):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Doc):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(_Doc):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Doc):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class ChatCompletionResponse(_Doc):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(_Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+
+
+class ModelList(_Doc):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class HealthResponse(_Doc):
+    status: Literal["ok"]
+
+
+class VersionResponse(_Doc):
+    version: str
+
+
+class TokenizeResponse(_Doc):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(_Doc):
+    prompt: str
+
+
+_MODELS: list[type[BaseModel]] = [
+    ErrorResponse,
+    CompletionResponse,
+    ChatCompletionResponse,
+    ModelList,
+    HealthResponse,
+    VersionResponse,
+    TokenizeResponse,
+    DetokenizeResponse,
+]
+
+# -- statuses per route ------------------------------------------------------------------------
+
+_ERRORS = {
+    400: "Invalid request: the message names the parameter and its limit",
+    401: "Missing or wrong API key (`Authorization: Bearer <key>`)",
+    404: "The model is not served here",
+    413: "The request body is over the server's size limit",
+    500: "Internal error, or the engine loop has failed",
+    503: "Overloaded: too many sequences are pending; retry after Retry-After seconds",
+}
+_GENERATE = (400, 404, 413, 500, 503)
+_EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+# (method, path) -> (200 body: a model, or a content map; the error statuses it answers)
+_ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | dict[str, Any], tuple[int, ...]]] = {
+    ("post", "/v1/completions"): (CompletionResponse, _GENERATE),
+    ("post", "/v1/chat/completions"): (ChatCompletionResponse, _GENERATE),
+    ("get", "/v1/models"): (ModelList, (413, 500)),
+    ("get", "/health"): (HealthResponse, (413, 500, 503)),
+    ("get", "/metrics"): ({"text/plain": {"schema": {"type": "string"}}}, (413, 500)),
+    ("get", "/version"): (VersionResponse, (413, 500)),
+    ("post", "/tokenize"): (TokenizeResponse, (400, 404, 413, 500)),
+    ("post", "/detokenize"): (DetokenizeResponse, (400, 404, 413, 500)),
+}
+_STREAMING = {"/v1/completions", "/v1/chat/completions"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the document needs to know about the server."""
+
+    model_names: list[str]
+    vocab_size: int
+    max_seq_len: int
+    max_pending_seqs: int | None
+    needs_api_key: Callable[[str], bool]  # whether the request guard asks this path for a key
+
+
+def install_openapi(app: FastAPI, limits: Limits) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = copy.deepcopy(generate())
+            app.openapi_schema = finish(doc, limits)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+
+
+def finish(doc: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for model in _MODELS:
+        found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(found.pop("$defs", {}))
+        schemas[model.__name__] = found
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            op["responses"] = _responses(method, path, op.get("responses", {}), limits)
+    _fill_limits(schemas, limits)
+    return doc
+
+
+def _responses(method: str, path: str, generated: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    ok, errors = _ROUTES.get((method, path), (None, (413, 500)))
+    out: dict[str, Any] = {"200": dict(generated.get("200", {"description": "OK"}))}
+    if ok is not None:
+        content = _ref(ok) if isinstance(ok, type) else ok
+        if path in _STREAMING:
+            content = {**content, **_EVENT_STREAM}
+        out["200"] = {"description": "OK (server-sent events when stream is true)"
+                      if path in _STREAMING else "OK", "content": content}  # fmt: skip
+    statuses = sorted({*errors, *((401,) if limits.needs_api_key(path) else ())})
+    for status in statuses:
+        resp: dict[str, Any] = {"description": _ERRORS[status], "content": _ref(ErrorResponse)}
+        if status == 503 and path in _STREAMING:
+            resp["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
+        if status == 401:
+            resp["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        out[str(status)] = resp
+    return out
+
+
+def _nodes(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _nodes(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _nodes(v)
+
+
+def _fill_limits(schemas: dict[str, Any], limits: Limits) -> None:
+    for node in list(_nodes(schemas)):
+        kind = node.pop("x-limit", None)
+        if kind == "token_id":
+            node["maximum"] = limits.vocab_size - 1
+        elif kind == "seq_len":  # a prompt has at least one token
+            node["maximum"] = limits.max_seq_len - 1
+        elif kind == "num_prompts" and limits.max_pending_seqs is not None:
+            node["maxItems"] = limits.max_pending_seqs
+    names = {"type": "string", "enum": list(limits.model_names)}
+    for schema in schemas.values():
+        props = schema.get("properties", {})
+        if "model" in props and schema.get("title", "").endswith("Request"):
+            props["model"] = {"anyOf": [names, {"type": "null"}], "default": None}
