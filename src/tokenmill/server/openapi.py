@@ -110,6 +110,39 @@ class ChatCompletionResponse(_Doc):
     usage: Usage
 
 
+class CompletionChunk(_Doc):
+    """One server-sent event of a completion stream; the last one (include_usage) has no
+    choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(_Doc):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Doc):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(_Doc):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
 class ModelCard(_Doc):
     id: str
     object: Literal["model"]
@@ -146,6 +179,8 @@ _MODELS: list[type[BaseModel]] = [
     ErrorResponse,
     CompletionResponse,
     ChatCompletionResponse,
+    CompletionChunk,
+    ChatCompletionChunk,
     ModelList,
     HealthResponse,
     VersionResponse,
@@ -164,7 +199,21 @@ _ERRORS = {
     503: "Overloaded: too many sequences are pending; retry after Retry-After seconds",
 }
 _GENERATE = (400, 404, 413, 500, 503)
-_EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+def _events(chunk: type[BaseModel]) -> dict[str, Any]:
+    """Server-sent events (OpenAPI 3.1: the schema describes one event): `data:` is a JSON
+    chunk, an error (a failure after the 200 went out), or the final `[DONE]`."""
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [_schema_ref(chunk), _schema_ref(ErrorResponse)]},
+    }
+    data = {"anyOf": [{"const": "[DONE]"}, json_data]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {"text/event-stream": {"schema": event}}
+
+
 # (method, path) -> (200 body: a model, or a content map; the error statuses it answers)
 _ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | dict[str, Any], tuple[int, ...]]] = {
     ("post", "/v1/completions"): (CompletionResponse, _GENERATE),
@@ -176,7 +225,7 @@ _ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | dict[str, Any], tuple[int
     ("post", "/tokenize"): (TokenizeResponse, (400, 404, 413, 500)),
     ("post", "/detokenize"): (DetokenizeResponse, (400, 404, 413, 500)),
 }
-_STREAMING = {"/v1/completions", "/v1/chat/completions"}
+_STREAMING = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
 
 
 @dataclass(frozen=True)
@@ -202,8 +251,12 @@ def install_openapi(app: FastAPI, limits: Limits) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _schema_ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
 def _ref(model: type[BaseModel]) -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    return {"application/json": {"schema": _schema_ref(model)}}
 
 
 def finish(doc: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -227,7 +280,7 @@ def _responses(method: str, path: str, generated: dict[str, Any], limits: Limits
     if ok is not None:
         content = _ref(ok) if isinstance(ok, type) else ok
         if path in _STREAMING:
-            content = {**content, **_EVENT_STREAM}
+            content = {**content, **_events(_STREAMING[path])}
         out["200"] = {"description": "OK (server-sent events when stream is true)"
                       if path in _STREAMING else "OK", "content": content}  # fmt: skip
     statuses = sorted({*errors, *((401,) if limits.needs_api_key(path) else ())})
@@ -256,6 +309,8 @@ def _fill_limits(schemas: dict[str, Any], limits: Limits) -> None:
         kind = node.pop("x-limit", None)
         if kind == "token_id":
             node["maximum"] = limits.vocab_size - 1
+        elif kind == "token_key":  # a decimal string naming a token id
+            node["pattern"] = f"^0*({_below(limits.vocab_size)})$"
         elif kind == "seq_len":  # a prompt has at least one token
             node["maximum"] = limits.max_seq_len - 1
         elif kind == "num_prompts" and limits.max_pending_seqs is not None:
@@ -265,3 +320,15 @@ def _fill_limits(schemas: dict[str, Any], limits: Limits) -> None:
         props = schema.get("properties", {})
         if "model" in props and schema.get("title", "").endswith("Request"):
             props["model"] = {"anyOf": [names, {"type": "null"}], "default": None}
+
+
+def _below(n: int) -> str:
+    """A regex alternation matching the decimal numbers 0 .. n-1 (no leading zeros needed)."""
+    digits = str(n - 1)
+    k = len(digits)
+    alts = [f"[0-9]{{1,{k - 1}}}"] if k > 1 else []
+    for i, d in enumerate(digits[:-1]):
+        if d != "0":
+            alts.append(f"{digits[:i]}[0-{int(d) - 1}][0-9]{{{k - i - 1}}}")
+    alts.append(f"{digits[:-1]}[0-{digits[-1]}]")
+    return "|".join(alts)

@@ -45,6 +45,16 @@ from tokenmill.sampling_params import (
 
 MAX_N = 128  # most samples per prompt
 
+
+def _integral(v: Any) -> Any:
+    """JSON Schema's integers include 2.0: integral floats (in lists too) become ints."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_integral(x) for x in v]
+    return v
+
+
 # Limits filled in per server by openapi.py (see `x-limit` there).
 TokenId = Annotated[StrictInt, Field(ge=0, json_schema_extra={"x-limit": "token_id"})]
 TokenCount = Annotated[StrictInt, Field(json_schema_extra={"x-limit": "seq_len"})]
@@ -76,7 +86,7 @@ _LOGIT_BIAS_SCHEMA = {
     "anyOf": [
         {
             "type": "object",
-            "propertyNames": {"pattern": "^[0-9]+$"},
+            "propertyNames": {"pattern": "^[0-9]+$", "x-limit": "token_key"},
             "additionalProperties": {
                 "type": "number",
                 "minimum": -MAX_LOGIT_BIAS,
@@ -94,6 +104,11 @@ class _Request(BaseModel):
     # infinities (which Python's JSON parser accepts) are rejected.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_integers(cls, v: Any) -> Any:
+        return _integral(v)
+
 
 class StreamOptions(_Request):
     include_usage: StrictBool = False
@@ -109,29 +124,29 @@ class _SamplingFields(_Request):
     """Fields shared by completions and chat, with vLLM's extras."""
 
     model: StrictStr | None = None
-    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     temperature: StrictFloat | None = Field(None, ge=0, le=MAX_TEMPERATURE)
     top_p: StrictFloat | None = Field(None, gt=0, le=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
-    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     presence_penalty: StrictFloat | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: StrictFloat | None = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: Annotated[dict[str, StrictFloat] | None, WithJsonSchema(_LOGIT_BIAS_SCHEMA)] = None
     user: StrictStr | None = None
     # extras (vLLM names)
-    top_k: StrictInt | None = Field(None, ge=-1, le=MAX_TOP_K)
+    top_k: Annotated[StrictInt, Field(ge=-1, le=MAX_TOP_K)] | None = None
     min_p: StrictFloat | None = Field(None, ge=0, le=1)
     repetition_penalty: StrictFloat | None = Field(
         None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
     )
     ignore_eos: StrictBool = False
-    min_tokens: TokenCount = Field(0, ge=0)
+    min_tokens: Annotated[TokenCount, Field(ge=0)] = 0
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
-    priority: StrictInt = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    priority: Annotated[StrictInt, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX)] = 0
     cache_salt: StrictStr | None = None
 
     @field_validator("stop", mode="before")
@@ -189,10 +204,10 @@ class CompletionRequest(_SamplingFields):
     prompt: Annotated[
         str | list[str] | list[StrictInt] | list[list[StrictInt]], WithJsonSchema(_PROMPT_SCHEMA)
     ]
-    max_tokens: TokenCount | None = Field(16, ge=1)
-    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: Annotated[TokenCount, Field(ge=1)] | None = 16
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool = False
-    best_of: StrictInt | None = Field(None, ge=1, le=MAX_N, description="must equal n")
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_N, description="must equal n")] | None = None
     suffix: Annotated[StrictStr, Field(max_length=0)] | None = None
 
     @field_validator("prompt", mode="before")
@@ -203,6 +218,7 @@ class CompletionRequest(_SamplingFields):
                 isinstance(t, int) and not isinstance(t, bool) for t in x
             )
 
+        v = _integral(v)  # this validator runs before the base class's
         if v == "" or v == [] or (isinstance(v, list) and ("" in v or [] in v)):
             raise ValueError("must not be empty (nor hold an empty prompt)")
         if isinstance(v, str):
@@ -265,10 +281,10 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: TokenCount | None = Field(None, ge=1)
-    max_completion_tokens: TokenCount | None = Field(None, ge=1)
+    max_tokens: Annotated[TokenCount, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[TokenCount, Field(ge=1)] | None = None
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
     add_generation_prompt: StrictBool = True
 
