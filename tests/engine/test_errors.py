@@ -43,6 +43,20 @@ def assert_idle(llm: LLM) -> None:
         (dict(logit_bias={5: 101.0}), "logit_bias", "[-100, 100]"),
         (dict(stop=["ok", ""]), "stop", "non-empty"),
         (dict(min_tokens=-1), "min_tokens", ">= 0"),
+        (dict(min_tokens=5, max_tokens=4), "min_tokens", "<= max_tokens (4)"),
+        (dict(temperature=2.5), "temperature", "<= 2"),
+        (dict(temperature=float("nan")), "temperature", ">= 0"),
+        (dict(top_p=float("nan")), "top_p", "(0, 1]"),
+        (dict(top_k=2**40), "top_k", "<= 2147483647"),
+        (dict(repetition_penalty=1e30), "repetition_penalty", "[0.01, 2]"),
+        (dict(repetition_penalty=1e-40), "repetition_penalty", "[0.01, 2]"),
+        (dict(presence_penalty=float("inf")), "presence_penalty", "[-2, 2]"),
+        (dict(logit_bias={5: float("nan")}), "logit_bias", "[-100, 100]"),
+        (dict(seed=2**64), "seed", "2^64 - 1"),
+        (dict(seed=-(2**63) - 1), "seed", "[-2^63"),
+        (dict(stop=["x"] * 17), "stop", "at most 16"),
+        (dict(stop="x" * 257), "stop", "at most 256 characters"),
+        (dict(stop_token_ids=[3, -1]), "stop_token_ids", ">= 0"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -127,6 +141,28 @@ def test_logit_bias_token_out_of_range(default_llm_fp32, bad: int) -> None:
     assert ei.value.param == "logit_bias"
     assert "logit_bias" in msg and str(bad) in msg and "49152" in msg, msg
     assert_idle(default_llm_fp32)
+
+
+def test_limits_that_need_the_model(default_llm_fp32) -> None:
+    """stop_token_ids against the vocabulary, priority as a 64-bit integer, min_tokens against
+    the context: refused before anything runs."""
+    llm = default_llm_fp32
+    context = llm.engine.max_seq_len
+    cases = [
+        (SamplingParams(max_tokens=1, stop_token_ids=[2, 49152]), 0, "stop_token_ids", "49152"),
+        (SamplingParams(max_tokens=1), 2**70, "priority", "2^63 - 1"),
+        (SamplingParams(max_tokens=None, min_tokens=context), 0, "min_tokens", str(context)),
+    ]
+    for params, priority, param, limit in cases:
+        with pytest.raises(ValueError) as ei:
+            llm.generate(PROMPT, params, use_tqdm=False, priority=[priority])
+        assert ei.value.param == param and limit in str(ei.value), str(ei.value)
+        assert_idle(llm)
+    # the bounds themselves are fine
+    params = SamplingParams(max_tokens=1, stop_token_ids=[49151], min_tokens=1)
+    (out,) = llm.generate(PROMPT, params, use_tqdm=False, priority=[-(2**63)])
+    assert len(out.outputs[0].token_ids) == 1
+    assert_idle(llm)
 
 
 def test_mismatched_params_and_priorities(default_llm_fp32) -> None:

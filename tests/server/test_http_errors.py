@@ -58,6 +58,23 @@ BAD_COMPLETIONS = [
     ({"prompt": None}, "prompt"),
     ({"suffix": "x"}, "suffix"),
     ({"best_of": 3}, "best_of"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"stop_token_ids": [49152]}, "stop_token_ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"repetition_penalty": 1e30}, "repetition_penalty"),
+    ({"priority": 2**70}, "priority"),
+    ({"temperature": 3}, "temperature"),
+    ({"top_k": 2**40}, "top_k"),
+    ({"seed": 2**64}, "seed"),
+    ({"stop": ["x"] * 17}, "stop"),
+    ({"stop": "x" * 300}, "stop"),
+    ({"logit_bias": {"1.5": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": "1"}}, "logit_bias"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"max_tokens": 10**6}, "max_tokens"),
+    ({"n": "2"}, "n"),
+    ({"n": 1000}, "n"),
 ]
 
 
@@ -80,6 +97,10 @@ BAD_CHAT = [
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"temperature": -0.5}, "temperature"),
+    ({"max_tokens": 1, "min_tokens": 2}, "min_tokens"),
+    ({"stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"max_completion_tokens": 10**6}, "max_completion_tokens"),
+    ({"priority": -(2**64)}, "priority"),
 ]
 
 
@@ -103,6 +124,35 @@ def test_missing_fields_and_bad_bodies(server: Server) -> None:
     check_error(httpx.post(url, content=raw, headers=headers), 400, "temperature")
     check_error(post(server, "/detokenize", {"tokens": [10**9]}), 400, "tokens")
     check_error(post(server, "/tokenize", {}), 400)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "limit"),
+    [
+        ({"n": 129}, "n", "<= 128"),
+        ({"temperature": 3}, "temperature", "<= 2"),
+        ({"repetition_penalty": 1e30}, "repetition_penalty", "<= 2"),
+        ({"repetition_penalty": 0}, "repetition_penalty", ">= 0.01"),
+        ({"priority": 2**70}, "priority", f"<= {2**63 - 1}"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens", "<= max_tokens (2)"),
+        ({"stop_token_ids": [49152]}, "stop_token_ids", "[0, 49152)"),
+        ({"logit_bias": {"5": -101}}, "logit_bias", "[-100, 100]"),
+        ({"stop": ["x"] * 17}, "stop", "at most 16"),
+    ],
+    ids=lambda x: str(x)[:30],
+)
+def test_range_errors_name_the_limit(server: Server, fields: dict, param: str, limit: str) -> None:
+    err = check_error(completion(server, **fields), 400, param)
+    assert err["message"].startswith(param) and limit in err["message"], err["message"]
+
+
+def test_integers_may_be_written_as_integral_floats(server: Server) -> None:
+    """JSON Schema counts 2.0 as an integer, and the OpenAPI document says integer."""
+    r = completion(server, prompt=[1.0, 2.0], max_tokens=2.0, n=2.0, ignore_eos=True)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2
+    assert r.json()["usage"]["prompt_tokens"] == 2
+    assert r.json()["usage"]["completion_tokens"] == 4
 
 
 def test_context_window_errors_name_both_numbers(server: Server) -> None:

@@ -149,8 +149,8 @@ class LLMEngine:
 
     @property
     def max_seq_len(self) -> int:
-        """The most tokens (prompt plus output) one sequence may ever hold: the context length,
-        or the whole KV cache if that is smaller."""
+        """The most tokens (prompt plus output) one sequence may hold: the context length, which
+        the KV cache always holds whole (the engine does not start otherwise)."""
         return self.scheduler.max_model_len
 
     def check_length(
@@ -160,20 +160,15 @@ class LLMEngine:
         given (and `min_tokens`, which could never all be generated otherwise), fits one
         sequence.
 
-        This is exact for any n: the samples of an n > 1 request share the prompt's full blocks
-        through the prefix cache and each holds its own output blocks, but they need not run at
-        once. Under KV pressure the scheduler preempts the newest running sequence, so the
-        oldest always advances, and a sequence of max_seq_len tokens fits the cache on its own.
+        This is exact for any n and any load. The samples of an n > 1 request share the
+        prompt's full blocks through the prefix cache and each holds its own output blocks, but
+        they need not run at once: under KV pressure the scheduler preempts the newest running
+        sequence, so the oldest always advances, and one sequence of max_seq_len tokens fits
+        the cache on its own. The last sampled token is never written to the cache, and the
+        scheduler ends a sequence at max_seq_len tokens, so max_seq_len is the bound to check.
         """
         limit = self.max_seq_len
-        if limit < self.max_model_len:
-            cfg = self.scheduler.config
-            what = (
-                f"This server's KV cache holds at most {limit} tokens per sequence "
-                f"({cfg.num_blocks} blocks of {cfg.block_size} tokens)"
-            )
-        else:
-            what = f"This model's maximum context length is {limit} tokens"
+        what = f"This model's maximum context length is {limit} tokens"
         if num_prompt_tokens >= limit:
             raise ContextLengthError(
                 f"{what}, but the prompt has {num_prompt_tokens} tokens (it must leave room for "

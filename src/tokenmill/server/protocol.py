@@ -47,8 +47,9 @@ MAX_N = 128  # most samples per prompt
 
 
 def _integral(v: Any) -> Any:
-    """JSON Schema's integers include 2.0: integral floats (in lists too) become ints."""
-    if isinstance(v, float) and v.is_integer():
+    """JSON Schema's integers include 2.0: integral floats (in lists too) become ints. Beyond
+    64 bits no integer field accepts them anyway, and a float field keeps its float."""
+    if isinstance(v, float) and v.is_integer() and abs(v) <= 2**64:
         return int(v)
     if isinstance(v, list):
         return [_integral(x) for x in v]
