@@ -10,7 +10,7 @@ from server_utils import check_engine_idle
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
 from tokenmill.engine.engine import LLMEngine
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import CapacityError, InvalidRequestError
 from tokenmill.sampling_params import SamplingParams
 
 PROMPT = "The capital of France is"
@@ -102,3 +102,27 @@ def test_shutdown_with_requests_in_flight(llm_engine: LLMEngine) -> None:
         return True
 
     assert run(llm_engine, body)
+
+
+def test_add_requests_is_all_or_nothing(llm_engine: LLMEngine) -> None:
+    async def body(aengine: AsyncLLMEngine):
+        params = SamplingParams(max_tokens=2, n=3)
+        for prompts in ([PROMPT] * 2, [[1, 2]] * 2):  # 6 sequences, more than the engine holds
+            with pytest.raises(CapacityError) as e:
+                await aengine.add_requests(prompts, params, ["a", "b"])
+            assert isinstance(e.value, InvalidRequestError) and "4" in str(e.value)
+        # the second prompt is bad: the first one, added just before it, is withdrawn
+        with pytest.raises(InvalidRequestError):
+            await aengine.add_requests([PROMPT, [10**9]], SamplingParams(max_tokens=2), ["a", "b"])
+        assert aengine.num_pending_seqs == 0
+        left = await aengine.call(
+            lambda eng: (eng.has_unfinished_requests(), dict(eng.outputs.states))
+        )
+        assert left == (False, {})
+        streams = await aengine.add_requests(
+            [PROMPT, [1, 2]], SamplingParams(max_tokens=2, n=2), ["a", "b"]
+        )
+        outs = [await s.final() for s in streams]
+        return [len(o.outputs) for o in outs]
+
+    assert run(llm_engine, body, max_pending_seqs=4) == [2, 2]

@@ -54,6 +54,11 @@ def test_api_key(limited: Server) -> None:
         openai.OpenAI(base_url=limited.base_url, api_key="wrong", max_retries=0).models.list()
     client = openai.OpenAI(base_url=limited.base_url, api_key=KEY, max_retries=0)
     assert client.models.list().data[0].id == limited.model
+    # the OpenAPI document says which routes ask for the key
+    paths = httpx.get(f"{limited.url}/openapi.json").json()["paths"]
+    assert "401" in paths["/v1/completions"]["post"]["responses"]
+    assert "401" in paths["/v1/models"]["get"]["responses"]
+    assert "401" not in paths["/health"]["get"]["responses"]
 
 
 def test_oversized_body_is_413(limited: Server) -> None:
