@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,8 +36,7 @@ from tokenmill.engine.engine import LLMEngine
 pytestmark = pytest.mark.slow
 
 # examples per operation and mode; TOKENMILL_FUZZ_EXAMPLES raises it for a longer local run
-EXAMPLES = int(os.environ.get("TOKENMILL_FUZZ_EXAMPLES", "25"))
-GENERATING = {"/v1/completions", "/v1/chat/completions"}
+EXAMPLES = int(os.environ.get("TOKENMILL_FUZZ_EXAMPLES", "100"))
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -108,7 +106,6 @@ def test_every_answer_is_documented(fuzz_server: Server, mode: GenerationMode) -
     schema = schemathesis.openapi.from_dict(tightened(doc) if mode.is_positive else doc)
     failures = []
     ran = []
-    t0 = time.monotonic()
     for result in schema.get_all_operations():
         operation = result.ok()
         ran.append(operation.label)
@@ -118,8 +115,6 @@ def test_every_answer_is_documented(fuzz_server: Server, mode: GenerationMode) -
             assert not mode.is_positive and operation.method.lower() == "get", operation.label
         except Exception as e:  # collect every operation's failure, not just the first
             failures.append(f"{operation.label}: {e}")
-    elapsed = time.monotonic() - t0
     assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize"} <= set(ran)
     assert not failures, "\n\n".join(failures)
-    assert elapsed < 120, f"the fuzz run took {elapsed:.0f}s"
     fuzz_server.wait_idle()

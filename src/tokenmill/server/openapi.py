@@ -14,181 +14,24 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-# -- documented shapes (the serving modules build these as plain dicts) ------------------------
-
-
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ErrorDetail(_Doc):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(_Doc):
-    """OpenAI's error shape, for every status >= 400."""
-
-    error: ErrorDetail
-
-
-class PromptTokensDetails(_Doc):
-    cached_tokens: int
-
-
-class Usage(_Doc):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
-class CompletionLogprobs(_Doc):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CompletionChoice(_Doc):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-class CompletionResponse(_Doc):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class TopLogprob(_Doc):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(_Doc):
-    content: list[ChatTokenLogprob]
-
-
-class AssistantMessage(_Doc):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(_Doc):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-class ChatCompletionResponse(_Doc):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class CompletionChunk(_Doc):
-    """One server-sent event of a completion stream; the last one (include_usage) has no
-    choices and the usage."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class ChatDelta(_Doc):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(_Doc):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None
-    finish_reason: str | None
-
-
-class ChatCompletionChunk(_Doc):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(_Doc):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    root: str
-    max_model_len: int
-
-
-class ModelList(_Doc):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class HealthResponse(_Doc):
-    status: Literal["ok"]
-
-
-class VersionResponse(_Doc):
-    version: str
-
-
-class TokenizeResponse(_Doc):
-    tokens: list[int]
-    count: int
-    max_model_len: int
-
-
-class DetokenizeResponse(_Doc):
-    prompt: str
-
-
-_MODELS: list[type[BaseModel]] = [
-    ErrorResponse,
-    CompletionResponse,
+from tokenmill.server.responses import (
+    DOCUMENTED,
+    ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionChunk,
-    ChatCompletionChunk,
-    ModelList,
-    HealthResponse,
-    VersionResponse,
-    TokenizeResponse,
+    CompletionResponse,
     DetokenizeResponse,
-]
-
-# -- statuses per route ------------------------------------------------------------------------
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+    TokenizeResponse,
+    VersionResponse,
+)
 
 _ERRORS = {
     400: "Invalid request: the message names the parameter and its limit",
@@ -263,7 +106,7 @@ def finish(doc: dict[str, Any], limits: Limits) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    for model in _MODELS:
+    for model in DOCUMENTED:
         found = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(found.pop("$defs", {}))
         schemas[model.__name__] = found
@@ -279,10 +122,11 @@ def _responses(method: str, path: str, generated: dict[str, Any], limits: Limits
     out: dict[str, Any] = {"200": dict(generated.get("200", {"description": "OK"}))}
     if ok is not None:
         content = _ref(ok) if isinstance(ok, type) else ok
+        description = "OK"
         if path in _STREAMING:
             content = {**content, **_events(_STREAMING[path])}
-        out["200"] = {"description": "OK (server-sent events when stream is true)"
-                      if path in _STREAMING else "OK", "content": content}  # fmt: skip
+            description = "OK (server-sent events when stream is true)"
+        out["200"] = {"description": description, "content": content}
     statuses = sorted({*errors, *((401,) if limits.needs_api_key(path) else ())})
     for status in statuses:
         resp: dict[str, Any] = {"description": _ERRORS[status], "content": _ref(ErrorResponse)}
