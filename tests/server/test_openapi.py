@@ -61,6 +61,8 @@ def test_limits_of_the_served_model(doc: dict[str, Any], server: Server) -> None
     assert req.is_valid(ok)
     for bad in (
         {"prompt": [vocab]},
+        {"prompt": [0] * context},
+        {"prompt": [[1], [0] * context]},
         {"max_tokens": context},
         {"min_tokens": context},
         {"model": "other"},

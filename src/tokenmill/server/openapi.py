@@ -4,9 +4,10 @@ FastAPI's generated document is post-processed once: every operation lists the s
 server sends (400 rather than FastAPI's 422, 401/413 from the request guard, 503 with
 Retry-After) with OpenAI's error body; 200s get their real shapes and media types (JSON or
 server-sent events, Prometheus text for /metrics); and the request limits that depend on the
-served model (`x-limit` markers in protocol.py: token ids, sequence length, prompts per request,
-model names) are filled in. So a request the document accepts is only ever refused for what a
-schema cannot say (a prompt plus max_tokens over the context, a cross-field rule, a full queue).
+served model (`x-limit` markers in protocol.py: token ids, sequence and prompt lengths, prompts
+per request; model names) are filled in. So a request the document accepts is only refused for
+what a schema cannot say (a text prompt plus max_tokens over the context, a cross-field rule,
+a full queue).
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ def _fill_limits(schemas: dict[str, Any], limits: Limits) -> None:
             node["pattern"] = f"^0*({_below(limits.vocab_size)})$"
         elif kind == "seq_len":  # a prompt has at least one token
             node["maximum"] = limits.max_seq_len - 1
+        elif kind == "prompt_len":  # and leaves room for at least one more
+            node["maxItems"] = limits.max_seq_len - 1
         elif kind == "num_prompts" and limits.max_pending_seqs is not None:
             node["maxItems"] = limits.max_pending_seqs
     names = {"type": "string", "enum": list(limits.model_names)}

@@ -65,11 +65,11 @@ _PROMPT_SCHEMA = {
     "anyOf": [
         _TEXT,
         {"type": "array", "minItems": 1, "items": _TEXT, "x-limit": "num_prompts"},
-        {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+        {"type": "array", "minItems": 1, "items": _TOKEN_ID, "x-limit": "prompt_len"},
         {
             "type": "array",
             "minItems": 1,
-            "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+            "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID, "x-limit": "prompt_len"},
             "x-limit": "num_prompts",
         },
     ]
