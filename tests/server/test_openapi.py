@@ -78,8 +78,15 @@ def test_limits_of_the_served_model(doc: dict[str, Any], server: Server) -> None
         {"suffix": "x"},
         {"prompt": ""},
         {"prompt": []},
+        {"stream_options": {"include_usage": True}},
     ):
         assert not req.is_valid({**ok, **bad}), bad
+    assert req.is_valid({**ok, "stream": True, "stream_options": {"include_usage": True}})
+    chat = validator(doc, "ChatCompletionRequest")
+    messages = [{"role": "user", "content": "hi"}]
+    assert not chat.is_valid({"messages": messages, "top_logprobs": 2})
+    assert chat.is_valid({"messages": messages, "top_logprobs": 2, "logprobs": True})
+    assert not chat.is_valid({"messages": []})
     assert req.is_valid({**ok, "logit_bias": {str(vocab - 1): -100, "007": 100}})
 
 

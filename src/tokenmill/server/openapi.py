@@ -20,6 +20,12 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from tokenmill.server.responses import (
     DOCUMENTED,
     ChatCompletionChunk,
@@ -34,6 +40,7 @@ from tokenmill.server.responses import (
     VersionResponse,
 )
 
+_REQUESTS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 _ERRORS = {
     400: "Invalid request: the message names the parameter and its limit",
     401: "Missing or wrong API key (`Authorization: Bearer <key>`)",
@@ -107,7 +114,9 @@ def finish(doc: dict[str, Any], limits: Limits) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    for model in DOCUMENTED:
+    # pydantic's own schemas: FastAPI's document model turns integer bounds into floats, and
+    # 2^64 - 1 as a float is 2^64.
+    for model in (*_REQUESTS, *DOCUMENTED):
         found = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(found.pop("$defs", {}))
         schemas[model.__name__] = found

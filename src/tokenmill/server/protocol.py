@@ -82,6 +82,18 @@ _STOP_SCHEMA = {
         {"type": "null"},
     ]
 }
+
+
+def _needs(field: str, kind: str, other: str) -> dict[str, Any]:
+    """JSON Schema for "when `field` is a `kind` (not null), `other` must be true"."""
+    return {
+        "if": {"properties": {field: {"type": kind}}, "required": [field]},
+        "then": {"properties": {other: {"const": True}}, "required": [other]},
+    }
+
+
+_STREAM_OPTIONS_NEED_STREAM = _needs("stream_options", "object", "stream")
+_TOP_LOGPROBS_NEED_LOGPROBS = _needs("top_logprobs", "integer", "logprobs")
 _TOKEN_KEY = re.compile(r"[0-9]+")
 _LOGIT_BIAS_SCHEMA = {
     "anyOf": [
@@ -143,7 +155,7 @@ class _SamplingFields(_Request):
         None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
     )
     ignore_eos: StrictBool = False
-    min_tokens: Annotated[TokenCount, Field(ge=0)] = 0
+    min_tokens: Annotated[TokenCount, Field(ge=0, description="at most max_tokens")] = 0
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
@@ -202,6 +214,8 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]})
+
     prompt: Annotated[
         str | list[str] | list[StrictInt] | list[list[StrictInt]], WithJsonSchema(_PROMPT_SCHEMA)
     ]
@@ -281,6 +295,10 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, _TOP_LOGPROBS_NEED_LOGPROBS]}
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Annotated[TokenCount, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[TokenCount, Field(ge=1)] | None = None
