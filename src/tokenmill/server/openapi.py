@@ -117,7 +117,7 @@ def finish(doc: dict[str, Any], limits: Limits) -> dict[str, Any]:
     # pydantic's own schemas: FastAPI's document model turns integer bounds into floats, and
     # 2^64 - 1 as a float is 2^64.
     for model in (*_REQUESTS, *DOCUMENTED):
-        found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        found = copy.deepcopy(model.model_json_schema(ref_template="#/components/schemas/{model}"))
         schemas.update(found.pop("$defs", {}))
         schemas[model.__name__] = found
     for path, ops in doc.get("paths", {}).items():

@@ -1,6 +1,6 @@
 """OpenAI-compatible request models (pydantic, at the HTTP edge only) and their translation to
 SamplingParams. Responses are built as plain dicts by the serving modules (their documented
-shapes are in openapi.py).
+shapes are in responses.py).
 
 The value ranges come from sampling_params.py, so the OpenAPI document states the limits the
 server enforces. Limits that depend on the served model (vocabulary, context length, queue) are
