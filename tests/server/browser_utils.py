@@ -1,7 +1,10 @@
 """Headless Chromium for the chat page's tests: Playwright's Python driver over the system's
 chromium (Debian's `chromium` package; `playwright install` is never needed). Without a browser
 the tests skip, except in CI (CI=true), where a missing browser fails them: `make test` installs
-chromium where it can."""
+chromium where it can.
+
+The page's Content-Security-Policy forbids eval: `page.wait_for_function` needs a function
+(`"() => ..."`), since a bare expression string is eval'd in the page and refused."""
 
 from __future__ import annotations
 
