@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 import tokenmill
 from tokenmill.engine.async_engine import AsyncLLMEngine
+from tokenmill.server.chat_page import add_chat_page
 from tokenmill.server.errors import APIError, error_response, install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.middleware import RequestGuard
@@ -129,4 +130,5 @@ def create_app(
             raise APIError(400, f"tokens must be in [0, {ctx.vocab_size}); got {bad[:5]}", "tokens")
         return {"prompt": ctx.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
+    add_chat_page(app)
     return app
