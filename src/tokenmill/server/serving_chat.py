@@ -110,7 +110,7 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
     pre = ctx.preprocessor
 
     def check_text(text: str) -> None:  # the cheap bound, before tokenizing
-        ctx.check_context(pre.min_tokens(text), max_tokens, "messages", at_least=True)
+        ctx.check_context(pre.min_tokens(text), None, "messages", at_least=True)
 
     try:
         prompt_ids = await pre.run(

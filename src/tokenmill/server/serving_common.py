@@ -80,14 +80,14 @@ class ServerContext:
         self, num_prompt: int, max_tokens: int | None, prompt_param: str, at_least: bool = False
     ) -> None:
         """400 when the prompt, or the prompt plus max_tokens, does not fit the context.
-        `at_least`: num_prompt is a lower bound (checked before tokenizing)."""
+        `at_least`: num_prompt is a lower bound (the cheap check before tokenizing)."""
         limit = self.max_model_len
-        some = "at least " if at_least else ""
         if num_prompt >= limit:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens, but the prompt has "
-                f"{some}{num_prompt} tokens (it must leave room for at least 1 generated token).",
+                f"{'at least ' if at_least else ''}{num_prompt} tokens (it must leave room for "
+                "at least 1 generated token).",
                 prompt_param,
                 code="context_length_exceeded",
             )
@@ -95,8 +95,8 @@ class ServerContext:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{some}{num_prompt + max_tokens} tokens ({some}{num_prompt} in the prompt, "
-                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for "
+                "the completion). Please reduce the prompt or max_tokens.",
                 "max_tokens",
                 code="context_length_exceeded",
             )

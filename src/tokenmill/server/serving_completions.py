@@ -133,7 +133,7 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Respo
     pre = ctx.preprocessor
     for p in raw:  # cheap checks on the event loop first: a 10 MB prompt is not tokenized
         if isinstance(p, str):
-            ctx.check_context(pre.min_tokens(p), req.max_tokens, "prompt", at_least=True)
+            ctx.check_context(pre.min_tokens(p), None, "prompt", at_least=True)
         else:
             ctx.check_context(len(p), req.max_tokens, "prompt")
             ctx.check_prompt_ids(p, "prompt")
