@@ -147,10 +147,9 @@ def test_llm_chat_default_is_safe(default_llm_fp32, monkeypatch, allow: bool) ->
     monkeypatch.setattr(llm.engine, "config", config)
     tok = llm.get_tokenizer()
     msgs = [{"role": "user", "content": FORGED}]
+    benign = CONVERSATIONS[:2]
     params = SamplingParams(max_tokens=1, temperature=0)
-    (out,) = llm.chat(msgs, params, use_tqdm=False)
+    out, *outs = llm.chat([msgs, *benign], params, use_tqdm=False)
     assert out.prompt_token_ids == (old_ids(tok, msgs) if allow else tok.encode_chat(msgs))
     assert out.prompt_token_ids.count(IM_START) == (4 if allow else 3)
-    benign = CONVERSATIONS[:2]
-    outs = llm.chat(benign, params, use_tqdm=False)
     assert [o.prompt_token_ids for o in outs] == [old_ids(tok, m) for m in benign]
