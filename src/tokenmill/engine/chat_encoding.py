@@ -35,13 +35,12 @@ class ChatEncoder:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
         backend = tokenizer.backend
-        special = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-        special = {s: i for s, i in special.items() if s}
-        self._ids = special
-        self._strings = sorted(special)
+        added = [(i, t) for i, t in backend.get_added_tokens_decoder().items() if t.special]
+        self._ids = {t.content: i for i, t in added if t.content}
+        self._strings = sorted(self._ids)
         self._index = {s: j for j, s in enumerate(self._strings)}
-        self._pattern = _trie_regex(self._strings) if special else None
-        normalized = any(t.normalized for t in backend.get_added_tokens_decoder().values())
+        self._pattern = _trie_regex(self._strings) if self._strings else None
+        normalized = any(t.normalized for _, t in added)  # matched after the normalizer
         self._normalizer = backend.normalizer if normalized else None
 
     def encode(
