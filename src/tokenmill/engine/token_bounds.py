@@ -72,7 +72,9 @@ def token_bound(tok: FastTokenizer) -> TokenBound | None:
         if dropped and spec.get("normalizer") is not None:
             return None  # normalizing could turn kept bytes into dropped ones
         chars = frozenset(alphabet)
-        longest = max(sum(1 if c in chars else len(c.encode()) for c in t) for t in vocab)
+        longest = max(
+            (sum(1 if c in chars else len(c.encode()) for c in t) for t in vocab), default=1
+        )
     else:
         has_bytes = all(f"<0x{b:02X}>" in vocab for b in range(256))
         falls_back = model.get("byte_fallback") and has_bytes  # every character has tokens
