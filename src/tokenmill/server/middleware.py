@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset(
     {"/", "/health", "/version", "/favicon.ico", "/docs", "/redoc", "/openapi.json"}
 )
-OPEN_PREFIXES = ("/static/", "/docs/")
+OPEN_PREFIXES = ("/static", "/docs/")
 
 
 def needs_key(path: str) -> bool:
