@@ -1,6 +1,6 @@
 """GET /: the chat page, one static file of HTML, CSS and vanilla JS (no CDN, no build step).
 
-The page holds no secrets, so it is served without the API key (the guard checks only /v1/*); the
+The page holds no secrets, so it is served without the API key (the guard leaves `/` open); the
 page sends the key the user types on its own /v1 requests. Its Content-Security-Policy allows
 exactly the page's inline script and style (by hash) and requests to its own origin: model text is
 rendered as text, and even if some ever reached the DOM as markup, no injected script or event

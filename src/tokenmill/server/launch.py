@@ -29,6 +29,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
         api_key=api_key,
         cors_origins=cfg.cors_origins or (),
         max_body_bytes=cfg.max_request_bytes,
+        preprocess_timeout_s=cfg.preprocess_timeout_s,
+        preprocess_workers=cfg.preprocess_workers,
     )
     url = f"http://{cfg.host}:{cfg.port}"
     logger.warning(

@@ -17,6 +17,7 @@ from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.outputs import RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import APIError, error_body, to_api_error
+from tokenmill.server.preprocess import Preprocessor
 
 
 @dataclass
@@ -28,15 +29,22 @@ class ServerContext:
     tokenizer: Tokenizer
     max_model_len: int
     vocab_size: int
+    preprocessor: Preprocessor  # tokenizing and chat rendering, off the event loop
 
     @classmethod
     def create(
-        cls, engine: AsyncLLMEngine, served_model_names: Sequence[str] | None = None
+        cls,
+        engine: AsyncLLMEngine,
+        served_model_names: Sequence[str] | None = None,
+        **preprocess: Any,
     ) -> ServerContext:
+        """`preprocess`: Preprocessor options (timeout_s, num_workers)."""
         core = engine.engine
         names = list(served_model_names or [core.model_name])
         max_len = min(core.max_model_len, core.scheduler.max_model_len)
-        return cls(engine, names, core.tokenizer, max_len, core.model_config.vocab_size)
+        allow = core.config.allow_special_tokens_in_content
+        pre = Preprocessor(core.tokenizer, max_len, allow_special_in_content=allow, **preprocess)
+        return cls(engine, names, core.tokenizer, max_len, core.model_config.vocab_size, pre)
 
     @property
     def model_name(self) -> str:
@@ -68,14 +76,18 @@ class ServerContext:
                 400, f"{param} token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param
             )
 
-    def check_context(self, num_prompt: int, max_tokens: int | None, prompt_param: str) -> None:
-        """400 when the prompt, or the prompt plus max_tokens, does not fit the context."""
+    def check_context(
+        self, num_prompt: int, max_tokens: int | None, prompt_param: str, at_least: bool = False
+    ) -> None:
+        """400 when the prompt, or the prompt plus max_tokens, does not fit the context.
+        `at_least`: num_prompt is a lower bound (the cheap check before tokenizing)."""
         limit = self.max_model_len
         if num_prompt >= limit:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens, but the prompt has "
-                f"{num_prompt} tokens (it must leave room for at least 1 generated token).",
+                f"{'at least ' if at_least else ''}{num_prompt} tokens (it must leave room for "
+                "at least 1 generated token).",
                 prompt_param,
                 code="context_length_exceeded",
             )
