@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU machines get the CPU build of torch (it lies on disk here); never a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: setup run chat test lint bench clean
+.PHONY: setup test-browser run chat test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,13 +18,28 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The chat page's tests drive the system's chromium through Playwright (never a downloaded browser
+# build). As root with apt, Debian's chromium is installed when missing; elsewhere a note is
+# printed and those tests skip (under CI=true they fail instead).
+test-browser:
+	@for b in "$$TOKENMILL_CHROMIUM" chromium chromium-browser google-chrome google-chrome-stable; do \
+	  [ -n "$$b" ] && command -v "$$b" >/dev/null 2>&1 && exit 0; \
+	done; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (apt-get) for the chat page's browser tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	    >/dev/null || echo "note: could not install chromium; the browser tests need it"; \
+	else \
+	  echo "note: no chromium found; the chat page's browser tests skip (apt-get install chromium)"; \
+	fi
+
 run: setup
 	$(BIN)/tokenmill serve
 
 chat: setup
 	$(BIN)/tokenmill chat
 
-test: setup
+test: setup test-browser
 	$(BIN)/python -m pytest -q
 
 lint: setup

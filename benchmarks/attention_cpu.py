@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from common import host_info  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill.layers.attn_backends.cpu_ext import load_cpu_attention, paged_prefill_attention
 
@@ -153,6 +154,8 @@ def main() -> None:
     if ops is None:
         raise SystemExit("the C++ extension could not be built; nothing to compare")
     dtype = getattr(torch, args.dtype)
+    host = host_info()
+    print(f"host: {host['cpu_model']} ({host['cpu_id']}), torch {host['torch']}")
     print(
         f"{'prefill' if args.prefill else 'decode'}: H={H} H_kv={H_KV} D={D} block={BLOCK} "
         f"{args.dtype} layers={args.layers} threads={torch.get_num_threads()}"

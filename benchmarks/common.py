@@ -1,9 +1,12 @@
-"""Shared helpers for benchmarks: deterministic prompts of exact token lengths, results JSON."""
+"""Shared helpers for benchmarks: deterministic prompts of exact token lengths, results JSON
+(with the host that produced them)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import random
 import statistics
 import time
@@ -29,11 +32,52 @@ def make_prompts(tokenizer, num: int, num_tokens: int, seed: int = 0) -> list[li
     return prompts
 
 
+# /proc/cpuinfo flags that decide which kernel code runs (vector ISA, FMA, dot products).
+_ISA_FLAG_PREFIXES = ("sse", "ssse", "avx", "amx", "fma", "f16c")
+
+
+def host_info() -> dict:
+    """The machine the figures come from, for every results JSON (figures from different CPUs
+    must never be mixed: the C++ kernels are built for the host, -march=native):
+    {"cpu_model", "cpu_id" (vendor, family, model, stepping: virtual machines often show a
+    generic model name), "cpu_flags" (the vector-ISA subset of /proc/cpuinfo's), "cpus",
+    "torch"}."""
+    info: dict[str, str] = {}
+    flags: list[str] = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("vendor_id", "cpu family", "model", "model name", "stepping"):
+                    info.setdefault(key, value.strip())
+                elif key == "flags":  # the first core's; all list the same
+                    flags = sorted(v for v in value.split() if v.startswith(_ISA_FLAG_PREFIXES))
+                    break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    cpu_id = [f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if k in info]
+    return {
+        "cpu_model": info.get("model name") or platform.processor() or None,
+        "cpu_id": " ".join([info.get("vendor_id", ""), *cpu_id]).strip() or None,
+        "cpu_flags": flags,
+        "cpus": os.cpu_count(),
+        "torch": torch_version,
+    }
+
+
 def write_results(args: argparse.Namespace, results: dict) -> None:
-    """{"config": the arguments, "results": results} as JSON at `args.out`."""
+    """{"config": the arguments, "host": host_info(), "results": results} as JSON at `args.out`."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
+    doc = {"config": vars(args), "host": host_info(), "results": results}
+    out.write_text(json.dumps(doc, indent=2))
 
 
 def time_ms(fn: Callable[[], object], device, iters: int) -> float:

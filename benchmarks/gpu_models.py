@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import hf_generate  # benchmarks/ is on the path (gpu_check puts it there)
+from common import hf_generate, host_info  # benchmarks/ is on the path (gpu_check puts it there)
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -340,6 +340,7 @@ def run_meta(root: Path) -> dict[str, Any]:
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": host_info(),
     }
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import hf_generate, make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
+from common import hf_generate, host_info, make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.loader.model_source import default_model_path
@@ -132,7 +132,7 @@ def main() -> None:
     prompts = make_prompts(tok, args.num_requests, args.prompt_len)
     long_prompt = make_prompts(tok, 1, args.prefill_len, seed=99)[0]
 
-    results = {"config": vars(args), "torch_threads": torch.get_num_threads()}
+    results = {"config": vars(args), "host": host_info(), "torch_threads": torch.get_num_threads()}
     results["tokenmill"] = bench_tokenmill(args, prompts, long_prompt)
     print("tokenmill", json.dumps(results["tokenmill"], indent=1))
     if not args.skip_hf:

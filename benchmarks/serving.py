@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tests load this file by path
+from common import host_info  # noqa: E402
 
 _WORDS = (
     "the river mountain city ancient library engine quiet storm garden light winter market "
@@ -361,6 +365,7 @@ def write_report(
     """OUT.json (NaN written as null) and OUT.png."""
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
+    report = {**report, "host": host_info()}  # the client's machine (the server's if local)
     json_path.write_text(json.dumps(_json_safe(report), indent=2, default=str))
     save_plot(png_path, title, draw)
     print(f"\nwrote {json_path} and {png_path}")

@@ -26,6 +26,8 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+from common import host_info  # noqa: I001  (benchmarks/ is run as a script folder)
+
 from tokenmill import LLM, SamplingParams
 from tokenmill.engine.engine import LLMEngine
 
@@ -289,8 +291,9 @@ def main() -> None:
     on, off = median_of(runs[True]), median_of(runs[False])
     summary = report(on, off, turns, reqs)
     if args.json:
+        doc = {"args": vars(args), "host": host_info(), "on": on, "off": off, "summary": summary}
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "on": on, "off": off, "summary": summary}, f, indent=1)
+            json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":

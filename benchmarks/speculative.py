@@ -24,6 +24,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from common import host_info  # noqa: I001  (benchmarks/ is run as a script folder)
+
 from tokenmill import LLM, SamplingParams
 from tokenmill.spec_decode.speculator import build_proposer
 from tokenmill.spec_decode.suffix import SuffixProposer
@@ -334,7 +336,7 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "host": host_info(), "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

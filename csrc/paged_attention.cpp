@@ -11,7 +11,10 @@
 // kPartition are split and the partial softmaxes merged in a fixed order. How a row is split
 // depends only on its own length, and each item is computed by one thread in a fixed order, so
 // a row's output never depends on the other rows of the batch nor on the thread count (batch
-// invariance by construction).
+// invariance by construction). Which code path a head takes (vector body or remainder of a
+// loop, register group of heads, one or all kv heads per item) may vary with the batch, so
+// every fused multiply-add is explicit (at::vec::fmadd, std::fma) and the build forbids the
+// compiler to fuse any other (-ffp-contract=off): each path does the same operations per lane.
 //
 // The extension is JIT-built for the host (-march=native), so the ISA of at::vec is chosen here
 // from the compiler's target macros; these must be defined before any ATen vec header.
@@ -406,7 +409,9 @@ void attend(const Problem& p, int64_t b, int64_t kh0, int64_t kh1, int64_t t_beg
         const int n = static_cast<int>(std::min<int64_t>(kVLen, h0 + G - g));
         fVec::loadu(s.alpha.data() + g, n).exp_u20().store(s.alpha.data() + g, n);
       }
-      for (int64_t g = h0; g < h0 + G; ++g) s.l[g] = s.l[g] * s.alpha[g] + s.tile_sum[g];
+      for (int64_t g = h0; g < h0 + G; ++g) {
+        s.l[g] = std::fma(s.l[g], s.alpha[g], s.tile_sum[g]);
+      }
 
       // Values: heads in groups whose accumulators fit in registers, so each row is widened
       // once per group; the first group prefetches this kv head's rows of the next tile.
@@ -528,7 +533,7 @@ void run_decode(const Problem& p, int64_t batch) {
       for (int64_t part = 0; part < parts; ++part) {
         const float* src = at_part(part);
         const float w = std::exp(src[0] - m);
-        l += w * src[1];
+        l = std::fma(w, src[1], l);
         const fVec wv(w);
         for (int64_t c = 0; c < D; c += kVLen) {
           at::vec::fmadd(wv, fVec::loadu(src + 2 + c), fVec::loadu(acc.data() + c))

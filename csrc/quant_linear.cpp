@@ -14,7 +14,9 @@
 // Activations are quantized per row and block of 32 to int8 with a float scale (like llama.cpp's
 // Q8_1), then one vpdpbusd does 64 multiply-adds: sum_k w_k x_k = d dx sum_k q_k xq_k
 // + m dx sum_k xq_k per block. Each output row is computed by one thread in a fixed order that
-// does not depend on M, so a row's result is the same whatever else is in the batch.
+// does not depend on M, so a row's result is the same whatever else is in the batch: a block's
+// integer dot product is exact (any order of int32 additions gives the same sum), and its two
+// float updates are the same explicit fused multiply-adds in every pass width (see tile_kernel).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -117,7 +119,8 @@ inline void tile_kernel(const uint8_t* rec0, int64_t nb, const int8_t* xq, int64
     for (int i = 0; i < MR; ++i) {
       const int8_t* xb = xq + i * K + b * kBlock;
       // Independent accumulator chains: a single chain of 8 dot products waits on vpdpbusd's
-      // latency (measured 2.7x slower than bf16 at 64 rows with one chain).
+      // latency (measured 2.7x slower than bf16 at 64 rows with one chain). Their number may
+      // depend on MR because the sum is exact: |sum| <= 32 * 255 * 128 < 2^31.
       constexpr int kChains = MR == 1 ? 4 : 2;
       __m512i chain[kChains];
       for (int c = 0; c < kChains; ++c) chain[c] = _mm512_setzero_si512();
@@ -128,6 +131,7 @@ inline void tile_kernel(const uint8_t* rec0, int64_t nb, const int8_t* xq, int64
       }
       __m512i ia = _mm512_add_epi32(chain[0], chain[1]);
       if constexpr (kChains == 4) ia = _mm512_add_epi32(ia, _mm512_add_epi32(chain[2], chain[3]));
+      // The float part, identical for every MR: one product, two explicit fused multiply-adds.
       const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(dx[i * nb + b]));
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), scale, acc[i]);
       acc[i] = _mm512_fmadd_ps(mo, _mm512_set1_ps(sx[i * nb + b]), acc[i]);

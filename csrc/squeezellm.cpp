@@ -10,19 +10,25 @@
 // lanes and looked up with one vpermps (which reads only the low 4 bits of each lane, so the high
 // nibble needs no mask), then multiplied with x in float32. The decoded weights of a 16-wide
 // chunk are reused across up to 4 rows of x. Each output element is computed by one thread in a
-// fixed order (two accumulators over alternate chunks, the tail, then the sparse entries in CSR
-// order) that does not depend on M, so a row's result is the same whatever else is in the batch.
+// fixed order (two accumulators over alternate chunks, the masked tail chunk, then the sparse
+// entries in CSR order), every multiply-add an explicit fused one, that depends on K only: a
+// row's result is bit-identical whatever else is in the batch and however many rows share a
+// pass (see row_dot).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TOKENMILL_LUT_AVX512 1
 #include <immintrin.h>
+#else
+#define TOKENMILL_LUT_AVX512 0
 #endif
 
 namespace {
@@ -31,26 +37,46 @@ constexpr int kMR = 4;  // rows of x per pass over a weight row
 
 inline int code_at(const uint8_t* row, int64_t k) { return (row[k >> 1] >> ((k & 1) * 4)) & 0xF; }
 
-#if defined(__AVX512F__)
-inline __m512 decode16(const uint8_t* p, __m512 table, __m512i shifts) {
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));  // 16 codes
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));        // b0 b0 b1 b1 ...
+#if TOKENMILL_LUT_AVX512
+// The weights of 16 codes held in the low 8 bytes of b.
+inline __m512 decode16_bytes(__m128i b, __m512 table, __m512i shifts) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // b0 b0 b1 b1 ...
   return _mm512_permutexvar_ps(_mm512_srlv_epi32(v, shifts), table);
+}
+
+inline __m512 decode16(const uint8_t* p, __m512 table, __m512i shifts) {
+  return decode16_bytes(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), table, shifts);
 }
 #endif
 
+// Scalar multiply-add in one rounding where the hardware has it. Written out, never left to the
+// compiler: the build has -ffp-contract=off, so `a * b + c` would round twice.
+inline float madd(float a, float b, float c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // out[i * ldy] = sum_k W[row, k] x[i, k] for the MR rows of x starting at x.
+//
+// Row i's arithmetic is the same sequence of operations for every MR (MR only says how many
+// rows share the decoded weights), so a row's result cannot depend on how many rows share the
+// call: 16-wide chunks go alternately into two accumulators by explicit fused multiply-adds
+// (the last, partial chunk masked, into the accumulator whose turn it is), one fixed horizontal
+// sum, then the sparse entries in CSR order by scalar fused multiply-adds.
 template <int MR>
 inline void row_dot(const uint8_t* codes, const float* lut, int64_t K, const float* x,
                     const int32_t* col, const float* val, int32_t j0, int32_t j1, float* out,
                     int64_t ldy) {
   float sum[MR];
-  int64_t k = 0;
-#if defined(__AVX512F__)
+#if TOKENMILL_LUT_AVX512
   const __m512 table = _mm512_loadu_ps(lut);
   const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
   __m512 acc0[MR], acc1[MR];
   for (int i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     const __m512 w0 = decode16(codes + k / 2, table, shifts);
     const __m512 w1 = decode16(codes + k / 2 + 8, table, shifts);
@@ -65,16 +91,32 @@ inline void row_dot(const uint8_t* codes, const float* lut, int64_t K, const flo
       acc0[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + i * K + k), acc0[i]);
     k += 16;
   }
+  if (k < K) {  // the last 1..15 columns; lanes past K leave the accumulator as it is
+    const int64_t rest = K - k;
+    const __mmask16 mask = static_cast<__mmask16>((1u << rest) - 1);
+    // masked: the codes row may end here (the next byte can be past the tensor)
+    const __m128i b = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << ((rest + 1) / 2)) - 1),
+                                           codes + k / 2);
+    const __m512 w = decode16_bytes(b, table, shifts);
+    auto last_chunk = [&](__m512(&acc)[MR]) {
+      for (int i = 0; i < MR; ++i)
+        acc[i] = _mm512_mask3_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + i * K + k), acc[i], mask);
+    };
+    if (k % 32 == 0)  // the accumulator whose turn it is (named, so both stay in registers)
+      last_chunk(acc0);
+    else
+      last_chunk(acc1);
+  }
   for (int i = 0; i < MR; ++i) sum[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
 #else
   for (int i = 0; i < MR; ++i) sum[i] = 0.0f;
-#endif
-  for (; k < K; ++k) {
+  for (int64_t k = 0; k < K; ++k) {
     const float w = lut[code_at(codes, k)];
-    for (int i = 0; i < MR; ++i) sum[i] += w * x[i * K + k];
+    for (int i = 0; i < MR; ++i) sum[i] = madd(w, x[i * K + k], sum[i]);
   }
+#endif
   for (int32_t j = j0; j < j1; ++j)  // the row's sparse outliers, in CSR order
-    for (int i = 0; i < MR; ++i) sum[i] += val[j] * x[i * K + col[j]];
+    for (int i = 0; i < MR; ++i) sum[i] = madd(val[j], x[i * K + col[j]], sum[i]);
   for (int i = 0; i < MR; ++i) out[i * ldy] = sum[i];
 }
 
@@ -123,7 +165,7 @@ at::Tensor lut_dequantize(const at::Tensor& codes, const at::Tensor& lut, const 
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* cr = cp + r * cstride;
       int64_t k0 = 0;
-#if defined(__AVX512F__)
+#if TOKENMILL_LUT_AVX512
       const __m512 table = _mm512_loadu_ps(lp + r * 16);
       const __m512i shifts = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
       for (; k0 + 16 <= K; k0 += 16) _mm512_storeu_ps(row.data() + k0, decode16(cr + k0 / 2, table, shifts));
@@ -132,7 +174,7 @@ at::Tensor lut_dequantize(const at::Tensor& codes, const at::Tensor& lut, const 
       for (int32_t j = rp[r]; j < rp[r + 1]; ++j) row[ci[j]] += vp[j];
       at::BFloat16* o = op + r * K;
       int64_t k = 0;
-#if defined(__AVX512F__)
+#if TOKENMILL_LUT_AVX512
       for (; k + 16 <= K; k += 16) {  // float32 -> bfloat16, round to nearest even
         const __m512i bits = _mm512_castps_si512(_mm512_loadu_ps(row.data() + k));
         const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));

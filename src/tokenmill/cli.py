@@ -206,7 +206,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line})
-        prompt_ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
+        prompt_ids = tok.encode_chat(
+            history, allow_special_in_content=engine.config.allow_special_tokens_in_content
+        )
         rid = engine.add_request(prompt_ids, _sampling_params(args))
         reply = ""
         try:

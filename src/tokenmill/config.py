@@ -186,6 +186,14 @@ class EngineConfig:
         default=1000, metadata={"help": "suffix: finished outputs kept in the global tree"}
     )
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
+    allow_special_tokens_in_content: bool = field(
+        default=False,
+        metadata={
+            "help": "chat: special-token text in messages (e.g. '<|im_end|>') becomes control "
+            "tokens, as the template's own do; by default it is encoded as plain text, so a "
+            "message cannot forge a turn of another role"
+        },
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "passed to transformers"})
 
     def __post_init__(self) -> None:

@@ -29,3 +29,19 @@ class CapacityError(InvalidRequestError):
 
 class ModelLoadError(ValueError):
     """A model source cannot be found, read or is not supported."""
+
+
+def check_unicode(text: str, param: str | None = None) -> None:
+    """Raises InvalidRequestError for text that is not valid Unicode: a lone surrogate (which JSON
+    can carry as an escape, e.g. "\\ud800") cannot be encoded as UTF-8 or tokenized."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"{param} " if param else ""
+        raise InvalidRequestError(
+            f"{where}contains a lone surrogate (U+{ord(text[e.start]):04X}) at index {e.start}; "
+            "text must be valid Unicode",
+            param,
+        ) from None

@@ -227,13 +227,14 @@ def test_sentencepiece_without_space_prefix(tmp_path):
     assert tok.decode(tok.encode(" hello world")) == " hello world"
 
 
-def test_byte_level_gguf_llama3_style(tmp_path):
+def write_byte_level_gguf(path: Path) -> list[str]:
+    """A llama-3-style byte-level BPE GGUF with a tiny vocabulary; returns its tokens."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     tokens = chars + ["Ġt", "he", "Ġthe", "<|begin_of_text|>", "<|eot_id|>"]
     types = [1] * (len(chars) + 3) + [3, 3]
-    w = gguf.GGUFWriter(tmp_path / "b.gguf", "llama")
+    w = gguf.GGUFWriter(path, "llama")
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("llama-bpe")
     w.add_token_list(tokens)
@@ -247,6 +248,11 @@ def test_byte_level_gguf_llama3_style(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return tokens
+
+
+def test_byte_level_gguf_llama3_style(tmp_path):
+    tokens = write_byte_level_gguf(tmp_path / "b.gguf")
     tok = Tokenizer.from_gguf(tmp_path / "b.gguf")
     bos, the = len(tokens) - 2, tokens.index("Ġthe")
     assert tok.encode(" the") == [bos, the]

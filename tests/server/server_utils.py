@@ -73,6 +73,8 @@ class Server:
 
     def __init__(self, engine: LLMEngine, **app_kwargs: Any) -> None:
         max_pending = app_kwargs.pop("max_pending_seqs", None)
+        key = app_kwargs.get("api_key")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}  # for /metrics
         self.engine = engine
         self.async_engine = AsyncLLMEngine(engine, max_pending_seqs=max_pending)
         self.app = create_app(self.async_engine, **app_kwargs)
@@ -102,7 +104,9 @@ class Server:
         assert not self._thread.is_alive(), "uvicorn did not stop"
 
     def metrics(self) -> Metrics:
-        return Metrics(httpx.get(f"{self.url}/metrics", timeout=30).text)
+        r = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=30)
+        assert r.status_code == 200, r.text
+        return Metrics(r.text)
 
     def wait_idle(self, timeout: float = 60) -> Metrics:
         """Waits until no sequence is pending and no KV block is used; returns the metrics."""

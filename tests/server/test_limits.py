@@ -47,9 +47,11 @@ def test_api_key(limited: Server) -> None:
     check_error(httpx.get(f"{limited.base_url}/models", headers={"Authorization": KEY}), 401)
     assert httpx.post(url, json=body(limited), headers=auth(), timeout=60).status_code == 200
     assert httpx.get(f"{limited.base_url}/models", headers=auth()).status_code == 200
-    # not under /v1: no key needed
+    # open without a key: /health, /version (and the web page); /metrics needs it
     assert httpx.get(f"{limited.url}/health").status_code == 200
-    assert httpx.get(f"{limited.url}/metrics").status_code == 200
+    assert httpx.get(f"{limited.url}/version").status_code == 200
+    check_error(httpx.get(f"{limited.url}/metrics"), 401)
+    assert httpx.get(f"{limited.url}/metrics", headers=auth()).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=limited.base_url, api_key="wrong", max_retries=0).models.list()
     client = openai.OpenAI(base_url=limited.base_url, api_key=KEY, max_retries=0)

@@ -62,11 +62,12 @@ class LLM:
     ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
+        # special-token text in the messages stays text (unless allow_special_tokens_in_content)
+        allow = self.engine.config.allow_special_tokens_in_content
         prompts = [
             {
-                "prompt_token_ids": tok.encode(
-                    tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt),
-                    add_special_tokens=False,
+                "prompt_token_ids": tok.encode_chat(
+                    conv, add_generation_prompt, allow_special_in_content=allow
                 )
             }
             for conv in conversations

@@ -5,9 +5,10 @@ Built from GGUF metadata (gpt2 byte-level BPE or llama SentencePiece) or from an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _FastTokenizer
 
-from tokenmill.errors import ModelLoadError
+from tokenmill.engine.token_bounds import TokenBound, token_bound
+from tokenmill.errors import ModelLoadError, check_unicode
 from tokenmill.loader.gguf import GGUFFile, read_gguf
 
 # llama.cpp token types (tokenizer.ggml.token_type)
@@ -99,11 +101,58 @@ class Tokenizer:
     def eos_token(self) -> str | None:
         return self._template_vars.get("eos_token")
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(
+        self, text: str, add_special_tokens: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Token ids of `text`. Special-token strings in it become their control tokens, unless
+        not `parse_special` (then they are text like any other). Raises InvalidRequestError for
+        text that is not valid Unicode. Releases the GIL while it works (the batch call does,
+        `encode` does not), so other threads run meanwhile."""
+        tok = self._tok if parse_special else self._text_backend
+        try:
+            return tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+        except TypeError:
+            if isinstance(text, str):
+                check_unicode(text)  # "TextEncodeInput must be ...": a lone surrogate
+            raise
+
+    @functools.cached_property
+    def _text_backend(self) -> _FastTokenizer:
+        tok = _FastTokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if len(ids) > _DECODE_RELEASE_GIL:  # the batch call releases the GIL
+            return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def token_bound(self) -> TokenBound | None:
+        """A cheap lower bound on encoded lengths (see token_bounds), or None where none holds."""
+        return token_bound(self._tok)
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        allow_special_in_content: bool = False,
+        check_text: Callable[[str], None] | None = None,
+        **kwargs: Any,
+    ) -> list[int]:
+        """The prompt ids of a conversation through the chat template. Special-token strings in
+        the messages stay text unless `allow_special_in_content` (see chat_encoding);
+        `check_text(rendered)` runs before tokenizing (a length bound, say)."""
+        from tokenmill.engine.chat_encoding import ChatEncoder
+
+        encoder = self.__dict__.get("_chat_encoder")
+        if encoder is None:
+            encoder = self.__dict__["_chat_encoder"] = ChatEncoder(self)
+        return encoder.encode(
+            messages, add_generation_prompt, allow_special_in_content, check_text, **kwargs
+        )
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [self._tok.id_to_token(int(i)) for i in ids]
@@ -234,6 +283,9 @@ class Tokenizer:
                 k: str(v) for k, v in hf.special_tokens_map.items() if isinstance(v, str)
             },
         )
+
+
+_DECODE_RELEASE_GIL = 1024  # longer id lists are decoded with the GIL released
 
 
 def _jinja_env() -> ImmutableSandboxedEnvironment:

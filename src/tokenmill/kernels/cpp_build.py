@@ -1,6 +1,6 @@
 """JIT builds of the C++ extensions in csrc/.
 
-`load_extension(name, source, probe)` builds `csrc/<source>` on first use (-O3 -march=native)
+`load_extension(name, source, probe)` builds `csrc/<source>` on first use (BUILD_FLAGS)
 into the torch_extensions cache (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), so later
 processes only reload it. If it cannot be built or loaded (no compiler, no ninja, ...) it logs one
 warning and returns None; callers keep a PyTorch fallback. TOKENMILL_NO_EXT=1 disables all of
@@ -21,6 +21,15 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
+
+# -march=native: the kernels use the host's widest vectors (AVX-512, VNNI, BF16). Never
+# -ffast-math. -ffp-contract=off: the compiler may not fuse `a * b + c` into one rounding on its
+# own, because whether it does depends on the target's tuning (it differs between CPU models)
+# and on how each template instance or loop version was vectorised, so the same row could
+# round differently alone and in a batch. Every fused multiply-add the kernels want is written
+# out (intrinsics, at::vec::fmadd, std::fma); everything else rounds per operation, the same
+# whatever the CPU and however many rows share a call. The flags are part of the build hash.
+BUILD_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 
 
 def find_source(name: str) -> Path | None:
@@ -94,13 +103,7 @@ def load_extension(
         cpp_extension.load(
             name=name,
             sources=[str(src)],
-            extra_cflags=[
-                "-O3",
-                "-march=native",
-                "-fopenmp",
-                f"-DTOKENMILL_HOST={host_tag()}",
-                *cflags,
-            ],
+            extra_cflags=[*BUILD_FLAGS, f"-DTOKENMILL_HOST={host_tag()}", *cflags],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

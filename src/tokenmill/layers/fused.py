@@ -27,10 +27,9 @@ def load_cpu_fused() -> Any | None:
     if not {"avx512f", "avx512bw"} <= cpu_flags():
         logger.info("this CPU has no AVX-512: the decoder layer runs unfused")
         return None
-    # No contraction into fused multiply-adds: PyTorch rounds the product and the sum apart.
-    return load_extension(
-        EXT_NAME, "fused_ops.cpp", "silu_mul", "fused CPU layer ops", ("-ffp-contract=off",)
-    )
+    # Built without contraction into fused multiply-adds (cpp_build.BUILD_FLAGS): PyTorch
+    # rounds the product and the sum apart.
+    return load_extension(EXT_NAME, "fused_ops.cpp", "silu_mul", "fused CPU layer ops")
 
 
 def fused_ops(x: torch.Tensor) -> Any | None:

@@ -13,17 +13,20 @@ from starlette.responses import JSONResponse, Response
 
 import tokenmill
 from tokenmill.engine.async_engine import AsyncLLMEngine
-from tokenmill.server.errors import APIError, error_response, install_error_handlers
+from tokenmill.server import serving_tokenize
+from tokenmill.server.chat_page import add_chat_page
+from tokenmill.server.errors import error_response, install_error_handlers
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.middleware import RequestGuard, needs_api_key
 from tokenmill.server.openapi import Limits, install_openapi
+from tokenmill.server.preprocess import DEFAULT_PREPROCESS_TIMEOUT_S
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
-from tokenmill.server.serving_chat import create_chat_completion, render_chat
+from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_common import ServerContext
 from tokenmill.server.serving_completions import create_completion
 
@@ -37,10 +40,17 @@ def create_app(
     api_key: str | None = None,
     cors_origins: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    preprocess_timeout_s: float = DEFAULT_PREPROCESS_TIMEOUT_S,
+    preprocess_workers: int | None = None,
 ) -> FastAPI:
     """Builds the app. The engine loop starts with the app (lifespan) and stops with it; the
     engine's StatsListener is replaced by this app's Prometheus metrics."""
-    ctx = ServerContext.create(engine, served_model_names)
+    ctx = ServerContext.create(
+        engine,
+        served_model_names,
+        timeout_s=preprocess_timeout_s,
+        num_workers=preprocess_workers,
+    )
     metrics = ServerMetrics(ctx.model_name)
     engine.stats_listener = metrics
     metrics.attach(engine)
@@ -51,6 +61,7 @@ def create_app(
         try:
             yield
         finally:
+            ctx.preprocessor.close()
             await engine.shutdown()
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
@@ -120,23 +131,12 @@ def create_app(
         return {"version": tokenmill.__version__}
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
-        ctx.check_model(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        if req.messages is not None:
-            ids = render_chat(ctx, req.messages, req.add_generation_prompt)
-        else:
-            assert req.prompt is not None
-            ids = ctx.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": ctx.max_model_len}
+    async def tokenize(req: TokenizeRequest) -> Response:
+        return await serving_tokenize.tokenize(req, ctx)
 
     @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
-        ctx.check_model(req.model)
-        bad = [t for t in req.tokens if not 0 <= t < ctx.vocab_size]
-        if bad:
-            raise APIError(400, f"tokens must be in [0, {ctx.vocab_size}); got {bad[:5]}", "tokens")
-        return {"prompt": ctx.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+    async def detokenize(req: DetokenizeRequest) -> Response:
+        return await serving_tokenize.detokenize(req, ctx)
 
+    add_chat_page(app)
     return app

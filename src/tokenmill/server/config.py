@@ -11,7 +11,10 @@ class ServerConfig:
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     api_key: str | None = field(
         default=None,
-        metadata={"help": "require 'Authorization: Bearer KEY' on /v1/* (env TOKENMILL_API_KEY)"},
+        metadata={
+            "help": "require 'Authorization: Bearer KEY' on every route but /, /static/*, "
+            "/health, /version and the API docs (env TOKENMILL_API_KEY)"
+        },
     )
     max_queue: int = field(
         default=256,
@@ -29,6 +32,21 @@ class ServerConfig:
     max_request_bytes: int = field(
         default=16 * 1024 * 1024, metadata={"help": "largest request body accepted (else 413)"}
     )
+    preprocess_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "most seconds a request may spend before the engine (waiting for a worker, "
+            "rendering the chat template, tokenizing); then 503 + Retry-After if it mostly "
+            "waited for a worker, else 413"
+        },
+    )
+    preprocess_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "threads that tokenize and render chat templates off the event loop "
+            "(default: min(4, CPUs))"
+        },
+    )
     uvicorn_log_level: str = field(default="info", metadata={"help": "uvicorn's log level"})
 
     def __post_init__(self) -> None:
@@ -38,3 +56,7 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if not self.preprocess_timeout_s > 0:
+            raise ValueError(f"preprocess_timeout_s must be > 0, got {self.preprocess_timeout_s}")
+        if self.preprocess_workers is not None and self.preprocess_workers < 1:
+            raise ValueError(f"preprocess_workers must be >= 1, got {self.preprocess_workers}")

@@ -53,7 +53,14 @@ def error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     err_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    message, param = _encodable(message), None if param is None else _encodable(param)
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def _encodable(text: str) -> str:
+    """A lone surrogate from the request (in a field name, say) would make the error itself
+    unencodable as UTF-8: escape it."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
 def error_response(

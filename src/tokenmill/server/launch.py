@@ -29,9 +29,12 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
         api_key=api_key,
         cors_origins=cfg.cors_origins or (),
         max_body_bytes=cfg.max_request_bytes,
+        preprocess_timeout_s=cfg.preprocess_timeout_s,
+        preprocess_workers=cfg.preprocess_workers,
     )
+    url = f"http://{cfg.host}:{cfg.port}"
     logger.warning(
-        "serving %s on http://%s:%d/v1 (OpenAI-compatible)", engine.model_name, cfg.host, cfg.port
+        "serving %s on %s/v1 (OpenAI-compatible); chat page at %s/", engine.model_name, url, url
     )
     # On Ctrl-C, requests still streaming get 5 s; then they are cancelled (and aborted).
     uvicorn.run(

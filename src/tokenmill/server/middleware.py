@@ -1,6 +1,8 @@
 """The request guard, a pure ASGI middleware in front of every route:
 
-- 401 without the right `Authorization: Bearer <key>` on /v1/* (when a key is set);
+- 401 without the right `Authorization: Bearer <key>` (when a key is set) on every path but the
+  open ones: the web page (/ and /static/*), /health, /version and the API docs. /tokenize,
+  /detokenize and /metrics need the key like /v1/*: they cost server time or reveal traffic;
 - 413 for a body over the limit (by Content-Length, or counted while reading a chunked body);
 - client disconnect: the body is read up front, then the real `receive` is watched while the
   route runs; when the client goes away the route's task is cancelled, which aborts its engine
@@ -20,10 +22,15 @@ from tokenmill.server.errors import error_bytes
 
 logger = logging.getLogger(__name__)
 
+OPEN_PATHS = frozenset(
+    {"/", "/health", "/version", "/favicon.ico", "/docs", "/redoc", "/openapi.json"}
+)
+OPEN_PREFIXES = ("/static", "/docs/")
+
 
 def needs_api_key(path: str) -> bool:
     """The paths that require the API key, when the server has one."""
-    return path.startswith("/v1/")
+    return path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)
 
 
 class RequestGuard:

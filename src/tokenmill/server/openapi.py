@@ -73,8 +73,9 @@ _ROUTES: dict[tuple[str, str], tuple[type[BaseModel] | dict[str, Any], tuple[int
     ("get", "/health"): (HealthResponse, (413, 500, 503)),
     ("get", "/metrics"): ({"text/plain": {"schema": {"type": "string"}}}, (413, 500)),
     ("get", "/version"): (VersionResponse, (413, 500)),
-    ("post", "/tokenize"): (TokenizeResponse, (400, 404, 413, 500)),
-    ("post", "/detokenize"): (DetokenizeResponse, (400, 404, 413, 500)),
+    # 413 / 503 also come from the tokenizer pool's deadline (preprocess.py)
+    ("post", "/tokenize"): (TokenizeResponse, (400, 404, 413, 500, 503)),
+    ("post", "/detokenize"): (DetokenizeResponse, (400, 404, 413, 500, 503)),
 }
 _STREAMING = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
 
@@ -140,7 +141,7 @@ def _responses(method: str, path: str, generated: dict[str, Any], limits: Limits
     statuses = sorted({*errors, *((401,) if limits.needs_api_key(path) else ())})
     for status in statuses:
         resp: dict[str, Any] = {"description": _ERRORS[status], "content": _ref(ErrorResponse)}
-        if status == 503 and path in _STREAMING:
+        if status == 503 and path in (*_STREAMING, "/tokenize", "/detokenize"):
             resp["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
         if status == 401:
             resp["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}

@@ -25,7 +25,7 @@ from pydantic import (
     field_validator,
 )
 
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import InvalidRequestError, check_unicode
 from tokenmill.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
@@ -121,6 +121,26 @@ class _Request(BaseModel):
     @classmethod
     def _json_integers(cls, v: Any) -> Any:
         return _integral(v)
+
+    @field_validator("*")
+    @classmethod
+    def _check_text(cls, v: Any) -> Any:
+        """Every string (dict keys too) must be valid Unicode: JSON can carry a lone surrogate
+        ("\\ud800"), which no tokenizer or UTF-8 encoder takes."""
+        _check_unicode_tree(v)
+        return v
+
+
+def _check_unicode_tree(v: Any) -> None:
+    if isinstance(v, str):
+        check_unicode(v)
+    elif isinstance(v, dict):
+        for key, val in v.items():
+            _check_unicode_tree(key)
+            _check_unicode_tree(val)
+    elif isinstance(v, list) and v and not isinstance(v[0], (int, float)):
+        for item in v:  # (validated lists of numbers hold no text)
+            _check_unicode_tree(item)
 
 
 class StreamOptions(_Request):
@@ -281,6 +301,7 @@ class ChatMessage(_Request):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind != "text" or not isinstance(part.get("text"), str):
                     raise ValueError(f"only text content parts are supported, got type {kind!r}")
+                check_unicode(part["text"])  # here, not in TextPart: names the field plainly
             return v
         raise ValueError("must be a string or a list of text parts")
 

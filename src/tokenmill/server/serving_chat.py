@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import jinja2
@@ -27,20 +27,26 @@ from tokenmill.server.serving_common import (
 
 
 def render_chat(
-    ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool = True
+    ctx: ServerContext,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    check_text: Callable[[str], None] | None = None,
 ) -> list[int]:
-    """The prompt token ids of a conversation, through the model's chat template."""
-    tok = ctx.tokenizer
+    """The prompt token ids of a conversation, through the model's chat template; special-token
+    text in the messages stays text (unless --allow-special-tokens-in-content).
+    `check_text(rendered)` runs before tokenizing. Blocking: call it in a worker."""
     try:
-        text = tok.apply_chat_template(
-            [m.as_template_dict() for m in messages], add_generation_prompt=add_generation_prompt
+        return ctx.tokenizer.encode_chat(
+            [m.as_template_dict() for m in messages],
+            add_generation_prompt,
+            allow_special_in_content=ctx.preprocessor.allow_special_in_content,
+            check_text=check_text,
         )
     except jinja2.TemplateError as e:  # templates raise on e.g. roles out of order
         raise APIError(400, f"messages could not be rendered by the chat template: {e}",
                        "messages") from e  # fmt: skip
     except ValueError as e:
         raise APIError(400, str(e), "messages") from e
-    return tok.encode(text, add_special_tokens=False)
 
 
 class _Choice:
@@ -97,7 +103,15 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     num_logprobs = req.num_logprobs()
     params = req.sampling_params(max_tokens, num_logprobs)
-    prompt_ids = render_chat(ctx, req.messages, req.add_generation_prompt)
+    pre = ctx.preprocessor
+
+    def check_text(text: str) -> None:  # the cheap bound, before tokenizing
+        ctx.check_context(pre.min_tokens(text), None, "messages", at_least=True)
+
+    prompt_ids = await pre.run(
+        lambda: render_chat(ctx, req.messages, req.add_generation_prompt, check_text),
+        "messages",
+    )
     ctx.check_context(len(prompt_ids), params, "messages", param)
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -18,6 +18,7 @@ from tokenmill.errors import ContextLengthError
 from tokenmill.outputs import RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import APIError, error_body, to_api_error
+from tokenmill.server.preprocess import Preprocessor
 
 
 @dataclass
@@ -29,14 +30,22 @@ class ServerContext:
     tokenizer: Tokenizer
     max_model_len: int
     vocab_size: int
+    preprocessor: Preprocessor  # tokenizing and chat rendering, off the event loop
 
     @classmethod
     def create(
-        cls, engine: AsyncLLMEngine, served_model_names: Sequence[str] | None = None
+        cls,
+        engine: AsyncLLMEngine,
+        served_model_names: Sequence[str] | None = None,
+        **preprocess: Any,
     ) -> ServerContext:
+        """`preprocess`: Preprocessor options (timeout_s, num_workers)."""
         core = engine.engine
         names = list(served_model_names or [core.model_name])
-        return cls(engine, names, core.tokenizer, core.max_seq_len, core.model_config.vocab_size)
+        max_len = core.max_seq_len
+        allow = core.config.allow_special_tokens_in_content
+        pre = Preprocessor(core.tokenizer, max_len, allow_special_in_content=allow, **preprocess)
+        return cls(engine, names, core.tokenizer, max_len, core.model_config.vocab_size, pre)
 
     @property
     def model_name(self) -> str:
@@ -69,12 +78,32 @@ class ServerContext:
             )
 
     def check_context(
-        self, num_prompt: int, params: SamplingParams, prompt_param: str, max_tokens_param: str
+        self,
+        num_prompt: int,
+        params: SamplingParams | None,
+        prompt_param: str,
+        max_tokens_param: str = "max_tokens",
+        at_least: bool = False,
     ) -> None:
         """400 when the prompt, or the prompt plus max_tokens (or min_tokens), can never fit one
-        sequence."""
+        sequence. `params` None checks the prompt alone; `at_least`: num_prompt is only a lower
+        bound (the cheap check before tokenizing)."""
+        if at_least and num_prompt >= self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens, but the "
+                f"prompt has at least {num_prompt} tokens (it must leave room for at least 1 "
+                "generated token).",
+                prompt_param,
+                code="context_length_exceeded",
+            )
+        if at_least:
+            return
         try:
-            self.engine.engine.check_length(num_prompt, params.max_tokens, params.min_tokens)
+            if params is None:
+                self.engine.engine.check_length(num_prompt)
+            else:
+                self.engine.engine.check_length(num_prompt, params.max_tokens, params.min_tokens)
         except ContextLengthError as e:
             param = {"prompt": prompt_param, "max_tokens": max_tokens_param}.get(e.param, e.param)
             raise APIError(400, str(e), param, e.code) from None

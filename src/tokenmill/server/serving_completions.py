@@ -126,17 +126,15 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Respo
     ctx.engine.check_capacity(req.n, len(req.prompts()))  # before tokenizing every prompt
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     params = req.sampling_params(req.max_tokens, req.logprobs, prompt_logprobs=prompt_logprobs)
-    tok = ctx.tokenizer
-    prompts: list[_Prompt] = []
-    for p in req.prompts():
+    raw = req.prompts()
+    pre = ctx.preprocessor
+    for p in raw:  # cheap checks on the event loop first: a 10 MB prompt is not tokenized
         if isinstance(p, str):
-            ids = tok.encode(p)
-            if not ids:
-                raise APIError(400, "prompt must not be empty", "prompt")
-            prompts.append(_Prompt(p, ids))
+            ctx.check_context(pre.min_tokens(p), None, "prompt", at_least=True)
         else:
+            ctx.check_context(len(p), params, "prompt", "max_tokens")
             ctx.check_prompt_ids(p, "prompt")
-            prompts.append(_Prompt(tok.decode(p, skip_special_tokens=False), p))
+    prompts = await pre.run(lambda: _tokenize(ctx, raw), "prompt")
     for p in prompts:
         ctx.check_context(len(p.token_ids), params, "prompt", "max_tokens")
 
@@ -167,6 +165,21 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Respo
     num_cached = sum(out.num_cached_tokens for out in outs)
     body = {**head, "choices": result, "usage": usage(num_prompt, num_completion, num_cached)}
     return JSONResponse(body)
+
+
+def _tokenize(ctx: ServerContext, raw: list[str | list[int]]) -> list[_Prompt]:
+    """Token ids of the text prompts, text of the id prompts (for echo); runs in a worker."""
+    tok = ctx.tokenizer
+    prompts: list[_Prompt] = []
+    for p in raw:
+        if isinstance(p, str):
+            ids = tok.encode(p)
+            if not ids:
+                raise APIError(400, "prompt must not be empty", "prompt")
+            prompts.append(_Prompt(p, ids))
+        else:
+            prompts.append(_Prompt(tok.decode(p, skip_special_tokens=False), p))
+    return prompts
 
 
 async def _stream(
