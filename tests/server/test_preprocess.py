@@ -162,7 +162,10 @@ def test_lone_surrogate_is_400(server: Server, index: int) -> None:
     for s in SURROGATES[:2]:
         path, body, param = _cases(s, server.model)[index]
         err = check_error(post(server, path, body), 400, param)
-        assert "surrogate" in err["message"]
+        # logit_bias keys must be token ids and suffix is unsupported: any text there is refused
+        # for that first, so only the 400 naming the field is asked of those two
+        if param not in ("logit_bias", "suffix"):
+            assert "surrogate" in err["message"]
 
 
 def test_invalid_utf8_and_surrogates_in_keys(server: Server) -> None:
