@@ -1,46 +1,58 @@
-"""32 requests of mixed lengths give identical tokens one at a time, all together, under a tiny
-token budget (chunked prefill) and under a tiny KV cache (preemption), greedy and seeded."""
+"""Requests of mixed lengths give identical tokens one at a time, all together, under a tiny
+token budget (chunked prefill) and under a tiny KV cache (preemption), greedy and seeded.
+
+Two weight paths: the default model's GGUF blocks as stored (the row-independent C++ kernels, the
+configuration the server runs) with 32 requests, and weights dequantized to fp32 (dense matmuls
+in fixed row tiles) with 20 requests of fewer tokens: still more decode rows than one tile, since
+a batch-1 step of that path computes a whole tile and is the slowest thing in the suite."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 
 from tokenmill import SamplingParams
 
-NUM_REQUESTS = 32
-MAX_TOKENS = 20
+
+@dataclass(frozen=True)
+class Case:
+    quantization: str | None  # None: as stored in the GGUF
+    num_requests: int
+    max_tokens: int
 
 
-@pytest.fixture(scope="module")
-def workload():
-    rng = random.Random(0)
+CASES = {
+    "gguf-blocks": Case(quantization=None, num_requests=32, max_tokens=20),
+    "dense-fp32": Case(quantization="none", num_requests=20, max_tokens=12),
+}
+
+
+def _workload(case: Case) -> tuple[list[list[int]], list[SamplingParams]]:
     from tokenmill.engine.tokenizer import Tokenizer
     from tokenmill.loader.model_source import default_model_path
 
+    rng = random.Random(0)
     tok = Tokenizer.from_gguf(default_model_path())
     words = "cat river light stone quick seven apple green music code think learn".split()
-    prompts = []
-    for i in range(NUM_REQUESTS):
+    prompts, params = [], []
+    for i in range(case.num_requests):
         n = rng.choice([3, 9, 17, 33, 60, 90])
         text = f"Story {i}: " + " ".join(rng.choice(words) for _ in range(n))
         prompts.append(tok.encode(text, add_special_tokens=False))
-    params = []
-    for i in range(NUM_REQUESTS):
         if i % 2 == 0:
-            params.append(SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+            sp = SamplingParams(max_tokens=case.max_tokens, temperature=0.0, ignore_eos=True)
         else:
-            params.append(
-                SamplingParams(
-                    max_tokens=MAX_TOKENS,
-                    temperature=0.9,
-                    top_p=0.95,
-                    top_k=50,
-                    seed=1000 + i,
-                    ignore_eos=True,
-                )
+            sp = SamplingParams(
+                max_tokens=case.max_tokens,
+                temperature=0.9,
+                top_p=0.95,
+                top_k=50,
+                seed=1000 + i,
+                ignore_eos=True,
             )
+        params.append(sp)
     return prompts, params
 
 
@@ -56,29 +68,24 @@ def _run(llm, prompts, params, one_at_a_time=False):
 
 
 @pytest.mark.slow
-def test_batch_invariance(make_llm, default_llm_fp32, workload) -> None:
-    prompts, params = workload
-    alone = _run(default_llm_fp32, prompts, params, one_at_a_time=True)
-    together = _run(default_llm_fp32, prompts, params)
-    assert together == alone
+@pytest.mark.parametrize("name", list(CASES))
+def test_batch_invariance(make_llm, default_llm_fp32, name: str) -> None:
+    case = CASES[name]
+    prompts, params = _workload(case)
+    common = dict(dtype="float32", quantization=case.quantization, batch_invariant=True)
+    if case.quantization == "none":
+        llm = default_llm_fp32  # the shared engine of the same configuration
+    else:
+        llm = make_llm(kv_cache_memory_gb=0.5, **common)
+    alone = _run(llm, prompts, params, one_at_a_time=True)
+    assert _run(llm, prompts, params) == alone
 
-    tiny_budget = make_llm(
-        dtype="float32",
-        quantization="none",
-        batch_invariant=True,
-        max_num_batched_tokens=24,
-        kv_cache_memory_gb=0.5,
-    )
+    tiny_budget = make_llm(max_num_batched_tokens=24, kv_cache_memory_gb=0.5, **common)
     assert _run(tiny_budget, prompts, params) == alone
 
-    # 8 blocks of 16 tokens per 3 requests' worth of work: requests must be preempted.
+    # 24 blocks of 16 tokens hold a few requests' worth of work: requests must be preempted.
     tiny_cache = make_llm(
-        dtype="float32",
-        quantization="none",
-        batch_invariant=True,
-        num_kv_blocks=24,
-        max_model_len=256,
-        enable_prefix_caching=False,
+        num_kv_blocks=24, max_model_len=256, enable_prefix_caching=False, **common
     )
     got = _run(tiny_cache, prompts, params)
     assert tiny_cache.engine.scheduler.num_preemptions > 0
