@@ -1,4 +1,4 @@
-"""The one prepared GPU check (issue 6): correctness and speed of the CUDA path in one run.
+"""The one prepared GPU check: correctness and speed of the CUDA path in one run.
 
     python benchmarks/gpu_check.py [--budget-s 330] [--out PATH] [--hf-requests 256]
     python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check.json   # CPU, tiny shapes

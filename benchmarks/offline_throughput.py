@@ -1,6 +1,6 @@
 """Offline throughput: tokenmill vs transformers `generate`, same prompts, same run.
 
-Default workload (issue: engine core): the default model on the CPU, 64 requests with 128-token
+Default workload: the default model on the CPU, 64 requests with 128-token
 prompts and 128 generated tokens each (ignore_eos); transformers runs batches of 32, left-padded.
 Also single-stream decode tokens/s and 512-token prefill tokens/s for both.
 

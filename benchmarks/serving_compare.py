@@ -5,11 +5,11 @@ drives it with `benchmarks/serving.py`'s load generator at the same load levels 
 requests, stops it, then writes one JSON, one PNG with both latency-throughput curves, and a
 table of the ratios.
 
-    python benchmarks/serving_compare.py --llama-server ../peers/build-llama/bin/llama-server \\
+    python benchmarks/serving_compare.py --llama-server PATH/TO/llama-server \\
         --concurrency 8 --num-prompts 32 --input-len 128 --output-len 128 --out results/vs_llama
 
 `--llama-server` is a `llama-server` binary built from the llama.cpp source that the
-llama-cpp-python sdist vendors (see ../shared/peers.md); it runs with `-np` slots (default 8),
+llama-cpp-python sdist vendors (AVX-512 on, native off); it runs with `-np` slots (default 8),
 `-t 2`. Extra flags for either server go through `--tokenmill-args` / `--llama-args`.
 Prompts are token ids of the same GGUF vocabulary, so both servers see identical inputs;
 `ignore_eos` makes the output lengths exact on both.
