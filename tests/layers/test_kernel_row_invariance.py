@@ -276,6 +276,7 @@ def test_rows_invariant_when_built_for_another_cpu() -> None:
         "import sys, pytest\n"
         "import tokenmill.kernels.cpp_build as b\n"
         f"b.BUILD_FLAGS = (*b.BUILD_FLAGS, {tuning!r})\n"
+        "b.build_all()\n"  # the four builds side by side, before the tests load them
         f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'not slow', {str(here)!r}]))"
     )
     build_dir = Path(root) / f"tokenmill-tuned-{tuning.removeprefix('-mtune=')}"

@@ -12,9 +12,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +125,33 @@ def load_extension(
         return None
 
 
-def build_all() -> int:
-    """Builds every extension now (the set-up step); returns how many are unavailable."""
+def _loaders() -> tuple[Callable[[], Any | None], ...]:
     from tokenmill.layers.attn_backends.cpu_ext import load_cpu_attention
     from tokenmill.layers.fused import load_cpu_fused
     from tokenmill.layers.quantization.cpu_quant import load_cpu_quant
     from tokenmill.layers.quantization.squeezellm import load_cpu_lut
 
+    return (load_cpu_attention, load_cpu_quant, load_cpu_lut, load_cpu_fused)
+
+
+def _build_one(index: int) -> bool:
+    return _loaders()[index]() is not None
+
+
+def build_all() -> int:
+    """Builds every extension now (the set-up step); returns how many are unavailable.
+
+    Each extension compiles in its own forked process, as many at once as there are cores (one
+    compiler each), so that the flags this process set (BUILD_FLAGS) hold there too; loading
+    them here afterwards finds the builds up to date and only reads the libraries."""
+    loaders = _loaders()
+    workers = min(len(loaders), os.cpu_count() or 1)
+    if workers > 1 and os.environ.get("TOKENMILL_NO_EXT", "") in ("", "0"):
+        fork = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=fork) as pool:
+            list(pool.map(_build_one, range(len(loaders))))
     missing = 0
-    for load in (load_cpu_attention, load_cpu_quant, load_cpu_lut, load_cpu_fused):
+    for load in loaders:
         ok = load() is not None
         missing += not ok
         print(f"{load.__name__}: {'ok' if ok else 'unavailable (PyTorch fallback)'}")
