@@ -84,13 +84,10 @@ def _summary(message: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def load_extension(
-    name: str, source: str, probe: str, what: str, cflags: tuple[str, ...] = ()
-) -> Any | None:
+def load_extension(name: str, source: str, probe: str, what: str) -> Any | None:
     """The op namespace `torch.ops.<name>`, building csrc/<source> if needed; None if unavailable.
 
-    `probe` is an op the library must register; `what` names the kernel in the warning;
-    `cflags` are added to the compiler flags.
+    `probe` is an op the library must register; `what` names the kernel in the warning.
     """
     if os.environ.get("TOKENMILL_NO_EXT", "") not in ("", "0"):
         logger.info("TOKENMILL_NO_EXT is set: no %s", what)
@@ -106,7 +103,7 @@ def load_extension(
         cpp_extension.load(
             name=name,
             sources=[str(src)],
-            extra_cflags=[*BUILD_FLAGS, f"-DTOKENMILL_HOST={host_tag()}", *cflags],
+            extra_cflags=[*BUILD_FLAGS, f"-DTOKENMILL_HOST={host_tag()}"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
