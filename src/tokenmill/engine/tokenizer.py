@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -22,6 +22,9 @@ from tokenizers import Tokenizer as _FastTokenizer
 from tokenmill.engine.token_bounds import TokenBound, token_bound
 from tokenmill.errors import ModelLoadError, check_unicode
 from tokenmill.loader.gguf import GGUFFile, read_gguf
+
+if TYPE_CHECKING:
+    from tokenmill.engine.chat_encoding import ChatEncoder
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
@@ -145,14 +148,15 @@ class Tokenizer:
         """The prompt ids of a conversation through the chat template. Special-token strings in
         the messages stay text unless `allow_special_in_content` (see chat_encoding);
         `check_text(rendered)` runs before tokenizing (a length bound, say)."""
-        from tokenmill.engine.chat_encoding import ChatEncoder
-
-        encoder = self.__dict__.get("_chat_encoder")
-        if encoder is None:
-            encoder = self.__dict__["_chat_encoder"] = ChatEncoder(self)
-        return encoder.encode(
+        return self._chat_encoder.encode(
             messages, add_generation_prompt, allow_special_in_content, check_text, **kwargs
         )
+
+    @functools.cached_property
+    def _chat_encoder(self) -> ChatEncoder:
+        from tokenmill.engine.chat_encoding import ChatEncoder
+
+        return ChatEncoder(self)
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [self._tok.id_to_token(int(i)) for i in ids]
