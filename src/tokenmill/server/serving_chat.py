@@ -106,7 +106,7 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
     pre = ctx.preprocessor
 
     def check_text(text: str) -> None:  # the cheap bound, before tokenizing
-        ctx.check_context(pre.min_tokens(text), None, "messages", at_least=True)
+        ctx.check_prompt_bound(pre.min_tokens(text), "messages")
 
     prompt_ids = await pre.run(
         lambda: render_chat(ctx, req.messages, req.add_generation_prompt, check_text),

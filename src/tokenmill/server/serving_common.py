@@ -77,33 +77,30 @@ class ServerContext:
                 400, f"{param} token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param
             )
 
-    def check_context(
-        self,
-        num_prompt: int,
-        params: SamplingParams | None,
-        prompt_param: str,
-        max_tokens_param: str = "max_tokens",
-        at_least: bool = False,
-    ) -> None:
-        """400 when the prompt, or the prompt plus max_tokens (or min_tokens), can never fit one
-        sequence. `params` None checks the prompt alone; `at_least`: num_prompt is only a lower
-        bound (the cheap check before tokenizing)."""
-        if at_least and num_prompt >= self.max_model_len:
+    def check_prompt_bound(self, min_tokens: int, prompt_param: str) -> None:
+        """400 when a prompt's lower bound on tokens (the cheap check before tokenizing) already
+        leaves no room for a generated token."""
+        if min_tokens >= self.max_model_len:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens, but the "
-                f"prompt has at least {num_prompt} tokens (it must leave room for at least 1 "
+                f"prompt has at least {min_tokens} tokens (it must leave room for at least 1 "
                 "generated token).",
                 prompt_param,
                 code="context_length_exceeded",
             )
-        if at_least:
-            return
+
+    def check_context(
+        self,
+        num_prompt: int,
+        params: SamplingParams,
+        prompt_param: str,
+        max_tokens_param: str = "max_tokens",
+    ) -> None:
+        """400 when the prompt, or the prompt plus max_tokens (or min_tokens), can never fit one
+        sequence."""
         try:
-            if params is None:
-                self.engine.engine.check_length(num_prompt)
-            else:
-                self.engine.engine.check_length(num_prompt, params.max_tokens, params.min_tokens)
+            self.engine.engine.check_length(num_prompt, params.max_tokens, params.min_tokens)
         except ContextLengthError as e:
             param = {"prompt": prompt_param, "max_tokens": max_tokens_param}.get(e.param, e.param)
             raise APIError(400, str(e), param, e.code) from None

@@ -123,14 +123,14 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Respo
     model = ctx.check_model(req.model)
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported (it must be omitted or equal n)", "best_of")
-    ctx.engine.check_capacity(req.n, len(req.prompts()))  # before tokenizing every prompt
+    raw = req.prompts()
+    ctx.engine.check_capacity(req.n, len(raw))  # before tokenizing every prompt
     prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     params = req.sampling_params(req.max_tokens, req.logprobs, prompt_logprobs=prompt_logprobs)
-    raw = req.prompts()
     pre = ctx.preprocessor
     for p in raw:  # cheap checks on the event loop first: a 10 MB prompt is not tokenized
         if isinstance(p, str):
-            ctx.check_context(pre.min_tokens(p), None, "prompt", at_least=True)
+            ctx.check_prompt_bound(pre.min_tokens(p), "prompt")
         else:
             ctx.check_context(len(p), params, "prompt", "max_tokens")
             ctx.check_prompt_ids(p, "prompt")
