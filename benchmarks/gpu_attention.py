@@ -1,4 +1,4 @@
-"""The Triton paged attention (layers/attn_backends/triton_attn.py) against the PyTorch path
+"""The Triton paged attention (kernels/triton_attention.py) against the PyTorch path
 that `PagedAttention` takes without it (whole blocks gathered with index_select, then SDPA),
 on a Llama-3.2-1B-like layer (H=32, H_kv=8, D=64, bf16, block_size 16, shuffled blocks):
 decode of batch 1 / 64 / 256 with 1024 keys each, and a prefill of 8 prompts of 512 tokens.
@@ -65,16 +65,16 @@ def benchmark_paged_attention(device: str = "cuda", tiny: bool = False, iters: i
     """{case: {"triton": {"ms", "kv_GBps"}, "sdpa_gather": {"ms"}, "max_abs_err"}}, plus
     "triton_no_split": {"ms"} for decode cases (num_splits=1: no flash-decoding split)."""
     dev = torch.device(device)
-    if dev.type == "cpu":  # must precede the first import of triton_attn to take effect
+    if dev.type == "cpu":  # must precede the first import of triton_attention to take effect
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from tokenmill.layers.attn_backends.triton_attn import (
+    from tokenmill.kernels.triton_attention import (
         interpreted,
         paged_attention,
         reference_paged_attention,
     )
 
     if dev.type == "cpu" and not interpreted():
-        raise RuntimeError("triton_attn was imported without TRITON_INTERPRET=1: no CPU runs")
+        raise RuntimeError("triton_attention was imported without TRITON_INTERPRET=1: no CPU runs")
     cases, (h, h_kv, d) = (TINY, TINY_HEADS) if tiny else (CASES, (H, H_KV, D))
     iters = 2 if tiny else iters
     dtype, scale = torch.bfloat16, d**-0.5

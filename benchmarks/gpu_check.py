@@ -323,7 +323,7 @@ def greedy_agreement(c: Check, res: dict) -> str:
 
 def triton_attention(c: Check, res: dict) -> str:
     try:
-        from tokenmill.layers.attn_backends import triton_attn as ta
+        from tokenmill.kernels import triton_attention as ta
 
         kernel, oracle = ta.paged_attention, ta.reference_paged_attention
     except (ImportError, AttributeError) as e:

@@ -266,7 +266,6 @@ def tm_logits(llm, prompts: list[list[int]]) -> list[torch.Tensor]:
     from tokenmill.core.sched_types import ScheduledSeq
     from tokenmill.request import Request
     from tokenmill.sampling_params import SamplingParams
-    from tokenmill.worker.input_batch import build_input_batch
 
     runner = llm.engine.runner
     bs, seqs, nxt = runner.block_size, [], 0
@@ -276,8 +275,7 @@ def tm_logits(llm, prompts: list[list[int]]) -> list[torch.Tensor]:
         seqs.append(ScheduledSeq(req, p, 0, list(range(nxt, nxt + used)), True))
         nxt += used
     assert nxt <= runner.num_blocks, "parity prompts need more KV blocks than the engine has"
-    extra = {"unified": runner.unified} if hasattr(runner, "unified") else {}
-    batch = build_input_batch(seqs, bs, runner.device, **extra)
+    batch = runner.prepare(seqs)
     hidden = runner.model(batch.input_ids, batch.positions, batch.ctx)
     logits = runner.model.compute_logits(hidden).float()
     starts = zip(batch.seqs, batch.token_starts, strict=True)

@@ -1,4 +1,4 @@
-"""The Triton quantized matmul (layers/quantization/triton_quant.py) against dense bf16 F.linear
+"""The Triton quantized matmul (kernels/triton_quant.py) against dense bf16 F.linear
 and against dequantize-then-F.linear, on Llama-3.2-1B-like shapes (K = 2048; N = 2048 for
 q/o, 3072 for q+k+v, 8192 for one of gate/up, 16384 for gate+up), M = 1, 8, 64, 512 rows.
 
@@ -38,13 +38,9 @@ def bench_quant_matmul(device: str = "cuda", tiny: bool = False, iters: int = 50
     dev = torch.device(device)
     if dev.type == "cpu":  # must precede the first import of triton_quant to take effect
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from tokenmill.layers.quantization.packing import quantize_rtn
-    from tokenmill.layers.quantization.triton_quant import (
-        dequantize_gpu,
-        interpreted,
-        pack_for_gpu,
-        quant_matmul,
-    )
+    from tokenmill.kernels.triton_quant import interpreted, quant_matmul
+    from tokenmill.quant.gpu_layout import dequantize_gpu, pack_for_gpu
+    from tokenmill.quant.packing import quantize_rtn
 
     if dev.type == "cpu" and not interpreted():
         raise RuntimeError("triton_quant was imported without TRITON_INTERPRET=1: no CPU runs")
@@ -93,7 +89,7 @@ def static_report(caps: tuple[int, ...] = (80, 90)) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from tokenmill.layers.quantization import triton_quant as tq
+    from tokenmill.kernels import triton_quant as tq
 
     kernel = tq._quant_matmul_kernel
     names = kernel.arg_names

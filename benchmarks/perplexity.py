@@ -20,7 +20,7 @@ from common import write_results  # noqa: I001  (benchmarks/ is run as a script 
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.layers.linear import Linear
-from tokenmill.layers.quantization.packing import quantize_rtn
+from tokenmill.quant.packing import quantize_rtn
 
 FORMATS = {  # name -> LLM kwargs
     "fp32": dict(dtype="float32", quantization="none"),

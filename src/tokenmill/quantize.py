@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from tokenmill.layers.linear import Linear, MergedLinear
-from tokenmill.layers.quantization.squeezellm import SqueezeLLMWeights
-from tokenmill.layers.quantization.squeezellm_quant import quantize_squeezellm
+from tokenmill.quant.squeezellm import SqueezeLLMWeights
+from tokenmill.quant.squeezellm_fit import quantize_squeezellm
 
 logger = logging.getLogger(__name__)
 

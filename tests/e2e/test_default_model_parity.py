@@ -35,7 +35,6 @@ def test_logits_match_transformers(default_llm_fp32, hf_model) -> None:
     """Raw logits of every prompt position, prompt run in 3 chunks through the paged cache."""
     from tokenmill.core.sched_types import ScheduledSeq
     from tokenmill.request import Request
-    from tokenmill.worker.input_batch import build_input_batch
 
     runner = default_llm_fp32.engine.runner
     tok = default_llm_fp32.get_tokenizer()
@@ -48,9 +47,7 @@ def test_logits_match_transformers(default_llm_fp32, hf_model) -> None:
     with torch.inference_mode():
         for start in range(0, len(ids), 7):
             chunk = ids[start : start + 7]
-            batch = build_input_batch(
-                [ScheduledSeq(req, chunk, start, table, False)], runner.block_size, "cpu"
-            )
+            batch = runner.prepare([ScheduledSeq(req, chunk, start, table, False)])
             hidden = runner.model(batch.input_ids, batch.positions, batch.ctx)
             got.append(runner.model.compute_logits(hidden))
         ref = hf_model(torch.tensor([ids])).logits[0].float()

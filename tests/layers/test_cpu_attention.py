@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenmill.layers.attn_backends.cpu_ext import (
+from tokenmill.kernels.cpu_attention import (
     load_cpu_attention,
     paged_decode_attention,
     paged_prefill_attention,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.layers.fused import load_cpu_fused
+from tokenmill.kernels.cpu_fused import load_cpu_fused
 from tokenmill.layers.rotary import RotaryEmbedding
 from utils_tiny import make_tiny_hf_folder
 
@@ -116,8 +116,6 @@ def test_bf16_model_greedy_unchanged_by_fusion(tmp_path, monkeypatch, arch, quan
     """A bf16 model decodes the same tokens with the fused ops (and, quantized, the whole-layer
     decode op) as with the PyTorch code, through chunked prefill and decode (head_dim 64: the
     C++ decode attention reads the fused cache writes)."""
-    from tokenmill.models.llama import _FusedLayer
-
     folder = str(make_tiny_hf_folder(tmp_path, arch, hidden_size=256, intermediate_size=512))
     kwargs = dict(
         model=folder,
@@ -132,9 +130,10 @@ def test_bf16_model_greedy_unchanged_by_fusion(tmp_path, monkeypatch, arch, quan
     fused_out = fused_llm.generate(
         [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
     )
-    whole_layer = [bool(layer._fused) for layer in fused_llm.engine.runner.model.model.layers]
+    layers = fused_llm.engine.runner.model.model.layers
+    whole_layer = [layer.fused_decode.active for layer in layers]
     assert all(whole_layer) == (quantization == "int4") and any(whole_layer) == all(whole_layer)
-    monkeypatch.setattr(_FusedLayer, "build", staticmethod(lambda layer, x: None))
+    monkeypatch.setattr("tokenmill.layers.fused_decode.fused_ops", lambda x: None)
     monkeypatch.setattr("tokenmill.layers.norm.fused_ops", lambda x: None)
     monkeypatch.setattr("tokenmill.models.llama.fused_ops", lambda x: None)
     plain_out = LLM(**kwargs).generate(

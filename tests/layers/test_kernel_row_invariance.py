@@ -25,16 +25,12 @@ from test_cpu_attention import make_case
 from test_quantization import gguf_tensor
 
 from tokenmill.kernels.cpp_build import BUILD_FLAGS
-from tokenmill.layers.attn_backends.cpu_ext import load_cpu_attention, paged_decode_attention
-from tokenmill.layers.fused import load_cpu_fused
-from tokenmill.layers.quantization.cpu_quant import load_cpu_quant, quant_linear
-from tokenmill.layers.quantization.packing import pack_tiles, quantize_rtn
-from tokenmill.layers.quantization.squeezellm import (
-    kernel_lut,
-    load_cpu_lut,
-    lut_linear,
-    pack_codes,
-)
+from tokenmill.kernels.cpu_attention import load_cpu_attention, paged_decode_attention
+from tokenmill.kernels.cpu_fused import load_cpu_fused
+from tokenmill.kernels.cpu_lut import kernel_lut, load_cpu_lut, lut_linear
+from tokenmill.kernels.cpu_quant import load_cpu_quant, quant_linear
+from tokenmill.quant.packing import pack_tiles, quantize_rtn
+from tokenmill.quant.squeezellm import pack_codes
 
 # Batch sizes around every pass width (4 rows for the lookup kernel, 8 for the quantized one),
 # the thread split (16 rows per task in the fused ops) and up to 64.
@@ -274,9 +270,9 @@ def test_rows_invariant_when_built_for_another_cpu() -> None:
     here = Path(__file__).resolve()
     bootstrap = (
         "import sys, pytest\n"
-        "import tokenmill.kernels.cpp_build as b\n"
+        "import tokenmill.kernels.build as kb, tokenmill.kernels.cpp_build as b\n"
         f"b.BUILD_FLAGS = (*b.BUILD_FLAGS, {tuning!r})\n"
-        "b.build_all()\n"  # the four builds side by side, before the tests load them
+        "kb.build_all()\n"  # the four builds side by side, before the tests load them
         f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'not slow', {str(here)!r}]))"
     )
     build_dir = Path(root) / f"tokenmill-tuned-{tuning.removeprefix('-mtune=')}"

@@ -9,8 +9,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from tokenmill.layers.quantization.cpu_quant import dequantize_packed, load_cpu_quant, quant_linear
-from tokenmill.layers.quantization.packing import (
+from tokenmill.kernels.cpu_quant import dequantize_packed, load_cpu_quant, quant_linear
+from tokenmill.quant.packing import (
     GGUF_FORMATS,
     QuantizedTensor,
     pack_tiles,
@@ -139,10 +139,10 @@ def test_dequantize_packed_bit_exact(bits: int, n: int, k: int) -> None:
 @needs_kernel
 def test_large_batches_take_the_dense_path() -> None:
     from tokenmill.layers.linear import Linear
-    from tokenmill.layers.quantization.block_method import DENSE_ABOVE_ROWS
+    from tokenmill.quant.block import DENSE_ABOVE_ROWS
 
     torch.manual_seed(0)
-    layer = Linear(64, 40, bias=True, dtype=torch.bfloat16)
+    layer = Linear(64, 40, bias=True, dtype=torch.bfloat16, quant="blocks")
     layer.weight.data.zero_()
     layer.bias.data.normal_()
     bw = quantize_rtn(torch.randn(40, 64), 4)

@@ -7,20 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmill.layers.linear import Linear, MergedLinear, UnquantizedMethod
-from tokenmill.layers.quantization import squeezellm
-from tokenmill.layers.quantization.packing import quantize_rtn
-from tokenmill.layers.quantization.squeezellm import (
-    SqueezeLLMMethod,
-    cat_rows,
-    kernel_lut,
-    load_cpu_lut,
-    lut_dequantize,
-    lut_linear,
-    pack_codes,
-    unpack_codes,
-)
-from tokenmill.layers.quantization.squeezellm_quant import outlier_mask, quantize_squeezellm
+from tokenmill.kernels.cpu_lut import kernel_lut, load_cpu_lut, lut_dequantize, lut_linear
+from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.quant import squeezellm
+from tokenmill.quant.packing import quantize_rtn
+from tokenmill.quant.squeezellm import SqueezeLLMMethod, cat_rows, pack_codes, unpack_codes
+from tokenmill.quant.squeezellm_fit import outlier_mask, quantize_squeezellm
+from tokenmill.quant.unquantized import UnquantizedMethod
 
 needs_kernel = pytest.mark.skipif(
     load_cpu_lut() is None, reason="the SqueezeLLM CPU kernel cannot be built here"
@@ -123,7 +116,9 @@ def test_kernel_rejects_bad_input() -> None:
 def merged_layer(dtype: torch.dtype, bias: bool) -> tuple[MergedLinear, torch.Tensor]:
     """A q/k/v-style fused layer fed one SqueezeLLM part per shard; returns it and the dense
     float32 weight those parts dequantize to."""
-    layer = MergedLinear(96, [40, 24, 24], ("q_proj", "k_proj", "v_proj"), bias=bias, dtype=dtype)
+    layer = MergedLinear(
+        96, [40, 24, 24], ("q_proj", "k_proj", "v_proj"), bias=bias, dtype=dtype, quant="squeezellm"
+    )
     if bias:
         layer.bias.data.normal_()
     parts = []
@@ -167,7 +162,7 @@ def test_fallback_dequantizes_at_load(monkeypatch, caplog) -> None:
 
 
 def test_plain_linear_takes_squeezellm_weights() -> None:
-    layer = Linear(64, 20, dtype=torch.float32)
+    layer = Linear(64, 20, dtype=torch.float32, quant="squeezellm")
     sq = quantize_squeezellm(heavy_tailed(20, 64, seed=5), None, 4)
     layer.load_quantized(sq)
     layer.quant_method.process_after_loading(layer)
@@ -187,9 +182,9 @@ def test_dequantize_kernel_bit_exact(n: int, k: int) -> None:
 
 @needs_kernel
 def test_large_batches_take_the_dense_path() -> None:
-    from tokenmill.layers.quantization.squeezellm import DENSE_ABOVE_ROWS
+    from tokenmill.quant.squeezellm import DENSE_ABOVE_ROWS
 
-    layer = Linear(64, 40, bias=True, dtype=torch.bfloat16)
+    layer = Linear(64, 40, bias=True, dtype=torch.bfloat16, quant="squeezellm")
     layer.bias.data.normal_()
     sq = quantize_squeezellm(heavy_tailed(40, 64, seed=9), None, 4, sparsity=0.02)
     layer.load_quantized(sq)

@@ -30,7 +30,7 @@ from utils_triton import CUDA, interpreted, run_after_late_env  # sets TRITON_IN
 
 pytest.importorskip("triton")
 
-from tokenmill.layers.attn_backends import triton_attn as ta  # noqa: E402
+from tokenmill.kernels import triton_attention as ta  # noqa: E402
 
 ta = interpreted(ta)
 
@@ -113,7 +113,7 @@ LATE_ENV_SCRIPT = """
 import os
 import torch, triton  # triton first, then the variable
 os.environ["TRITON_INTERPRET"] = "1"
-from tokenmill.layers.attn_backends import triton_attn as ta
+from tokenmill.kernels import triton_attention as ta
 assert ta.interpreted()
 k_cache, v_cache = torch.randn(2, 8, 16, 2, 32).unbind(0)
 case = dict(q=torch.randn(7, 4, 32), k_cache=k_cache, v_cache=v_cache,
@@ -249,7 +249,7 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from tokenmill.layers.attn_backends import triton_attn as ta
+from tokenmill.kernels import triton_attention as ta
 
 def signature(fn, dtype, consts):
     sig = {}

@@ -27,10 +27,11 @@ pytest.importorskip("triton")
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf import quants as gguf_quants  # noqa: E402
 
+from tokenmill.kernels import triton_quant as tq  # noqa: E402
 from tokenmill.layers.linear import Linear, MergedLinear  # noqa: E402
-from tokenmill.layers.quantization import block_method  # noqa: E402
-from tokenmill.layers.quantization import triton_quant as tq  # noqa: E402
-from tokenmill.layers.quantization.packing import (  # noqa: E402
+from tokenmill.quant import block as block_method  # noqa: E402
+from tokenmill.quant import gpu_layout as gl  # noqa: E402
+from tokenmill.quant.packing import (  # noqa: E402
     BlockWeights,
     QuantizedTensor,
     quantize_rtn,
@@ -82,11 +83,12 @@ def test_interpreter_engaged_without_cuda() -> None:
 LATE_ENV_SCRIPT = """
 import os, torch, triton.language  # triton first, without the variable
 os.environ["TRITON_INTERPRET"] = "1"
-from tokenmill.layers.quantization import triton_quant as tq
-from tokenmill.layers.quantization.packing import quantize_rtn
+from tokenmill.kernels import triton_quant as tq
+from tokenmill.quant import gpu_layout as gl
+from tokenmill.quant.packing import quantize_rtn
 bw = quantize_rtn(torch.randn(40, 64), 4)
 x = torch.randn(2, 64).half()
-y = tq.quant_matmul(x, tq.pack_for_gpu(bw))
+y = tq.quant_matmul(x, gl.pack_for_gpu(bw))
 ref = x.double() @ bw.dequantize().double().T
 assert tq.interpreted() and (y.double() - ref).abs().max() < 1e-2 * ref.abs().max()
 """
@@ -103,12 +105,12 @@ def test_interpreter_after_late_env() -> None:
 @pytest.mark.parametrize(("n", "k"), [(1, 32), (37, 96), (72, 160)])
 def test_pack_round_trip_bit_exact(fmt: str, n: int, k: int) -> None:
     bw = block_weights(fmt, n, k, seed=n + k)
-    g = tq.pack_for_gpu(bw)
+    g = gl.pack_for_gpu(bw)
     assert g.shape == (n, k) and g.nbytes() == bw.nbytes()
     assert g.qweight.shape == (n, k * bw.bits // 8) and g.d.shape == (k // 32, n)
-    back = tq.unpack_gpu(g)
+    back = gl.unpack_gpu(g)
     assert torch.equal(back.q, bw.q) and torch.equal(back.d, bw.d) and torch.equal(back.m, bw.m)
-    assert torch.equal(tq.dequantize_gpu(g), bw.dequantize())
+    assert torch.equal(gl.dequantize_gpu(g), bw.dequantize())
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -117,7 +119,7 @@ def test_pack_round_trip_bit_exact(fmt: str, n: int, k: int) -> None:
 def test_matmul_matches_dense(fmt: str, m: int, dtype: torch.dtype) -> None:
     n, k = (72, 160) if m in (3, 37) else (40, 96)  # N never a multiple of the tile
     bw = block_weights(fmt, n, k, seed=m)
-    g = tq.pack_for_gpu(bw).to(DEVICE)
+    g = gl.pack_for_gpu(bw).to(DEVICE)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
     bias = torch.randn(n).to(DEVICE, dtype) if m % 2 else None
     check_close(tq.quant_matmul(x, g, bias), x, bw.dequantize(), bias)
@@ -128,7 +130,7 @@ def test_other_configs_and_inputs(bits: int) -> None:
     """The prefill tiles (M >= 256), fp32 x, a strided x, leading dims and zero rows."""
     n, k = 72, 96
     bw = quantize_rtn(torch.randn(n, k), bits)
-    g = tq.pack_for_gpu(bw).to(DEVICE)
+    g = gl.pack_for_gpu(bw).to(DEVICE)
     x = torch.randn(260, k).to(DEVICE, torch.bfloat16)
     check_close(tq.quant_matmul(x, g), x, bw.dequantize())
     x32 = torch.randn(5, k, device=DEVICE)
@@ -145,7 +147,7 @@ def test_other_configs_and_inputs(bits: int) -> None:
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rows_independent_of_batch_when_invariant(bits: int) -> None:
     n, k = 40, 96
-    g = tq.pack_for_gpu(quantize_rtn(torch.randn(n, k), bits)).to(DEVICE)
+    g = gl.pack_for_gpu(quantize_rtn(torch.randn(n, k), bits)).to(DEVICE)
     x = torch.randn(37, k).to(DEVICE, torch.bfloat16)
     together = tq.quant_matmul(x, g, batch_invariant=True)
     for rows in (slice(0, 1), slice(5, 6), slice(36, 37), slice(3, 20)):
@@ -159,13 +161,15 @@ def test_linear_takes_the_triton_path(monkeypatch, merged: bool) -> None:
     monkeypatch.setattr(block_method, "_use_triton", lambda device: True)
     dtype, k = torch.bfloat16, 96
     if merged:
-        layer = MergedLinear(k, [40, 24], ("gate_proj", "up_proj"), bias=True, dtype=dtype)
+        layer = MergedLinear(
+            k, [40, 24], ("gate_proj", "up_proj"), bias=True, dtype=dtype, quant="blocks"
+        )
         parts = {
             "gate_proj": checkpoint_weight("Q4_1", 40, k, 1),
             "up_proj": checkpoint_weight("int4", 24, k, 3),
         }
     else:
-        layer = Linear(k, 72, bias=True, dtype=dtype)
+        layer = Linear(k, 72, bias=True, dtype=dtype, quant="blocks")
         parts = {None: checkpoint_weight("Q8_0", 72, k, 2)}
     layer = layer.to(DEVICE)
     layer.bias.data.normal_()
@@ -216,17 +220,17 @@ def test_benchmark_tiny() -> None:
 def test_gpu_llama_shapes(fmt: str, m: int) -> None:
     n, k = 3072, 2048
     bw = block_weights(fmt, n, k, seed=m)
-    g = tq.pack_for_gpu(bw).to(DEVICE)
+    g = gl.pack_for_gpu(bw).to(DEVICE)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
     check_close(tq.quant_matmul(x, g), x, bw.dequantize())
-    assert torch.equal(tq.dequantize_gpu(g).cpu(), bw.dequantize())
+    assert torch.equal(gl.dequantize_gpu(g).cpu(), bw.dequantize())
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_cuda_graph_capture() -> None:
     bw = block_weights("Q4_0", 2048, 2048)
-    g = tq.pack_for_gpu(bw).to(DEVICE)
+    g = gl.pack_for_gpu(bw).to(DEVICE)
     x = torch.randn(4, 2048, device=DEVICE, dtype=torch.float16)
     y = tq.quant_matmul(x, g)  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -7,6 +7,7 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.core.sched_types import ScheduledSeq
+from tokenmill.layers.attn_backends.sdpa import SdpaBackend
 from tokenmill.models.registry import build_model
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
@@ -49,6 +50,8 @@ CONFIGS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
 }
 
+BACKEND = SdpaBackend()  # the PyTorch reference attention
+
 
 def make_hf(name: str):
     cfg_cls, model_cls, extra = CONFIGS[name]
@@ -70,7 +73,7 @@ def make_ours(cfg, hf):
     kv = allocate_kv_cache(mcfg, 64, BLOCK, torch.float32, "cpu")
     layers = [m for m in model.modules() if type(m).__name__ == "PagedAttention"]
     for i, attn in enumerate(layers):
-        attn.k_cache, attn.v_cache = kv[i, 0], kv[i, 1]
+        attn.bind(BACKEND, kv[i, 0], kv[i, 1])
     return model
 
 
@@ -86,7 +89,7 @@ def run_chunks(model, prompts: list[list[int]], chunk: int) -> list[torch.Tensor
             if done[i] < len(p):
                 n = min(chunk, len(p) - done[i])
                 seqs.append(ScheduledSeq(r, p[done[i] : done[i] + n], done[i], tables[i], False))
-        batch = build_input_batch(seqs, BLOCK, "cpu")
+        batch = build_input_batch(seqs, BLOCK, "cpu", BACKEND)
         with torch.inference_mode():
             hidden = model(batch.input_ids, batch.positions, batch.ctx)
             out = model.compute_logits(hidden)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.layers.linear import Linear, UnquantizedMethod
-from tokenmill.layers.quantization import block_method
-from tokenmill.layers.quantization.block_method import BlockQuantMethod
-from tokenmill.layers.quantization.cpu_quant import load_cpu_quant
+from tokenmill.kernels.cpu_quant import load_cpu_quant
+from tokenmill.layers.linear import Linear
+from tokenmill.quant import block as block_method
+from tokenmill.quant.block import BlockQuantMethod
+from tokenmill.quant.unquantized import UnquantizedMethod
 from utils_tiny import make_tiny_hf_folder
 
 TEXT = (

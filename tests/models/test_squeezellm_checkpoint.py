@@ -13,9 +13,11 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.cli import main
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import ModelLoadError
-from tokenmill.layers.linear import Linear, MergedLinear, UnquantizedMethod
-from tokenmill.layers.quantization.squeezellm import SqueezeLLMMethod, load_cpu_lut
+from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.loader.model_source import ModelSource, default_model_path
+from tokenmill.quant.base import make_quant_method
+from tokenmill.quant.squeezellm import SqueezeLLMMethod, load_cpu_lut
+from tokenmill.quant.unquantized import UnquantizedMethod
 from tokenmill.quantize import (
     collect_sensitivity,
     quantize_checkpoint,
@@ -83,6 +85,7 @@ def test_checkpoint_round_trip_equals_in_memory(tiny_folder, tmp_path) -> None:
         if name == "lm_head":
             continue
         parent = name.rsplit(".", 1)[0]
+        layer.quant_method = make_quant_method("squeezellm")  # the dense model's layer, requantized
         if isinstance(layer, MergedLinear):
             for shard in layer.shard_names:
                 layer.load_quantized(quantized[f"{parent}.{shard}"], shard)

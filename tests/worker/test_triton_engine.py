@@ -14,8 +14,9 @@ from utils_triton import CUDA, interpreted  # sets TRITON_INTERPRET first
 pytest.importorskip("triton")
 
 from tokenmill import SamplingParams  # noqa: E402
-from tokenmill.layers.attn_backends import triton_attn  # noqa: E402
-from tokenmill.layers.quantization import block_method, triton_quant  # noqa: E402
+from tokenmill.kernels import triton_attention as triton_attn  # noqa: E402
+from tokenmill.kernels import triton_quant
+from tokenmill.quant import block as block_method  # noqa: E402
 from utils_tiny import make_tiny_hf_folder  # noqa: E402
 
 pytestmark = pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU")
@@ -47,7 +48,7 @@ def _kw(tiny_model: str, **kw) -> dict:
 def test_triton_attention_in_the_engine(make_llm, tiny_model):
     ref = _greedy(make_llm(**_kw(tiny_model, attention_backend="unified-ref")))
     llm = make_llm(**_kw(tiny_model, attention_backend="triton"))
-    assert llm.engine.runner.unified
+    assert llm.engine.runner.attn_backend.name == "triton"
     assert _greedy(llm) == ref
 
 

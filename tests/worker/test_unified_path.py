@@ -12,7 +12,7 @@ from tokenmill import SamplingParams
 from tokenmill.config import EngineConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.attention import PagedAttention
-from tokenmill.worker.cuda_graph import DecodeGraphs, graph_buckets
+from tokenmill.worker.cuda_graph import graph_buckets
 from tokenmill.worker.model_runner import GpuOptions
 from utils_tiny import make_tiny_hf_folder
 
@@ -49,7 +49,7 @@ def reference(tiny_model) -> list[list[int]]:
 def test_unified_metadata_path_matches_reference_backend(make_llm, tiny_model, reference):
     # chunked prefill (8-token budget) mixes decode rows and prompt chunks in one step
     llm = _engine(make_llm, tiny_model, attention_backend="unified-ref", max_num_batched_tokens=8)
-    assert llm.engine.runner.unified
+    assert llm.engine.runner.attn_backend.name == "unified-ref"
     assert _greedy(llm, _prompts()) == reference
 
 
@@ -75,15 +75,8 @@ def test_graph_buckets():
 def _install_padded_decode(runner, max_batch: int) -> list[int]:
     """Gives the runner the CUDA-graph runner's padded buffers, run eagerly (capture=False);
     returns the list that records each decode batch's row count."""
-    graphs = DecodeGraphs(
-        runner.model,
-        max_batch=max_batch,
-        max_blocks=-(-runner.max_model_len // runner.block_size),
-        block_size=runner.block_size,
-        null_block=runner.null_block,
-        device="cpu",
-        capture=False,
-    )
+    graphs = runner.decode_graphs(max_batch, capture=False)
+    assert graphs is not None
     rows: list[int] = []
     run = graphs.run
     graphs.run = lambda batch: rows.append(batch.input_ids.shape[0]) or run(batch)
@@ -117,9 +110,9 @@ def test_profiling_forward(make_llm, tiny_model, reference, backend):
     runner = llm.engine.runner
     layers = [m for m in runner.model.modules() if isinstance(m, PagedAttention)]
     assert runner.max_model_len < 700
-    runner._profile_run(GpuOptions(max_num_seqs=4, max_num_batched_tokens=700), layers)
+    runner._profile_run(GpuOptions(max_num_seqs=4, max_num_batched_tokens=700))
     assert layers[0].k_cache.data_ptr() != runner.kv_cache[0, 0].data_ptr()
-    runner._bind_cache(layers, runner.kv_cache)
+    runner._bind_cache(runner.kv_cache)
     assert _greedy(llm, _prompts()) == reference
 
 

@@ -12,14 +12,15 @@ import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
-from tokenmill.engine.loading import LoadedModel, load_model, resolve_device
 from tokenmill.engine.output_processor import OutputProcessor
+from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import ContextLengthError, InvalidRequestError
+from tokenmill.loader.model_loader import LoadedModel, load_model, resolve_device
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams, check_priority
 from tokenmill.spec_decode.speculator import Speculator, build_proposer
-from tokenmill.worker.kv_cache import DEFAULT_CPU_KV_GB, num_blocks_for_budget
+from tokenmill.worker.kv_cache import KVCacheBudget
 from tokenmill.worker.model_runner import GpuOptions, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -35,34 +36,26 @@ class LLMEngine:
         loaded: LoadedModel = load_model(config)
         self.model_name = loaded.name
         self.model_config: ModelConfig = loaded.model_config
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer = _load_tokenizer(loaded)
         self.dtype = loaded.dtype
         self.max_model_len = loaded.max_model_len
-        num_blocks: int | None = None
-        explicit = config.num_kv_blocks is not None or config.kv_cache_memory_gb is not None
-        if explicit or config.device == "cpu":
-            num_blocks = num_blocks_for_budget(
-                self.model_config,
-                config.block_size,
-                self.dtype,
-                config.kv_cache_memory_gb or DEFAULT_CPU_KV_GB,
-                self.max_model_len,
-                config.num_kv_blocks,
-            )
-        # On a GPU with no explicit budget the runner sizes the cache from free memory.
         self.runner = ModelRunner(
             self.model_config,
             loaded.weights,
             dtype=self.dtype,
             max_model_len=self.max_model_len,
-            num_blocks=num_blocks,
+            kv_budget=KVCacheBudget(
+                num_blocks=config.num_kv_blocks,
+                memory_gb=config.kv_cache_memory_gb,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+            ),
             block_size=config.block_size,
             device=config.device,
+            quant=loaded.quant,
             batch_invariant=config.batch_invariant,
             attention_backend=config.attention_backend,
             gpu=GpuOptions(
                 enforce_eager=config.enforce_eager,
-                memory_utilization=config.gpu_memory_utilization,
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
             ),
@@ -240,3 +233,11 @@ class LLMEngine:
         if self.speculator is not None:  # the whole step: what an accepted draft token saves
             self.speculator.observe_step(sched, time.perf_counter() - t0)
         return outputs
+
+
+def _load_tokenizer(loaded: LoadedModel) -> Tokenizer:
+    """The tokenizer the loader points at: a named one, else the GGUF file's own vocabulary."""
+    if loaded.tokenizer_path is not None:
+        return Tokenizer.from_pretrained(loaded.tokenizer_path)
+    assert loaded.gguf is not None
+    return Tokenizer.from_gguf(loaded.gguf)

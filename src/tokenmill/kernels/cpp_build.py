@@ -4,7 +4,7 @@
 into the torch_extensions cache (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), so later
 processes only reload it. If it cannot be built or loaded (no compiler, no ninja, ...) it logs one
 warning and returns None; callers keep a PyTorch fallback. TOKENMILL_NO_EXT=1 disables all of
-them. `make setup` builds them once ahead of time (`python -m tokenmill.kernels.cpp_build`).
+them. `make setup` builds them once ahead of time (`python -m tokenmill.kernels`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -120,41 +117,3 @@ def load_extension(name: str, source: str, probe: str, what: str) -> Any | None:
             _summary(str(e)),
         )
         return None
-
-
-def _loaders() -> tuple[Callable[[], Any | None], ...]:
-    from tokenmill.layers.attn_backends.cpu_ext import load_cpu_attention
-    from tokenmill.layers.fused import load_cpu_fused
-    from tokenmill.layers.quantization.cpu_quant import load_cpu_quant
-    from tokenmill.layers.quantization.squeezellm import load_cpu_lut
-
-    return (load_cpu_attention, load_cpu_quant, load_cpu_lut, load_cpu_fused)
-
-
-def _build_one(index: int) -> bool:
-    return _loaders()[index]() is not None
-
-
-def build_all() -> int:
-    """Builds every extension now (the set-up step); returns how many are unavailable.
-
-    Each extension compiles in its own forked process, as many at once as there are cores (one
-    compiler each), so that the flags this process set (BUILD_FLAGS) hold there too; loading
-    them here afterwards finds the builds up to date and only reads the libraries."""
-    loaders = _loaders()
-    workers = min(len(loaders), os.cpu_count() or 1)
-    if workers > 1 and os.environ.get("TOKENMILL_NO_EXT", "") in ("", "0"):
-        fork = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=fork) as pool:
-            list(pool.map(_build_one, range(len(loaders))))
-    missing = 0
-    for load in loaders:
-        ok = load() is not None
-        missing += not ok
-        print(f"{load.__name__}: {'ok' if ok else 'unavailable (PyTorch fallback)'}")
-    return missing
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build_all()

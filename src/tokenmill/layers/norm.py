@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.layers.fused import fused_ops
+from tokenmill.kernels.cpu_fused import fused_ops
 
 
 class RMSNorm(nn.Module):

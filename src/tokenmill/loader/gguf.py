@@ -17,7 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from gguf.gguf_reader import ReaderField, ReaderTensor
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.layers.quantization.packing import GGUF_FORMATS, QuantizedTensor
+from tokenmill.quant.packing import GGUF_FORMATS, QuantizedTensor
 
 # GGUF `general.architecture` -> HF `architectures[0]`. Mistral GGUFs are written as "llama".
 SUPPORTED_ARCHITECTURES: dict[str, str] = {

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from tokenmill.errors import ModelLoadError
-from tokenmill.layers.quantization.squeezellm import PARTS, SqueezeLLMWeights
 from tokenmill.loader.safetensors import safetensors_files
+from tokenmill.quant.squeezellm import PARTS, SqueezeLLMWeights
 
 QUANT_METHOD = "squeezellm"
 

@@ -7,8 +7,6 @@ The batch is ragged and packed: every activation is [num_tokens, ...] with no pa
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,19 +14,22 @@ from torch import nn
 
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
+from tokenmill.kernels.cpu_fused import fused_ops
 from tokenmill.layers.attention import PagedAttention
-from tokenmill.layers.fused import fused_ops
+from tokenmill.layers.forward_context import ForwardContext
+from tokenmill.layers.fused_decode import FusedDecodeLayer
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.layers.quantization.block_method import DENSE_ABOVE_ROWS, BlockQuantMethod
-from tokenmill.layers.quantization.packing import BlockWeights, QuantizedTensor
-from tokenmill.layers.quantization.squeezellm import SqueezeLLMWeights
 from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.worker.forward_context import ForwardContext
+from tokenmill.quant.base import QuantScheme
+from tokenmill.quant.packing import BlockWeights, QuantizedTensor
+from tokenmill.quant.squeezellm import SqueezeLLMWeights
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype, quant: QuantScheme
+    ) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -41,8 +42,9 @@ class LlamaAttention(nn.Module):
             ("q_proj", "k_proj", "v_proj"),
             bias=cfg.attention_bias,
             dtype=dtype,
+            quant=quant,
         )
-        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
+        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype, quant=quant)
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
         self.split = [q_size, kv_size, kv_size]
@@ -71,13 +73,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant: QuantScheme) -> None:
         super().__init__()
         inter = cfg.intermediate_size
         self.gate_up_proj = MergedLinear(
-            cfg.hidden_size, [inter, inter], ("gate_proj", "up_proj"), dtype=dtype
+            cfg.hidden_size, [inter, inter], ("gate_proj", "up_proj"), dtype=dtype, quant=quant
         )
-        self.down_proj = Linear(inter, cfg.hidden_size, dtype=dtype)
+        self.down_proj = Linear(inter, cfg.hidden_size, dtype=dtype, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 * inter]
@@ -89,13 +91,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype, quant: QuantScheme
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, dtype)
-        self.mlp = LlamaMLP(cfg, dtype)
+        self.self_attn = LlamaAttention(cfg, rotary, dtype, quant)
+        self.mlp = LlamaMLP(cfg, dtype, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self._fused: _FusedLayer | bool | None = None  # decided at the first decode step
+        self.fused_decode = FusedDecodeLayer(self)  # the whole layer in one C++ call, if it can
 
     def forward(
         self,
@@ -104,59 +108,19 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         ctx: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        fused = self._fused_decode_args(x, ctx)
-        if fused is not None:  # the whole layer in one C++ call (decode rows, quantized weights)
-            attn = self.self_attn.attn
-            return fused.ops.decode_layer.default(
-                x, residual, *fused.pre, positions, attn.k_cache, attn.v_cache,
-                ctx.slot_mapping, ctx.decode_block_tables, ctx.decode_ctx_lens, *fused.post,
-            )  # fmt: skip
+        fused = self.fused_decode(positions, x, residual, ctx)
+        if fused is not None:
+            return fused
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(positions, h, ctx)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
-    def _fused_decode_args(self, x: torch.Tensor, ctx: ForwardContext) -> _FusedLayer | None:
-        if ctx.prefills or ctx.unified is not None or x.shape[0] > DENSE_ABOVE_ROWS:
-            return None  # prompt chunks, or rows that take the dense bf16 matmul
-        if self._fused is None:
-            self._fused = _FusedLayer.build(self, x) or False
-        return self._fused or None
-
-
-@dataclass(frozen=True)
-class _FusedLayer:
-    """The fixed arguments of `tokenmill_cpu_fused::decode_layer` for one layer."""
-
-    ops: Any
-    pre: tuple  # arguments between (x, residual) and positions
-    post: tuple  # arguments after the decode context
-
-    @staticmethod
-    def build(layer: LlamaDecoderLayer, x: torch.Tensor) -> _FusedLayer | None:
-        ops = fused_ops(x)
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        methods = [lin.quant_method for lin in linears]
-        if (
-            ops is None
-            or attn.attn.decode_kernel is None
-            or not all(isinstance(m, BlockQuantMethod) and m.packed is not None for m in methods)
-            or any(lin.bias is not None for lin in linears[1:])
-        ):
-            return None
-        (qkv, o, gate_up, down) = methods
-        norm = layer.input_layernorm
-        pre = (norm.weight, layer.post_attention_layernorm.weight, norm.eps,
-               qkv.packed, qkv.bits, attn.qkv_proj.bias, o.packed, o.bits,
-               gate_up.packed, gate_up.bits, down.packed, down.bits,
-               mlp.down_proj.in_features, attn.rotary.cos, attn.rotary.sin)  # fmt: skip
-        post = (attn.attn.scale, attn.num_heads, attn.num_kv_heads)
-        return _FusedLayer(ops, pre, post)
-
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, quant: QuantScheme
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
@@ -164,7 +128,7 @@ class LlamaModel(nn.Module):
             cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary, dtype) for _ in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, rotary, dtype, quant) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -180,11 +144,17 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        max_positions: int,
+        quant: QuantScheme = None,
+    ) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype, max_positions)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        self.model = LlamaModel(cfg, dtype, max_positions, quant)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, quant=quant)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -8,6 +8,7 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.quant.base import QuantScheme
 
 # Qwen2 and Mistral are the Llama graph: Qwen2 adds q/k/v bias (ModelConfig.attention_bias);
 # Mistral's sliding window is honoured by capping the context at the window (see model_len).
@@ -20,11 +21,14 @@ _REGISTRY: dict[str, type[nn.Module]] = {
 SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, dtype: torch.dtype, max_positions: int, quant: QuantScheme = None
+) -> nn.Module:
+    """The model, its linear layers built for weights that arrive as `quant`."""
     cls = _REGISTRY.get(cfg.architecture)
     if cls is None:
         raise ModelLoadError(
             f"unsupported architecture {cfg.architecture!r}; supported: "
             + ", ".join(SUPPORTED_ARCHITECTURES)
         )
-    return cls(cfg, dtype, max_positions)
+    return cls(cfg, dtype, max_positions, quant)

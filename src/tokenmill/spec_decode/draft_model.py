@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.core.sched_types import ScheduledSeq, SchedulerOutput
+from tokenmill.loader.model_loader import load_model
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.proposer import Proposer
+from tokenmill.worker.kv_cache import DEFAULT_CPU_KV_GB, KVCacheBudget
 from tokenmill.worker.model_runner import ModelRunner
 
 
@@ -47,9 +49,6 @@ class DraftModelProposer(Proposer):
     ) -> DraftModelProposer:
         """The draft model named by `config.speculative_model`, loaded like the target (same
         dtype, device and quantization rules); it must share the target's vocabulary."""
-        from tokenmill.engine.loading import load_model
-        from tokenmill.worker.kv_cache import DEFAULT_CPU_KV_GB, num_blocks_for_budget
-
         if not config.speculative_model:
             raise ValueError("speculative='draft' needs speculative_model (a draft model path)")
         draft_config = dataclasses.replace(
@@ -65,27 +64,21 @@ class DraftModelProposer(Proposer):
         # Room for every running request at full length plus its drafts, within the same
         # memory budget as the target's cache (a draft model's KV is usually far smaller).
         max_len = max_model_len + config.num_speculative_tokens + 1
-        num_blocks = min(
-            num_blocks_for_budget(
-                loaded.model_config,
-                block_size,
-                loaded.dtype,
-                config.kv_cache_memory_gb or DEFAULT_CPU_KV_GB,
-                max_len,
-            ),
-            config.max_num_seqs * math.ceil(max_len / block_size),
-        )
         runner = ModelRunner(
             loaded.model_config,
             loaded.weights,
             dtype=loaded.dtype,
             max_model_len=max_len,
-            num_blocks=num_blocks,
+            kv_budget=KVCacheBudget(
+                memory_gb=config.kv_cache_memory_gb or DEFAULT_CPU_KV_GB,
+                max_blocks=config.max_num_seqs * math.ceil(max_len / block_size),
+            ),
             block_size=block_size,
             device=config.device,
+            quant=loaded.quant,
             attention_backend=config.attention_backend,
         )
-        return cls(runner, block_size, num_blocks)
+        return cls(runner, block_size, runner.num_blocks)
 
     def propose(self, reqs: list[Request], max_drafts: list[int]) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in reqs]

@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from tokenmill.worker.forward_context import ForwardContext, UnifiedAttentionMeta
+from tokenmill.layers.attn_backends.base import GraphBuffers
+from tokenmill.layers.forward_context import ForwardContext
 from tokenmill.worker.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)
@@ -38,30 +39,29 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """`attn`: the attention backend's static metadata buffers (`AttentionBackend.graph_buffers`)
+    with room for the largest bucket."""
+
     def __init__(
         self,
         forward: Forward,
+        attn: GraphBuffers,
         *,
         max_batch: int,
-        max_blocks: int,
         block_size: int,
         null_block: int,
         device: str | torch.device,
         capture: bool = True,
     ) -> None:
         self.forward = forward
+        self.attn = attn
         self.buckets = graph_buckets(max_batch)
-        self.max_blocks = max_blocks
-        self.null_block = null_block
         self.null_slot = null_block * block_size
         rows = self.buckets[-1]
-        i64, i32 = dict(dtype=torch.int64, device=device), dict(dtype=torch.int32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(rows, **i64)
         self.positions = torch.zeros(rows, **i64)
         self.slot_mapping = torch.full((rows,), self.null_slot, **i64)
-        self.block_tables = torch.full((rows, max_blocks), null_block, **i32)
-        self.seq_lens = torch.ones(rows, **i32)
-        self.query_start_loc = torch.arange(rows + 1, **i32)  # one query per row
         self.capture = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -69,21 +69,7 @@ class DecodeGraphs:
             self._capture_all()
 
     def _ctx(self, n: int) -> ForwardContext:
-        meta = UnifiedAttentionMeta(
-            block_tables=self.block_tables[:n],
-            seq_lens=self.seq_lens[:n],
-            query_start_loc=self.query_start_loc[: n + 1],
-            max_query_len=1,
-        )
-        return ForwardContext(
-            slot_mapping=self.slot_mapping[:n],
-            num_decode=n,
-            decode_block_tables=None,
-            decode_mask=None,
-            decode_ctx_lens=None,
-            prefills=[],
-            unified=meta,
-        )
+        return ForwardContext(slot_mapping=self.slot_mapping[:n], attn_meta=self.attn.metadata(n))
 
     @torch.inference_mode()  # as the runner's steps run: no autograd state in the graphs
     def _capture_all(self) -> None:
@@ -104,31 +90,19 @@ class DecodeGraphs:
         logger.info("captured CUDA graphs for decode batches %s", self.buckets)
 
     def can_run(self, batch: InputBatch) -> bool:
-        meta = batch.ctx.unified
-        return (
-            meta is not None
-            and meta.max_query_len == 1
-            and batch.input_ids.shape[0] <= self.buckets[-1]
-            and meta.block_tables.shape[1] <= self.max_blocks
-        )
+        n = batch.input_ids.shape[0]
+        return n <= self.buckets[-1] and self.attn.can_hold(batch.ctx.attn_meta, n)
 
     def run(self, batch: InputBatch) -> torch.Tensor:
         """The final hidden states [n, hidden] of a decode-only batch (see `can_run`)."""
-        meta = batch.ctx.unified
-        assert meta is not None
         n = batch.input_ids.shape[0]
         b = next(size for size in self.buckets if size >= n)
-        width = meta.block_tables.shape[1]
         self.input_ids[:n].copy_(batch.input_ids)
         self.positions[:n].copy_(batch.positions)
         self.slot_mapping[:n].copy_(batch.ctx.slot_mapping)
-        self.block_tables[:n, :width].copy_(meta.block_tables)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        # Padding rows: write to the null block and attend to its first slot only. A padding
-        # row's later table entries may be stale from a bigger step; they are never read.
+        # Padding rows write to the null block (and attend to its first slot only).
         self.slot_mapping[n:b].fill_(self.null_slot)
-        self.block_tables[n:b, 0].fill_(self.null_block)
-        self.seq_lens[n:b].fill_(1)
+        self.attn.copy_in(batch.ctx.attn_meta, n, b)
         if not self.capture:
             return self.forward(self.input_ids[:b], self.positions[:b], self._ctx(b))[:n]
         self.graphs[b].replay()

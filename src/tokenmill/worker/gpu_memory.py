@@ -14,9 +14,6 @@ from collections.abc import Callable
 
 import torch
 
-from tokenmill.config import ModelConfig
-from tokenmill.worker.kv_cache import kv_bytes_per_block
-
 logger = logging.getLogger(__name__)
 
 # Kept back for the CUDA graphs' memory pool and allocator fragmentation.
@@ -25,15 +22,14 @@ _GRAPH_RESERVE_BYTES = 256 * 2**20
 
 def kv_blocks_from_free_memory(
     profile: Callable[[], None],
-    cfg: ModelConfig,
+    per_block: int,
     block_size: int,
-    dtype: torch.dtype,
     max_model_len: int,
     utilization: float,
     device: torch.device,
 ) -> int:
-    """Runs `profile` (the peak step) and returns how many KV blocks fit; a clear error when
-    not even one max-length request does."""
+    """Runs `profile` (the peak step) and returns how many KV blocks of `per_block` bytes fit;
+    a clear error when not even one max-length request does."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -43,7 +39,6 @@ def kv_blocks_from_free_memory(
     free, total = torch.cuda.mem_get_info(device)
     non_torch = (total - free) - torch.cuda.memory_reserved(device)
     budget = int(total * utilization) - peak - max(non_torch, 0) - _GRAPH_RESERVE_BYTES
-    per_block = kv_bytes_per_block(cfg, block_size, dtype)
     num_blocks = max(budget, 0) // per_block
     needed = math.ceil(max_model_len / block_size)
     gib = 2**30

@@ -1,4 +1,4 @@
-"""Turns a SchedulerOutput into packed tensors and the attention ForwardContext."""
+"""Turns a SchedulerOutput into packed tensors and the step's ForwardContext."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.core.sched_types import ScheduledSeq
-from tokenmill.worker.forward_context import ForwardContext, PrefillSeq, UnifiedAttentionMeta
+from tokenmill.layers.attn_backends.base import (
+    AttentionBackend,
+    AttentionBatch,
+    ChunkSeq,
+    DecodeSeq,
+    host_to_device,
+)
+from tokenmill.layers.forward_context import ForwardContext
 
 
 @dataclass
@@ -23,20 +30,10 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
-def _to_device(values: list[int] | torch.Tensor, device: str, dtype: torch.dtype) -> torch.Tensor:
-    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    if device == "cpu":
-        return t
-    # Pinned host memory makes the copy asynchronous: no sync per tensor on the GPU path.
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def build_input_batch(
-    seqs: list[ScheduledSeq], block_size: int, device: str, unified: bool = False
+    seqs: list[ScheduledSeq], block_size: int, device: str, backend: AttentionBackend
 ) -> InputBatch:
-    """Packs the step's tokens. `unified`: attention metadata for one ragged kernel over the
-    whole batch (`UnifiedAttentionMeta`, the GPU path) instead of the CPU path's decode tensors
-    and per-chunk masks."""
+    """Packs the step's tokens, decode rows first, and builds `backend`'s attention metadata."""
     # A speculative verify seq (last token + drafts) runs as decode rows, one per token: row i
     # attends to start_pos + i + 1 keys, its own KV being written before attention. So each
     # verified token is computed exactly like a plain decode row (bit-identical with the C++
@@ -55,96 +52,23 @@ def build_input_batch(
         positions.extend(range(s.start_pos, end))
         slot_mapping.extend(_slots(s.block_ids, s.start_pos, end, block_size))
 
-    num_decode = sum(s.num_tokens for s in decodes)
-    if unified:
-        return InputBatch(
-            seqs=ordered,
-            input_ids=_to_device(input_ids, device, torch.int64),
-            positions=_to_device(positions, device, torch.int64),
-            ctx=ForwardContext(
-                slot_mapping=_to_device(slot_mapping, device, torch.int64),
-                num_decode=num_decode,
-                decode_block_tables=None,
-                decode_mask=None,
-                decode_ctx_lens=None,
-                prefills=[],
-                unified=_unified_meta(decodes, prefills, block_size, device),
-            ),
-            token_starts=token_starts,
-        )
-
-    decode_tables = decode_mask = decode_ctx_lens = None
-    if decodes:
-        lens = [s.start_pos + i + 1 for s in decodes for i in range(s.num_tokens)]
-        num_rows = len(lens)
-        ctx_lens = torch.tensor(lens)  # [B]
-        width = -(-int(ctx_lens.max()) // block_size)
-        tables = torch.zeros(num_rows, width, dtype=torch.int64)  # [B, max_blocks]
-        row = 0
-        for s in decodes:
-            n = min(len(s.block_ids), width)
-            tables[row : row + s.num_tokens, :n] = torch.tensor(s.block_ids[:n])
-            row += s.num_tokens
-        pos = torch.arange(width * block_size)
-        mask = pos.unsqueeze(0) < ctx_lens.unsqueeze(1)  # [B, max_blocks * block_size]
-        decode_tables = tables.to(device)
-        decode_ctx_lens = ctx_lens.to(device)
-        decode_mask = mask.view(num_rows, 1, 1, -1).to(device)
-
-    prefill_meta = []
-    for s, start in zip(prefills, token_starts[len(decodes) :], strict=True):
-        end = s.start_pos + s.num_tokens
-        num_blocks = -(-end // block_size)
-        table = torch.tensor(s.block_ids[:num_blocks], dtype=torch.int64, device=device)
-        q_pos = torch.arange(s.start_pos, end, device=device)
-        causal = torch.arange(end, device=device).unsqueeze(0) <= q_pos.unsqueeze(1)
-        prefill_meta.append(PrefillSeq(start, s.num_tokens, s.start_pos, table, causal))
-
+    attn_batch = AttentionBatch(
+        decodes=[DecodeSeq(s.start_pos + 1, s.num_tokens, s.block_ids) for s in decodes],
+        chunks=[
+            ChunkSeq(start, s.num_tokens, s.start_pos, s.block_ids)
+            for s, start in zip(prefills, token_starts[len(decodes) :], strict=True)
+        ],
+        block_size=block_size,
+        device=device,
+    )
     ctx = ForwardContext(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-        num_decode=num_decode,
-        decode_block_tables=decode_tables,
-        decode_mask=decode_mask,
-        decode_ctx_lens=decode_ctx_lens,
-        prefills=prefill_meta,
+        slot_mapping=host_to_device(slot_mapping, device, torch.int64),
+        attn_meta=backend.build_metadata(attn_batch),
     )
     return InputBatch(
         seqs=ordered,
-        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        input_ids=host_to_device(input_ids, device, torch.int64),
+        positions=host_to_device(positions, device, torch.int64),
         ctx=ctx,
         token_starts=token_starts,
-    )
-
-
-def _unified_meta(
-    decodes: list[ScheduledSeq], prefills: list[ScheduledSeq], block_size: int, device: str
-) -> UnifiedAttentionMeta:
-    # Decode rows first (a verify seq's tokens each their own one-query sequence, as on the CPU
-    # path: a verified token is computed like a plain decode row), then one sequence per chunk.
-    lens: list[int] = []
-    query_lens: list[int] = []
-    tables: list[list[int]] = []
-    for s in decodes:
-        for i in range(s.num_tokens):
-            lens.append(s.start_pos + i + 1)
-            query_lens.append(1)
-            tables.append(s.block_ids)
-    for s in prefills:
-        lens.append(s.start_pos + s.num_tokens)
-        query_lens.append(s.num_tokens)
-        tables.append(s.block_ids)
-    width = max(-(-n // block_size) for n in lens)
-    table = torch.zeros(len(lens), width, dtype=torch.int32)  # [S, max_blocks]
-    for i, (ids, n) in enumerate(zip(tables, lens, strict=True)):
-        used = -(-n // block_size)
-        table[i, :used] = torch.tensor(ids[:used], dtype=torch.int32)
-    starts = [0]
-    for q in query_lens:
-        starts.append(starts[-1] + q)
-    return UnifiedAttentionMeta(
-        block_tables=_to_device(table, device, torch.int32),
-        seq_lens=_to_device(lens, device, torch.int32),
-        query_start_loc=_to_device(starts, device, torch.int32),
-        max_query_len=max(query_lens),
     )

@@ -1,12 +1,19 @@
-"""KV cache sizing and allocation: one tensor of flat slots, a view per layer."""
+"""KV cache sizing and allocation: one tensor of flat slots, a view per layer.
+
+`size_kv_cache` is the one place that decides how many blocks a runner's cache gets, for the
+engine's model and a draft model alike.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from tokenmill.config import ModelConfig
+from tokenmill.worker.gpu_memory import kv_blocks_from_free_memory
 
 DEFAULT_CPU_KV_GB = 1.0  # the KV budget where none is given and no GPU profiles its memory
 
@@ -36,6 +43,53 @@ def num_blocks_for_budget(
             f"max_model_len={max_model_len} tokens needs {needed} blocks; raise "
             "kv_cache_memory_gb (--kv-cache-memory-gb) or lower max_model_len (--max-model-len)"
         )
+    return num_blocks
+
+
+@dataclass(frozen=True)
+class KVCacheBudget:
+    """What a runner's KV cache may take. An exact `num_blocks` wins; else `memory_gb`; with
+    neither, a GPU gets what a profiling forward leaves of `gpu_memory_utilization` of the card
+    and a CPU DEFAULT_CPU_KV_GB. `max_blocks` caps the result (a draft model needs no more
+    than its requests can fill)."""
+
+    num_blocks: int | None = None
+    memory_gb: float | None = None
+    max_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+
+
+def size_kv_cache(
+    budget: KVCacheBudget,
+    cfg: ModelConfig,
+    block_size: int,
+    dtype: torch.dtype,
+    max_model_len: int,
+    device: str,
+    profile: Callable[[], None],
+) -> int:
+    """The number of KV blocks (a clear error when one max_model_len request does not fit).
+    `profile` runs the largest step; it is called only to size a GPU cache from free memory."""
+    if budget.num_blocks is None and budget.memory_gb is None and device.startswith("cuda"):
+        num_blocks = kv_blocks_from_free_memory(
+            profile,
+            kv_bytes_per_block(cfg, block_size, dtype),
+            block_size,
+            max_model_len,
+            budget.gpu_memory_utilization,
+            torch.device(device),
+        )
+    else:
+        num_blocks = num_blocks_for_budget(
+            cfg,
+            block_size,
+            dtype,
+            budget.memory_gb or DEFAULT_CPU_KV_GB,
+            max_model_len,
+            budget.num_blocks,
+        )
+    if budget.max_blocks is not None:
+        num_blocks = min(num_blocks, max(budget.max_blocks, math.ceil(max_model_len / block_size)))
     return num_blocks
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -13,25 +11,19 @@ import torch
 from tokenmill.config import ModelConfig
 from tokenmill.core.sched_types import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.errors import ModelLoadError
+from tokenmill.kernels.cpu_fused import load_cpu_fused
 from tokenmill.layers.attention import PagedAttention
-from tokenmill.layers.attn_backends import triton_available
-from tokenmill.layers.attn_backends.cpu_ext import (
-    load_cpu_attention,
-    paged_decode_attention,
-    paged_prefill_attention,
-    supports,
-)
-from tokenmill.layers.fused import load_cpu_fused
+from tokenmill.layers.attn_backends import select_backend
 from tokenmill.layers.linear import Linear
 from tokenmill.models.registry import build_model
+from tokenmill.quant.base import QuantScheme
 from tokenmill.request import Request
 from tokenmill.sampling.rejection import verify_drafts
 from tokenmill.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.cuda_graph import DecodeGraphs
-from tokenmill.worker.gpu_memory import kv_blocks_from_free_memory
 from tokenmill.worker.input_batch import InputBatch, build_input_batch
-from tokenmill.worker.kv_cache import allocate_kv_cache
+from tokenmill.worker.kv_cache import KVCacheBudget, allocate_kv_cache, size_kv_cache
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +31,6 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GpuOptions:
     enforce_eager: bool = False
-    memory_utilization: float = 0.9
     max_num_seqs: int = 128  # the largest decode batch: CUDA graphs are captured up to it
     max_num_batched_tokens: int = 512  # the profiling forward's size
 
@@ -52,27 +43,33 @@ class ModelRunner:
         *,
         dtype: torch.dtype,
         max_model_len: int,
-        num_blocks: int | None,
+        kv_budget: KVCacheBudget,
         block_size: int,
         device: str = "cpu",
+        quant: QuantScheme = None,
         batch_invariant: bool = False,
         use_cpu_kernels: bool = True,
         attention_backend: str = "auto",
         gpu: GpuOptions | None = None,
     ) -> None:
-        """`num_blocks` None: size the KV cache from the GPU's free memory (cuda only)."""
         self.model_config = model_config
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
         self.max_model_len = max_model_len
         gpu = gpu or GpuOptions()
-        on_cuda = device.startswith("cuda")
-        backend = _attention_backend(attention_backend, device, use_cpu_kernels)
-        self.unified = backend in ("triton", "unified-ref")
+        # Picked once: every attention layer runs this backend and every step builds its metadata.
+        self.attn_backend = select_backend(
+            attention_backend,
+            device,
+            head_dim=model_config.head_dim,
+            dtype=dtype,
+            batch_invariant=batch_invariant,
+            use_cpu_kernels=use_cpu_kernels,
+        )
         try:
             with torch.device(device):  # parameters allocated where they will live
-                self.model = build_model(model_config, dtype, max_model_len)
+                self.model = build_model(model_config, dtype, max_model_len, quant)
             self.model.load_weights(weights)
         except torch.OutOfMemoryError as e:
             raise ModelLoadError(
@@ -83,37 +80,44 @@ class ModelRunner:
         self._process_weights(batch_invariant)
         if device == "cpu" and dtype == torch.bfloat16:
             load_cpu_fused()  # built (or loaded from cache) now, not inside the first request
-        attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        for attn in attn_layers:
-            _bind_kernels(attn, backend, dtype, batch_invariant)
-        if num_blocks is None:
-            if not on_cuda:
-                raise ValueError("num_blocks is required off the GPU")
-            num_blocks = kv_blocks_from_free_memory(
-                lambda: self._profile_run(gpu, attn_layers), model_config, block_size, dtype,
-                max_model_len, gpu.memory_utilization, torch.device(device),
-            )  # fmt: skip
-        self.num_blocks = num_blocks
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        self.num_blocks = size_kv_cache(
+            kv_budget, model_config, block_size, dtype, max_model_len, device,
+            profile=lambda: self._profile_run(gpu),
+        )  # fmt: skip
         # One more block than the scheduler knows of: the null block that CUDA graphs' padding
         # rows write to. No request ever owns it.
-        self.null_block = num_blocks
-        self.kv_cache = allocate_kv_cache(model_config, num_blocks + 1, block_size, dtype, device)
-        self._bind_cache(attn_layers, self.kv_cache)
+        self.null_block = self.num_blocks
+        self.kv_cache = allocate_kv_cache(
+            model_config, self.num_blocks + 1, block_size, dtype, device
+        )
+        self._bind_cache(self.kv_cache)
         self.sampler = Sampler()
         # Decode-only steps on the GPU run padded to a graph's batch size over static buffers;
         # enforce_eager runs the very same padded batches without capturing, so each matmul and
         # attention launch sees the same shapes and the tokens are identical.
         self.graphs: DecodeGraphs | None = None
-        if on_cuda and backend == "triton":
-            self.graphs = DecodeGraphs(
-                self.model,
-                max_batch=gpu.max_num_seqs,
-                max_blocks=-(-max_model_len // block_size),
-                block_size=block_size,
-                null_block=self.null_block,
-                device=device,
-                capture=not gpu.enforce_eager,
-            )
+        if device.startswith("cuda") and self.attn_backend.cuda_graphs:
+            self.graphs = self.decode_graphs(gpu.max_num_seqs, capture=not gpu.enforce_eager)
+
+    def decode_graphs(self, max_batch: int, capture: bool) -> DecodeGraphs | None:
+        """CUDA graphs of decode steps up to max_batch rows (`capture=False`: the same padded
+        static buffers, run eagerly); None where the attention backend cannot be captured."""
+        max_blocks = -(-self.max_model_len // self.block_size)
+        buffers = self.attn_backend.graph_buffers(
+            max_batch, max_blocks, self.null_block, self.device
+        )
+        if buffers is None:
+            return None
+        return DecodeGraphs(
+            self.model,
+            buffers,
+            max_batch=max_batch,
+            block_size=self.block_size,
+            null_block=self.null_block,
+            device=self.device,
+            capture=capture,
+        )
 
     def _process_weights(self, batch_invariant: bool) -> None:
         weight_bytes: dict[str, int] = {}
@@ -128,14 +132,17 @@ class ModelRunner:
             ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(weight_bytes.items())),
         )
 
-    @staticmethod
-    def _bind_cache(attn_layers: list[PagedAttention], kv_cache: torch.Tensor) -> None:
-        for i, attn in enumerate(attn_layers):
-            attn.k_cache = kv_cache[i, 0]  # [num_blocks, block_size, H_kv, D]
-            attn.v_cache = kv_cache[i, 1]
+    def _bind_cache(self, kv_cache: torch.Tensor) -> None:
+        for i, attn in enumerate(self.attn_layers):
+            # [num_blocks, block_size, H_kv, D] each
+            attn.bind(self.attn_backend, kv_cache[i, 0], kv_cache[i, 1])
+
+    def prepare(self, seqs: list[ScheduledSeq]) -> InputBatch:
+        """The packed tensors and attention metadata of one step."""
+        return build_input_batch(seqs, self.block_size, self.device, self.attn_backend)
 
     @torch.inference_mode()
-    def _profile_run(self, gpu: GpuOptions, attn_layers: list[PagedAttention]) -> None:
+    def _profile_run(self, gpu: GpuOptions) -> None:
         """The largest step: max_num_batched_tokens prompt tokens in sequences of at most
         max_model_len, with a throw-away cache just big enough, then max_num_seqs logit rows."""
         num_tokens = gpu.max_num_batched_tokens
@@ -147,8 +154,8 @@ class ModelRunner:
             block += used
         cfg = self.model_config
         cache = allocate_kv_cache(cfg, block, self.block_size, self.dtype, self.device)
-        self._bind_cache(attn_layers, cache)
-        batch = build_input_batch(seqs, self.block_size, self.device, unified=self.unified)
+        self._bind_cache(cache)
+        batch = self.prepare(seqs)
         hidden = self.model(batch.input_ids, batch.positions, batch.ctx)
         rows = min(gpu.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
@@ -162,7 +169,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        batch = build_input_batch(sched.seqs, self.block_size, self.device, self.unified)
+        batch = self.prepare(sched.seqs)
         hidden = self.forward(batch)  # [T, hidden]
 
         # Rows whose logits we need: the last row of every sampling seq and the rows of its
@@ -207,49 +214,6 @@ class ModelRunner:
             k = s.req.sampling_params.prompt_logprobs or 0
             out.prompt_logprobs[s.req.request_id] = prompt_logprobs(logits, targets, k)
         return out
-
-
-def _attention_backend(name: str, device: str, use_cpu_kernels: bool) -> str:
-    """Resolves "auto" and checks the choice against the device."""
-    on_cuda = device.startswith("cuda")
-    if name == "auto":
-        if on_cuda:
-            return "triton" if triton_available() else "sdpa"
-        cpu_ok = use_cpu_kernels and load_cpu_attention() is not None
-        return "cpu" if cpu_ok else "sdpa"
-    if name == "cpu" and on_cuda:
-        raise ValueError("attention_backend='cpu' runs on the CPU only; use triton or sdpa")
-    if name == "cpu" and load_cpu_attention() is None:
-        raise ValueError("attention_backend='cpu': the C++ attention kernel could not be built")
-    if name == "triton" and not triton_available():
-        raise ValueError("attention_backend='triton' needs the triton package (pip install triton)")
-    if name == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "attention_backend='triton' runs on a CUDA device (on the CPU only under Triton's "
-            "slow interpreter, TRITON_INTERPRET=1, for tests); use cpu or sdpa here"
-        )
-    return name
-
-
-def _bind_kernels(
-    attn: PagedAttention, backend: str, dtype: torch.dtype, batch_invariant: bool
-) -> None:
-    if backend == "cpu" and supports(attn.head_dim, dtype):  # else the reference path
-        attn.decode_kernel = paged_decode_attention
-        if batch_invariant:
-            attn.prefill_kernel = paged_prefill_attention
-    elif backend == "triton":
-        from tokenmill.layers.attn_backends.triton_attn import paged_attention
-
-        # The decode path splits long rows over as many programs as fill the GPU, a count that
-        # depends on the batch; batch-invariant mode keeps one split per row.
-        attn.unified_kernel = (
-            functools.partial(paged_attention, num_splits=1) if batch_invariant else paged_attention
-        )
-    elif backend == "unified-ref":
-        from tokenmill.layers.attn_backends.unified_ref import reference_paged_attention
-
-        attn.unified_kernel = reference_paged_attention
 
 
 def _profile_seq(num_tokens: int, block_ids: list[int]) -> ScheduledSeq:

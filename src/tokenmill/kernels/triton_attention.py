@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.layers.attn_backends.unified_ref import reference_paged_attention
+from tokenmill.kernels.attention_ref import reference_paged_attention
 
 __all__ = ["paged_attention", "reference_paged_attention", "supports", "interpreted"]
 

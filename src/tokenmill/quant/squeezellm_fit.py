@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.layers.quantization.squeezellm import SqueezeLLMWeights, pack_codes
+from tokenmill.quant.squeezellm import SqueezeLLMWeights, pack_codes
 
 KMEANS_ITERS = 12  # Lloyd iterations from each of the two starts
 

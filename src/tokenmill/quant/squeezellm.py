@@ -12,23 +12,21 @@ y = x W^T from that directly; without it the weight is dequantized once at load 
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from tokenmill.kernels.cpp_build import load_extension
-from tokenmill.layers.quantization.block_method import kernel_or_dense
+from tokenmill.kernels.cpu_lut import kernel_lut, load_cpu_lut, lut_dequantize, lut_linear
+from tokenmill.quant.block import kernel_or_dense
+from tokenmill.quant.unquantized import UnquantizedMethod
 
 if TYPE_CHECKING:
     from tokenmill.layers.linear import Linear
 
 logger = logging.getLogger(__name__)
 
-EXT_NAME = "tokenmill_cpu_lut"
-LUT_SLOTS = 16  # one zmm of float32: the kernel's table always has 16 entries
 # Above this many rows of bf16 activations (prefill, large batches) the weight is dequantized to
 # bf16 for the call and multiplied densely: the lookup kernel's float32 FMAs cost more per row
 # than dequantizing plus oneDNN's bf16 matmul once each weight is reused this often (measured on
@@ -128,66 +126,28 @@ def cat_rows(parts: list[SqueezeLLMWeights]) -> SqueezeLLMWeights:
     )
 
 
-@functools.cache
-def load_cpu_lut() -> Any | None:
-    """`torch.ops.tokenmill_cpu_lut`, or None (with one warning) where it cannot be built."""
-    return load_extension(EXT_NAME, "squeezellm.cpp", "lut_linear", "SqueezeLLM CPU kernel")
-
-
-def lut_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    lut16: torch.Tensor,
-    crow: torch.Tensor,
-    col: torch.Tensor,
-    val: torch.Tensor,
-) -> torch.Tensor:
-    """y [M, R] = x [M, C] @ W^T for W = lut16[r, code] + CSR; lut16 float32 [R, 16]; x float32
-    or bfloat16 (y has x's dtype, computed in float32)."""
-    ops = load_cpu_lut()
-    if ops is None:
-        raise RuntimeError(f"{EXT_NAME} is unavailable")
-    return ops.lut_linear.default(x.contiguous(), codes, lut16, crow, col, val)
-
-
-def lut_dequantize(
-    codes: torch.Tensor,
-    lut16: torch.Tensor,
-    crow: torch.Tensor,
-    col: torch.Tensor,
-    val: torch.Tensor,
-    cols: int,
-) -> torch.Tensor:
-    """The bfloat16 weight [R, cols], bit-exact with `SqueezeLLMWeights.dequantize().bfloat16()`."""
-    ops = load_cpu_lut()
-    if ops is None:
-        raise RuntimeError(f"{EXT_NAME} is unavailable")
-    return ops.lut_dequantize.default(codes, lut16, crow, col, val, cols)
-
-
-def kernel_lut(lut: torch.Tensor) -> torch.Tensor:
-    """fp16 [R, 2^bits] -> float32 [R, 16] (3-bit tables padded with zeros, never indexed)."""
-    out = torch.zeros(lut.shape[0], LUT_SLOTS, dtype=torch.float32)
-    out[:, : lut.shape[1]] = lut.float()
-    return out
-
-
 class SqueezeLLMMethod:
     def __init__(self) -> None:
         self.parts: dict[str | None, SqueezeLLMWeights] = {}
         self.bits = 0
         self.tensors: tuple[torch.Tensor, ...] = ()  # codes, lut [R, 16], crow, col, val
 
-    def create_weights(self, layer: Linear) -> None:  # the dense weight stays until processed
-        pass
+    def create_weights(self, layer: Linear) -> None:
+        # A dense placeholder: dense tensors load into it (a fused layer may mix quantized and
+        # dense shards), and it stays if no kernel takes the quantized ones.
+        UnquantizedMethod().create_weights(layer)
 
     def load(self, layer: Linear, weights: SqueezeLLMWeights, shard: str | None) -> None:
+        if not isinstance(weights, SqueezeLLMWeights):
+            raise ValueError(f"{layer}: a {type(weights).__name__} arrived for a SqueezeLLM layer")
         self.parts[shard] = weights
 
     def process_after_loading(self, layer: Linear) -> None:
-        from tokenmill.layers.linear import UnquantizedMethod
-
         order = getattr(layer, "shard_names", (None,))
+        if not self.parts:  # a layer the checkpoint keeps dense (the LM head, say)
+            layer.quant_method = UnquantizedMethod()
+            layer.quant_method.process_after_loading(layer)
+            return
         if any(s not in self.parts for s in order):
             raise ValueError(f"{layer}: a fused layer mixes SqueezeLLM and dense shards")
         sq = cat_rows([self.parts[s] for s in order])

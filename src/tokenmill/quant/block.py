@@ -21,21 +21,22 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from tokenmill.layers.quantization.cpu_quant import (
+from tokenmill.kernels.cpu_quant import (
     dequantize_packed,
     load_cpu_quant,
     quant_linear,
 )
-from tokenmill.layers.quantization.packing import (
+from tokenmill.quant.packing import (
     BlockWeights,
     QuantizedTensor,
     cat_rows,
     pack_tiles,
 )
+from tokenmill.quant.unquantized import UnquantizedMethod
 
 if TYPE_CHECKING:
     from tokenmill.layers.linear import Linear
-    from tokenmill.layers.quantization.triton_quant import GpuQuantWeight
+    from tokenmill.quant.gpu_layout import GpuQuantWeight
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +72,24 @@ class BlockQuantMethod:
         self.bits = 0
         self.format = ""
 
-    def create_weights(self, layer: Linear) -> None:  # the dense weight stays until processed
-        pass
+    def create_weights(self, layer: Linear) -> None:
+        # A dense placeholder: dense tensors load into it (a fused layer may mix quantized and
+        # dense shards), and it stays if no kernel takes the quantized ones.
+        UnquantizedMethod().create_weights(layer)
 
     def load(
         self, layer: Linear, tensor: QuantizedTensor | BlockWeights, shard: str | None
     ) -> None:
+        if not isinstance(tensor, QuantizedTensor | BlockWeights):
+            raise ValueError(
+                f"{layer}: a {type(tensor).__name__} arrived for a layer of block-quantized weights"
+            )
         if isinstance(tensor, QuantizedTensor):
             self.format = self.format or tensor.qtype
             tensor = tensor.unpack()
         self.parts[shard] = tensor
 
     def process_after_loading(self, layer: Linear) -> None:
-        from tokenmill.layers.linear import UnquantizedMethod
-
         order = getattr(layer, "shard_names", (None,))
         parts = [self.parts.get(s) for s in order]
         quantized = all(isinstance(p, BlockWeights) for p in parts)
@@ -95,7 +100,7 @@ class BlockQuantMethod:
             bw = cat_rows(parts)  # type: ignore[arg-type]
             self.bits = bw.bits
             if use_triton:  # imported only here: the module imports triton
-                from tokenmill.layers.quantization.triton_quant import pack_for_gpu
+                from tokenmill.quant.gpu_layout import pack_for_gpu
 
                 self.gpu_weight = pack_for_gpu(bw).to(device)
             else:
@@ -123,7 +128,7 @@ class BlockQuantMethod:
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if self.gpu_weight is not None:
-            from tokenmill.layers.quantization.triton_quant import quant_matmul
+            from tokenmill.kernels.triton_quant import quant_matmul
 
             y = quant_matmul(x, self.gpu_weight, layer.bias, batch_invariant=layer.batch_invariant)
             return y.to(layer.dtype)

@@ -1,4 +1,5 @@
-"""Resolves a model source into config, tokenizer, compute dtype and a weight iterator."""
+"""Resolves a model source into its config, compute dtype, quantization scheme, the source of its
+tokenizer and a weight iterator. The engine builds the tokenizer; the runner builds the model."""
 
 from __future__ import annotations
 
@@ -6,17 +7,20 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
-from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpp_build import cpu_flags
-from tokenmill.layers.quantization.packing import BLOCK, quantize_rtn
 from tokenmill.loader.model_source import read_hf_config, resolve_model
 from tokenmill.models.registry import SUPPORTED_ARCHITECTURES
+from tokenmill.quant.base import QuantScheme
+from tokenmill.quant.rtn import quantize_at_load
+
+if TYPE_CHECKING:
+    from tokenmill.loader.gguf import GGUFFile
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +38,13 @@ _DTYPES = {
 class LoadedModel:
     name: str
     model_config: ModelConfig
-    tokenizer: Tokenizer
     dtype: torch.dtype
     max_model_len: int
-    weights: Iterator[tuple[str, torch.Tensor]]
+    quant: QuantScheme  # how the linear weights arrive in `weights`
+    weights: Iterator[tuple[str, Any]]
+    # Where the tokenizer comes from: the GGUF file's own vocabulary, else a HF folder or hub id.
+    gguf: GGUFFile | None
+    tokenizer_path: str | None
 
 
 @lru_cache(maxsize=1)
@@ -72,20 +79,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def quantize_at_load(weights: Iterator[tuple[str, Any]], bits: int) -> Iterator[tuple[str, Any]]:
-    """Round-to-nearest weight-only quantization of the decoder's linear weights as they load:
-    int8 with one scale per output channel, int4 with a scale and offset per group of 32 (64 was
-    measured on the default model, whose weights are Q4_1 already: perplexity +73% at 64, +0.02%
-    at 32, where RTN reproduces the Q4_1 grid). The embedding and the LM head stay dense."""
-    for name, w in weights:
-        linear = name.startswith("model.layers.") and name.endswith("_proj.weight")
-        if linear and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] % BLOCK == 0:
-            group = w.shape[1] if bits == 8 else BLOCK
-            yield name, quantize_rtn(w, bits, group)
-        else:
-            yield name, w
-
-
 def load_model(config: EngineConfig) -> LoadedModel:
     source = resolve_model(config.model)
     dtype = resolve_dtype(config.dtype, config.device)
@@ -94,22 +87,19 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
         gguf = read_gguf(source.path)
         hf_config = gguf.hf_config()
-        tokenizer = (
-            Tokenizer.from_pretrained(config.tokenizer)
-            if config.tokenizer
-            else Tokenizer.from_gguf(gguf)
-        )
         if config.quantization == "squeezellm":
             raise ModelLoadError(_not_squeezellm(source.path))
         # Unset quantization = as stored: Q4_0/Q4_1/Q8_0 blocks reach the kernels as they are.
         weights = gguf.iter_tensors(dtype, keep_quantized=config.quantization is None)
+        quant: QuantScheme = "blocks" if config.quantization is None else None
     else:
         from tokenmill.loader.safetensors import iter_safetensors
         from tokenmill.loader.squeezellm import iter_squeezellm, squeezellm_bits
 
+        gguf = None
         hf_config = read_hf_config(source.path)
-        tokenizer = Tokenizer.from_pretrained(config.tokenizer or str(source.path))
         weights = iter_safetensors(source.path, dtype)
+        quant = None
         sq_bits = squeezellm_bits(hf_config)  # a `tokenmill quantize` checkpoint
         if sq_bits is None and config.quantization == "squeezellm":
             raise ModelLoadError(_not_squeezellm(source.path))
@@ -121,6 +111,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
                 )
             dense = config.quantization == "none"  # none: dequantized to dtype at load
             weights = iter_squeezellm(source.path, dtype, sq_bits, dense=dense)
+            quant = None if dense else "squeezellm"
     archs = hf_config.get("architectures") or []
     if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
@@ -129,6 +120,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
         )
     if config.quantization in ("int8", "int4"):
         weights = quantize_at_load(weights, 8 if config.quantization == "int8" else 4)
+        quant = "blocks"
     model_config = ModelConfig.from_hf_dict(hf_config)
     max_len = model_config.max_position_embeddings
     if model_config.sliding_window:
@@ -140,7 +132,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
                 f"max_model_len={config.max_model_len} exceeds the model's context of {max_len}"
             )
         max_len = config.max_model_len
-    return LoadedModel(source.name, model_config, tokenizer, dtype, max_len, weights)
+    tokenizer_path = config.tokenizer or (None if gguf is not None else str(source.path))
+    return LoadedModel(
+        source.name, model_config, dtype, max_len, quant, weights, gguf, tokenizer_path
+    )
 
 
 def _not_squeezellm(path: object) -> str:
