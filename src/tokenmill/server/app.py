@@ -11,7 +11,6 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 
-import tokenmill
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.server import serving_tokenize
 from tokenmill.server.chat_page import add_chat_page
@@ -29,6 +28,7 @@ from tokenmill.server.protocol import (
 from tokenmill.server.serving_chat import create_chat_completion
 from tokenmill.server.serving_common import ServerContext
 from tokenmill.server.serving_completions import create_completion
+from tokenmill.version import __version__
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -64,7 +64,7 @@ def create_app(
             ctx.preprocessor.close()
             await engine.shutdown()
 
-    app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
+    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -128,7 +128,7 @@ def create_app(
 
     @app.get("/version")
     async def version() -> dict[str, str]:
-        return {"version": tokenmill.__version__}
+        return {"version": __version__}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> Response:
