@@ -1,4 +1,4 @@
-"""The PyTorch oracle of `triton_attn.paged_attention`: the same ragged batch over the paged
+"""The PyTorch oracle of `triton_attention.paged_attention`: the same ragged batch over the paged
 cache, one sequence at a time, softmax in fp32. It reads the lengths on the host (syncs), so it
 is for tests and `--attention-backend unified-ref`, never for CUDA graphs. No triton needed.
 """

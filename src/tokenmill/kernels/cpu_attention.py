@@ -1,6 +1,6 @@
 """C++ CPU decode attention over the paged KV cache (csrc/paged_attention.cpp).
 
-`load_cpu_attention()` JIT-builds the extension on first use (see tokenmill.kernels.cpp_build),
+`load_cpu_attention()` JIT-builds the extension on first use (see kernels.cpp_build),
 at most once per process; None (with one warning) where it cannot be built.
 
 `paged_decode_attention` runs the kernel; `paged_prefill_attention` runs it for a short chunk of

@@ -3,10 +3,10 @@
 Loading hands each part of a layer's weight to `load` (a QuantizedTensor from a GGUF file or
 BlockWeights quantized at load; a fused q/k/v or gate/up layer gets one part per shard). After
 loading, `process_after_loading` concatenates the parts and packs them into the kernel's tiles.
-On a CUDA device they are packed for the Triton kernel instead (`triton_quant`; TOKENMILL_NO_TRITON
-or a missing triton keeps the dense path). Where no kernel is available, or a fused layer mixes
-quantized and dense parts, the parts are dequantized into a dense weight and the layer falls back
-to the dense method.
+On a CUDA device they are packed for the Triton kernel instead (`kernels.triton_quant`;
+TOKENMILL_NO_TRITON or a missing triton keeps the dense path). Where no kernel is available, or
+a fused layer mixes quantized and dense parts, the parts are dequantized into a dense weight and
+the layer falls back to the dense method.
 """
 
 from __future__ import annotations
