@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tokenmill.sampling.sampler as sm
+import tokenmill.sampling.draw as sm
 from tokenmill.sampling import Sampler, SamplingRow, prompt_logprobs
-from tokenmill.sampling.sampler import _BLOCK, _process_logits, _topk
+from tokenmill.sampling.block_ops import BLOCK, block_topk
+from tokenmill.sampling.logits_processing import process_logits
 from tokenmill.sampling_params import SamplingParams
 
 sampler = Sampler()
@@ -162,9 +163,9 @@ def test_truncated_distributions(params: dict, keep: list[int]) -> None:
 
 
 def test_sampling_across_blocks_and_padded_vocab() -> None:
-    vocab = 5 * _BLOCK + 17  # not a multiple of the block size
+    vocab = 5 * BLOCK + 17  # not a multiple of the block size
     logits = torch.full((vocab,), -30.0)
-    hot = [3, _BLOCK + 1, 2 * _BLOCK - 1, 4 * _BLOCK, vocab - 1]
+    hot = [3, BLOCK + 1, 2 * BLOCK - 1, 4 * BLOCK, vocab - 1]
     logits[hot] = TOY
     got = draws(logits, N_DRAWS)
     assert tv(got[hot], torch.softmax(TOY, -1)) < TV_BOUND
@@ -251,7 +252,7 @@ def test_penalties_exact_against_reference() -> None:
         )
         for prompt, output, rep, freq, pres in cases
     ]
-    got = _process_logits(logits, rows)
+    got = process_logits(logits, rows)
     for i, case in enumerate(cases):
         assert torch.equal(got[i], reference_penalties(logits[i], *case))
     assert torch.equal(logits[0, 0], torch.tensor(1.5))  # input untouched
@@ -260,7 +261,7 @@ def test_penalties_exact_against_reference() -> None:
 def test_penalties_only_touch_their_rows() -> None:
     logits = torch.randn(3, 50)
     rows = [row(output=[1, 2]), row(output=[1, 2], frequency_penalty=1.0), row(output=[3])]
-    got = _process_logits(logits, rows)
+    got = process_logits(logits, rows)
     assert torch.equal(got[[0, 2]], logits[[0, 2]])
     assert torch.equal(got[1, [1, 2]], logits[1, [1, 2]] - 1.0)
 
@@ -321,10 +322,10 @@ def test_prompt_logprobs_match_log_softmax() -> None:
 )
 def test_block_topk_values_are_exact(rows: int, blocks: int, k: int, seed: int, ties: bool) -> None:
     g = torch.Generator().manual_seed(seed)
-    t = torch.randn(rows, blocks * _BLOCK, generator=g)
+    t = torch.randn(rows, blocks * BLOCK, generator=g)
     if ties:
         t = t.round()
-    vals, ids = _topk(t, k)
+    vals, ids = block_topk(t, k)
     assert torch.equal(vals, t.topk(k).values)
     assert torch.equal(t.gather(1, ids), vals)
 

@@ -4,10 +4,10 @@ FastAPI's generated document is post-processed once: every operation lists the s
 server sends (400 rather than FastAPI's 422, 401/413 from the request guard, 503 with
 Retry-After) with OpenAI's error body; 200s get their real shapes and media types (JSON or
 server-sent events, Prometheus text for /metrics); and the request limits that depend on the
-served model (`x-limit` markers in protocol.py: token ids, sequence and prompt lengths, prompts
-per request; model names) are filled in. So a request the document accepts is only refused for
-what a schema cannot say (a text prompt plus max_tokens over the context, a cross-field rule,
-a full queue).
+served model (`x-limit` markers in the protocol modules: token ids, sequence and prompt lengths,
+prompts per request; model names) are filled in. So a request the document accepts is only
+refused for what a schema cannot say (a text prompt plus max_tokens over the context, a
+cross-field rule, a full queue).
 """
 
 from __future__ import annotations

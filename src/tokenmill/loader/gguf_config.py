@@ -1,0 +1,134 @@
+"""GGUF metadata as an HF config.json-style dict: llama.cpp's `{arch}.*` keys under HF names,
+rope scaling recovered (from the llama3 frequency factors too)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tokenmill.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from tokenmill.loader.gguf import GGUFFile
+
+# GGUF `general.architecture` -> HF `architectures[0]`. Mistral GGUFs are written as "llama".
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def checked_architecture(f: GGUFFile) -> str:
+    """The file's architecture; ModelLoadError if it is not one of SUPPORTED_ARCHITECTURES."""
+    arch = f.architecture
+    if arch not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+        raise ModelLoadError(
+            f"GGUF file {f.path}: architecture {arch!r} is not supported "
+            f"(supported: {supported}; mistral GGUFs use 'llama')"
+        )
+    return arch
+
+
+def hf_config(f: GGUFFile) -> dict[str, Any]:
+    """An HF config.json-style dict (accepted by ModelConfig.from_hf_dict)."""
+    arch = checked_architecture(f)
+    g = lambda key, default=None: f.get(f"{arch}.{key}", default)  # noqa: E731
+    required = ("block_count", "embedding_length", "feed_forward_length")
+    missing = [f"{arch}.{k}" for k in (*required, "attention.head_count") if g(k) is None]
+    if missing:
+        raise ModelLoadError(f"GGUF file {f.path} lacks metadata: {', '.join(missing)}")
+    hidden = int(g("embedding_length"))
+    heads = int(g("attention.head_count"))
+    head_dim = int(g("attention.key_length", hidden // heads))
+    tokens = f.get("tokenizer.ggml.tokens")
+    if f.has_tensor("token_embd.weight"):
+        vocab_size = f.tensor_shape("token_embd.weight")[0]
+    elif tokens is not None:
+        vocab_size = len(tokens)
+    else:
+        vocab_size = int(g("vocab_size"))
+    eos_ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        tid = f.get(f"tokenizer.ggml.{key}")
+        if tid is not None and int(tid) not in eos_ids:
+            eos_ids.append(int(tid))
+    cfg: dict[str, Any] = {
+        "architectures": [SUPPORTED_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_act": "silu",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": int(g("feed_forward_length")),
+        "num_hidden_layers": int(g("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(g("attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": _f32(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _f32(g("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(f, arch, int(g("rope.dimension_count", head_dim))),
+        "max_position_embeddings": int(g("context_length", 2048)),
+        "tie_word_embeddings": not f.has_tensor("output.weight"),
+        "attention_bias": arch == "qwen2" or f.has_tensor("blk.0.attn_q.bias"),
+        "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else (eos_ids or None),
+        "pad_token_id": f.get("tokenizer.ggml.padding_token_id"),
+    }
+    rope_dim = g("rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        cfg["partial_rotary_factor"] = int(rope_dim) / head_dim
+    if arch == "qwen2":
+        cfg["use_sliding_window"] = False
+    return cfg
+
+
+def _rope_scaling(f: GGUFFile, arch: str, rope_dim: int) -> dict[str, Any] | None:
+    kind = f.get(f"{arch}.rope.scaling.type")
+    if kind is None and f.has_tensor("rope_freqs.weight"):
+        return _llama3_rope_scaling(f, rope_dim, _f32(f.get(f"{arch}.rope.freq_base", 10000.0)))
+    factor = f.get(f"{arch}.rope.scaling.factor")
+    if kind is None and f.get(f"{arch}.rope.scale_linear") is not None:
+        kind, factor = "linear", f.get(f"{arch}.rope.scale_linear")
+    if kind in (None, "none") or factor is None or (kind == "linear" and factor == 1.0):
+        return None
+    scaling: dict[str, Any] = {"rope_type": kind, "type": kind, "factor": _f32(factor)}
+    orig = f.get(f"{arch}.rope.scaling.original_context_length")
+    if orig is not None:
+        scaling["original_max_position_embeddings"] = int(orig)
+    attn_factor = f.get(f"{arch}.rope.scaling.attn_factor")
+    if attn_factor is not None:
+        scaling["attention_factor"] = _f32(attn_factor)
+    return scaling
+
+
+def _llama3_rope_scaling(f: GGUFFile, rope_dim: int, theta: float) -> dict[str, Any]:
+    """Llama 3.1+ GGUFs store rope scaling as per-frequency factors (rope_freqs.weight):
+    recover the HF "llama3" parameters that give them (llama.cpp converter's formula)."""
+    got = f.read_tensor("rope_freqs.weight").double()
+    factor, low, high, old = _f32(got.max()), 1.0, 4.0, 8192  # every Llama 3.x release
+    inv_freq = theta ** -(torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old / wavelen - low) / (high - low)
+    want = torch.where(wavelen > old / low, factor, 1 / ((1 - smooth) / factor + smooth))
+    want = torch.where(wavelen < old / high, 1.0, want)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4):
+        raise ModelLoadError(
+            f"GGUF file {f.path}: rope_freqs.weight does not match llama3 rope scaling "
+            f"(factor {factor}, low/high freq factor 1/4, original context 8192)"
+        )
+    return {
+        "rope_type": "llama3",
+        "type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": old,
+    }
+
+
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999975e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))

@@ -1,0 +1,76 @@
+"""The /v1/chat/completions request and its messages (text content only)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+from tokenmill.errors import InvalidRequestError, check_unicode
+from tokenmill.sampling_params import MAX_LOGPROBS
+from tokenmill.server.protocol_base import RequestModel, TokenCount, unsupported
+from tokenmill.server.protocol_sampling import STREAM_OPTIONS_NEED_STREAM, SamplingFields, needs
+
+_TOP_LOGPROBS_NEED_LOGPROBS = needs("top_logprobs", "integer", "logprobs")
+
+
+class TextPart(RequestModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(RequestModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_content(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"only text content parts are supported, got type {kind!r}")
+                check_unicode(part["text"])  # here, not in TextPart: names the field plainly
+            return v
+        raise ValueError("must be a string or a list of text parts")
+
+    def as_template_dict(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "\n".join(p.text for p in content)
+        msg: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [STREAM_OPTIONS_NEED_STREAM, _TOP_LOGPROBS_NEED_LOGPROBS]}
+    )
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Annotated[TokenCount, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[TokenCount, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    add_generation_prompt: StrictBool = True
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _check_tools(cls, v: Any) -> Any:
+        return unsupported(v, "tools")
+
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError(
+                "top_logprobs is only allowed when logprobs is true", "top_logprobs"
+            )
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
