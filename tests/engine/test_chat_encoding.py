@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_tokenizer import _write_spm_gguf, write_byte_level_gguf
+from tokenizer_utils import write_byte_level_gguf, write_spm_gguf
 
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.sampling_params import SamplingParams
@@ -102,7 +102,7 @@ def test_property_control_tokens_come_from_the_template(
 
 def test_other_tokenizer_kinds(tmp_path: Path) -> None:
     # SentencePiece GGUF (a dummy-prefix "▁" before every text piece), llama-2-like template
-    _write_spm_gguf(tmp_path / "spm.gguf")
+    write_spm_gguf(tmp_path / "spm.gguf")
     spm = Tokenizer.from_gguf(tmp_path / "spm.gguf")
     spm.chat_template = (
         "{% for m in messages %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]"
