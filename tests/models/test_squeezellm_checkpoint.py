@@ -94,6 +94,7 @@ def test_checkpoint_round_trip_equals_in_memory(tiny_folder, tmp_path) -> None:
     assert torch.equal(prompt_logprobs(loaded), prompt_logprobs(mem))
 
 
+@pytest.mark.slow  # calibrates, quantizes, then loads the checkpoint five ways: heavy
 @needs_kernel
 def test_quantize_cli_on_tiny_model(tiny_folder, tmp_path, capsys) -> None:
     text_file = tmp_path / "calibration.txt"
