@@ -1,11 +1,12 @@
-# Two commands: `make run` (set up, then serve the default model) and `make test`.
+# Two commands: `make run` (set up, then serve the default model) and `make test`
+# (everything, as CI runs it; `make test-fast` skips the tests marked slow).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # CPU machines get the CPU build of torch (it lies on disk here); never a multi-GB CUDA build.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo torch; else echo torch==2.13.0; fi)
 
-.PHONY: setup test-browser run chat test lint bench clean
+.PHONY: setup test-browser run chat test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +42,10 @@ chat: setup
 
 test: setup test-browser
 	$(BIN)/python -m pytest -q
+
+# Without the slow tests (the default model end to end, benchmarks, the heaviest cases).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m 'not slow'
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

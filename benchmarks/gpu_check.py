@@ -265,23 +265,21 @@ def throughput(c: Check, res: dict) -> None:
 def logits_parity(c: Check, res: dict) -> str:
     import torch
 
+    from tokenmill.testing import parity
+
     lens = c.p["parity_lens"]
     prompts = [gm.random_prompts(1, 0, 0, c.vocab(), seed=6 + n, fixed=n)[0] for n in lens]
     res["prompt_lens"] = list(lens)
     failed = []
     for shape in c.shapes:
         ref32 = None
-        for dtype in ("float32", "bfloat16"):  # a fresh engine: tm_logits writes KV blocks 0..
+        for dtype in ("float32", "bfloat16"):
             llm, _ = c.engine(f"parity-{shape}-{dtype}", shape, dtype=dtype, max_num_seqs=4,
                               enable_prefix_caching=False)  # fmt: skip
-            ours = torch.cat(gm.tm_logits(llm, prompts))
-            ref = torch.cat([gm.hf_logits(c.hf_model(shape, dtype), p) for p in prompts])
-            scale, diff = ref.abs().max().item(), (ours - ref).abs()
-            r = res[f"{shape}/{dtype}"] = {
-                "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
-                "logit_scale": scale,
-                "top1_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-            }  # fmt: skip
+            ours = torch.cat(parity.engine_prefill_logits(llm, prompts))
+            ref = torch.cat([parity.hf_logits(c.hf_model(shape, dtype), p) for p in prompts])
+            r = res[f"{shape}/{dtype}"] = parity.logits_diff(ours, ref)
+            scale = r["logit_scale"]
             if dtype == "float32":
                 ref32 = ref
                 r["tolerance"] = "max_abs_diff <= 1e-3 * logit_scale"
@@ -298,6 +296,8 @@ def logits_parity(c: Check, res: dict) -> str:
 
 
 def greedy_agreement(c: Check, res: dict) -> str:
+    from tokenmill.testing import parity
+
     lens, gen = c.p["greedy"]
     prompts = [gm.random_prompts(1, 0, 0, c.vocab(), seed=20 + n, fixed=n)[0] for n in lens]
     res.update(prompt_lens=list(lens), gen_tokens=gen, rule="fp32 must agree fully")
@@ -307,9 +307,9 @@ def greedy_agreement(c: Check, res: dict) -> str:
             for dtype in ("float32", "bfloat16"):
                 llm, _ = c.engine(f"parity-{shape}-{dtype}", shape, dtype=dtype, max_num_seqs=4,
                                   enable_prefix_caching=False)  # fmt: skip
-                ours = gm.tm_generate(llm, prompts, gen, mask_eos=True)  # HF: one at a time
+                ours = parity.greedy_tokens(llm, prompts, gen)  # HF: one at a time
                 hf = c.hf_model(shape, dtype)
-                ref = [gm.hf_generate(hf, [p], gen)[0].tolist() for p in prompts]
+                ref = [parity.hf_greedy(hf, p, gen) for p in prompts]
                 r = res[f"{shape}/{dtype}"] = gm.agreement(ours, ref)
                 short = "fp32" if dtype == "float32" else "bf16"
                 heads.append(f"{shape} {short} {r['num_fully_agree']}/{len(prompts)}")

@@ -1,6 +1,7 @@
 """Helpers of benchmarks/gpu_check.py: random-weight HF model folders with real shapes (no hub
 access needed), an offline synthetic tokenizer, engine construction that tolerates the
-EngineConfig of before and after the CUDA path, and transformers-side reference runs."""
+EngineConfig of before and after the CUDA path, and transformers-side throughput runs. Logit
+and greedy parity with transformers come from tokenmill.testing.parity, as in the tests."""
 
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ def make_llm(folder: str, **wanted: Any):
         "kwargs": {k: v for k, v in kwargs.items()},
         "dropped_kwargs": dropped,
         "num_kv_blocks": getattr(llm.engine, "num_blocks", None),
-        "unified_attention": getattr(runner, "unified", None),
+        "attention_backend": runner.attn_backend.name,
         # eager mode keeps the padded decode buffers but captures nothing (capture=False)
         "cuda_graphs": getattr(getattr(runner, "graphs", None), "capture", False),
         "dtype": str(llm.engine.dtype),
@@ -217,19 +218,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def tm_generate(
-    llm, prompts: list[list[int]], max_tokens: list[int] | int, mask_eos: bool = False
-) -> list[list[int]]:
-    """Greedy output token ids of each prompt, exactly max_tokens of them: ignore_eos, or with
-    `mask_eos` EOS masked instead (min_tokens), as transformers' min_new_tokens does."""
+def tm_generate(llm, prompts: list[list[int]], max_tokens: list[int] | int) -> list[list[int]]:
+    """Greedy output token ids of each prompt, exactly max_tokens of them (ignore_eos)."""
     from tokenmill import SamplingParams
 
     outs = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
-    params = [
-        SamplingParams(temperature=0.0, max_tokens=m, min_tokens=m if mask_eos else 0,
-                       ignore_eos=not mask_eos)
-        for m in outs
-    ]  # fmt: skip
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in outs]
     res = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [r.outputs[0].token_ids for r in res]
 
@@ -256,36 +250,6 @@ def hf_batched(model, prompts, outs, batch_size: int, timed, stats: dict[str, An
         useful = stats["useful_output_tokens"]
         stats["output_tok_s"] = useful / stats["elapsed_s"]
         stats["total_tok_s"] = (stats["prompt_tokens"] + useful) / stats["elapsed_s"]
-
-
-@torch.inference_mode()
-def tm_logits(llm, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """Our model's logits at every prompt position, all prompts in one ragged forward of the
-    engine's own model and KV cache (as tests/models/test_parity_hf.py does on the CPU). Run it
-    on a fresh engine only: it writes KV blocks 0.. without the scheduler knowing."""
-    from tokenmill.core.sched_types import ScheduledSeq
-    from tokenmill.request import Request
-    from tokenmill.sampling_params import SamplingParams
-
-    runner = llm.engine.runner
-    bs, seqs, nxt = runner.block_size, [], 0
-    for i, p in enumerate(prompts):
-        used = -(-len(p) // bs)
-        req = Request(f"parity{i}", p, SamplingParams(max_tokens=1), max_tokens=1)
-        seqs.append(ScheduledSeq(req, p, 0, list(range(nxt, nxt + used)), True))
-        nxt += used
-    assert nxt <= runner.num_blocks, "parity prompts need more KV blocks than the engine has"
-    batch = runner.prepare(seqs)
-    hidden = runner.model(batch.input_ids, batch.positions, batch.ctx)
-    logits = runner.model.compute_logits(hidden).float()
-    starts = zip(batch.seqs, batch.token_starts, strict=True)
-    by_id = {s.req.request_id: start for s, start in starts}
-    return [logits[by_id[f"parity{i}"] :][: len(p)] for i, p in enumerate(prompts)]
-
-
-@torch.inference_mode()
-def hf_logits(model, prompt: list[int]) -> torch.Tensor:
-    return model(torch.tensor([prompt], device=model.device)).logits[0].float()
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, Any]:

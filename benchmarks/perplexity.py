@@ -1,6 +1,6 @@
 """Perplexity of the default model in each weight format on a public-domain text in the repo.
 
-    python benchmarks/perplexity.py [--text benchmarks/data/us_founding_texts.txt]
+    python benchmarks/perplexity.py [--text FILE]  # default: tokenmill.data's us_founding_texts.txt
         [--sq4 DIR --sq3 DIR]  # SqueezeLLM checkpoints written by `tokenmill quantize`
 
 Sliding windows of `--window` tokens advancing by `--stride`: each window scores the tokens
@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 from common import write_results  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.data import US_FOUNDING_TEXTS
 from tokenmill.layers.linear import Linear
 from tokenmill.quant.packing import quantize_rtn
 
@@ -81,8 +83,8 @@ def token_logprobs(llm: LLM, ids: list[int], window: int, stride: int) -> list[f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    here = Path(__file__).parent
-    ap.add_argument("--text", default=str(here / "data" / "us_founding_texts.txt"))
+    packaged = files("tokenmill.data").joinpath(US_FOUNDING_TEXTS)
+    ap.add_argument("--text", default=str(packaged), help="the evaluation text (a file)")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--sq4", help="SqueezeLLM 4-bit checkpoint folder")

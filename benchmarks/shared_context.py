@@ -14,7 +14,7 @@ model's own answers. The default model is far too small to retrieve the values c
 measures the mechanics, not accuracy.
 
     python benchmarks/shared_context.py [--doc-tokens 2000] [--max-tokens 32] [--repeats 3]
-                                        [--batch-invariant] [--json out.json]
+                                        [--batch-invariant] [--out out.json]
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32, help="answer length cap (greedy)")
     p.add_argument("--repeats", type=int, default=3, help="runs per setting; medians reported")
-    p.add_argument("--json", default=None, help="write all figures to this file")
+    p.add_argument("--out", default=None, help="write all figures to this JSON file")
     args = p.parse_args()
 
     from tokenmill.engine.tokenizer import Tokenizer
@@ -290,9 +290,9 @@ def main() -> None:
             print(f"run {r + 1}/{args.repeats}, cache {label}: {dt:.1f} s", flush=True)
     on, off = median_of(runs[True]), median_of(runs[False])
     summary = report(on, off, turns, reqs)
-    if args.json:
+    if args.out:
         doc = {"args": vars(args), "host": host_info(), "on": on, "off": off, "summary": summary}
-        with open(args.json, "w") as f:
+        with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)
 
 

@@ -11,7 +11,7 @@ request (batch 1) or per batch, so load from other processes hits them alike. Th
 proposer's global tree of earlier outputs is emptied before each (workload, batch) cell, so a
 cell never drafts from its own previous run.
 
-    python benchmarks/speculative.py [--max-tokens 128] [--modes off,ngram,suffix] [--json out]
+    python benchmarks/speculative.py [--max-tokens 128] [--modes off,ngram,suffix] [--out out.json]
 
 Reported per cell: output tokens/s, speedup vs off, acceptance rate, tokens per decode step,
 proposer time per engine step vs step time, and how many outputs equal the off mode's.
@@ -241,7 +241,7 @@ def main() -> None:
     ap.add_argument(
         "--draft-model", default=None, help="the draft model of mode 'draft' (same vocabulary)"
     )
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--out", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
 
     modes = args.modes.split(",")
@@ -334,8 +334,8 @@ def main() -> None:
             f"{r['acceptance_rate']} | {r['tokens_per_decode_step']} | "
             f"{r['propose_us_per_step']} | {r['step_ms']} | {r['outputs_equal_to_off']} |"
         )
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump({"args": vars(args), "host": host_info(), "results": results}, f, indent=2)
 
 

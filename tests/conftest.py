@@ -7,6 +7,22 @@ import pytest
 from tokenmill.engine.llm import LLM
 
 _DEFAULT_LLMS: dict[tuple, LLM] = {}
+# Fixtures that load the default model: a test using one belongs to the slow lane.
+DEFAULT_MODEL_FIXTURES = frozenset({"default_llm_fp32", "llm_engine"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`pytest -m 'not slow'` must not load the default model: its fixtures need the mark."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if DEFAULT_MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests on the default model must be marked slow: " + ", ".join(unmarked)
+        )
 
 
 def check_engine_clean(llm: LLM) -> None:

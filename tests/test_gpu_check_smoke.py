@@ -40,6 +40,7 @@ def smoke(tmp_path_factory) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_section_without_errors(smoke: dict) -> None:
     meta = smoke["meta"]
     for key in ("card", "torch", "triton", "transformers", "git_commit", "smoke"):
@@ -53,6 +54,7 @@ def test_smoke_runs_every_section_without_errors(smoke: dict) -> None:
     assert [row["section"] for row in smoke["summary"]] == SECTIONS
 
 
+@pytest.mark.slow
 def test_smoke_results(smoke: dict) -> None:
     res = {name: s["result"] for name, s in smoke["sections"].items()}
     assert res["build_models"]["tiny-llama"]["params"] > 0

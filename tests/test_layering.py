@@ -17,8 +17,9 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tokenmill"
 
-# The plain data types every layer shares: configs, request and output records, errors.
-TYPES = {"errors", "config", "sampling_params", "request", "outputs", "version"}
+# The plain data types every layer shares: configs, request and output records, errors, and
+# the package data (the calibration text).
+TYPES = {"errors", "config", "sampling_params", "request", "outputs", "version", "data"}
 
 # What each part may import besides itself and TYPES. Read bottom-up: core is pure Python;
 # kernels bind the C++ and Triton code; quant stores and multiplies weights; layers build

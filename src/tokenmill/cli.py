@@ -8,14 +8,10 @@ import json
 import logging
 import sys
 import types
-from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from tokenmill.config import EngineConfig
 from tokenmill.sampling_params import SamplingParams
-
-# The repo's public-domain text (benchmarks/data); any text file can be given instead.
-_DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "benchmarks/data/us_founding_texts.txt"
 
 # Sampling flags exposed on the command line (the rest are API-only: logit_bias, n, ...).
 _SAMPLING_FLAGS = (
@@ -122,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--bits", type=int, default=4, choices=[3, 4])
     quant.add_argument(
         "--calibration-text",
-        default=str(_DEFAULT_CALIBRATION),
-        help="a text file (prefer one other than the evaluation text)",
+        default=None,
+        help="a text file (default: the public-domain text shipped in tokenmill.data; prefer "
+        "one other than the evaluation text)",
     )
     quant.add_argument("--calibration-tokens", type=int, default=8192, help="at most this many")
     quant.add_argument("--window", type=int, default=512, help="tokens per calibration pass")

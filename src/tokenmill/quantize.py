@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tokenmill.data import read_text
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.quant.squeezellm import SqueezeLLMWeights
 from tokenmill.quant.squeezellm_fit import quantize_squeezellm
@@ -166,11 +167,15 @@ def run(args: Any) -> int:
     """The CLI command (arguments from cli.build_parser)."""
     if args.method != "squeezellm":
         raise ValueError(f"unknown quantization method {args.method!r}")
-    text_path = Path(args.calibration_text)
-    if not text_path.is_file():
-        raise ValueError(f"calibration text {text_path} not found")
+    if args.calibration_text is None:
+        text = read_text()
+    else:
+        text_path = Path(args.calibration_text)
+        if not text_path.is_file():
+            raise ValueError(f"calibration text {text_path} not found")
+        text = text_path.read_text()
     summary = quantize_checkpoint(
-        args.model_arg, Path(args.out), text_path.read_text(), args.bits, args.sparsity,
+        args.model_arg, Path(args.out), text, args.bits, args.sparsity,
         args.window, args.calibration_tokens,
     )  # fmt: skip
     print(json.dumps(summary, indent=2))

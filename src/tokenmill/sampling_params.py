@@ -145,7 +145,3 @@ class SamplingParams:
         for tok in self.stop_token_ids:
             if not _is_int(tok) or tok < 0:
                 raise bad("stop_token_ids", f"must be token ids >= 0, got {tok!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0

@@ -3,7 +3,7 @@ one, no starvation, and requests in flight that share a prefix compute it once."
 
 from __future__ import annotations
 
-from test_scheduler import FakeRunner, make_req, make_sched, reference, run
+from sched_utils import FakeRunner, make_req, make_sched, reference, run
 
 from tokenmill.core.sched_types import SchedulerOutput
 from tokenmill.core.scheduler import Scheduler

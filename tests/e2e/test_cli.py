@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 TIMEOUT = 120
 
 
@@ -22,6 +24,7 @@ def tokenmill(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.slow
 def test_generate_json() -> None:
     prompt = "The capital of France is"
     r = tokenmill("generate", prompt, "--max-tokens", "8", "--dtype", "float32", "--json")
@@ -36,6 +39,7 @@ def test_generate_json() -> None:
     assert "Paris" in obj["text"]  # greedy is the CLI default
 
 
+@pytest.mark.slow
 def test_generate_file_and_chat_template(tmp_path) -> None:
     f = tmp_path / "prompts.jsonl"
     f.write_text('{"prompt": "What is the capital of France?"}\n\n"Name a color."\n')
@@ -49,6 +53,7 @@ def test_generate_file_and_chat_template(tmp_path) -> None:
     assert all(1 <= len(o["token_ids"]) <= 6 and o["text"].strip() for o in objs)
 
 
+@pytest.mark.slow
 def test_chat_replies_and_exits() -> None:
     r = tokenmill(
         "chat", "--max-tokens", "8", "--temperature", "0", "--dtype", "float32",

@@ -70,6 +70,7 @@ def test_bad_sampling_params(kwargs, param: str, limit: str) -> None:
     assert limit in msg, msg
 
 
+@pytest.mark.slow
 def test_params_mutated_after_construction_are_checked_again(default_llm_fp32) -> None:
     params = SamplingParams(temperature=0, max_tokens=2)
     params.temperature = -1.0
@@ -81,6 +82,7 @@ def test_params_mutated_after_construction_are_checked_again(default_llm_fp32) -
 # -- prompts ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_context(make_llm) -> None:
     llm = make_llm(dtype="float32", max_model_len=64, kv_cache_memory_gb=0.05)
     assert llm.engine.max_model_len == 64
@@ -102,11 +104,13 @@ def test_prompt_longer_than_context(make_llm) -> None:
     assert len(c.token_ids) == 1 and c.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_max_model_len_above_the_model_context(make_llm) -> None:
     with pytest.raises(ValueError, match=r"max_model_len=10000000 exceeds"):
         make_llm(dtype="float32", max_model_len=10_000_000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", ["", {"prompt_token_ids": []}, {"prompt": ""}])
 def test_empty_prompt(default_llm_fp32, prompt) -> None:
     with pytest.raises(ValueError) as ei:
@@ -115,6 +119,7 @@ def test_empty_prompt(default_llm_fp32, prompt) -> None:
     assert_idle(default_llm_fp32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [49152, 10**9, -1])
 def test_token_id_outside_vocab(default_llm_fp32, bad: int) -> None:
     vocab = default_llm_fp32.engine.model_config.vocab_size
@@ -126,12 +131,14 @@ def test_token_id_outside_vocab(default_llm_fp32, bad: int) -> None:
     assert_idle(default_llm_fp32)
 
 
+@pytest.mark.slow
 def test_prompt_dict_without_prompt(default_llm_fp32) -> None:
     with pytest.raises(ValueError, match="prompt_token_ids"):
         default_llm_fp32.generate({"text": "hi"}, use_tqdm=False)
     assert_idle(default_llm_fp32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [49152, -1])
 def test_logit_bias_token_out_of_range(default_llm_fp32, bad: int) -> None:
     params = SamplingParams(max_tokens=1, logit_bias={bad: 5.0})
@@ -143,6 +150,7 @@ def test_logit_bias_token_out_of_range(default_llm_fp32, bad: int) -> None:
     assert_idle(default_llm_fp32)
 
 
+@pytest.mark.slow
 def test_limits_that_need_the_model(default_llm_fp32) -> None:
     """stop_token_ids against the vocabulary, priority as a 64-bit integer, min_tokens against
     the context: refused before anything runs."""
@@ -165,6 +173,7 @@ def test_limits_that_need_the_model(default_llm_fp32) -> None:
     assert_idle(llm)
 
 
+@pytest.mark.slow
 def test_mismatched_params_and_priorities(default_llm_fp32) -> None:
     llm = default_llm_fp32
     with pytest.raises(ValueError, match="2 sampling_params for 3 prompts"):
@@ -177,6 +186,7 @@ def test_mismatched_params_and_priorities(default_llm_fp32) -> None:
 # -- a bad request does not break the engine -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_request_in_batch_rejects_the_call_and_engine_recovers(default_llm_fp32) -> None:
     llm = default_llm_fp32
     params = SamplingParams(temperature=0, max_tokens=3)
@@ -191,6 +201,7 @@ def test_bad_request_in_batch_rejects_the_call_and_engine_recovers(default_llm_f
     assert_idle(llm)
 
 
+@pytest.mark.slow
 def test_duplicate_request_id_at_engine_level(default_llm_fp32) -> None:
     engine = default_llm_fp32.engine
     params = SamplingParams(temperature=0, max_tokens=2)
@@ -203,6 +214,7 @@ def test_duplicate_request_id_at_engine_level(default_llm_fp32) -> None:
     assert_idle(default_llm_fp32)
 
 
+@pytest.mark.slow
 def test_abort_mid_generation_frees_blocks(default_llm_fp32) -> None:
     engine = default_llm_fp32.engine
     rid = engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=50, n=2))
@@ -239,6 +251,7 @@ def test_bad_engine_config(kwargs, field: str) -> None:
         EngineConfig(**kwargs)
 
 
+@pytest.mark.slow
 def test_kv_budget_too_small_for_max_model_len() -> None:
     with pytest.raises(ValueError) as ei:
         LLM(kv_cache_memory_gb=0.0001, dtype="float32")

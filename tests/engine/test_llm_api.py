@@ -10,6 +10,8 @@ import pytest
 from tokenmill import LLM, SamplingParams
 from tokenmill.outputs import CompletionOutput, RequestOutput
 
+pytestmark = pytest.mark.slow  # the default model, end to end
+
 PROMPT = "The capital of France is"
 # Greedy fp32 continuation of PROMPT (checked below): ' Paris.\n\nThe answer is: 2018-01-22 ...'
 # ending in EOS after 30 tokens.

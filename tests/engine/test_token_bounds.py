@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_tokenizer import _write_spm_gguf, write_byte_level_gguf
+from tokenizer_utils import write_byte_level_gguf, write_spm_gguf
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as FastTokenizer
 
@@ -35,7 +35,7 @@ def _check_sound(tok: Tokenizer, texts: list[str]) -> None:
 
 
 def _tokenizers(tmp: Path) -> dict[str, Tokenizer]:
-    _write_spm_gguf(tmp / "spm.gguf")
+    write_spm_gguf(tmp / "spm.gguf")
     write_byte_level_gguf(tmp / "b.gguf")
     toks = {
         "spm": Tokenizer.from_gguf(tmp / "spm.gguf"),
@@ -82,7 +82,7 @@ def test_default_model_bound(tokenizers: dict[str, Tokenizer]) -> None:
 
 def test_hf_folder_bound_matches_gguf(tmp_path: Path, tokenizers: dict[str, Tokenizer]) -> None:
     transformers = pytest.importorskip("transformers")
-    _write_spm_gguf(tmp_path / "spm.gguf")
+    write_spm_gguf(tmp_path / "spm.gguf")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
     hf.save_pretrained(tmp_path / "hf")
     folder = Tokenizer.from_pretrained(tmp_path / "hf")  # Metaspace-style tokenizer.json

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_kernel_utils import make_case
 
 from tokenmill.kernels.cpu_attention import (
     load_cpu_attention,
@@ -47,35 +48,6 @@ def reference(
         scores = torch.einsum("hd,nhd->hn", q[b].double(), keys) * scale
         out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values))
     return torch.stack(out)
-
-
-def make_case(
-    lens: list[int],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    seed: int = 0,
-    num_layers: int = 3,
-    layer: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random q and a [L, 2, num_blocks, block_size, H_kv, D] cache with shuffled block tables;
-    k_cache, v_cache are the per-layer views kv[layer, 0], kv[layer, 1] into it."""
-    g = torch.Generator().manual_seed(seed)
-    per_row = [-(-n // block_size) for n in lens]
-    max_blocks = max(per_row) + 1  # one spare column of padding
-    num_blocks = sum(per_row) + 3
-    kv = torch.randn(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, generator=g)
-    kv = kv.to(dtype)
-    perm = torch.randperm(num_blocks, generator=g)
-    tables = torch.zeros(len(lens), max_blocks, dtype=torch.int64)
-    start = 0
-    for b, n in enumerate(per_row):
-        tables[b, :n] = perm[start : start + n]
-        start += n
-    q = torch.randn(len(lens), num_heads, head_dim, generator=g).to(dtype)
-    return q, kv[layer, 0], kv[layer, 1], tables, torch.tensor(lens, dtype=torch.int64)
 
 
 def check(q, k_cache, v_cache, tables, lens, scale: float | None = None) -> None:

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cpu_attention import make_case
-from test_quantization import gguf_tensor
+from cpu_kernel_utils import gguf_tensor, make_case
 
 from tokenmill.kernels.cpp_build import BUILD_FLAGS
 from tokenmill.kernels.cpu_attention import load_cpu_attention, paged_decode_attention

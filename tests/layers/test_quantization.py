@@ -3,16 +3,13 @@ shapes, row independence, round-to-nearest int8/int4, and models loaded quantize
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType
-from gguf import quants as gguf_quants
+from cpu_kernel_utils import gguf_tensor
 
 from tokenmill.kernels.cpu_quant import dequantize_packed, load_cpu_quant, quant_linear
 from tokenmill.quant.packing import (
     GGUF_FORMATS,
-    QuantizedTensor,
     pack_tiles,
     quantize_activations_ref,
     quantize_rtn,
@@ -22,19 +19,6 @@ from tokenmill.quant.packing import (
 needs_kernel = pytest.mark.skipif(
     load_cpu_quant() is None, reason="the quantized CPU kernel cannot be built here"
 )
-
-
-def gguf_tensor(
-    qtype: str, rows: int, cols: int, seed: int = 0
-) -> tuple[QuantizedTensor, np.ndarray]:
-    """Random weights quantized by the gguf package; returns ours and gguf's dequantization."""
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((rows, cols)) * rng.uniform(0.01, 3.0, (rows, 1))).astype(np.float32)
-    w[0, :32] = 0.0  # an all-zero block (scale 0)
-    kind = GGMLQuantizationType[qtype]
-    raw = gguf_quants.quantize(w, kind)  # uint8 [rows, bytes]
-    ref = gguf_quants.dequantize(raw, kind).reshape(rows, cols)
-    return QuantizedTensor(qtype, torch.from_numpy(raw.copy()), (rows, cols)), ref
 
 
 @pytest.mark.parametrize("qtype", sorted(GGUF_FORMATS))

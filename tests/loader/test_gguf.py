@@ -66,6 +66,7 @@ def test_default_config(smol):
     assert mc.bos_token_id == 1 and mc.eos_token_ids == (2,)
 
 
+@pytest.mark.slow  # every tensor of the default model
 @needs_default
 def test_default_names_and_shapes(smol_state):
     assert len(smol_state) == 272
@@ -89,6 +90,7 @@ def test_default_names_and_shapes(smol_state):
         assert t.shape == shape and t.dtype == torch.float32
 
 
+@pytest.mark.slow  # every tensor of the default model
 @needs_default
 def test_default_matches_gguf_dequantize(smol, smol_state):
     """Every tensor equals gguf.quants.dequantize of an independently parsed file, un-permuted."""
@@ -104,6 +106,7 @@ def test_default_matches_gguf_dequantize(smol, smol_state):
         assert np.array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32)), t.name
 
 
+@pytest.mark.slow  # every tensor of the default model
 @needs_default
 def test_default_matches_transformers(smol_state, monkeypatch):
     transformers = pytest.importorskip("transformers")
@@ -123,6 +126,7 @@ def test_default_matches_transformers(smol_state, monkeypatch):
         assert torch.equal(smol_state[name], ref[name]), name
 
 
+@pytest.mark.slow  # every tensor of the default model
 @needs_default
 def test_dtype_conversion(smol, smol_state):
     name, t = next((n, t) for n, t in smol.iter_tensors(torch.bfloat16) if "q_proj" in n)

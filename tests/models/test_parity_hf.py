@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from tokenmill.config import ModelConfig
-from tokenmill.core.sched_types import ScheduledSeq
 from tokenmill.layers.attn_backends.sdpa import SdpaBackend
 from tokenmill.models.registry import build_model
-from tokenmill.request import Request
-from tokenmill.sampling_params import SamplingParams
-from tokenmill.worker.input_batch import build_input_batch
+from tokenmill.testing.parity import assert_logits_close, hf_logits, prefill_logits
 from tokenmill.worker.kv_cache import allocate_kv_cache
 
 transformers = pytest.importorskip("transformers")
@@ -50,8 +47,6 @@ CONFIGS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
 }
 
-BACKEND = SdpaBackend()  # the PyTorch reference attention
-
 
 def make_hf(name: str):
     cfg_cls, model_cls, extra = CONFIGS[name]
@@ -73,31 +68,8 @@ def make_ours(cfg, hf):
     kv = allocate_kv_cache(mcfg, 64, BLOCK, torch.float32, "cpu")
     layers = [m for m in model.modules() if type(m).__name__ == "PagedAttention"]
     for i, attn in enumerate(layers):
-        attn.bind(BACKEND, kv[i, 0], kv[i, 1])
+        attn.bind(SdpaBackend(), kv[i, 0], kv[i, 1])  # the PyTorch reference attention
     return model
-
-
-def run_chunks(model, prompts: list[list[int]], chunk: int) -> list[torch.Tensor]:
-    """Runs all prompts together, `chunk` tokens of each per step; returns logits per prompt."""
-    reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=1)) for i, p in enumerate(prompts)]
-    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
-    logits: list[list[torch.Tensor]] = [[] for _ in prompts]
-    done = [0] * len(prompts)
-    while any(d < len(p) for d, p in zip(done, prompts, strict=True)):
-        seqs = []
-        for i, (r, p) in enumerate(zip(reqs, prompts, strict=True)):
-            if done[i] < len(p):
-                n = min(chunk, len(p) - done[i])
-                seqs.append(ScheduledSeq(r, p[done[i] : done[i] + n], done[i], tables[i], False))
-        batch = build_input_batch(seqs, BLOCK, "cpu", BACKEND)
-        with torch.inference_mode():
-            hidden = model(batch.input_ids, batch.positions, batch.ctx)
-            out = model.compute_logits(hidden)
-        for s, start in zip(batch.seqs, batch.token_starts, strict=True):
-            i = int(s.req.request_id[1:])
-            logits[i].append(out[start : start + s.num_tokens])
-            done[i] += s.num_tokens
-    return [torch.cat(parts) for parts in logits]
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -107,8 +79,8 @@ def test_logits_match_transformers(name: str, chunk: int) -> None:
     model = make_ours(cfg, hf)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (23, 7, 40)]
-    ours = run_chunks(model, prompts, chunk)
+    # all prompts together, `chunk` tokens of each per step, each in 16 blocks of its own
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
+    ours = prefill_logits(model, prompts, tables, BLOCK, chunk=chunk)
     for p, got in zip(prompts, ours, strict=True):
-        with torch.no_grad():
-            ref = hf(torch.tensor([p])).logits[0]
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)

@@ -37,6 +37,7 @@ def prompt_logprobs(llm: LLM, text: str = TEXT) -> torch.Tensor:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(load_cpu_quant() is None, reason="the quantized CPU kernel cannot be built")
 def test_default_model_stays_quantized(default_llm_fp32) -> None:
     llm = LLM(dtype="float32", **SMALL)
@@ -57,6 +58,7 @@ def test_default_model_stays_quantized(default_llm_fp32) -> None:
     assert out.outputs[0].text.startswith(" Paris")
 
 
+@pytest.mark.slow
 def test_fallback_without_kernel_equals_dequantized(default_llm_fp32, monkeypatch, caplog) -> None:
     monkeypatch.setattr(block_method, "load_cpu_quant", lambda: None)
     with caplog.at_level(logging.WARNING):

@@ -4,13 +4,15 @@ applied in memory; `tokenmill quantize` on a tiny model; the GGUF tokenizer writ
 from __future__ import annotations
 
 import json
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
 import torch
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM, SamplingParams, quantize
 from tokenmill.cli import main
+from tokenmill.data import US_FOUNDING_TEXTS, read_text
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.linear import Linear, MergedLinear
@@ -95,6 +97,7 @@ def test_checkpoint_round_trip_equals_in_memory(tiny_folder, tmp_path) -> None:
     assert torch.equal(prompt_logprobs(loaded), prompt_logprobs(mem))
 
 
+@pytest.mark.slow  # calibrates, quantizes, then loads the checkpoint five ways: heavy
 @needs_kernel
 def test_quantize_cli_on_tiny_model(tiny_folder, tmp_path, capsys) -> None:
     text_file = tmp_path / "calibration.txt"
@@ -129,6 +132,26 @@ def test_quantize_cli_on_tiny_model(tiny_folder, tmp_path, capsys) -> None:
     for other in (str(tiny_folder), None):  # a plain HF folder, the default GGUF
         with pytest.raises(ModelLoadError, match="needs a SqueezeLLM checkpoint"):
             LLM(model=other, quantization="squeezellm", **SMALL)
+
+
+def test_quantize_cli_calibrates_on_the_packaged_text_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --calibration-text the text comes from the package (tokenmill.data), so any
+    install has it; the source tree's folders are never looked in."""
+    seen: list[tuple[object, ...]] = []
+
+    def fake_quantize_checkpoint(*args: object) -> dict[str, str]:
+        seen.append(args)
+        return {"ok": "yes"}
+
+    monkeypatch.setattr(quantize, "quantize_checkpoint", fake_quantize_checkpoint)
+    assert main(["quantize", "tiny", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out) == {"ok": "yes"}
+    ((model, out, text, *_),) = seen
+    assert (model, out) == ("tiny", tmp_path / "out")
+    assert text == read_text() and "Four score and seven years ago" in text
+    assert files("tokenmill.data").joinpath(US_FOUNDING_TEXTS).is_file()
 
 
 def test_gguf_tokenizer_saved_as_hf_files(tmp_path) -> None:

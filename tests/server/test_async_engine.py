@@ -13,6 +13,8 @@ from tokenmill.engine.engine import LLMEngine
 from tokenmill.errors import CapacityError, InvalidRequestError
 from tokenmill.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.slow  # a server over the default model
+
 PROMPT = "The capital of France is"
 
 

@@ -16,6 +16,8 @@ from server_utils import Server, check_error, running_server
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import LLMEngine
 
+pytestmark = pytest.mark.slow  # a server over the default model
+
 PENDING = 8  # as `--max-num-seqs 4 --max-queue 4` would give
 CONTEXT = 64  # the small engine's context, and its whole KV cache: 4 blocks of 16 tokens
 

@@ -10,7 +10,10 @@ import time
 
 import httpx
 import openai
+import pytest
 from server_utils import Server
+
+pytestmark = pytest.mark.slow  # a server over the default model
 
 NUM = 16
 MAX = 8

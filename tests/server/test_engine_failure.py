@@ -11,6 +11,8 @@ from server_utils import Server, check_engine_idle, check_error
 
 from tokenmill.engine.engine import LLMEngine
 
+pytestmark = pytest.mark.slow  # a server over the default model
+
 
 def test_health_503_when_the_engine_loop_dies(
     llm_engine: LLMEngine, monkeypatch: pytest.MonkeyPatch

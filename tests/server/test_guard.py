@@ -15,6 +15,8 @@ from server_utils import Server, check_error, running_server
 
 from tokenmill.engine.engine import LLMEngine
 
+pytestmark = pytest.mark.slow  # a server over the default model
+
 KEY = "sekret"
 TIMEOUT_S = 0.5
 SLOW_S = 2.0  # a "slow" text takes this long to tokenize (see slow_tokenizer)

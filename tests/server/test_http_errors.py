@@ -11,6 +11,8 @@ import openai
 import pytest
 from server_utils import Server, check_error
 
+pytestmark = pytest.mark.slow  # a server over the default model
+
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Hi"}]
 

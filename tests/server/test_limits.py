@@ -14,6 +14,8 @@ from server_utils import Server, check_error, running_server
 
 from tokenmill.engine.engine import LLMEngine
 
+pytestmark = pytest.mark.slow  # a server over the default model
+
 KEY = "sekret"
 ORIGIN = "http://example.com"
 MAX_BODY = 4096

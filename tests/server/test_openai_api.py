@@ -12,6 +12,8 @@ import openai
 import pytest
 from server_utils import Server
 
+pytestmark = pytest.mark.slow  # a server over the default model
+
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name three colors."}]
 MAX = 8

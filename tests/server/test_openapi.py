@@ -12,6 +12,8 @@ import jsonschema_rs
 import pytest
 from server_utils import Server
 
+pytestmark = pytest.mark.slow  # a server over the default model
+
 
 @pytest.fixture(scope="module")
 def doc(server: Server) -> dict[str, Any]:

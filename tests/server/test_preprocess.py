@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_utils import Server, check_error
 
+pytestmark = pytest.mark.slow  # a server over the default model
+
 TEN_MB = "1 " * 5_000_000  # 10 MB; the digits and spaces are single tokens: 5 M tokens
 # Under /tokenize's cap (4 contexts: a lower bound of 2 MB / 81 bytes per token < 32768), so it
 # is really tokenized: 444 K tokens, a second or more of work in a worker thread.

@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tokenmill.cli import build_parser
 
@@ -25,6 +26,7 @@ def test_serve_flags_parse() -> None:
     assert build_parser().parse_args(["serve"]).model_arg is None
 
 
+@pytest.mark.slow
 def test_serve_subprocess() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from server_utils import Server
+
+pytestmark = pytest.mark.slow  # a benchmark sweep against a server over the default model
 
 ROOT = Path(__file__).resolve().parents[2]
 

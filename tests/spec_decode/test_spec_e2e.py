@@ -22,6 +22,8 @@ from utils_tiny import make_tiny_hf_folder
 MAX_TOKENS = 24
 # "draft": the tiny model drafting for itself (high acceptance); other weights are tested below
 PROPOSERS = ("ngram", "suffix", "draft")
+# The draft proposer runs a second model at every step: its cases are heavy (the slow lane).
+PROPOSER_PARAMS = ["ngram", "suffix", pytest.param("draft", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def reference(tiny_model, workload):
     return _tokens(llm, prompts, params)
 
 
-@pytest.mark.parametrize("proposer", PROPOSERS)
+@pytest.mark.parametrize("proposer", PROPOSER_PARAMS)
 def test_identical_alone_and_twice(make_llm, tiny_model, workload, reference, proposer) -> None:
     prompts, params = workload
     llm = make_llm(model=tiny_model, **_spec_kwargs(proposer, tiny_model), **_engine_kwargs())
@@ -93,6 +95,7 @@ def test_identical_alone_and_twice(make_llm, tiny_model, workload, reference, pr
     assert stats.mean_tokens_per_step > 1.0
 
 
+@pytest.mark.slow  # chunked, then preempted, for every proposer: heavy
 @pytest.mark.parametrize("proposer", PROPOSERS)
 def test_identical_with_chunked_prefill_and_preemption(
     make_llm, tiny_model, workload, reference, proposer
@@ -116,6 +119,7 @@ def test_identical_with_chunked_prefill_and_preemption(
     assert small.engine.scheduler.spec_stats.num_accepted_tokens > 0
 
 
+@pytest.mark.slow  # two draft-model engines: heavy
 def test_draft_model_with_other_weights(make_llm, tiny_model, workload, reference, tmp_path):
     """A draft model that mostly guesses wrong changes nothing; a foreign vocabulary is refused."""
     prompts, params = workload
@@ -179,6 +183,7 @@ def test_long_accepted_runs_stops_and_opt_out(make_llm, tiny_model, workload, re
     assert stats.num_drafted_tokens == before
 
 
+@pytest.mark.slow  # 1000 seeded requests: heavy
 def test_first_tokens_follow_the_model_distribution(make_llm, tiny_model) -> None:
     """Seeded requests with temperature > 0 and top-k 4, drafts verified at the second token:
     the empirical (first, second) token frequencies match the model's probabilities, read back

@@ -52,6 +52,7 @@ def test_triton_attention_in_the_engine(make_llm, tiny_model):
     assert _greedy(llm) == ref
 
 
+@pytest.mark.slow  # the Triton interpreter through every layer: heavy
 def test_triton_quantized_matmul_in_the_engine(make_llm, tiny_model, monkeypatch):
     ref = _greedy(make_llm(**_kw(tiny_model, quantization="int4")))  # the C++ / dense path
     monkeypatch.setattr(block_method, "_use_triton", lambda device: True)

@@ -130,10 +130,6 @@ class GGUFFile:
             raise ModelLoadError(f"GGUF file {self.path} has no general.architecture")
         return arch
 
-    @property
-    def tensor_names(self) -> list[str]:
-        return list(self._tensors)
-
     def tensor_type(self, name: str) -> str:
         return self._tensors[name].tensor_type.name
 

@@ -1,0 +1,151 @@
+"""Parity with transformers: run tokenmill and a transformers model on the same token ids, then
+compare their logits (or greedy tokens).
+
+Our side runs the model's own forward over the paged KV cache and keeps the logits of every
+prompt position (the engine itself only computes the positions it samples): `prefill_logits`
+for a bare model with its cache attached, `engine_prefill_logits` for an `LLM`'s model and
+cache. The transformers side (`hf_logits`, `hf_greedy`, `hf_model_from_gguf`) imports
+transformers lazily: it is a test dependency. `logits_diff` and `assert_logits_close` compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokenmill.core.sched_types import ScheduledSeq
+from tokenmill.layers.attention import PagedAttention
+from tokenmill.request import Request
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.worker.input_batch import build_input_batch
+
+if TYPE_CHECKING:
+    from tokenmill.engine.llm import LLM
+
+
+@torch.inference_mode()
+def prefill_logits(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    device: str = "cpu",
+    chunk: int | None = None,
+) -> list[torch.Tensor]:
+    """Our model's float32 logits at every position of each prompt: [len(prompt), vocab] each.
+
+    All prompts run together, `chunk` tokens of each per forward step (a whole prompt in one
+    step when None), so every chunk after the first reads the earlier ones' KV through the paged
+    cache. Prompt i is written to the blocks block_tables[i] (enough of them for the prompt) of
+    the KV cache bound to `model`'s attention layers, through their attention backend.
+    """
+    backend = next(m.backend for m in model.modules() if isinstance(m, PagedAttention))
+    assert backend is not None, "bind the attention layers to a backend and a cache first"
+    step = chunk or max((len(p) for p in prompts), default=1)
+    reqs = [
+        Request(f"parity{i}", list(p), SamplingParams(max_tokens=1), max_tokens=1)
+        for i, p in enumerate(prompts)
+    ]
+    index = {req.request_id: i for i, req in enumerate(reqs)}
+    parts: list[list[torch.Tensor]] = [[] for _ in reqs]
+    done = [0] * len(reqs)
+    while any(d < req.num_prompt_tokens for d, req in zip(done, reqs, strict=True)):
+        seqs = []
+        for i, (req, table) in enumerate(zip(reqs, block_tables, strict=True)):
+            start, ids = done[i], req.prompt_token_ids
+            if start < len(ids):
+                end = min(start + step, len(ids))
+                seqs.append(ScheduledSeq(req, ids[start:end], start, list(table), end == len(ids)))
+        batch = build_input_batch(seqs, block_size, device, backend)
+        hidden = model(batch.input_ids, batch.positions, batch.ctx)
+        logits = model.compute_logits(hidden).float()
+        for seq, first in zip(batch.seqs, batch.token_starts, strict=True):
+            i = index[seq.req.request_id]
+            parts[i].append(logits[first : first + seq.num_tokens])
+            done[i] += seq.num_tokens
+    return [torch.cat(p) for p in parts]
+
+
+def engine_prefill_logits(
+    llm: LLM, prompts: Sequence[Sequence[int]], chunk: int | None = None
+) -> list[torch.Tensor]:
+    """`prefill_logits` through an engine's own model and KV cache. The blocks are borrowed from
+    the engine's block pool and given back, so no cached prefix is overwritten; the engine must
+    be idle (nothing else steps it meanwhile)."""
+    runner = llm.engine.runner
+    pool = llm.engine.scheduler.kv_cache_manager.block_pool
+    bs = runner.block_size
+    counts = [-(-len(p) // bs) for p in prompts]
+    blocks = pool.get_new_blocks(sum(counts))
+    try:
+        ids = iter(b.block_id for b in blocks)
+        tables = [[next(ids) for _ in range(n)] for n in counts]
+        return prefill_logits(runner.model, prompts, tables, bs, runner.device, chunk)
+    finally:
+        pool.free_blocks(blocks)
+
+
+def greedy_tokens(llm: LLM, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+    """Our greedy continuation of each prompt, exactly `max_tokens` tokens: the end tokens are
+    masked (min_tokens) as transformers' min_new_tokens does, so both sides stop alike."""
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0.0)
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outs]
+
+
+def hf_logits(model: Any, token_ids: Sequence[int]) -> torch.Tensor:
+    """A transformers causal LM's float32 logits at every position of one prompt."""
+    with torch.inference_mode():
+        return model(torch.tensor([list(token_ids)], device=model.device)).logits[0].float()
+
+
+def hf_greedy(
+    model: Any, token_ids: Sequence[int], max_new_tokens: int, pad_token_id: int = 0
+) -> list[int]:
+    """transformers' greedy continuation of one prompt, exactly `max_new_tokens` tokens (the end
+    tokens masked by min_new_tokens, as `greedy_tokens` does on our side)."""
+    ids = torch.tensor([list(token_ids)], device=model.device)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )
+    return out[0, len(token_ids) :].tolist()
+
+
+def hf_model_from_gguf(path: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """transformers' own model from a GGUF file (dequantized by transformers), in eval mode."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=dtype
+    )
+    return model.eval()
+
+
+def logits_diff(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """How far `ours` is from `ref` ([positions, vocab] each): the largest and the mean absolute
+    difference, the reference's largest magnitude (logit_scale, for relative tolerances) and the
+    fraction of positions whose top token agrees."""
+    ours, ref = ours.float(), ref.float()
+    diff = (ours - ref).abs()
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "logit_scale": ref.abs().max().item(),
+        "top1_agree": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+    }
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, *, atol: float, rtol: float) -> None:
+    """torch.testing.assert_close(ours, ref, atol, rtol), its message followed by `logits_diff`."""
+    torch.testing.assert_close(
+        ours, ref, atol=atol, rtol=rtol, msg=lambda m: f"{m}\n{logits_diff(ours, ref)}"
+    )
