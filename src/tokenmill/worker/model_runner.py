@@ -48,7 +48,6 @@ class ModelRunner:
         device: str = "cpu",
         quant: QuantScheme = None,
         batch_invariant: bool = False,
-        use_cpu_kernels: bool = True,
         attention_backend: str = "auto",
         gpu: GpuOptions | None = None,
     ) -> None:
@@ -65,7 +64,6 @@ class ModelRunner:
             head_dim=model_config.head_dim,
             dtype=dtype,
             batch_invariant=batch_invariant,
-            use_cpu_kernels=use_cpu_kernels,
         )
         try:
             with torch.device(device):  # parameters allocated where they will live

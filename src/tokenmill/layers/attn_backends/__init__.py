@@ -27,14 +27,13 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend_name(name: str, device: str, use_cpu_kernels: bool = True) -> str:
+def resolve_backend_name(name: str, device: str) -> str:
     """Resolves "auto" and checks the choice against the device."""
     on_cuda = device.startswith("cuda")
     if name == "auto":
         if on_cuda:
             return "triton" if triton_available() else "sdpa"
-        cpu_ok = use_cpu_kernels and cpu_attention.load_cpu_attention() is not None
-        return "cpu" if cpu_ok else "sdpa"
+        return "cpu" if cpu_attention.load_cpu_attention() is not None else "sdpa"
     if name == "cpu" and on_cuda:
         raise ValueError("attention_backend='cpu' runs on the CPU only; use triton or sdpa")
     if name == "cpu" and cpu_attention.load_cpu_attention() is None:
@@ -58,10 +57,9 @@ def select_backend(
     head_dim: int,
     dtype: torch.dtype,
     batch_invariant: bool = False,
-    use_cpu_kernels: bool = True,
 ) -> AttentionBackend:
     """The backend the runner binds to every attention layer."""
-    name = resolve_backend_name(name, device, use_cpu_kernels)
+    name = resolve_backend_name(name, device)
     if name == "cpu":
         if not cpu_attention.supports(head_dim, dtype):  # the reference takes any shape
             return SdpaBackend()
