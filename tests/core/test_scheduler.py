@@ -7,26 +7,59 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sched_utils import VOCAB, FakeRunner, make_req, make_sched, reference, run
 
+from tokenmill.config import EngineConfig
 from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput, TopLogprobs
-from tokenmill.errors import InvalidRequestError
+from tokenmill.core.scheduler import SchedulerConfig
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 
 
-def test_config_and_prompt_validation() -> None:
+def test_config_comes_from_the_validated_engine_config() -> None:
+    """EngineConfig refuses bad values, naming the field; SchedulerConfig takes them as they are
+    (from_engine_config) and only asserts its invariants."""
     with pytest.raises(ValueError, match="max_num_seqs"):
-        make_sched(max_num_seqs=0)
+        EngineConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="policy"):
+        EngineConfig(scheduling_policy="lifo")
+    with pytest.raises(ValueError, match="max_model_len"):
+        EngineConfig(max_model_len=0)
+    engine_config = EngineConfig(
+        max_num_batched_tokens=32,
+        max_num_seqs=3,
+        block_size=8,
+        enable_prefix_caching=False,
+        scheduling_policy="priority",
+        cache_aware_max_waiting=0,
+    )
+    config = SchedulerConfig.from_engine_config(engine_config, max_model_len=100, num_blocks=20)
+    assert config == SchedulerConfig(
+        max_num_batched_tokens=32,
+        max_num_seqs=3,
+        max_model_len=100,
+        block_size=8,
+        num_blocks=20,
+        enable_prefix_caching=False,
+        policy="priority",
+        cache_aware_max_waiting=0,
+    )
+    with pytest.raises(AssertionError):
+        make_sched(max_num_seqs=0)
+    with pytest.raises(AssertionError):
         make_sched(policy="lifo")
+
+
+def test_prompts_are_the_engines_to_refuse() -> None:
+    """The engine refuses bad prompts and reused ids (tests/engine/test_errors.py); one that
+    reaches the scheduler anyway breaks its invariants."""
     sched = make_sched(max_model_len=10)
-    with pytest.raises(InvalidRequestError, match=r"11 tokens.*10") as e:
+    with pytest.raises(AssertionError, match="11"):
         sched.add_request(make_req(list(range(11))))
-    assert e.value.param == "prompt"
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(AssertionError):
         sched.add_request(make_req([]))
     sched.add_request(make_req(list(range(10)), rid="x"))
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(AssertionError, match="'x'"):
         sched.add_request(make_req([1], rid="x"))
+    assert list(sched.requests) == ["x"] and sched.num_waiting == 1
     # the KV cache size caps the context length
     assert make_sched(num_blocks=2, block_size=4).max_model_len == 8
 

@@ -8,7 +8,7 @@ import pytest
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
-from tokenmill.errors import InvalidRequestError
+from tokenmill.errors import ContextLengthError, InvalidRequestError
 
 PROMPT = "The capital of France is"
 
@@ -211,6 +211,50 @@ def test_duplicate_request_id_at_engine_level(default_llm_fp32) -> None:
             engine.add_request(PROMPT, params, request_id="dup")
     finally:
         engine.abort_request("dup")
+    assert_idle(default_llm_fp32)
+
+
+@pytest.mark.slow
+def test_request_id_clashing_with_a_sample_id(default_llm_fp32) -> None:
+    """The n samples of request "g" run as "g#0" ... "g#(n-1)": no other request may take one
+    of those ids, whichever comes first; the refused one leaves nothing behind."""
+    engine = default_llm_fp32.engine
+    params = SamplingParams(temperature=0, max_tokens=2)
+    engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=2, n=2), "g")
+    engine.add_request(PROMPT, params, request_id="h#1")
+    try:
+        with pytest.raises(ValueError, match="request_id 'g#1' is already in use") as ei:
+            engine.add_request(PROMPT, params, request_id="g#1")
+        assert ei.value.param == "request_id"
+        with pytest.raises(ValueError, match="request_id 'h#1' is already in use"):
+            engine.add_request(PROMPT, SamplingParams(max_tokens=2, n=2), request_id="h")
+        assert set(engine.outputs.states) == {"g", "h#1"}
+        assert set(engine.outputs.sample_of) == {"g#0", "g#1", "h#1"}
+    finally:
+        engine.abort_request("g")
+        engine.abort_request("h#1")
+    assert_idle(default_llm_fp32)
+
+
+@pytest.mark.slow
+def test_check_request_is_what_add_request_checks(default_llm_fp32) -> None:
+    engine = default_llm_fp32.engine
+    info = engine.model_info
+    assert (info.name, info.max_seq_len, info.vocab_size) == (
+        engine.model_name,
+        engine.max_seq_len,
+        49152,
+    )
+    limit = info.max_seq_len
+    params = SamplingParams(max_tokens=limit)
+    engine.check_request([1, 2], params)  # add_request cuts such a max_tokens to fit
+    with pytest.raises(ContextLengthError) as ei:
+        engine.check_request([1, 2], params, max_tokens_must_fit=True)
+    assert ei.value.param == "max_tokens" and str(limit + 2) in str(ei.value)
+    with pytest.raises(InvalidRequestError, match="prompt must not be empty"):
+        engine.check_request([], SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError, match="priority"):
+        engine.check_request([1], SamplingParams(max_tokens=1), 2**70)
     assert_idle(default_llm_fp32)
 
 

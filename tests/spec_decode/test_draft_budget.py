@@ -40,8 +40,9 @@ def decoding_request(drafted: int = 0, accepted: int = 0, spec: bool = True) -> 
 
 
 def drafts_for(batch: list[Request], cost: float) -> list[int]:
-    Speculator(FixedDrafts(), 8, 4096, draft_cost=cost).propose(batch)
-    return [len(r.spec_token_ids) for r in batch]
+    drafts = Speculator(FixedDrafts(), 8, 4096, draft_cost=cost).propose(batch)
+    assert all(r.spec_token_ids == [] for r in batch)  # proposing changes no request
+    return [len(drafts.get(r.request_id, [])) for r in batch]
 
 
 def test_batch_one_drafts_the_full_budget_for_a_good_history():
@@ -91,7 +92,7 @@ def test_measured_cost_rules_drafts_out_but_the_prior_is_tried_now_and_then():
     batch = [decoding_request(drafted=100, accepted=90)]
     sizes = []
     for _ in range(2 * EXPLORE_EVERY):
-        spec.propose(batch)
-        sizes.append(len(batch[0].spec_token_ids))
+        drafts = spec.propose(batch)
+        sizes.append(len(drafts.get(batch[0].request_id, [])))
     assert sizes.count(0) == 2 * EXPLORE_EVERY - 2
     assert sizes[EXPLORE_EVERY - 1] == sizes[2 * EXPLORE_EVERY - 1] == 8  # the prior's budget

@@ -98,17 +98,19 @@ def run(
     for _ in range(10_000):
         if not sched.has_unfinished_requests():
             break
-        for req in sched.running:
-            if (
-                req.sampling_params.use_speculation
-                and req.num_computed_tokens == req.num_tokens - 1
-            ):
+        drafts: dict[str, list[int]] = {}
+        decoding = sched.decoding_requests()
+        assert list(decoding) == [
+            r for r in sched.running if r.num_computed_tokens == r.num_tokens - 1
+        ]
+        for req in decoding:
+            if req.sampling_params.use_speculation:
                 room = req.max_tokens - req.num_output_tokens - 1
                 ref = refs[req.request_id][req.num_output_tokens :]
                 draft = [t if rng.random() < 0.7 else rng.randrange(VOCAB) for t in ref[:room]]
-                req.spec_token_ids = draft[: rng.randint(0, max_draft)]
-                drafted += len(req.spec_token_ids)
-        out = sched.schedule()
+                drafts[req.request_id] = draft[: rng.randint(0, max_draft)]
+                drafted += len(drafts[req.request_id])
+        out = sched.schedule(drafts)
         assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
         scheduled_drafts += sum(s.num_draft_tokens for s in out.seqs)
         sched.update_from_output(out, runner.execute(out))
@@ -187,16 +189,16 @@ def test_drafts_cut_to_budget_and_dropped_before_preempting() -> None:
     out = sched.schedule()
     sched.update_from_output(out, runner.execute(out))  # the prompt; 1 token out
     wrong = (ref[1] + 1) % VOCAB
-    req.spec_token_ids = [wrong, 0, 0, 0]
-    out = sched.schedule()
+    assert sched.decoding_requests() == (req,)
+    out = sched.schedule({req.request_id: [wrong, 0, 0, 0]})
     # budget 3 = the pending token + 2 drafts; the other drafts are dropped
     assert [s.num_draft_tokens for s in out.seqs] == [2] and out.num_batched_tokens == 3
     assert req.spec_token_ids == []
     sched.update_from_output(out, runner.execute(out))
     assert req.output_token_ids == ref[:2] and req.num_computed_tokens == 4  # draft 0 rejected
     # 4 computed + 1 pending + 2 drafts would need a 4th block: the drafts go, nobody is preempted
-    req.spec_token_ids = [0, 0]
-    out = sched.schedule()
+    out = sched.schedule({req.request_id: [0, 0]})
     assert [s.num_draft_tokens for s in out.seqs] == [0] and not out.preempted_req_ids
+    assert req.spec_token_ids == []
     sched.update_from_output(out, runner.execute(out))
     assert req.output_token_ids == ref[:3] and req.is_finished  # max_model_len reached

@@ -16,14 +16,11 @@ cache-ordered request of its class and no longer waits for in-flight blocks.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from tokenmill.core.block_pool import BlockHash
 from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.sched_config import SchedulerConfig
 from tokenmill.request import Request, RequestStatus
-
-if TYPE_CHECKING:
-    from tokenmill.core.scheduler import SchedulerConfig
 
 
 class AdmissionRound:

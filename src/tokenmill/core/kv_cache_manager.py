@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tokenmill.core.block_pool import BlockHash, BlockPool, KVBlock
 from tokenmill.request import Request
@@ -30,6 +31,17 @@ def hash_block_tokens(
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """A snapshot of the KV cache's occupancy and prefix-cache counters."""
+
+    num_used_blocks: int
+    num_total_blocks: int
+    usage: float  # fraction of the blocks in use
+    prefix_queries: int  # prompt tokens looked up at admission
+    prefix_hits: int  # of those, tokens served from the cache
 
 
 class KVCacheManager:
@@ -57,6 +69,16 @@ class KVCacheManager:
     @property
     def usage(self) -> float:
         return self.block_pool.usage
+
+    def stats(self) -> KVCacheStats:
+        pool = self.block_pool
+        return KVCacheStats(
+            num_used_blocks=pool.num_used_blocks,
+            num_total_blocks=pool.num_blocks,
+            usage=pool.usage,
+            prefix_queries=self.prefix_queries,
+            prefix_hits=self.prefix_hits,
+        )
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -1,9 +1,11 @@
-"""The contract between the scheduler and the model runner."""
+"""The contract between the scheduler and the model runner, and what the scheduler reports."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.core.kv_cache_manager import KVCacheStats
+from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.request import Request
 
 
@@ -83,3 +85,14 @@ class EngineCoreOutput:
     # new_prompt_logprobs[i] is for prompt token prompt_logprobs_start + 1 + i; a request that
     # was preempted mid-prompt recomputes positions it already reported.
     prompt_logprobs_start: int = 0
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot of the scheduler's counters (`Scheduler.stats()`)."""
+
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    kv_cache: KVCacheStats
+    spec_decode: SpecDecodeStats  # a copy: the scheduler keeps counting in its own

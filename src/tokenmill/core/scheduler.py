@@ -9,54 +9,28 @@ blocks are freed and it is recomputed later (its own blocks usually still hit th
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 
 from tokenmill.core.admission import CacheAwareAdmission
 from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.output_update import apply_sampled_tokens, make_core_output
-from tokenmill.core.policy import POLICIES, make_key, make_waiting_queue
+from tokenmill.core.policy import make_key, make_waiting_queue
+from tokenmill.core.sched_config import SchedulerConfig
 from tokenmill.core.sched_types import (
     EngineCoreOutput,
     ModelRunnerOutput,
     ScheduledSeq,
     SchedulerOutput,
+    SchedulerStats,
 )
 from tokenmill.core.spec_stats import SpecDecodeStats
-from tokenmill.errors import InvalidRequestError
 from tokenmill.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int
-    max_num_seqs: int
-    max_model_len: int
-    block_size: int
-    num_blocks: int
-    enable_prefix_caching: bool = True
-    policy: str = "fcfs"  # fcfs | priority (lower `priority` first, then arrival)
-    # Longest cached prefix first while at most this many wait (0: policy order only); a request
-    # passed over max_passed_over times goes first (see core/admission.py).
-    cache_aware_max_waiting: int = 128
-    max_passed_over: int = 8
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("block_size", "num_blocks", "max_passed_over"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cache_aware_max_waiting < 0:
-            raise ValueError(
-                f"cache_aware_max_waiting must be >= 0, got {self.cache_aware_max_waiting}"
-            )
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+__all__ = ["Scheduler", "SchedulerConfig"]
 
 
 class Scheduler:
@@ -89,18 +63,9 @@ class Scheduler:
     # ---------------------------------------------------------------- requests in and out
 
     def add_request(self, req: Request) -> None:
-        if req.request_id in self.requests:
-            raise InvalidRequestError(
-                f"request_id {req.request_id!r} is already in use", param="request_id"
-            )
-        if req.num_tokens == 0:
-            raise InvalidRequestError("prompt must contain at least one token", param="prompt")
-        if req.num_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {req.num_tokens} tokens, more than the maximum model length "
-                f"of {self.max_model_len}",
-                param="prompt",
-            )
+        """Queues a request the engine has validated: a new id, a prompt that fits."""
+        assert req.request_id not in self.requests, f"request_id {req.request_id!r} is in use"
+        assert 0 < req.num_tokens <= self.max_model_len, (req.num_tokens, self.max_model_len)
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self._arrival_seq[req.request_id] = self._next_seq
@@ -157,9 +122,30 @@ class Scheduler:
     def kv_cache_usage(self) -> float:
         return self.kv_cache_manager.usage
 
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preemptions=self.num_preemptions,
+            kv_cache=self.kv_cache_manager.stats(),
+            spec_decode=dataclasses.replace(self.spec_stats),
+        )
+
+    def decoding_requests(self) -> tuple[Request, ...]:
+        """The running requests whose next step is a decode (one token left to compute), the
+        ones speculative decoding may draft for: read them, `schedule(drafts)` takes the drafts.
+        """
+        return tuple(r for r in self.running if r.num_computed_tokens == r.num_tokens - 1)
+
     # ---------------------------------------------------------------- one step
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: Mapping[str, Sequence[int]] | None = None) -> SchedulerOutput:
+        """One step's work. `drafts`: speculative tokens by request id, for requests among
+        `decoding_requests()`; they hold for this step only (any request without an entry runs
+        none), and the scheduler alone sets and clears `Request.spec_token_ids`."""
+        drafts = drafts or {}
+        for req in self.running:
+            req.spec_token_ids = list(drafts.get(req.request_id, ()))
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
@@ -252,7 +238,7 @@ class Scheduler:
         token_ids = req.token_slice(start, end - num_draft)
         if num_draft:
             token_ids += req.spec_token_ids[:num_draft]
-        req.spec_token_ids = []  # consumed: the proposer drafts afresh before each step
+        req.spec_token_ids = []  # consumed: the next step's drafts come with its schedule()
         return ScheduledSeq(
             req=req,
             token_ids=token_ids,

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import random
 import time
+from collections.abc import Sequence
 
 import torch
 
 from tokenmill.config import EngineConfig, ModelConfig
-from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.core.sched_config import SchedulerConfig
+from tokenmill.core.sched_types import SchedulerStats
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.engine.model_info import ModelInfo
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.errors import ContextLengthError, InvalidRequestError
+from tokenmill.errors import InvalidRequestError
 from tokenmill.loader.model_loader import LoadedModel, load_model, resolve_device
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
-from tokenmill.sampling_params import SamplingParams, check_priority
+from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.speculator import Speculator, build_proposer
 from tokenmill.worker.kv_cache import KVCacheBudget
 from tokenmill.worker.model_runner import GpuOptions, ModelRunner
@@ -62,15 +67,8 @@ class LLMEngine:
         )
         self.num_blocks = self.runner.num_blocks
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_num_seqs=config.max_num_seqs,
-                max_model_len=self.max_model_len,
-                block_size=config.block_size,
-                num_blocks=self.num_blocks,
-                enable_prefix_caching=config.enable_prefix_caching,
-                cache_aware_max_waiting=config.cache_aware_max_waiting,
-                policy=config.scheduling_policy,
+            SchedulerConfig.from_engine_config(
+                config, max_model_len=self.max_model_len, num_blocks=self.num_blocks
             )
         )
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
@@ -100,7 +98,44 @@ class LLMEngine:
             config.block_size,
         )
 
+    # -- what the engine serves ----------------------------------------------------------------
+    @functools.cached_property
+    def model_info(self) -> ModelInfo:
+        """The served model and its limits (fixed: safe to read from any thread)."""
+        config = self.config
+        return ModelInfo(
+            name=self.model_name,
+            aliases=(config.model,) if config.model else (),
+            max_seq_len=self.max_seq_len,
+            vocab_size=self.model_config.vocab_size,
+            allow_special_tokens_in_content=config.allow_special_tokens_in_content,
+        )
+
+    @property
+    def max_seq_len(self) -> int:
+        """The most tokens (prompt plus output) one sequence may hold: the context length, which
+        the KV cache always holds whole (the engine does not start otherwise)."""
+        return self.scheduler.max_model_len
+
+    def scheduler_stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
     # -- requests -----------------------------------------------------------------------------
+    def check_request(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        priority: int = 0,
+        *,
+        max_tokens_must_fit: bool = False,
+    ) -> None:
+        """Raises InvalidRequestError unless this request can run: the checks `add_request`
+        makes once the prompt is tokenized (see ModelInfo.check_request). It reads only the
+        fixed model info, so a front end may call it from any thread before adding."""
+        self.model_info.check_request(
+            prompt_ids, params, priority, max_tokens_must_fit=max_tokens_must_fit
+        )
+
     def add_request(
         self,
         prompt: str | list[int],
@@ -108,15 +143,18 @@ class LLMEngine:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        *,
+        prompt_text: str | None = None,
     ) -> str:
-        """Validates, tokenizes and queues a request; raises InvalidRequestError on bad input."""
+        """Validates, tokenizes and queues a request; raises InvalidRequestError on bad input.
+        `prompt_text`: the text outputs report as the prompt when `prompt` is token ids."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.outputs.states:
             raise InvalidRequestError(f"request_id {request_id!r} is already running", "request_id")
         params.validate()
-        prompt_text = prompt if isinstance(prompt, str) else None
+        prompt_text = prompt if isinstance(prompt, str) else prompt_text
         prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate(prompt_ids, params, priority)
+        self.check_request(prompt_ids, params, priority)
         room = self.max_seq_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -135,75 +173,15 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
+        for req in reqs:  # a sample's id ("a#0") may clash with another request's
+            if req.request_id in self.outputs.sample_of:
+                raise InvalidRequestError(
+                    f"request_id {req.request_id!r} is already in use", "request_id"
+                )
         self.outputs.add(prompt_text, reqs, request_id)
         for req in reqs:
             self.scheduler.add_request(req)
         return request_id
-
-    @property
-    def max_seq_len(self) -> int:
-        """The most tokens (prompt plus output) one sequence may hold: the context length, which
-        the KV cache always holds whole (the engine does not start otherwise)."""
-        return self.scheduler.max_model_len
-
-    def check_length(
-        self, num_prompt_tokens: int, max_tokens: int | None = None, min_tokens: int = 0
-    ) -> None:
-        """Raises ContextLengthError unless a prompt of this length, plus `max_tokens` when
-        given (and `min_tokens`, which could never all be generated otherwise), fits one
-        sequence.
-
-        This is exact for any n and any load. The samples of an n > 1 request share the
-        prompt's full blocks through the prefix cache and each holds its own output blocks, but
-        they need not run at once: under KV pressure the scheduler preempts the newest running
-        sequence, so the oldest always advances, and one sequence of max_seq_len tokens fits
-        the cache on its own. The last sampled token is never written to the cache, and the
-        scheduler ends a sequence at max_seq_len tokens, so max_seq_len is the bound to check.
-        """
-        limit = self.max_seq_len
-        what = f"This model's maximum context length is {limit} tokens"
-        if num_prompt_tokens >= limit:
-            raise ContextLengthError(
-                f"{what}, but the prompt has {num_prompt_tokens} tokens (it must leave room for "
-                "at least 1 generated token).",
-                "prompt",
-            )
-        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
-            raise ContextLengthError(
-                f"{what}. However, you requested {num_prompt_tokens + max_tokens} tokens "
-                f"({num_prompt_tokens} in the prompt, {max_tokens} for the completion). Please "
-                "reduce the prompt or max_tokens.",
-                "max_tokens",
-            )
-        if num_prompt_tokens + min_tokens > limit:
-            raise ContextLengthError(
-                f"{what}, so the {num_prompt_tokens}-token prompt leaves room for at most "
-                f"{limit - num_prompt_tokens} generated tokens; min_tokens is {min_tokens}.",
-                "min_tokens",
-            )
-
-    def _validate(self, prompt_ids: list[int], params: SamplingParams, priority: int) -> None:
-        check_priority(priority)
-        if not prompt_ids:
-            raise InvalidRequestError("prompt must not be empty", "prompt")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token ids must be in [0, {vocab}); got {bad[:5]}", "prompt"
-            )
-        self.check_length(len(prompt_ids), None, params.min_tokens)
-        for tok in params.logit_bias or {}:
-            if not 0 <= tok < vocab:
-                raise InvalidRequestError(
-                    f"logit_bias token id {tok} is outside the vocabulary [0, {vocab})",
-                    "logit_bias",
-                )
-        bad = [t for t in params.stop_token_ids or () if t >= vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"stop_token_ids must be in [0, {vocab}); got {bad[:5]}", "stop_token_ids"
-            )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         state = self.outputs.states.get(request_id)
@@ -215,12 +193,17 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def num_prompt_tokens(self, request_id: str) -> int:
+        """The prompt length of a request added and not yet finished."""
+        return len(self.outputs.states[request_id].prompt_token_ids)
+
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        drafts: dict[str, list[int]] = {}
         if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running)
-        sched = self.scheduler.schedule()
+            drafts = self.speculator.propose(self.scheduler.decoding_requests())
+        sched = self.scheduler.schedule(drafts)
         if self.speculator is not None:
             self.speculator.finish(sched.finished_req_ids)
         if sched.is_empty:

@@ -90,9 +90,8 @@ class LLM:
                     token_ids if token_ids is not None else text,
                     p,
                     priority=priority[i] if priority else 0,
+                    prompt_text=text,
                 )
-                if text is not None and token_ids is not None:
-                    engine.outputs.states[rid].prompt = text
                 ids.append(rid)
         except Exception:
             for rid in ids:  # a bad prompt rejects the whole call and leaves nothing queued

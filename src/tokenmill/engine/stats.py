@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenmill.engine.engine import LLMEngine
+from tokenmill.core.sched_types import SchedulerStats
 from tokenmill.outputs import RequestOutput
 
 
@@ -85,23 +85,22 @@ def request_stats(out: RequestOutput, timing: RequestTiming, now: float) -> Requ
     )
 
 
-def engine_stats(engine: LLMEngine, num_steps: int) -> EngineStats:
-    """A snapshot of the scheduler's counters."""
-    sched = engine.scheduler
-    kv = sched.kv_cache_manager
-    pool = kv.block_pool
+def engine_stats(sched: SchedulerStats, num_steps: int) -> EngineStats:
+    """The engine's snapshot from the scheduler's (`LLMEngine.scheduler_stats()`)."""
+    kv = sched.kv_cache
+    spec = sched.spec_decode
     return EngineStats(
         num_running=sched.num_running,
         num_waiting=sched.num_waiting,
-        kv_cache_usage=sched.kv_cache_usage,
-        num_used_blocks=pool.num_used_blocks,
-        num_total_blocks=pool.num_blocks,
+        kv_cache_usage=kv.usage,
+        num_used_blocks=kv.num_used_blocks,
+        num_total_blocks=kv.num_total_blocks,
         num_preemptions=sched.num_preemptions,
         num_steps=num_steps,
         prefix_cache_queries=kv.prefix_queries,
         prefix_cache_hits=kv.prefix_hits,
-        spec_drafted_tokens=sched.spec_stats.num_drafted_tokens,
-        spec_accepted_tokens=sched.spec_stats.num_accepted_tokens,
-        spec_decode_steps=sched.spec_stats.num_decode_steps,
-        spec_decode_tokens=sched.spec_stats.num_decode_tokens,
+        spec_drafted_tokens=spec.num_drafted_tokens,
+        spec_accepted_tokens=spec.num_accepted_tokens,
+        spec_decode_steps=spec.num_decode_steps,
+        spec_decode_tokens=spec.num_decode_tokens,
     )

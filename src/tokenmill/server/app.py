@@ -68,9 +68,8 @@ def create_app(
     app.state.ctx = ctx
     app.state.metrics = metrics
     install_error_handlers(app)
-    aliases = [engine.engine.config.model] if engine.engine.config.model else []
     limits = Limits(
-        model_names=list(dict.fromkeys(ctx.served_model_names + aliases)),
+        model_names=list(dict.fromkeys([*ctx.served_model_names, *ctx.model.aliases])),
         vocab_size=ctx.vocab_size,
         max_seq_len=ctx.max_model_len,
         max_pending_seqs=engine.max_pending_seqs,
@@ -104,7 +103,7 @@ def create_app(
                 "object": "model",
                 "created": created,
                 "owned_by": "tokenmill",
-                "root": engine.engine.model_name,
+                "root": ctx.model.name,
                 "max_model_len": ctx.max_model_len,
             }
             for name in ctx.served_model_names

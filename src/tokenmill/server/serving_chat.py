@@ -112,7 +112,7 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
         lambda: render_chat(ctx, req.messages, req.add_generation_prompt, check_text),
         "messages",
     )
-    ctx.check_context(len(prompt_ids), params, "messages", param)
+    ctx.check_prompt(prompt_ids, params, req.priority, "messages", param)
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     (stream,) = await ctx.add_all([prompt_ids], params, request_id, req.priority, req.cache_salt)

@@ -13,6 +13,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
+from tokenmill.engine.model_info import ModelInfo
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import ContextLengthError
 from tokenmill.outputs import RequestOutput, TokenLogprobs
@@ -28,8 +29,7 @@ class ServerContext:
     engine: AsyncLLMEngine
     served_model_names: list[str]
     tokenizer: Tokenizer
-    max_model_len: int
-    vocab_size: int
+    model: ModelInfo  # the engine's model and limits
     preprocessor: Preprocessor  # tokenizing and chat rendering, off the event loop
 
     @classmethod
@@ -40,16 +40,24 @@ class ServerContext:
         **preprocess: Any,
     ) -> ServerContext:
         """`preprocess`: Preprocessor options (timeout_s, num_workers)."""
-        core = engine.engine
-        names = list(served_model_names or [core.model_name])
-        max_len = core.max_seq_len
-        allow = core.config.allow_special_tokens_in_content
-        pre = Preprocessor(core.tokenizer, max_len, allow_special_in_content=allow, **preprocess)
-        return cls(engine, names, core.tokenizer, max_len, core.model_config.vocab_size, pre)
+        info = engine.model_info
+        names = list(served_model_names or [info.name])
+        allow = info.allow_special_tokens_in_content
+        tok = engine.tokenizer
+        pre = Preprocessor(tok, info.max_seq_len, allow_special_in_content=allow, **preprocess)
+        return cls(engine, names, tok, info, pre)
 
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
 
     def check_model(self, model: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve. The model
@@ -58,7 +66,7 @@ class ServerContext:
             return self.model_name
         if model in self.served_model_names:
             return model
-        if model == self.engine.engine.config.model:
+        if model in self.model.aliases:
             return self.model_name
         raise APIError(
             404,
@@ -67,15 +75,6 @@ class ServerContext:
             param="model",
             code="model_not_found",
         )
-
-    def check_prompt_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise APIError(400, f"{param} must not be empty", param)
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise APIError(
-                400, f"{param} token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param
-            )
 
     def check_prompt_bound(self, min_tokens: int, prompt_param: str) -> None:
         """400 when a prompt's lower bound on tokens (the cheap check before tokenizing) already
@@ -90,17 +89,19 @@ class ServerContext:
                 code="context_length_exceeded",
             )
 
-    def check_context(
+    def check_prompt(
         self,
-        num_prompt: int,
+        prompt_ids: list[int],
         params: SamplingParams,
+        priority: int,
         prompt_param: str,
         max_tokens_param: str = "max_tokens",
     ) -> None:
-        """400 when the prompt, or the prompt plus max_tokens (or min_tokens), can never fit one
-        sequence."""
+        """400 unless the engine would run this prompt with these params, max_tokens included
+        (the OpenAI API refuses a max_tokens past the context instead of cutting it). Length
+        errors name the request's own fields (messages, max_completion_tokens)."""
         try:
-            self.engine.engine.check_length(num_prompt, params.max_tokens, params.min_tokens)
+            self.engine.check_request(prompt_ids, params, priority, max_tokens_must_fit=True)
         except ContextLengthError as e:
             param = {"prompt": prompt_param, "max_tokens": max_tokens_param}.get(e.param, e.param)
             raise APIError(400, str(e), param, e.code) from None

@@ -132,11 +132,10 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Respo
         if isinstance(p, str):
             ctx.check_prompt_bound(pre.min_tokens(p), "prompt")
         else:
-            ctx.check_context(len(p), params, "prompt", "max_tokens")
-            ctx.check_prompt_ids(p, "prompt")
+            ctx.check_prompt(p, params, req.priority, "prompt")
     prompts = await pre.run(lambda: _tokenize(ctx, raw), "prompt")
     for p in prompts:
-        ctx.check_context(len(p.token_ids), params, "prompt", "max_tokens")
+        ctx.check_prompt(p.token_ids, params, req.priority, "prompt")
 
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await ctx.add_all(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.core.sched_types import SchedulerOutput
@@ -67,13 +67,10 @@ class Speculator:
                                          for s in sched.seqs):  # fmt: skip
             self.cost.observe(sched.num_batched_tokens, seconds)
 
-    def propose(self, running: Iterable[Request]) -> None:
-        """Sets `spec_token_ids` of each running request whose next step is a decode."""
-        decoding: list[Request] = []
-        for req in running:
-            req.spec_token_ids = []  # a request that was not scheduled last step keeps none
-            if req.num_computed_tokens == req.num_tokens - 1:  # else prefilling or resuming
-                decoding.append(req)
+    def propose(self, decoding: Sequence[Request]) -> dict[str, list[int]]:
+        """Drafts for `decoding`, the requests whose next step is a decode (the scheduler's
+        `decoding_requests()`): request id -> draft token ids, for those that get any. The
+        requests are only read; the scheduler takes the drafts."""
         threshold = 0.0
         if self.cost is not None:
             self._num_proposals += 1
@@ -97,9 +94,13 @@ class Speculator:
                 reqs.append(req)
                 caps.append(cap)
         if not reqs:
-            return
-        for req, cap, draft in zip(reqs, caps, self.proposer.propose(reqs, caps), strict=True):
-            req.spec_token_ids = list(draft[:cap])
+            return {}
+        drafts = self.proposer.propose(reqs, caps)
+        return {
+            req.request_id: list(draft[:cap])
+            for req, cap, draft in zip(reqs, caps, drafts, strict=True)
+            if draft
+        }
 
     def finish(self, req_ids: Iterable[str]) -> None:
         self.proposer.finish(req_ids)

@@ -1,0 +1,56 @@
+"""The scheduler's limits and policy, taken from the engine's configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenmill.config import EngineConfig
+from tokenmill.core.policy import POLICIES
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What the scheduler needs to know. The engine builds it with `from_engine_config`, from an
+    EngineConfig that has validated every value already, so only invariants are asserted here."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool = True
+    policy: str = "fcfs"  # fcfs | priority (lower `priority` first, then arrival)
+    # Longest cached prefix first while at most this many wait (0: policy order only); a request
+    # passed over max_passed_over times goes first (see core/admission.py).
+    cache_aware_max_waiting: int = 128
+    max_passed_over: int = 8
+
+    def __post_init__(self) -> None:
+        positive = (
+            self.max_num_batched_tokens,
+            self.max_num_seqs,
+            self.max_model_len,
+            self.block_size,
+            self.num_blocks,
+            self.max_passed_over,
+        )
+        assert min(positive) >= 1, self
+        assert self.cache_aware_max_waiting >= 0, self
+        assert self.policy in POLICIES, self
+
+    @classmethod
+    def from_engine_config(
+        cls, config: EngineConfig, *, max_model_len: int, num_blocks: int
+    ) -> SchedulerConfig:
+        """The scheduler's share of `config`, plus what loading the model decided: the context
+        length and how many KV blocks the cache holds."""
+        return cls(
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=max_model_len,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            policy=config.scheduling_policy,
+            cache_aware_max_waiting=config.cache_aware_max_waiting,
+        )
