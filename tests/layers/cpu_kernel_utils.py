@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
-from tokenmill.layers.quantization.packing import QuantizedTensor
+
+from tokenmill.quant.packing import QuantizedTensor
 
 
 def make_case(
