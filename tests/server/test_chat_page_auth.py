@@ -41,6 +41,8 @@ def test_page_needs_no_key(keyed: Server) -> None:
 
 
 def test_page_asks_for_the_key(browser: Browser, keyed: Server) -> None:
+    from playwright.sync_api import expect
+
     with open_page(browser) as (page, watch):
         watch.allow("status of 401")
         auth: list[str | None] = []
@@ -55,7 +57,8 @@ def test_page_asks_for_the_key(browser: Browser, keyed: Server) -> None:
         page.goto(f"{keyed.url}/")
         page.wait_for_selector("#key-dialog[open]")
         page.click("#key-cancel")  # dismissed: the page says why it cannot chat
-        assert "needs an API key" in page.inner_text("#banner")
+        # the banner is set by the dialog's close event, a task after the click: wait for it
+        expect(page.locator("#banner")).to_contain_text("needs an API key", timeout=TIMEOUT_MS)
         page.click("#key-button")
         page.wait_for_selector("#key-dialog[open]")
         page.fill("#key-input", "wrong")
