@@ -8,10 +8,12 @@ host, so the Triton kernel launches without a device sync and can be captured in
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from tokenmill.kernels.attention_ref import reference_paged_attention
 from tokenmill.layers.attn_backends.base import (
     AttentionBackend,
     AttentionBatch,
@@ -99,8 +101,25 @@ class UnifiedGraphBuffers(GraphBuffers):
 
 
 class _UnifiedBackend(AttentionBackend):
+    """Both unified backends: the same metadata and graph buffers, one ragged kernel call."""
+
+    _kernel: Callable[..., torch.Tensor]
+
     def build_metadata(self, batch: AttentionBatch) -> UnifiedAttentionMeta:
         return build_unified_metadata(batch)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: UnifiedAttentionMeta,
+        scale: float,
+    ) -> torch.Tensor:
+        return self._kernel(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            meta.max_query_len, scale,
+        )  # fmt: skip
 
     def graph_buffers(
         self, max_rows: int, max_blocks: int, null_block: int, device: str
@@ -121,19 +140,6 @@ class TritonBackend(_UnifiedBackend):
             functools.partial(paged_attention, num_splits=1) if batch_invariant else paged_attention
         )
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: UnifiedAttentionMeta,
-        scale: float,
-    ) -> torch.Tensor:
-        return self._kernel(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_query_len, scale,
-        )  # fmt: skip
-
 
 class UnifiedRefBackend(_UnifiedBackend):
     """The Triton kernel's PyTorch oracle on the same metadata. It reads lengths on the host
@@ -141,17 +147,5 @@ class UnifiedRefBackend(_UnifiedBackend):
 
     name = "unified-ref"
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: UnifiedAttentionMeta,
-        scale: float,
-    ) -> torch.Tensor:
-        from tokenmill.kernels.attention_ref import reference_paged_attention
-
-        return reference_paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_query_len, scale,
-        )  # fmt: skip
+    def __init__(self) -> None:
+        self._kernel = reference_paged_attention
