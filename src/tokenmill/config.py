@@ -27,6 +27,8 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # The whole HF config, for the fields only one family reads (its model module reads them).
+    hf_config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -59,6 +61,7 @@ class ModelConfig:
             sliding_window=sliding if arch == "MistralForCausalLM" else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            hf_config=dict(cfg),
         )
 
 
