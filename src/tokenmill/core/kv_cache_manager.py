@@ -2,7 +2,13 @@
 
 A full block is identified by a chained SHA-256 over (parent hash, its token ids, extra key), so
 a hit means the whole prefix up to that block is identical and its KV can be reused. Only full,
-computed blocks are ever cached; block tables are append-only.
+computed blocks are ever cached; block tables grow at the end only.
+
+Sliding-window attention (every layer with the same window): once no future query of a request
+can see a block any more, the block goes back to the pool (still cached for prefix reuse) and
+its place in the table holds the null block, which no request owns (the runner allocates it one
+past the pool's blocks; attention masks those positions out). A long request then holds about
+window / block_size blocks, whatever its length.
 """
 
 from __future__ import annotations
@@ -46,13 +52,22 @@ class KVCacheStats:
 
 class KVCacheManager:
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        assert sliding_window is None or sliding_window >= 1
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
+        # Stands in the tables for blocks released behind the window: the runner's null block.
+        self.null_block = KVBlock(num_blocks)
+        self.num_released: dict[str, int] = {}  # leading blocks of a request released so far
         self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
         # Hashes of the request's full blocks, extended incrementally; kept across preemption.
@@ -212,6 +227,35 @@ class KVCacheManager:
             self.block_pool.cache_full_block(blocks[i], hashes[i])
         self.num_cached_block[req_id] = num_full
 
+    def release_out_of_window(self, req: Request) -> int:
+        """With a sliding window, gives back the request's blocks that no future query can see;
+        returns how many. The next query sits at position num_computed_tokens and sees keys after
+        num_computed_tokens - window, and queries only move forward (a rejected draft rolls back
+        no further than the computed tokens)."""
+        if self.sliding_window is None:
+            return 0
+        req_id = req.request_id
+        blocks = self.req_to_blocks.get(req_id)
+        if not blocks:
+            return 0
+        first_visible = req.num_computed_tokens - self.sliding_window + 1
+        num_dead = min(max(first_visible, 0) // self.block_size, len(blocks))
+        start = self.num_released.get(req_id, 0)
+        if num_dead <= start:
+            return 0
+        # Already offered to the prefix cache (cache_blocks runs first with the same count):
+        # they stay reusable in the free queue until evicted, oldest first.
+        dead = blocks[start:num_dead]
+        blocks[start:num_dead] = [self.null_block] * len(dead)
+        self.block_pool.free_blocks(dead)
+        self.num_released[req_id] = num_dead
+        return len(dead)
+
+    def num_held_blocks(self, req: Request) -> int:
+        """Pool blocks the request holds (released ones not counted)."""
+        blocks = self.req_to_blocks.get(req.request_id, ())
+        return sum(1 for b in blocks if b is not self.null_block)
+
     def free(self, req: Request) -> None:
         """Release the request's blocks, last block first so it is evicted first.
 
@@ -219,8 +263,9 @@ class KVCacheManager:
         """
         req_id = req.request_id
         blocks = self.req_to_blocks.pop(req_id, [])
-        self.block_pool.free_blocks(reversed(blocks))
+        self.block_pool.free_blocks(b for b in reversed(blocks) if b is not self.null_block)
         self.num_cached_block.pop(req_id, None)
+        self.num_released.pop(req_id, None)
         if req.is_finished:
             self.req_to_block_hashes.pop(req_id, None)
 

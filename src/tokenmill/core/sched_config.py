@@ -24,6 +24,8 @@ class SchedulerConfig:
     # passed over max_passed_over times goes first (see core/admission.py).
     cache_aware_max_waiting: int = 128
     max_passed_over: int = 8
+    # The attention window shared by every layer, if any: blocks behind it are released.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -37,13 +39,19 @@ class SchedulerConfig:
         assert min(positive) >= 1, self
         assert self.cache_aware_max_waiting >= 0, self
         assert self.policy in POLICIES, self
+        assert self.sliding_window is None or self.sliding_window >= 1, self
 
     @classmethod
     def from_engine_config(
-        cls, config: EngineConfig, *, max_model_len: int, num_blocks: int
+        cls,
+        config: EngineConfig,
+        *,
+        max_model_len: int,
+        num_blocks: int,
+        sliding_window: int | None = None,
     ) -> SchedulerConfig:
         """The scheduler's share of `config`, plus what loading the model decided: the context
-        length and how many KV blocks the cache holds."""
+        length, how many KV blocks the cache holds and the window all its layers share."""
         return cls(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
@@ -53,4 +61,5 @@ class SchedulerConfig:
             enable_prefix_caching=config.enable_prefix_caching,
             policy=config.scheduling_policy,
             cache_aware_max_waiting=config.cache_aware_max_waiting,
+            sliding_window=sliding_window,
         )

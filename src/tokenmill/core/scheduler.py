@@ -37,7 +37,10 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.kv_cache_manager = KVCacheManager(
-            config.num_blocks, config.block_size, config.enable_prefix_caching
+            config.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            config.sliding_window,
         )
         # A request can never hold more KV than the whole cache; beyond that it would preempt
         # itself forever, so the cache size caps the context length too.
@@ -274,6 +277,8 @@ class Scheduler:
             if req.is_finished:
                 self.running.remove(req)
                 self._release(req)
+            else:
+                self.kv_cache_manager.release_out_of_window(req)
             out = make_core_output(seq, runner_out, new_ids)
             if out is not None:
                 outputs.append(out)
