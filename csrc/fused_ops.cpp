@@ -9,7 +9,7 @@
 //              [blocks, block_size, H_kv, D], slot_mapping [T], H, H_kv) -> q [T, H, D]
 //   silu_mul(gate_up [T, 2 I]) -> silu(gate) * up [T, I]
 //   decode_layer(...) -> (out, residual): a whole decoder layer for a batch of decode rows
-//     whose matmuls are quantized (tokenmill_cpu_quant::quant_linear) and whose attention is
+//     (optionally with Qwen3's RMSNorm per head on q and k before RoPE) whose matmuls are quantized (tokenmill_cpu_quant::quant_linear) and whose attention is
 //     tokenmill_cpu_attn::paged_decode_attention, called through the dispatcher: the same
 //     kernels in the same order as models/llama.py, without a trip through Python per op.
 //
@@ -271,6 +271,36 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t n, int
   return bias.has_value() ? at::add(y, *bias) : y;
 }
 
+// In place on a fresh qkv [T, (H + 2 H_kv) D]: each q head normed with q_w [D], each k head with
+// k_w [D], exactly as add_rms_norm (no residual) does per row; v untouched.
+void head_rms_norm(const at::Tensor& qkv, const at::Tensor& q_w, const at::Tensor& k_w,
+                   int64_t num_heads, int64_t num_kv_heads, int64_t D, double eps) {
+#ifndef TOKENMILL_HAS_AVX512
+  TORCH_CHECK(false, "tokenmill_cpu_fused was built without AVX-512");
+#else
+  check_bf16_rows(qkv, "decode_layer", "qkv");
+  for (const at::Tensor* w : {&q_w, &k_w})
+    TORCH_CHECK(w->scalar_type() == at::kBFloat16 && w->dim() == 1 && w->numel() == D &&
+                    w->is_contiguous(),
+                "decode_layer: q_norm and k_norm must be contiguous bfloat16 [", D, "]");
+  const int64_t T = qkv.size(0), width = qkv.size(1);
+  bf16* base = qkv.data_ptr<bf16>();
+  const bf16* qw = q_w.data_ptr<bf16>();
+  const bf16* kw = k_w.data_ptr<bf16>();
+  at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      bf16* row = base + t * width;
+      // in place: each 16-wide chunk is read before it is written
+      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+        bf16* head = row + h * D;
+        add_rms_norm_row(head, nullptr, h < num_heads ? qw : kw, head, nullptr, D,
+                         static_cast<float>(eps));
+      }
+    }
+  });
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor> decode_layer(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& input_norm,
     const at::Tensor& post_norm, double eps, const at::Tensor& qkv_w, int64_t qkv_bits,
@@ -279,7 +309,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
     int64_t down_bits, int64_t intermediate, const at::Tensor& cos, const at::Tensor& sin,
     const at::Tensor& positions, at::Tensor& k_cache, at::Tensor& v_cache,
     const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
-    double scale, int64_t num_heads, int64_t num_kv_heads) {
+    double scale, int64_t num_heads, int64_t num_kv_heads,
+    const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm) {
   static const auto attention =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("tokenmill_cpu_attn::paged_decode_attention", "")
@@ -288,6 +319,11 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   // x -> [RMSNorm -> GQA attention with RoPE -> +] -> [RMSNorm -> SwiGLU -> +]
   auto [h, res] = add_rms_norm(x, residual, input_norm, eps);
   const at::Tensor qkv = qlinear(h, qkv_w, (num_heads + 2 * num_kv_heads) * D, qkv_bits, qkv_bias);
+  if (q_norm.has_value() || k_norm.has_value()) {  // Qwen3: RMSNorm per head on q and k
+    TORCH_CHECK(q_norm.has_value() && k_norm.has_value(),
+                "decode_layer: q_norm and k_norm go together");
+    head_rms_norm(qkv, *q_norm, *k_norm, num_heads, num_kv_heads, D, eps);
+  }
   const at::Tensor q = rope_cache(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
                                   num_heads, num_kv_heads);  // [T, H, D]
   const at::Tensor attn = attention.call(q, k_cache, v_cache, block_tables, ctx_lens, scale);
@@ -310,8 +346,8 @@ TORCH_LIBRARY(tokenmill_cpu_fused, m) {
       "Tensor qkv_w, int qkv_bits, Tensor? qkv_bias, Tensor o_w, int o_bits, Tensor gate_up_w, "
       "int gate_up_bits, Tensor down_w, int down_bits, int intermediate, Tensor cos, Tensor sin, "
       "Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
-      "Tensor block_tables, Tensor ctx_lens, float scale, int num_heads, int num_kv_heads) -> "
-      "(Tensor, Tensor)");
+      "Tensor block_tables, Tensor ctx_lens, float scale, int num_heads, int num_kv_heads, "
+      "Tensor? q_norm=None, Tensor? k_norm=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu_fused, CPU, m) {

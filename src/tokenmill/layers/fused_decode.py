@@ -16,9 +16,9 @@ from tokenmill.quant.block import DENSE_ABOVE_ROWS, BlockQuantMethod
 
 class FusedDecodeLayer:
     """Wraps one decoder layer with `input_layernorm`, `post_attention_layernorm`,
-    `self_attn` (qkv_proj, o_proj, rotary, attn, num_heads, num_kv_heads) and `mlp`
-    (gate_up_proj, down_proj). Whether the layer can be fused is decided at its first decode
-    step, after the weights are packed."""
+    `self_attn` (qkv_proj, o_proj, rotary, attn, num_heads, num_kv_heads, and optionally
+    q_norm / k_norm, RMSNorm modules per head) and `mlp` (gate_up_proj, down_proj). Whether
+    the layer can be fused is decided at its first decode step, after the weights are packed."""
 
     def __init__(self, layer: Any) -> None:
         self._layer = layer
@@ -68,6 +68,12 @@ def _gather_weights(layer: Any) -> DecodeLayerWeights | None:
         return None
     qkv, o, gate_up, down = methods
     norm = layer.input_layernorm
+    # Qwen3 norms each q and k head before RoPE; the op does it with the layer's eps.
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    if (q_norm is None) != (k_norm is None):
+        return None
+    if q_norm is not None and not (q_norm.eps == k_norm.eps == norm.eps):
+        return None
     return DecodeLayerWeights(
         input_norm=norm.weight,
         post_norm=layer.post_attention_layernorm.weight,
@@ -87,4 +93,6 @@ def _gather_weights(layer: Any) -> DecodeLayerWeights | None:
         scale=attn.attn.scale,
         num_heads=attn.num_heads,
         num_kv_heads=attn.num_kv_heads,
+        q_norm=None if q_norm is None else q_norm.weight,
+        k_norm=None if k_norm is None else k_norm.weight,
     )
