@@ -11,7 +11,7 @@ from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.quant.base import QuantScheme
 
 # Qwen2 and Mistral are the Llama graph: Qwen2 adds q/k/v bias (ModelConfig.attention_bias);
-# Mistral's sliding window is honoured by capping the context at the window (see model_len).
+# their sliding windows are per-layer attention parameters (llama.sliding_windows).
 _REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
