@@ -4,6 +4,8 @@ PyTorch backends; greedy tokens through the engine (`LLM`) from a saved HF folde
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -74,10 +76,10 @@ def randomize_norms(hf) -> None:
                 torch.nn.init.normal_(p, std=0.3)
 
 
-def make_hf(name: str):
+def make_hf(name: str, **overrides):
     cfg_cls, model_cls, extra = CONFIGS[name]
     torch.manual_seed(0)
-    cfg = getattr(transformers, cfg_cls)(**{**TINY, **extra})
+    cfg = getattr(transformers, cfg_cls)(**{**TINY, **copy.deepcopy(extra), **overrides})
     cfg.architectures = [model_cls]
     cfg._attn_implementation = "eager"  # transformers' SDPA path has no soft-cap
     hf = getattr(transformers, model_cls)(cfg).eval()
@@ -158,3 +160,104 @@ def test_greedy_tokens_match_transformers(tmp_path, arch: str) -> None:
     ours = greedy_tokens(llm, prompts, 12)
     for p, got in zip(prompts, ours, strict=True):
         assert got == hf_greedy(hf, p, 12)
+
+
+# HF parameter (after "model.layers.N.") -> llama.cpp tensor name, as its converter writes them
+_GGUF_LAYER = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+}  # fmt: skip
+
+
+def write_gemma_gguf(path, cfg, hf) -> None:
+    """The tiny model as llama.cpp's converter writes it: its tensor names, norms stored as
+    1 + w, tied embeddings without output.weight, the metadata it writes (no
+    query_pre_attn_scalar)."""
+    import gguf
+
+    arch = "gemma2" if cfg.model_type == "gemma2" else "gemma3"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    else:
+        full = cfg.rope_parameters["full_attention"]
+        w.add_rope_freq_base(full["rope_theta"])
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(full["factor"])
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{_GGUF_LAYER[module]}.{kind}"
+        arr = t.float().numpy()
+        w.add_tensor(gname, arr + 1.0 if name.endswith("norm.weight") else arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_gguf_matches_the_safetensors_twin(tmp_path, name: str) -> None:
+    """A GGUF written from the tiny model loads to the same config and weights (norms back to
+    w, up to the fp32 rounding of 1 + w) and gives the same logits."""
+    from tokenmill.loader.gguf import read_gguf
+
+    # llama.cpp assumes query_pre_attn_scalar = head_dim below the 27B sizes, and a local
+    # RoPE base of 10000 for Gemma 3
+    overrides: dict = dict(query_pre_attn_scalar=TINY["head_dim"])
+    if name == "gemma3":
+        rope = copy.deepcopy(CONFIGS[name][2]["rope_parameters"])
+        rope["sliding_attention"]["rope_theta"] = 10000.0
+        overrides["rope_parameters"] = rope
+    cfg, hf = make_hf(name, **overrides)
+    path = tmp_path / f"{name}.gguf"
+    write_gemma_gguf(path, cfg, hf)
+    f = read_gguf(path)
+    mcfg = ModelConfig.from_hf_dict(f.hf_config())
+    assert mcfg.architecture == type(hf).__name__ and mcfg.tie_word_embeddings
+    model = build_model(mcfg, torch.float32, 256)
+    model.load_weights(f.iter_tensors())
+    twin = make_ours(cfg, hf, SdpaBackend())
+    kv = allocate_kv_cache(mcfg, 64, BLOCK, torch.float32, "cpu")
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.attn.bind(SdpaBackend(), kv[i, 0], kv[i, 1])
+        theirs = twin.model.layers[i].self_attn.attn
+        ours = layer.self_attn.attn
+        assert (ours.sliding_window, ours.scale, ours.softcap) == (
+            theirs.sliding_window, theirs.scale, theirs.softcap
+        )  # fmt: skip
+        assert torch.equal(layer.self_attn.rotary.cos, twin.model.layers[i].self_attn.rotary.cos)
+    assert model.final_logit_softcapping == twin.final_logit_softcapping
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (25, 9)]
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
+    got = prefill_logits(model, prompts, tables, BLOCK, chunk=7)
+    want = prefill_logits(twin, prompts, tables, BLOCK, chunk=7)
+    for a, b, p in zip(got, want, prompts, strict=True):
+        assert_logits_close(a, b, atol=1e-5, rtol=1e-5)
+        assert_logits_close(a, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
