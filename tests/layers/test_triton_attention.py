@@ -289,14 +289,15 @@ def signature(fn, dtype, consts):
         elif name.endswith("_ptr"):
             sig[name] = "*" + dtype
         else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            sig[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
     return sig
 
 target = GPUTarget("cuda", 90, 32)
 for dtype, split, block_m, block_n, warps in (("bf16", 0, 64, 64, 4), ("fp32", 1, 16, 32, 8)):
     consts = dict(NUM_HEADS=12, HEAD_DIM=80, BLOCK_D=128, GROUP=3, BLOCK_M=block_m,
                   BLOCK_Q=block_m // 3, BLOCK_N=block_n, BLOCK_SIZE=16, SPLIT=bool(split),
-                  DOT_PRECISION="ieee" if dtype == "fp32" else None, UPCAST=False)
+                  DOT_PRECISION="ieee" if dtype == "fp32" else None, UPCAST=False,
+                  SOFTCAP=bool(split))  # each path, one with the soft-cap, one without
     src = ASTSource(ta._attn_kernel, signature(ta._attn_kernel, dtype, consts), consts)
     assert triton.compile(src, target=target, options={"num_warps": warps}).asm["cubin"]
 consts = dict(NUM_HEADS=12, HEAD_DIM=80, BLOCK_D=128, SPLITS_P2=4)
