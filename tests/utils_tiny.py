@@ -32,6 +32,8 @@ _CONFIG_CLASSES = {  # architecture -> (config class, weight seed)
     "LlamaForCausalLM": ("LlamaConfig", 0),
     "Qwen2ForCausalLM": ("Qwen2Config", 1),
     "MistralForCausalLM": ("MistralConfig", 2),
+    "Gemma2ForCausalLM": ("Gemma2Config", 3),
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", 4),
 }
 
 _TOKENIZER_DIR: Path | None = None  # the default tokenizer, saved once per process
@@ -85,6 +87,11 @@ def make_tiny_hf_folder(
                 attn = layer.self_attn
                 for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                     torch.nn.init.normal_(proj.bias, std=0.05)
+    if arch.startswith("Gemma"):  # norms start at 0 (a scale of 1 + 0): random offsets instead
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    torch.nn.init.normal_(p, std=0.3)
     folder = Path(tmp_path) / f"tiny-{arch}{'-sharded' if sharded else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     save_kw: dict[str, Any] = {"safe_serialization": True}

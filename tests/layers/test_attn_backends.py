@@ -37,14 +37,19 @@ def make_step(g: torch.Generator) -> tuple[AttentionBatch, list[tuple[int, list[
     return AttentionBatch(decodes, chunks, block_size=BLOCK, device="cpu"), rows
 
 
-def reference(q, k_cache, v_cache, rows, scale) -> torch.Tensor:
+def reference(q, k_cache, v_cache, rows, scale, window=None, softcap=None) -> torch.Tensor:
+    """Row i (at position num_keys - 1) over its keys, in float64; a window keeps the last
+    `window` keys, a cap squashes the scores with tanh."""
     out = []
     for i, (num_keys, table) in enumerate(rows):
-        t = torch.arange(num_keys)
+        first = 0 if window is None else max(0, num_keys - window)
+        t = torch.arange(first, num_keys)
         blocks = torch.tensor(table)[t // BLOCK]
         keys = k_cache[blocks, t % BLOCK].double().repeat_interleave(H // H_KV, dim=1)
         values = v_cache[blocks, t % BLOCK].double().repeat_interleave(H // H_KV, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[i].double(), keys) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values))
     return torch.stack(out)
 
@@ -72,6 +77,31 @@ def test_backend_matches_the_reference(make_backend) -> None:
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), reference(q, k_cache, v_cache, rows, scale),
                                atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("make_backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("window", "softcap"),
+    [(3, None), (1, None), (6, None), (None, 2.0), (5, 1.5)],
+    ids=["window3", "window1", "window6", "cap", "window5-cap"],
+)
+def test_window_and_softcap_match_the_reference(make_backend, window, softcap) -> None:
+    """The same step with a sliding window shorter than most rows (1: each query sees itself
+    only) and with soft-capped scores; a large scale so that the cap changes the result."""
+    g = torch.Generator().manual_seed(3)
+    batch, rows = make_step(g)
+    k_cache = torch.randn(41, BLOCK, H_KV, D, generator=g)
+    v_cache = torch.randn(41, BLOCK, H_KV, D, generator=g)
+    q = torch.randn(len(rows), H, D, generator=g)
+    backend = make_backend()
+    meta = backend.build_metadata(batch)
+    scale = 0.5
+    out = backend.forward(q, k_cache, v_cache, meta, scale, window=window, softcap=softcap)
+    expected = reference(q, k_cache, v_cache, rows, scale, window, softcap)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    # the window and the cap do change the result (the test would catch them being ignored)
+    plain = reference(q, k_cache, v_cache, rows, scale)
+    assert (expected - plain).abs().max() > 1e-2
 
 
 def test_write_kv_puts_each_token_in_its_slot() -> None:

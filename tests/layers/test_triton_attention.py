@@ -98,7 +98,10 @@ def check(case: dict, out: torch.Tensor | None = None, **kwargs: object) -> torc
     """Runs the kernel, compares it with the oracle (fp32 output), returns the kernel's output."""
     got = ta.paged_attention(**case, out=out, **kwargs)
     q = case["q"]
-    ref = ta.reference_paged_attention(**case, out=torch.empty(q.shape, device=q.device))
+    features = {k: kwargs[k] for k in ("window", "softcap") if k in kwargs}
+    ref = ta.reference_paged_attention(
+        **case, out=torch.empty(q.shape, device=q.device), **features
+    )
     assert got.shape == q.shape and got.dtype == q.dtype
     torch.testing.assert_close(got.float(), ref, **TOLERANCES[q.dtype])
     return got
@@ -167,6 +170,29 @@ def test_decode_split_k(num_splits: int | None) -> None:
     case = make_case([1, 1, 1], [299, 40, 150], 3, 1, 64, torch.float32)
     check(case, num_splits=num_splits)
     check(case, num_splits=num_splits, max_seq_len=300)  # the tightest bound
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(1, None), (7, None), (40, None), (None, 1.5),
+                                                 (20, 2.0)])  # fmt: skip
+@pytest.mark.parametrize("batch", ["decode", "mixed"])
+def test_window_and_softcap(batch: str, window: int | None, softcap: float | None) -> None:
+    """Sliding windows shorter than a query block, than a key tile and longer than some rows,
+    and soft-capped scores (scale 1, so that the cap bites), against the oracle."""
+    query_lens, ctx_lens = BATCHES[batch]
+    case = make_case(query_lens, ctx_lens, 8, 2, 64, torch.float32, seed=5)
+    case["scale"] = 1.0
+    got = check(case, window=window, softcap=softcap)
+    plain = ta.reference_paged_attention(**case, out=torch.empty_like(got))
+    assert (got - plain).abs().max() > 1e-2  # the features changed the result
+
+
+@pytest.mark.parametrize("window", [1, 30, 100, 400])
+def test_window_split_k(window: int) -> None:
+    """Split-K decode with a window: splits wholly before the window are skipped by the
+    attention kernel and by the merge; a window longer than every row changes nothing."""
+    case = make_case([1, 1, 1], [299, 40, 150], 4, 2, 64, torch.float32, seed=6)
+    check(case, num_splits=5, window=window)
+    check(case, num_splits=3, window=window, softcap=3.0)
 
 
 def test_split_k_bf16() -> None:
@@ -263,14 +289,15 @@ def signature(fn, dtype, consts):
         elif name.endswith("_ptr"):
             sig[name] = "*" + dtype
         else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
+            sig[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
     return sig
 
 target = GPUTarget("cuda", 90, 32)
 for dtype, split, block_m, block_n, warps in (("bf16", 0, 64, 64, 4), ("fp32", 1, 16, 32, 8)):
     consts = dict(NUM_HEADS=12, HEAD_DIM=80, BLOCK_D=128, GROUP=3, BLOCK_M=block_m,
                   BLOCK_Q=block_m // 3, BLOCK_N=block_n, BLOCK_SIZE=16, SPLIT=bool(split),
-                  DOT_PRECISION="ieee" if dtype == "fp32" else None, UPCAST=False)
+                  DOT_PRECISION="ieee" if dtype == "fp32" else None, UPCAST=False,
+                  SOFTCAP=bool(split))  # each path, one with the soft-cap, one without
     src = ASTSource(ta._attn_kernel, signature(ta._attn_kernel, dtype, consts), consts)
     assert triton.compile(src, target=target, options={"num_warps": warps}).asm["cubin"]
 consts = dict(NUM_HEADS=12, HEAD_DIM=80, BLOCK_D=128, SPLITS_P2=4)

@@ -7,6 +7,7 @@ import torch
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.attn_backends.sdpa import SdpaBackend
+from tokenmill.layers.attn_backends.unified import UnifiedRefBackend
 from tokenmill.models.registry import build_model
 from tokenmill.testing.parity import assert_logits_close, hf_logits, prefill_logits
 from tokenmill.worker.kv_cache import allocate_kv_cache
@@ -84,3 +85,51 @@ def test_logits_match_transformers(name: str, chunk: int) -> None:
     ours = prefill_logits(model, prompts, tables, BLOCK, chunk=chunk)
     for p, got in zip(prompts, ours, strict=True):
         assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+
+
+WINDOWED = {
+    # every layer windowed
+    "mistral-window8": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
+    # layer 0 global, layer 1 windowed (max_window_layers=1)
+    "qwen2-window6": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(use_sliding_window=True, sliding_window=6, max_window_layers=1),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "unified-ref"])
+@pytest.mark.parametrize("chunk", [1000, 5, 1])
+@pytest.mark.parametrize("name", list(WINDOWED))
+def test_sliding_window_logits_match_transformers(name: str, chunk: int, backend: str) -> None:
+    """Prompts of 3-4 windows, chunked through the paged cache: every position past the window
+    attends to its last `window` keys only, as in transformers."""
+    cfg_cls, model_cls, extra = WINDOWED[name]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_cls)(**TINY, **extra)
+    cfg.architectures = [model_cls]
+    hf = getattr(transformers, model_cls)(cfg).eval()
+    mcfg = ModelConfig.from_hf_dict(cfg.to_dict())
+    model = build_model(mcfg, torch.float32, 256)
+    model.load_weights(hf.state_dict().items())
+    windows = [layer.self_attn.attn.sliding_window for layer in model.model.layers]
+    assert windows == ([8, 8] if name.startswith("mistral") else [None, 6])
+    kv = allocate_kv_cache(mcfg, 64, BLOCK, torch.float32, "cpu")
+    attn_backend = SdpaBackend() if backend == "sdpa" else UnifiedRefBackend()
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.attn.bind(attn_backend, kv[i, 0], kv[i, 1])
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (30, 9, 26)]
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
+    ours = prefill_logits(model, prompts, tables, BLOCK, chunk=chunk)
+    for p, got in zip(prompts, ours, strict=True):
+        expected = hf_logits(hf, p)
+        assert_logits_close(got, expected, atol=1e-4, rtol=1e-4)
+    # the window really cut something: without it the last position's logits differ
+    full = getattr(transformers, cfg_cls)(**TINY)
+    full.architectures = [model_cls]
+    unwindowed = getattr(transformers, model_cls)(full).eval()
+    unwindowed.load_state_dict(hf.state_dict())
+    last_full = hf_logits(unwindowed, prompts[0])[-1]
+    assert (last_full - hf_logits(hf, prompts[0])[-1]).abs().max() > 1e-3

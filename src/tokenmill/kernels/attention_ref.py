@@ -20,9 +20,14 @@ def reference_paged_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
     **_: object,
 ) -> torch.Tensor:
-    """`paged_attention` in plain PyTorch, one sequence at a time, softmax in fp32 (syncs)."""
+    """`paged_attention` in plain PyTorch, one sequence at a time, softmax in fp32 (syncs).
+    window: a query at p sees keys (p - window, p] only; softcap: scores -> softcap *
+    tanh(scores / softcap) before the softmax."""
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // num_kv_heads
     out = torch.empty_like(q) if out is None else out
@@ -36,7 +41,12 @@ def reference_paged_attention(
         keys = k_cache[blocks, offsets].float().repeat_interleave(group, dim=1)  # [n, H, D]
         values = v_cache[blocks, offsets].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[a:b].float(), keys) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         q_pos = torch.arange(seq_len - (b - a), seq_len, device=q.device)
-        scores.masked_fill_(t[None, None, :] > q_pos[None, :, None], -math.inf)
+        hidden = t[None, None, :] > q_pos[None, :, None]
+        if window is not None:
+            hidden |= t[None, None, :] <= q_pos[None, :, None] - window
+        scores.masked_fill_(hidden, -math.inf)
         out[a:b] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values).to(out.dtype)
     return out

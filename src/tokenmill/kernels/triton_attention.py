@@ -33,6 +33,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 _MIN_SPLIT_KEYS = 128  # fewer keys per split program is mostly launch and reduce overhead
+_NO_WINDOW = 1 << 30  # the window of a global layer: past any length, far from int32 overflow
 
 
 def supports(head_dim: int, dtype: torch.dtype) -> bool:
@@ -78,19 +79,21 @@ def _find_seq(query_start_loc_ptr, block_idx, num_seqs, BLOCK_Q: tl.constexpr):
 # Sizes that vary from step to step are runtime ints, not specialised (on == 1), to keep the
 # number of compiled variants small: each is compiled on first use, which must not happen
 # inside CUDA graph capture (warm every captured shape up first).
-@triton.jit(do_not_specialize=["num_seqs", "split_size", "num_splits"])
+@triton.jit(do_not_specialize=["num_seqs", "split_size", "num_splits", "window"])
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,  # out: [T, H, D], unused when SPLIT
     part_acc_ptr, part_ml_ptr,  # [S, H, num_splits, D], [S, H, num_splits, 2] fp32 when SPLIT
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    qk_scale, num_seqs, split_size, num_splits,
+    qk_scale, softcap, num_seqs, split_size, num_splits, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
+    # window: a query at p sees keys (p - window, p] (no window: a bound past any length).
+    # SOFTCAP: scores -> softcap * tanh(scores / softcap), qk_scale then being the plain scale.
     kv_head = tl.program_id(1)
     if SPLIT:
         # Decode only (every query_len <= 1): grid (S, H_kv, num_splits), split s takes keys
@@ -106,11 +109,13 @@ def _attn_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - query_len  # keys before this step's first query
     if SPLIT:
-        k_lo = tl.program_id(2) * split_size
-        k_hi = tl.minimum(seq_len, k_lo + split_size)
+        # the row's query sits at seq_len - 1: keys before seq_len - window are out of its window
+        k_lo = tl.maximum(tl.program_id(2) * split_size, seq_len - window)
+        k_hi = tl.minimum(seq_len, tl.program_id(2) * split_size + split_size)
     else:
-        # The block's last query sits at context_len + min(query_len, (q_block+1)*BLOCK_Q) - 1.
-        k_lo = 0
+        # The block's last query sits at context_len + min(query_len, (q_block+1)*BLOCK_Q) - 1,
+        # its first at context_len + q_block * BLOCK_Q, which sees keys from there - window + 1.
+        k_lo = tl.maximum(0, context_len + q_block * BLOCK_Q - window + 1)
         k_hi = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
     if q_block * BLOCK_Q >= query_len or k_lo >= k_hi:
         return
@@ -132,8 +137,9 @@ def _attn_kernel(
         q = q.to(tl.float32)
 
     # m_i starts finite so a row whose tile is all masked gets p = 0, alpha = 1 (no inf - inf);
-    # a real row always has key 0 <= q_pos, so its m_i is a real score after the first tile
-    # (in split mode k_lo < k_hi <= q_pos + 1 likewise).
+    # a real row always has key q_pos in its window, so its m_i is a real score once the tile
+    # holding q_pos is read (a row of the block whose window starts later sees only -inf before:
+    # p = 0 there, and alpha = 0 wipes nothing real); in split mode k_lo < k_hi <= q_pos + 1.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
@@ -150,7 +156,12 @@ def _attn_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        s = tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        if SOFTCAP:
+            # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp -> inf or 0), then the
+            # base-2 factor the plain path folds into qk_scale.
+            s = (softcap - 2.0 * softcap / (tl.exp(2.0 * s / softcap) + 1.0)) * 1.4426950408889634
+        visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(k_ok[None, :] & visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -170,16 +181,18 @@ def _attn_kernel(
         part_off = part[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(part_acc_ptr + part_off, acc, mask=row_ok[:, None] & d_ok[None, :])
     else:
-        out = acc / l_i[:, None]  # l_i >= 1 on real rows (the max score contributes 1)
+        # l_i >= 1 on real rows (the max score contributes 1); rows past the block's queries
+        # may see no key at all under a window (l_i = 0), and are not stored
+        out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
         out_off = q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         out_mask = row_ok[:, None] & d_ok[None, :]
         tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["split_size", "num_splits"])
+@triton.jit(do_not_specialize=["split_size", "num_splits", "window"])
 def _reduce_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, query_start_loc_ptr,
-    split_size, num_splits, stride_ot, stride_oh,
+    split_size, num_splits, window, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLITS_P2: tl.constexpr,
 ):  # fmt: skip
@@ -187,11 +200,14 @@ def _reduce_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq)
-    num_valid = (tl.load(seq_lens_ptr + seq) + split_size - 1) // split_size
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_valid = (seq_len + split_size - 1) // split_size
+    # splits wholly before the window hold no keys (the attention kernel skipped them)
+    first_valid = tl.maximum(seq_len - window, 0) // split_size
     if tl.load(query_start_loc_ptr + seq + 1) == q_start or num_valid == 0:
         return  # padding: no query, or no key (the attention kernel skipped it too)
     offs_s = tl.arange(0, SPLITS_P2)
-    s_ok = (offs_s < num_valid) & (offs_s < num_splits)
+    s_ok = (offs_s >= first_valid) & (offs_s < num_valid) & (offs_s < num_splits)
     part = (seq.to(tl.int64) * NUM_HEADS + head) * num_splits + offs_s  # [SPLITS_P2]
     m = tl.load(part_ml_ptr + part * 2, mask=s_ok, other=float("-inf"))
     l_s = tl.load(part_ml_ptr + part * 2 + 1, mask=s_ok, other=0.0)
@@ -228,6 +244,8 @@ def paged_attention(
     *,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention for a packed ragged batch whose KV (prefix and new tokens) is in the cache.
 
@@ -248,6 +266,9 @@ def paged_attention(
     max_blocks * block_size) sizes the ranges: keys past num_splits * split_size would be
     dropped, so under a CUDA graph it must bound every replay. num_splits defaults to enough
     programs to fill the GPU; results differ in the last bits between split counts.
+
+    window: a query at position p sees only keys (p - window, p]; softcap: scores become
+    softcap * tanh(scores / softcap) before the softmax (both None: plain causal attention).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = block_tables.shape[0]
@@ -264,6 +285,9 @@ def paged_attention(
         raise ValueError("out must be like q, with a contiguous last dim")
     if num_tokens == 0 or num_seqs == 0:
         return out
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    window_arg = _NO_WINDOW if window is None else min(window, _NO_WINDOW)
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     # Tiles chosen so that no (dtype, head_dim) spills registers on sm_90 (ptxas -v); fp32's
@@ -297,17 +321,19 @@ def paged_attention(
     upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
     _attn_kernel[grid](
         q, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E, num_seqs, split_size, num_splits,
+        scale if softcap else scale * _LOG2E, softcap or 0.0, num_seqs, split_size, num_splits,
+        window_arg,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group, BLOCK_M=block_m,
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
         # fp32 inputs keep fp32 products (the default would round them to tf32)
-        DOT_PRECISION="ieee" if fp32 or upcast else None, UPCAST=upcast, num_warps=num_warps,
+        DOT_PRECISION="ieee" if fp32 or upcast else None, UPCAST=upcast,
+        SOFTCAP=bool(softcap), num_warps=num_warps,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
-            out, part_acc, part_ml, seq_lens, query_start_loc, split_size, num_splits,
+            out, part_acc, part_ml, seq_lens, query_start_loc, split_size, num_splits, window_arg,
             out.stride(0), out.stride(1), NUM_HEADS=num_heads, HEAD_DIM=head_dim,
             BLOCK_D=block_d, SPLITS_P2=triton.next_power_of_2(num_splits), num_warps=4,
         )  # fmt: skip

@@ -11,12 +11,24 @@ from tokenmill.layers.forward_context import ForwardContext
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        # keys at positions (p - sliding_window, p] only; None: all of them
+        self.sliding_window = sliding_window
+        self.softcap = softcap  # scores -> softcap * tanh(scores / softcap); None: none
         # bound by the model runner (`bind`)
         self.backend: AttentionBackend | None = None
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, H_kv, D]
@@ -40,4 +52,7 @@ class PagedAttention(nn.Module):
         assert backend is not None and k_cache is not None and v_cache is not None, "not bound"
         if k is not None and v is not None:
             backend.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
-        return backend.forward(q, k_cache, v_cache, ctx.attn_meta, self.scale)
+        return backend.forward(
+            q, k_cache, v_cache, ctx.attn_meta, self.scale,
+            window=self.sliding_window, softcap=self.softcap,
+        )  # fmt: skip

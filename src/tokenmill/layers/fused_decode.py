@@ -42,6 +42,8 @@ class FusedDecodeLayer:
         if x.shape[0] > DENSE_ABOVE_ROWS:  # rows that take the dense bf16 matmul
             return None
         attn = self._layer.self_attn.attn
+        if attn.sliding_window is not None or attn.softcap is not None:
+            return None  # the C++ decode kernel has neither
         args = attn.backend.decode_kernel_args(ctx.attn_meta)
         if args is None:  # prompt chunks in the step, or not the C++ decode kernel
             return None

@@ -41,6 +41,17 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma: four norms per layer (ffn_norm is the one before the MLP) and Gemma 3's q/k norms.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+# llama.cpp's converter stores Gemma's norm weights as 1 + w (the scale itself); HF keeps w.
+_NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Not an HF parameter: llama3 rope frequency factors, turned back into rope_scaling instead.
 _IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
@@ -151,12 +162,13 @@ class GGUFFile:
         if gguf_name in _IGNORED_TENSORS:
             return None
         m = _LAYER_RE.fullmatch(gguf_name)
-        if m is None or m.group(2) not in _LAYER_NAMES:
+        names = _GEMMA_LAYER_NAMES if self.architecture in _NORM_PLUS_ONE_ARCHS else _LAYER_NAMES
+        if m is None or m.group(2) not in names:
             raise ModelLoadError(
                 f"GGUF file {self.path}: unexpected tensor {gguf_name!r} "
                 f"for architecture {self.architecture!r}"
             )
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
 
     def read_tensor(self, gguf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One tensor by GGUF name, dequantized, in HF shape order; q/k rows not un-permuted."""
@@ -176,6 +188,7 @@ class GGUFFile:
         arch = checked_architecture(self)
         cfg = self.hf_config()
         permute = arch in _PERMUTED_ARCHS
+        norm_plus_one = arch in _NORM_PLUS_ONE_ARCHS
         for gguf_name in self._tensors:
             name = self.hf_name(gguf_name)
             if name is None:
@@ -184,6 +197,9 @@ class GGUFFile:
             w: torch.Tensor | QuantizedTensor
             if keep_quantized and t.tensor_type.name in GGUF_FORMATS and len(t.shape) == 2:
                 w = self._read_blocks(t)
+            elif norm_plus_one and name.endswith("norm.weight"):
+                # subtract in fp32, then round once to dtype
+                w = (self.read_tensor(gguf_name, torch.float32) - 1.0).to(dtype)
             else:
                 w = self.read_tensor(gguf_name, dtype)
             if permute and ".attn_q." in gguf_name:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 
 
@@ -82,7 +84,43 @@ def hf_config(f: GGUFFile) -> dict[str, Any]:
         cfg["partial_rotary_factor"] = int(rope_dim) / head_dim
     if arch == "qwen2":
         cfg["use_sliding_window"] = False
+    if arch in ("gemma2", "gemma3"):
+        cfg.update(_gemma_fields(f, arch, cfg))
     return cfg
+
+
+def _gemma_fields(f: GGUFFile, arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Gemma's own HF fields. llama.cpp stores no query_pre_attn_scalar: like llama.cpp, the
+    27B models (46 layers for Gemma 2, 62 for Gemma 3) scale by hidden / heads, the others by
+    head_dim. Gemma 3's local layers use RoPE base 10000 (llama.cpp's fixed value); its
+    layer pattern is the file's sliding_window_pattern (a period, or one bool per layer),
+    else one global layer in 6 (Gemma 2: alternating)."""
+    g = lambda key, default=None: f.get(f"{arch}.{key}", default)  # noqa: E731
+    layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    big = layers == (46 if arch == "gemma2" else 62)
+    out: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": cfg["hidden_size"] // heads if big else cfg["head_dim"],
+        "sliding_window": g("attention.sliding_window"),
+        "attn_logit_softcapping": g("attn_logit_softcapping"),
+        "final_logit_softcapping": g("final_logit_softcapping"),
+    }
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if out[key] is not None:
+            out[key] = _f32(out[key])
+    pattern = g("attention.sliding_window_pattern")
+    if isinstance(pattern, list | tuple | np.ndarray):
+        out["layer_types"] = [
+            "sliding_attention" if bool(p) else "full_attention" for p in list(pattern)[:layers]
+        ]
+    else:
+        period = int(pattern) if pattern is not None else (2 if arch == "gemma2" else 6)
+        out["layer_types"] = [
+            "sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)
+        ]
+    if arch == "gemma3":
+        out["rope_local_base_freq"] = 10000.0
+    return out
 
 
 def _rope_scaling(f: GGUFFile, arch: str, rope_dim: int) -> dict[str, Any] | None:

@@ -122,10 +122,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
         weights = quantize_at_load(weights, 8 if config.quantization == "int8" else 4)
         quant = "blocks"
     model_config = ModelConfig.from_hf_dict(hf_config)
+    # Sliding-window layers attend over their window (the attention backends apply it), so a
+    # window does not cap the context.
     max_len = model_config.max_position_embeddings
-    if model_config.sliding_window:
-        # The reference attention has no window: stay within it so results are exact.
-        max_len = min(max_len, model_config.sliding_window)
     if config.max_model_len is not None:
         if config.max_model_len > max_len:
             raise ValueError(

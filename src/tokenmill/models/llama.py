@@ -2,6 +2,8 @@
 
 Reads like the paper: x -> [RMSNorm -> GQA attention with RoPE -> +] -> [RMSNorm -> SwiGLU -> +].
 The batch is ragged and packed: every activation is [num_tokens, ...] with no padding.
+Mistral and Qwen2 may attend over a sliding window (`sliding_windows`), which the attention
+backend applies per layer.
 """
 
 from __future__ import annotations
@@ -26,9 +28,32 @@ from tokenmill.quant.packing import BlockWeights, QuantizedTensor
 from tokenmill.quant.squeezellm import SqueezeLLMWeights
 
 
+def sliding_windows(cfg: ModelConfig) -> list[int | None]:
+    """Each layer's sliding window (None: it attends to the whole context), by transformers'
+    rule: Mistral windows every layer when `sliding_window` is set; Qwen2 only with
+    `use_sliding_window`, the layers `layer_types` names "sliding_attention" (by default those
+    from `max_window_layers` on)."""
+    hf, n = cfg.hf_config, cfg.num_hidden_layers
+    window = hf.get("sliding_window")
+    if cfg.architecture == "MistralForCausalLM":
+        return [window or None] * n
+    if cfg.architecture != "Qwen2ForCausalLM" or not hf.get("use_sliding_window") or not window:
+        return [None] * n
+    first = hf.get("max_window_layers", 28)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention" for i in range(n)
+    ]
+    return [window if t == "sliding_attention" else None for t in types]
+
+
 class LlamaAttention(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype, quant: QuantScheme
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        dtype: torch.dtype,
+        quant: QuantScheme,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -46,7 +71,9 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype, quant=quant)
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=sliding_window
+        )
         self.split = [q_size, kv_size, kv_size]
 
     def forward(
@@ -92,10 +119,15 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype, quant: QuantScheme
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        dtype: torch.dtype,
+        quant: QuantScheme,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, dtype, quant)
+        self.self_attn = LlamaAttention(cfg, rotary, dtype, quant, sliding_window)
         self.mlp = LlamaMLP(cfg, dtype, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -128,7 +160,7 @@ class LlamaModel(nn.Module):
             cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary, dtype, quant) for _ in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, rotary, dtype, quant, window) for window in sliding_windows(cfg)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 

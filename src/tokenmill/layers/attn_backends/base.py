@@ -103,9 +103,18 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: Any,
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Causal attention of q [T, H, D] over the cache, whose KV for this step's tokens is
-        already written; returns [T, H, D]."""
+        already written; returns [T, H, D].
+
+        scale multiplies q.k. window (a sliding-window layer): a query at position p sees only
+        keys at positions (p - window, p], the last `window` including itself (transformers'
+        rule for Mistral, Qwen2 and Gemma alike). softcap (Gemma 2): scores become
+        softcap * tanh(scores / softcap) before the softmax. Both are per layer (the layer
+        passes them), so one step's metadata serves windowed and global layers alike."""
 
     def write_kv(
         self,

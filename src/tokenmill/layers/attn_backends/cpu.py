@@ -2,7 +2,8 @@
 their keys straight from the blocks, no gather, no padding. Prompt chunks take the reference
 SDPA path, or in batch-invariant mode the kernel once per query token, so that a token's output
 does not depend on how its prompt was chunked or how much of it came from the prefix cache
-(SDPA's reduction order depends on the chunk's length)."""
+(SDPA's reduction order depends on the chunk's length). The kernel has no sliding window nor
+soft-capping: layers with either take the SDPA path."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ class CpuKernelBackend(SdpaBackend):
         v_cache: torch.Tensor,
         meta: SplitAttentionMeta,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
+        if window is not None or softcap is not None:  # the kernel has neither: the SDPA path
+            return super().decode(q, k_cache, v_cache, meta, scale, window, softcap)
         return paged_decode_attention(
             q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale
         )
@@ -37,9 +42,11 @@ class CpuKernelBackend(SdpaBackend):
         v_cache: torch.Tensor,
         p: PrefillSeq,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
-        if not self.batch_invariant:
-            return super().prefill(q, k_cache, v_cache, p, scale)
+        if not self.batch_invariant or window is not None or softcap is not None:
+            return super().prefill(q, k_cache, v_cache, p, scale, window, softcap)
         return paged_prefill_attention(q, k_cache, v_cache, p.block_table, p.start_pos, scale)
 
     def decode_kernel_args(

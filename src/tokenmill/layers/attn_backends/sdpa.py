@@ -8,6 +8,7 @@ per-token gather); only the decode gather pads to the longest row, and the mask 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,15 +82,18 @@ class SdpaBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: SplitAttentionMeta,
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         # q: [T, H, D] -> out: [T, H, D]
         out = torch.empty_like(q)
         n = meta.num_decode
         if n:
-            out[:n] = self.decode(q[:n], k_cache, v_cache, meta, scale)
+            out[:n] = self.decode(q[:n], k_cache, v_cache, meta, scale, window, softcap)
         for p in meta.prefills:
             rows = slice(p.token_start, p.token_start + p.num_query)
-            out[rows] = self.prefill(q[rows], k_cache, v_cache, p, scale)
+            out[rows] = self.prefill(q[rows], k_cache, v_cache, p, scale, window, softcap)
         return out
 
     def decode(
@@ -99,15 +103,18 @@ class SdpaBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: SplitAttentionMeta,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         # q: [B, H, D]; keys gathered to [B, max_ctx, H_kv, D], padding masked out.
-        tables = meta.decode_block_tables
-        assert tables is not None
+        tables, mask, lens = meta.decode_block_tables, meta.decode_mask, meta.decode_ctx_lens
+        assert tables is not None and mask is not None and lens is not None
+        if window is not None:  # row b's query sits at lens[b] - 1: keys [lens[b] - window, ..)
+            pos = torch.arange(mask.shape[-1], device=mask.device)
+            mask = mask & (pos >= (lens - window).view(-1, 1, 1, 1))
         keys = _gather(k_cache, tables).transpose(1, 2)  # [B, H_kv, max_ctx, D]
         values = _gather(v_cache, tables).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-        )  # [B, H, 1, D]
+        out = _attend(q.unsqueeze(2), keys, values, mask, scale, softcap)  # [B, H, 1, D]
         return out.squeeze(2)
 
     def prefill(
@@ -117,21 +124,52 @@ class SdpaBackend(AttentionBackend):
         v_cache: torch.Tensor,
         p: PrefillSeq,
         scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         # q: [n, H, D]; keys: [ctx, H_kv, D] (cached prefix + this chunk). 4-D inputs take
         # torch's CPU flash kernel; 3-D ones fall back to the ~7x slower math path.
-        ctx_len = p.causal_mask.shape[1]
+        mask = p.causal_mask  # [n, ctx]
+        ctx_len = mask.shape[1]
+        if window is not None:
+            q_pos = torch.arange(p.start_pos, ctx_len, device=mask.device)
+            k_pos = torch.arange(ctx_len, device=mask.device)
+            mask = mask & (k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window)
         keys = _gather(k_cache, p.block_table)[:ctx_len].transpose(0, 1)  # [H_kv, ctx, D]
         values = _gather(v_cache, p.block_table)[:ctx_len].transpose(0, 1)
-        out = F.scaled_dot_product_attention(
+        out = _attend(
             q.transpose(0, 1).unsqueeze(0),
             keys.unsqueeze(0),
             values.unsqueeze(0),
-            attn_mask=p.causal_mask,
-            scale=scale,
-            enable_gqa=True,
+            mask,
+            scale,
+            softcap,
         )  # [1, H, n, D]
         return out[0].transpose(0, 1)
+
+
+def _attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    # q: [B, H, n, D]; keys, values: [B, H_kv, ctx, D]; mask broadcasts to [B, H, n, ctx]
+    # (True = attend) -> [B, H, n, D]
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    # SDPA cannot cap the scores, so a math path: explicit scores in fp32.
+    group = q.shape[1] // keys.shape[1]
+    k = keys.float().repeat_interleave(group, dim=1)  # [B, H, ctx, D]
+    v = values.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # [B, H, n, ctx]
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, -math.inf)
+    return (scores.softmax(-1) @ v).to(q.dtype)
 
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:

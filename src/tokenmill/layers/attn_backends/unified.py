@@ -115,10 +115,13 @@ class _UnifiedBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: UnifiedAttentionMeta,
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         return self._kernel(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            meta.max_query_len, scale,
+            meta.max_query_len, scale, window=window, softcap=softcap,
         )  # fmt: skip
 
     def graph_buffers(
