@@ -68,7 +68,10 @@ class LLMEngine:
         self.num_blocks = self.runner.num_blocks
         self.scheduler = Scheduler(
             SchedulerConfig.from_engine_config(
-                config, max_model_len=self.max_model_len, num_blocks=self.num_blocks
+                config,
+                max_model_len=self.max_model_len,
+                num_blocks=self.num_blocks,
+                sliding_window=self.runner.sliding_window,
             )
         )
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(

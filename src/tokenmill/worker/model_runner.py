@@ -79,6 +79,10 @@ class ModelRunner:
         if device == "cpu" and dtype == torch.bfloat16:
             load_cpu_fused()  # built (or loaded from cache) now, not inside the first request
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        # The window every layer shares, if any: the KV behind it can be released. A model that
+        # mixes windowed and global layers keeps every block (its global layers read them).
+        windows = {attn.sliding_window for attn in self.attn_layers}
+        self.sliding_window: int | None = windows.pop() if len(windows) == 1 else None
         self.num_blocks = size_kv_cache(
             kv_budget, model_config, block_size, dtype, max_model_len, device,
             profile=lambda: self._profile_run(gpu),
