@@ -43,6 +43,55 @@ CONFIGS = {
             },
         ),
     ),
+    "linear-rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    ),
+    # our context (256) is the model's max, within which transformers' dynamic NTK is unscaled
+    "dynamic-rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    ),
+    "yarn-rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        ),
+    ),
+    # original max 6: every prompt (and our context) is longer, so both take the long factors
+    "longrope-long": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.5 * i for i in range(8)],
+                "long_factor": [1.0 + 3.0 * i for i in range(8)],
+                "original_max_position_embeddings": 6,
+            }
+        ),
+    ),
+    # original max = our context: both take the short factors, scaled by factor's attention
+    "longrope-short": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_scaling={
+                "rope_type": "longrope",
+                "factor": 4.0,
+                "short_factor": [1.0 + 0.5 * i for i in range(8)],
+                "long_factor": [1.0 + 3.0 * i for i in range(8)],
+                "original_max_position_embeddings": 256,
+            }
+        ),
+    ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
 }
