@@ -242,3 +242,36 @@ def test_from_config_overrides_theta_and_scaling() -> None:
 def test_unknown_rope_type_names_the_supported_ones() -> None:
     with pytest.raises(ValueError, match=r"'mrope'.*longrope"):
         RotaryEmbedding(HEAD_DIM, 8, 10000.0, {"rope_type": "mrope"}, torch.float32)
+
+
+def test_bf16_partial_rotary_declines_the_fused_cpu_ops(tmp_path, monkeypatch) -> None:
+    """The fused C++ RoPE (rope_cache, and the whole-layer decode of packed int4 weights)
+    rotates whole heads: with partial rotary the model takes its PyTorch path instead, and
+    decodes the same tokens as with the fused ops off."""
+    from tokenmill import LLM, SamplingParams
+    from tokenmill.kernels.cpu_fused import load_cpu_fused
+    from utils_tiny import make_tiny_hf_folder
+
+    if load_cpu_fused() is None:
+        pytest.skip("the fused CPU ops cannot be built here")
+    folder = make_tiny_hf_folder(
+        tmp_path, hidden_size=256, intermediate_size=512, partial_rotary_factor=0.5
+    )
+    kwargs = dict(
+        model=str(folder),
+        dtype="bfloat16",
+        quantization="int4",
+        max_num_batched_tokens=8,
+        kv_cache_memory_gb=0.05,
+    )
+    prompts = [{"prompt_token_ids": [1, 5, 9, 200, 31, 7, 3, 4, 5, 6, 7]}]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    llm = LLM(**kwargs)
+    out = llm.generate(prompts, params, use_tqdm=False)
+    layers = llm.engine.runner.model.model.layers
+    assert layers[0].self_attn.rotary.rotary_dim == layers[0].self_attn.head_dim // 2
+    assert not any(layer.fused_decode.active for layer in layers)
+    for module in ("layers.fused_decode", "layers.norm", "models.llama"):
+        monkeypatch.setattr(f"tokenmill.{module}.fused_ops", lambda x: None)
+    plain = LLM(**kwargs).generate(prompts, params, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
