@@ -221,6 +221,23 @@ def test_partial_rotary_matches_transformers_phi3(partial: float, rope_type: str
         assert torch.equal(got_q[..., rotary_dim:], q[..., rotary_dim:])
 
 
+@pytest.mark.parametrize("old_type", ["su", "yarn"])
+def test_phi3_config_json_old_longrope_names(old_type: str) -> None:
+    # a config.json as older Phi-3 checkpoints ship it: rope_scaling {"type": "su" | "yarn"}
+    n = 6
+    factors = {"short_factor": SHORT[:n], "long_factor": LONG[:n]}
+    cfg = phi3_config(0.75, {"type": old_type, **factors})
+    hf = cfg.to_dict()
+    hf.pop("rope_parameters")
+    hf.update(rope_scaling={"type": old_type, **factors}, rope_theta=10000.0)
+    ours = RotaryEmbedding.from_config(ModelConfig.from_hf_dict(hf), MAX_POS, torch.float32)
+    positions = torch.tensor([0, 40, 255])
+    phi3 = transformers.models.phi3.modeling_phi3
+    cos, sin = hf_cos_sin(phi3.Phi3RotaryEmbedding, cfg, positions)
+    torch.testing.assert_close(ours.cos[positions], cos, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours.sin[positions], sin, atol=1e-6, rtol=1e-6)
+
+
 def test_partial_rotary_factor_read_from_rope_parameters() -> None:
     # transformers 5 keeps it inside rope_parameters, even with the default type
     hf = llama_config(ROPES["default"]).to_dict()

@@ -269,6 +269,10 @@ class RotaryEmbedding(nn.Module):
         with their own base and no scaling."""
         rope_scaling = cfg.rope_scaling if scaling is ... else scaling
         rope_type = rope_type_of(rope_scaling)
+        if rope_type == "yarn" and cfg.hf_config.get("model_type") == "phi3":
+            # older Phi-3 configs name their long/short factors "yarn" (transformers' Phi3Config
+            # reads them as longrope)
+            rope_type, rope_scaling = "longrope", {**(rope_scaling or {}), "rope_type": "longrope"}
         # transformers lets a top-level original max (Phi-3) win for these types.
         top_orig = cfg.hf_config.get("original_max_position_embeddings")
         orig = top_orig if rope_type in ("llama3", "yarn", "longrope") else None
