@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -42,6 +44,55 @@ CONFIGS = {
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 64,
             },
+        ),
+    ),
+    "linear-rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    ),
+    # our context (256) is the model's max, within which transformers' dynamic NTK is unscaled
+    "dynamic-rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    ),
+    "yarn-rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        ),
+    ),
+    # original max 6: every prompt (and our context) is longer, so both take the long factors
+    "longrope-long": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.5 * i for i in range(8)],
+                "long_factor": [1.0 + 3.0 * i for i in range(8)],
+                "original_max_position_embeddings": 6,
+            }
+        ),
+    ),
+    # original max = our context: both take the short factors, scaled by factor's attention
+    "longrope-short": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            rope_scaling={
+                "rope_type": "longrope",
+                "factor": 4.0,
+                "short_factor": [1.0 + 0.5 * i for i in range(8)],
+                "long_factor": [1.0 + 3.0 * i for i in range(8)],
+                "original_max_position_embeddings": 256,
+            }
         ),
     ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
@@ -133,3 +184,63 @@ def test_sliding_window_logits_match_transformers(name: str, chunk: int, backend
     unwindowed.load_state_dict(hf.state_dict())
     last_full = hf_logits(unwindowed, prompts[0])[-1]
     assert (last_full - hf_logits(hf, prompts[0])[-1]).abs().max() > 1e-3
+
+
+def make_phi3(partial: float, rope_type: str | None, dtype: torch.dtype):
+    """transformers' Phi-3 (partial rotary, Phi-4-mini style) and the same weights in our Llama
+    decoder: Phi-3 is Llama with fused qkv_proj and gate_up_proj tensors, split here."""
+    rotary_dim = int(16 * partial)  # head_dim 16
+    scaling = None
+    if rope_type is not None:  # original max 6 (top level, as Phi-3 keeps it): long factors
+        n = rotary_dim // 2
+        scaling = {
+            "type": rope_type,
+            "short_factor": [1.0 + 0.5 * i for i in range(n)],
+            "long_factor": [1.0 + 3.0 * i for i in range(n)],
+        }
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(
+        **TINY,
+        partial_rotary_factor=partial,
+        original_max_position_embeddings=6,
+        rope_scaling=scaling,
+        pad_token_id=0,
+    )
+    hf = transformers.Phi3ForCausalLM(cfg).eval()
+    mcfg = replace(ModelConfig.from_hf_dict(cfg.to_dict()), architecture="LlamaForCausalLM")
+    model = build_model(mcfg, dtype, 256)
+    q_size, kv_size = 4 * 16, 2 * 16
+    weights = []
+    for name, tensor in hf.state_dict().items():
+        if name.endswith("qkv_proj.weight"):
+            base = name.removesuffix("qkv_proj.weight")
+            parts = tensor.split([q_size, kv_size, kv_size])
+            weights += [(f"{base}{p}_proj.weight", t) for p, t in zip("qkv", parts, strict=True)]
+        elif name.endswith("gate_up_proj.weight"):
+            base = name.removesuffix("gate_up_proj.weight")
+            gate, up = tensor.chunk(2)  # Phi-3: up_states * act(gate), gate first
+            weights += [(f"{base}gate_proj.weight", gate), (f"{base}up_proj.weight", up)]
+        else:
+            weights.append((name, tensor))
+    model.load_weights((n, t.to(dtype)) for n, t in weights)
+    kv = allocate_kv_cache(mcfg, 64, BLOCK, dtype, "cpu")
+    layers = [m for m in model.modules() if type(m).__name__ == "PagedAttention"]
+    for i, attn in enumerate(layers):
+        attn.bind(SdpaBackend(), kv[i, 0], kv[i, 1])
+    return hf, model
+
+
+@pytest.mark.parametrize(
+    ("partial", "rope_type"), [(0.5, None), (0.75, "longrope"), (0.75, "su"), (1.0, "longrope")]
+)
+@pytest.mark.parametrize("chunk", [1000, 5])
+def test_partial_rotary_logits_match_transformers_phi3(
+    partial: float, rope_type: str | None, chunk: int
+) -> None:
+    hf, model = make_phi3(partial, rope_type, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (23, 7, 40)]
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
+    ours = prefill_logits(model, prompts, tables, BLOCK, chunk=chunk)
+    for p, got in zip(prompts, ours, strict=True):
+        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)

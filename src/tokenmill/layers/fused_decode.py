@@ -68,6 +68,8 @@ def _gather_weights(layer: Any) -> DecodeLayerWeights | None:
         lin.bias is not None for lin in linears[1:]
     ):
         return None
+    if attn.rotary.rotary_dim != attn.head_dim:
+        return None  # the C++ layer rotates whole heads: its cos/sin must span head_dim
     qkv, o, gate_up, down = methods
     norm = layer.input_layernorm
     # Qwen3 norms each q and k head before RoPE; the op does it with the layer's eps.

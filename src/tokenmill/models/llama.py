@@ -82,7 +82,12 @@ class LlamaAttention(nn.Module):
         num_tokens = x.shape[0]  # x: [T, hidden]
         qkv = self.qkv_proj(x)  # [T, (H + 2 H_kv) D]
         ops = fused_ops(qkv)
-        if ops is not None and self.attn.k_cache is not None:
+        # the fused op's cos/sin span the whole head: partial rotary takes the unfused path
+        if (
+            ops is not None
+            and self.attn.k_cache is not None
+            and self.rotary.rotary_dim == self.head_dim
+        ):
             # RoPE on q and k, k and v written to the cache, in one call
             q = ops.rope_cache.default(
                 qkv, positions, self.rotary.cos, self.rotary.sin, self.attn.k_cache,
@@ -156,9 +161,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        rotary = RotaryEmbedding(
-            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype
-        )
+        rotary = RotaryEmbedding.from_config(cfg, max_positions, dtype)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, rotary, dtype, quant, window) for window in sliding_windows(cfg)
         )
