@@ -208,7 +208,7 @@ class GemmaModel(nn.Module):
         # HF rounds the factor to the weights' dtype before multiplying
         self.embed_scale = float(torch.tensor(cfg.hidden_size**0.5, dtype=dtype))
         ropes = {
-            t: RotaryEmbedding(cfg.head_dim, max_positions, theta, scaling, dtype)
+            t: RotaryEmbedding.from_config(cfg, max_positions, dtype, theta=theta, scaling=scaling)
             for t, (theta, scaling) in rope_settings(cfg, local_separate=gemma3).items()
         }
         window = hf.get("sliding_window")
