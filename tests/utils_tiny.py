@@ -34,6 +34,8 @@ _CONFIG_CLASSES = {  # architecture -> (config class, weight seed)
     "MistralForCausalLM": ("MistralConfig", 2),
     "Gemma2ForCausalLM": ("Gemma2Config", 3),
     "Gemma3ForCausalLM": ("Gemma3TextConfig", 4),
+    "Qwen3ForCausalLM": ("Qwen3Config", 5),
+    "Phi3ForCausalLM": ("Phi3Config", 6),
 }
 
 _TOKENIZER_DIR: Path | None = None  # the default tokenizer, saved once per process
@@ -92,6 +94,11 @@ def make_tiny_hf_folder(
             for name, p in model.named_parameters():
                 if "norm" in name:
                     torch.nn.init.normal_(p, std=0.3)
+    if arch == "Qwen3ForCausalLM":  # q/k norm weights away from ones, so they really count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    torch.nn.init.normal_(norm.weight, mean=1.0, std=0.3)
     folder = Path(tmp_path) / f"tiny-{arch}{'-sharded' if sharded else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     save_kw: dict[str, Any] = {"safe_serialization": True}

@@ -80,9 +80,34 @@ def _sampling_params(args: argparse.Namespace, **overrides: Any) -> SamplingPara
     return SamplingParams(**kw)
 
 
+class _ListArchitectures(argparse.Action):
+    """`--list-architectures`: print the model architectures we load, then exit (like
+    --version). The registry is imported only here: it imports torch."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from tokenmill.loader.gguf_config import SUPPORTED_ARCHITECTURES as GGUF_ARCHS
+        from tokenmill.models.registry import SUPPORTED_ARCHITECTURES
+
+        print("HF folders (config.json architectures):")
+        for arch in SUPPORTED_ARCHITECTURES:
+            print(f"  {arch}")
+        print("GGUF files (general.architecture):")
+        for arch, hf_arch in GGUF_ARCHS.items():
+            print(f"  {arch} -> {hf_arch}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--list-architectures",
+        action=_ListArchitectures,
+        help="list the supported model architectures and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete prompts offline (arguments or a JSONL file)")

@@ -40,6 +40,9 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3: per-head RMSNorm weights [head_dim]
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_qkv": "self_attn.qkv_proj",  # phi3: q, k, v rows fused, as in the HF checkpoint
 }
 # Gemma: four norms per layer (ffn_norm is the one before the MLP) and Gemma 3's q/k norms.
 _GEMMA_LAYER_NAMES = {
@@ -52,9 +55,14 @@ _GEMMA_LAYER_NAMES = {
 }
 # llama.cpp's converter stores Gemma's norm weights as 1 + w (the scale itself); HF keeps w.
 _NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
+# Per-architecture names: llama.cpp's phi3 `ffn_up` holds gate and up rows (HF gate_up_proj).
+_ARCH_LAYER_NAMES = {"phi3": {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"}}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-# Not an HF parameter: llama3 rope frequency factors, turned back into rope_scaling instead.
-_IGNORED_TENSORS = frozenset({"rope_freqs.weight"})
+# Not HF parameters: llama3 rope frequency factors and phi3's longrope factors, turned back
+# into rope_scaling instead (gguf_config).
+_IGNORED_TENSORS = frozenset(
+    {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+)
 
 
 class _FastReader(GGUFReader):
@@ -162,7 +170,11 @@ class GGUFFile:
         if gguf_name in _IGNORED_TENSORS:
             return None
         m = _LAYER_RE.fullmatch(gguf_name)
-        names = _GEMMA_LAYER_NAMES if self.architecture in _NORM_PLUS_ONE_ARCHS else _LAYER_NAMES
+        names = (
+            _GEMMA_LAYER_NAMES
+            if self.architecture in _NORM_PLUS_ONE_ARCHS
+            else _ARCH_LAYER_NAMES.get(self.architecture, _LAYER_NAMES)
+        )
         if m is None or m.group(2) not in names:
             raise ModelLoadError(
                 f"GGUF file {self.path}: unexpected tensor {gguf_name!r} "

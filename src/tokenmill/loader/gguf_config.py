@@ -20,6 +20,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "qwen2": "Qwen2ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -86,6 +88,8 @@ def hf_config(f: GGUFFile) -> dict[str, Any]:
         cfg["use_sliding_window"] = False
     if arch in ("gemma2", "gemma3"):
         cfg.update(_gemma_fields(f, arch, cfg))
+    if arch == "phi3" and g("attention.sliding_window") is not None:
+        cfg["sliding_window"] = int(g("attention.sliding_window"))
     return cfg
 
 
@@ -124,6 +128,8 @@ def _gemma_fields(f: GGUFFile, arch: str, cfg: dict[str, Any]) -> dict[str, Any]
 
 
 def _rope_scaling(f: GGUFFile, arch: str, rope_dim: int) -> dict[str, Any] | None:
+    if f.has_tensor("rope_factors_long.weight"):
+        return _longrope_scaling(f, arch)
     kind = f.get(f"{arch}.rope.scaling.type")
     if kind is None and f.has_tensor("rope_freqs.weight"):
         return _llama3_rope_scaling(f, rope_dim, _f32(f.get(f"{arch}.rope.freq_base", 10000.0)))
@@ -133,6 +139,23 @@ def _rope_scaling(f: GGUFFile, arch: str, rope_dim: int) -> dict[str, Any] | Non
     if kind in (None, "none") or factor is None or (kind == "linear" and factor == 1.0):
         return None
     scaling: dict[str, Any] = {"rope_type": kind, "type": kind, "factor": _f32(factor)}
+    orig = f.get(f"{arch}.rope.scaling.original_context_length")
+    if orig is not None:
+        scaling["original_max_position_embeddings"] = int(orig)
+    attn_factor = f.get(f"{arch}.rope.scaling.attn_factor")
+    if attn_factor is not None:
+        scaling["attention_factor"] = _f32(attn_factor)
+    return scaling
+
+
+def _longrope_scaling(f: GGUFFile, arch: str) -> dict[str, Any]:
+    """Phi-3 long-context GGUFs store HF's longrope factor lists as two tensors."""
+    scaling: dict[str, Any] = {
+        "rope_type": "longrope",
+        "type": "longrope",
+        "long_factor": [_f32(x) for x in f.read_tensor("rope_factors_long.weight").tolist()],
+        "short_factor": [_f32(x) for x in f.read_tensor("rope_factors_short.weight").tolist()],
+    }
     orig = f.get(f"{arch}.rope.scaling.original_context_length")
     if orig is not None:
         scaling["original_max_position_embeddings"] = int(orig)

@@ -30,14 +30,15 @@ from tokenmill.quant.squeezellm import SqueezeLLMWeights
 
 def sliding_windows(cfg: ModelConfig) -> list[int | None]:
     """Each layer's sliding window (None: it attends to the whole context), by transformers'
-    rule: Mistral windows every layer when `sliding_window` is set; Qwen2 only with
-    `use_sliding_window`, the layers `layer_types` names "sliding_attention" (by default those
-    from `max_window_layers` on)."""
+    rule: Mistral and Phi-3 window every layer when `sliding_window` is set; Qwen2 and Qwen3
+    only with `use_sliding_window`, the layers `layer_types` names "sliding_attention" (by
+    default those from `max_window_layers` on)."""
     hf, n = cfg.hf_config, cfg.num_hidden_layers
     window = hf.get("sliding_window")
-    if cfg.architecture == "MistralForCausalLM":
+    if cfg.architecture in ("MistralForCausalLM", "Phi3ForCausalLM"):
         return [window or None] * n
-    if cfg.architecture != "Qwen2ForCausalLM" or not hf.get("use_sliding_window") or not window:
+    qwen = cfg.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    if not qwen or not hf.get("use_sliding_window") or not window:
         return [None] * n
     first = hf.get("max_window_layers", 28)
     types = hf.get("layer_types") or [
@@ -123,6 +124,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_cls: type[LlamaAttention] = LlamaAttention  # a family swaps its attention in
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -132,7 +135,7 @@ class LlamaDecoderLayer(nn.Module):
         sliding_window: int | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, dtype, quant, sliding_window)
+        self.self_attn = self.attention_cls(cfg, rotary, dtype, quant, sliding_window)
         self.mlp = LlamaMLP(cfg, dtype, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -155,6 +158,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(
         self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int, quant: QuantScheme
     ) -> None:
@@ -163,7 +168,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         rotary = RotaryEmbedding.from_config(cfg, max_positions, dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary, dtype, quant, window) for window in sliding_windows(cfg)
+            self.decoder_layer_cls(cfg, rotary, dtype, quant, window)
+            for window in sliding_windows(cfg)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -179,6 +185,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_cls: type[LlamaModel] = LlamaModel
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -188,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype, max_positions, quant)
+        self.model = self.model_cls(cfg, dtype, max_positions, quant)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, quant=quant)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -235,6 +243,14 @@ class LlamaForCausalLM(nn.Module):
                 parent = name.rsplit(".", 1)[0]
                 for shard in module.shard_names:
                     fused[f"{parent}.{shard}"] = (name, module, shard)
+        # A fused weight may also arrive whole, as stored (Phi-3's qkv_proj and gate_up_proj):
+        # it fills every shard of its MergedLinear.
+        whole = {
+            f"{name}.{kind}": [f"{name}.{kind}:{shard}" for shard in module.shard_names]
+            for name, module in self.named_modules()
+            if isinstance(module, MergedLinear)
+            for kind in ("weight", "bias")
+        }
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -245,8 +261,10 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(tensor, QuantizedTensor | BlockWeights | SqueezeLLMWeights):
                 tensor = self._load_quantized(name, tensor, fused)
                 if tensor is None:
-                    loaded.add(name if prefix not in fused else f"{fused[prefix][0]}.weight:"
-                               f"{fused[prefix][2]}")  # fmt: skip
+                    if prefix in fused:
+                        loaded.add(f"{fused[prefix][0]}.weight:{fused[prefix][2]}")
+                    else:
+                        loaded.update(whole.get(name, [name]))
                     continue
             if prefix in fused:
                 merged_name, module, shard = fused[prefix]
@@ -258,7 +276,7 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ModelLoadError(f"checkpoint tensor {name!r} has no matching parameter")
             _copy(params[name].data, tensor, name)
-            loaded.add(name)
+            loaded.update(whole.get(name, [name]))
         expected = set()
         for name, p in self.named_parameters():
             module_name, _, kind = name.rpartition(".")

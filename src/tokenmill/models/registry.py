@@ -9,6 +9,8 @@ from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.phi3 import Phi3ForCausalLM
+from tokenmill.models.qwen3 import Qwen3ForCausalLM
 from tokenmill.quant.base import QuantScheme
 
 # Qwen2 and Mistral are the Llama graph: Qwen2 adds q/k/v bias (ModelConfig.attention_bias);
@@ -19,6 +21,8 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,  # q/k norm per head (models/qwen3.py)
+    "Phi3ForCausalLM": Phi3ForCausalLM,  # fused qkv / gate_up as stored (models/phi3.py)
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)

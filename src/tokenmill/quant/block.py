@@ -91,6 +91,8 @@ class BlockQuantMethod:
 
     def process_after_loading(self, layer: Linear) -> None:
         order = getattr(layer, "shard_names", (None,))
+        if None in self.parts:  # a fused layer's weight that arrived whole, as stored
+            order = (None,)
         parts = [self.parts.get(s) for s in order]
         quantized = all(isinstance(p, BlockWeights) for p in parts)
         device = layer.weight.device
