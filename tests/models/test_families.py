@@ -200,7 +200,8 @@ def test_gguf_f32_matches_transformers(tmp_path: Path, name: str) -> None:
     assert got_cfg["tie_word_embeddings"] == cfg.tie_word_embeddings
     names = {f.hf_name(n) for n in f._tensors}
     if name.startswith("phi3"):  # fused, as stored: llama.cpp's ffn_up holds gate and up
-        assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= names  # fmt: skip
+        assert "model.layers.0.self_attn.qkv_proj.weight" in names
+        assert "model.layers.0.mlp.gate_up_proj.weight" in names
     else:
         assert "model.layers.0.self_attn.q_norm.weight" in names
     model = load_ours(got_cfg, f.iter_tensors())
@@ -215,7 +216,8 @@ def test_gguf_q8_0_stays_quantized(tmp_path: Path, name: str) -> None:
     """Q8_0 blocks reach the fused layers as stored (no dequantize, no re-split) and give the
     logits of the same blocks dequantized, up to the kernel's int8 activations."""
     cfg, hf = make_hf(name)
-    f = read_gguf(write_gguf(tmp_path / f"{name}.gguf", cfg, hf.state_dict(), gguf.GGMLQuantizationType.Q8_0))  # fmt: skip
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    f = read_gguf(write_gguf(tmp_path / f"{name}.gguf", cfg, hf.state_dict(), q8_0))
     blocks = load_ours(f.hf_config(), f.iter_tensors(keep_quantized=True), quant="blocks")
     dense = load_ours(f.hf_config(), f.iter_tensors())
     layer = blocks.model.layers[0]
@@ -290,10 +292,12 @@ def test_gguf_matches_safetensors_twin(tmp_path: Path, folders, make_llm, arch: 
     cfg = transformers.AutoConfig.from_pretrained(str(folder))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     path = write_gguf(tmp_path / "twin.gguf", cfg, hf.state_dict())
-    twin = make_llm(model=str(folder), dtype="float32", kv_cache_memory_gb=0.02)
-    ours = make_llm(model=str(path), tokenizer=str(folder), dtype="float32", kv_cache_memory_gb=0.02)  # fmt: skip
+    small = dict(dtype="float32", kv_cache_memory_gb=0.02)
+    twin = make_llm(model=str(folder), **small)
+    ours = make_llm(model=str(path), tokenizer=str(folder), **small)
     prompts = prompt_ids(folder)
-    for g, r in zip(engine_prefill_logits(ours, prompts, chunk=3), engine_prefill_logits(twin, prompts), strict=True):  # fmt: skip
+    got = engine_prefill_logits(ours, prompts, chunk=3)
+    for g, r in zip(got, engine_prefill_logits(twin, prompts), strict=True):
         assert_logits_close(g, r, atol=1e-4, rtol=1e-4)
 
 
@@ -307,9 +311,9 @@ def test_bf16_fused_decode(tmp_path: Path, monkeypatch, arch: str) -> None:
     if load_cpu_fused() is None:
         pytest.skip("the fused CPU ops cannot be built here")
     extra = {"head_dim": 64} if arch == "Qwen3ForCausalLM" else {}
-    folder = str(make_tiny_hf_folder(tmp_path, arch, hidden_size=256, intermediate_size=512, **extra))  # fmt: skip
+    folder = make_tiny_hf_folder(tmp_path, arch, hidden_size=256, intermediate_size=512, **extra)
     kwargs = dict(
-        model=folder, dtype="bfloat16", quantization="int4", max_num_batched_tokens=8,
+        model=str(folder), dtype="bfloat16", quantization="int4", max_num_batched_tokens=8,
         kv_cache_memory_gb=0.05,
     )  # fmt: skip
     prompts = [{"prompt_token_ids": p} for p in ([1, 5, 9, 200, 31, 7], list(range(3, 14)))]
