@@ -4,6 +4,8 @@ written from the same weights, and the engine's invariances (batch, preemption, 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,12 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.cli import main as cli_main
-from tokenmill.config import ModelConfig
+from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.attn_backends.sdpa import SdpaBackend
 from tokenmill.layers.linear import Linear
 from tokenmill.loader.gguf import read_gguf
+from tokenmill.loader.model_loader import load_model
 from tokenmill.models.registry import SUPPORTED_ARCHITECTURES, build_model
 from tokenmill.testing.parity import (
     assert_logits_close,
@@ -142,13 +145,6 @@ def test_phi3_partial_rotary_refused() -> None:
         build_model(ModelConfig.from_hf_dict(d), torch.float32, 256)
 
 
-def test_phi3_sliding_window_caps_context(tmp_path: Path) -> None:
-    folder = make_tiny_hf_folder(tmp_path, "Phi3ForCausalLM", sliding_window=96)
-    llm = LLM(model=str(folder), dtype="float32", kv_cache_memory_gb=0.01)
-    assert llm.engine.model_config.sliding_window == 96
-    assert llm.engine.runner.max_model_len == 96
-
-
 # GGUF files written from the tiny models, as llama.cpp's converter names and shapes them.
 
 
@@ -249,6 +245,18 @@ def prompt_ids(folder: Path) -> list[list[int]]:
     return [tok(p)["input_ids"] for p in PROMPT_TEXTS]
 
 
+def test_phi3_sliding_window_caps_context(folders, tmp_path: Path) -> None:
+    folder = tmp_path / "phi3-window"
+    shutil.copytree(folders["Phi3ForCausalLM"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sliding_window"] = 96
+    (folder / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(EngineConfig(model=str(folder), dtype="float32"))
+    assert loaded.model_config.sliding_window == 96
+    assert loaded.max_model_len == 96  # the attention has no window: stay within it
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_matches_transformers(folders, make_llm, arch: str) -> None:
     folder = folders[arch]
@@ -267,7 +275,9 @@ def test_engine_invariances(folders, make_llm, arch: str) -> None:
     the prefix cache: the same greedy tokens."""
     folder = str(folders[arch])
     prompts = prompt_ids(folders[arch])
-    llm = make_llm(model=folder, dtype="float32", batch_invariant=True, kv_cache_memory_gb=0.02)
+    llm = make_llm(
+        model=folder, dtype="float32", batch_invariant=True, block_size=4, kv_cache_memory_gb=0.02
+    )
     together = greedy_tokens(llm, prompts, NUM_TOKENS)
     alone = [greedy_tokens(llm, [p], NUM_TOKENS)[0] for p in prompts]
     assert together == alone
@@ -284,7 +294,6 @@ def test_engine_invariances(folders, make_llm, arch: str) -> None:
     assert small.engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gguf_matches_safetensors_twin(tmp_path: Path, folders, make_llm, arch: str) -> None:
     """The tiny folder written as an F32 GGUF (tokenizer from the folder) gives its logits."""
