@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,22 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=False)),
     "phi3-tied": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=True)),
+    # Phi-4-mini: RoPE over the first 3/4 of each head
+    "phi4-mini-partial": ("Phi3Config", "Phi3ForCausalLM", dict(partial_rotary_factor=0.75)),
+    # Phi-3 128k: longrope factors. Our tables use the long ones (the context exceeds the
+    # original max); transformers does for prompts longer than it: every prompt here (> 6)
+    "phi3-longrope": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            original_max_position_embeddings=6,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0 + 0.25 * i for i in range(8)],
+                "long_factor": [1.0 + 2.0 * i for i in range(8)],
+            },
+        ),
+    ),
     # windows shorter than the prompts: Phi-3 windows every layer, Qwen3 the layers from
     # max_window_layers on
     "phi3-window": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=8)),
@@ -145,14 +162,6 @@ def test_phi3_loads_fused_weights_as_stored() -> None:
         load_ours(cfg.to_dict(), partial)
 
 
-def test_phi3_partial_rotary_refused() -> None:
-    cfg, hf = make_hf("phi3")
-    d = cfg.to_dict()
-    d["rope_parameters"] = {**d["rope_parameters"], "partial_rotary_factor": 0.75}
-    with pytest.raises(ModelLoadError, match="partial_rotary_factor"):
-        build_model(ModelConfig.from_hf_dict(d), torch.float32, 256)
-
-
 # GGUF files written from the tiny models, as llama.cpp's converter names and shapes them.
 
 
@@ -171,7 +180,12 @@ def write_gguf(path: Path, cfg: Any, state: dict[str, torch.Tensor], qtype: Any 
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    rope = cfg.rope_parameters
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if rope.get("rope_type") == "longrope":  # llama.cpp's phi3: the factors as two tensors
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
@@ -205,8 +219,15 @@ def test_gguf_f32_matches_transformers(tmp_path: Path, name: str) -> None:
     assert got_cfg["architectures"] == cfg.architectures
     assert got_cfg["head_dim"] == getattr(cfg, "head_dim", 16)
     assert got_cfg["tie_word_embeddings"] == cfg.tie_word_embeddings
+    if name == "phi3-longrope":  # the factor tensors back as HF's lists
+        rope = cfg.rope_parameters
+        assert got_cfg["rope_scaling"]["rope_type"] == "longrope"
+        assert got_cfg["rope_scaling"]["long_factor"] == rope["long_factor"]
+        assert got_cfg["rope_scaling"]["short_factor"] == rope["short_factor"]
+    if name == "phi4-mini-partial":
+        assert got_cfg["partial_rotary_factor"] == 0.75
     names = {f.hf_name(n) for n in f._tensors}
-    if name.startswith("phi3"):  # fused, as stored: llama.cpp's ffn_up holds gate and up
+    if cfg.architectures == ["Phi3ForCausalLM"]:  # fused, as stored: ffn_up holds gate and up
         assert "model.layers.0.self_attn.qkv_proj.weight" in names
         assert "model.layers.0.mlp.gate_up_proj.weight" in names
     else:

@@ -49,7 +49,12 @@ class Qwen3Attention(LlamaAttention):
         q, _ = self.q_norm(q.reshape(-1, self.head_dim))  # [T * H, D]
         k, _ = self.k_norm(k.reshape(-1, self.head_dim))  # [T * H_kv, D]
         ops = fused_ops(qkv)
-        if ops is not None and self.attn.k_cache is not None:
+        # the fused op's cos/sin span the whole head: partial rotary takes the unfused path
+        if (
+            ops is not None
+            and self.attn.k_cache is not None
+            and self.rotary.rotary_dim == self.head_dim
+        ):
             # The fused kernel reads packed q/k/v: repack the normalized q and k, then RoPE on
             # q and k and the cache writes in one call, as in LlamaAttention.
             qkv = torch.cat(
