@@ -82,3 +82,15 @@ def test_released_blocks_stay_reusable_by_a_later_prefix_hit() -> None:
     follow_up = make_req(list(range(40)) + first.output_token_ids + [3, 4], max_tokens=1)
     block_ids, num_hit = sched.kv_cache_manager.get_computed_blocks(follow_up)
     assert num_hit == 40 and len(block_ids) == 10
+
+
+def test_preemption_with_a_window_gives_the_same_tokens() -> None:
+    """Ten short prompts growing to 44 tokens in 16 blocks: admitted together (a prompt needs a
+    block), they outgrow the pool even with the window's releases; the preempted ones are
+    recomputed and released again, with the same tokens."""
+    sched = make_sched(sliding_window=WINDOW, block_size=BLOCK, num_blocks=16)
+    reqs = [make_req([(5 * i + t) % 50 for t in range(4)], max_tokens=40) for i in range(10)]
+    outputs = run(sched, [reqs], runner=WindowedRunner(sched.kv_cache_manager.null_block.block_id))
+    assert sched.num_preemptions > 0
+    for req in reqs:
+        assert outputs[req.request_id] == reference(req, sched.max_model_len)
