@@ -259,7 +259,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 using QuantLinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t);
 using DecodeAttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, double);
+                                     const at::Tensor&, const at::Tensor&, double, int64_t);
 
 // y [T, n] = x W^T for a packed weight (and + bias, rounded like PyTorch's y + bias).
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits,
@@ -310,7 +310,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
     const at::Tensor& positions, at::Tensor& k_cache, at::Tensor& v_cache,
     const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& ctx_lens,
     double scale, int64_t num_heads, int64_t num_kv_heads,
-    const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm) {
+    const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+    int64_t window) {
   static const auto attention =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("tokenmill_cpu_attn::paged_decode_attention", "")
@@ -326,7 +327,8 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   }
   const at::Tensor q = rope_cache(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
                                   num_heads, num_kv_heads);  // [T, H, D]
-  const at::Tensor attn = attention.call(q, k_cache, v_cache, block_tables, ctx_lens, scale);
+  const at::Tensor attn =
+      attention.call(q, k_cache, v_cache, block_tables, ctx_lens, scale, window);
   const at::Tensor o = qlinear(attn.view({T, num_heads * D}), o_w, hidden, o_bits);
   auto [h2, res2] = add_rms_norm(o, res, post_norm, eps);
   const at::Tensor gate_up = qlinear(h2, gate_up_w, 2 * intermediate, gate_up_bits);
@@ -347,7 +349,7 @@ TORCH_LIBRARY(tokenmill_cpu_fused, m) {
       "int gate_up_bits, Tensor down_w, int down_bits, int intermediate, Tensor cos, Tensor sin, "
       "Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
       "Tensor block_tables, Tensor ctx_lens, float scale, int num_heads, int num_kv_heads, "
-      "Tensor? q_norm=None, Tensor? k_norm=None) -> (Tensor, Tensor)");
+      "Tensor? q_norm=None, Tensor? k_norm=None, int window=0) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu_fused, CPU, m) {

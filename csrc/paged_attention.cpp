@@ -1,8 +1,9 @@
 // Decode attention over the paged KV cache for CPU (tokenmill_cpu_attn).
 //
 // paged_decode_attention(q [B, H, D], k_cache, v_cache [num_blocks, block_size, H_kv, D],
-//                        block_tables [B, max_blocks] int64, ctx_lens [B] int64, scale)
-//   -> out [B, H, D]
+//                        block_tables [B, max_blocks] int64, ctx_lens [B] int64, scale,
+//                        window = 0) -> out [B, H, D]
+// Row b attends to keys [0, ctx_lens[b]), or with a sliding window > 0 to its last `window`.
 //
 // Keys and values are read straight from the blocks through the block table (no gather copy).
 // Each kv head's G = H / H_kv query heads are computed together in fp32 with an online softmax,
@@ -179,7 +180,13 @@ struct Problem {
   int64_t v_stride_block, v_stride_tok, v_stride_head;
   int64_t num_heads, num_kv_heads, group, head_dim, block_size;
   float scale;
+  int64_t window;  // > 0: row b attends to its last `window` keys only (sliding window)
 };
+
+// Row b's first key: its keys are [key_begin, ctx_lens[b]).
+inline int64_t key_begin(const Problem& p, int64_t b) {
+  return p.window > 0 ? std::max<int64_t>(0, p.ctx_lens[b] - p.window) : 0;
+}
 
 // Per-thread scratch for the query heads of one work item; contents never carry from one work
 // item to the next.
@@ -469,8 +476,9 @@ void run_decode(const Problem& p, int64_t batch) {
   int64_t num_partials = 0, total_keys = 0;
   units.reserve(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    total_keys += p.ctx_lens[b];
-    const int64_t parts = (p.ctx_lens[b] + kPartition - 1) / kPartition;
+    const int64_t keys = p.ctx_lens[b] - key_begin(p, b);
+    total_keys += keys;
+    const int64_t parts = (keys + kPartition - 1) / kPartition;
     if (parts > 1) {
       partial_base[b] = num_partials;
       num_partials += parts;
@@ -500,7 +508,8 @@ void run_decode(const Problem& p, int64_t batch) {
       const auto [b, part] = units[it / items_per_unit];
       const int64_t kh0 = it % items_per_unit * kv_per_item, kh1 = kh0 + kv_per_item;
       const int64_t n = p.ctx_lens[b];
-      const int64_t t_begin = part * kPartition;
+      // partitions start at the row's first key, so their bounds depend on the row alone
+      const int64_t t_begin = key_begin(p, b) + part * kPartition;
       attend<T, kNV>(p, b, kh0, kh1, t_begin, std::min(n, t_begin + kPartition), s);
       for (int64_t i = 0; i < kv_per_item * G; ++i) {
         const int64_t h = kh0 * G + i;
@@ -522,7 +531,7 @@ void run_decode(const Problem& p, int64_t batch) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.num_heads, h = bh % p.num_heads;
       if (partial_base[b] < 0) continue;
-      const int64_t parts = (p.ctx_lens[b] + kPartition - 1) / kPartition;
+      const int64_t parts = (p.ctx_lens[b] - key_begin(p, b) + kPartition - 1) / kPartition;
       auto at_part = [&](int64_t part) {
         return partials.data() + ((partial_base[b] + part) * p.num_heads + h) * (D + 2);
       };
@@ -559,7 +568,7 @@ void dispatch_head_dim(const Problem& p, int64_t batch) {
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& ctx_lens, double scale) {
+                                  const at::Tensor& ctx_lens, double scale, int64_t window) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "paged_decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3, "q must be [B, H, D]");
@@ -590,6 +599,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(ctx_lens.dim() == 1 && ctx_lens.size(0) == B, "ctx_lens must be [B]");
   TORCH_CHECK(block_tables.device().is_cpu() && ctx_lens.device().is_cpu(),
               "block_tables and ctx_lens must be CPU tensors");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
 
   auto out = at::empty_like(q, at::MemoryFormat::Contiguous);
   if (B == 0) return out;
@@ -603,7 +613,9 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     const int64_t n = lp[b];
     TORCH_CHECK(n >= 1 && n <= max_blocks * block_size, "ctx_lens[", b, "] = ", n,
                 " is outside [1, max_blocks * block_size = ", max_blocks * block_size, "]");
-    for (int64_t j = 0, used = (n + block_size - 1) / block_size; j < used; ++j) {
+    // blocks behind a sliding window are never read (their entries may be stale)
+    const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) / block_size : 0;
+    for (int64_t j = first, used = (n + block_size - 1) / block_size; j < used; ++j) {
       const int64_t blk = tp[b * max_blocks + j];
       TORCH_CHECK(blk >= 0 && blk < num_blocks, "block_tables[", b, ", ", j, "] = ", blk,
                   " is outside [0, ", num_blocks, ")");
@@ -632,6 +644,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   p.head_dim = D;
   p.block_size = block_size;
   p.scale = static_cast<float>(scale);
+  p.window = window;
 
   switch (dtype) {
     case at::kFloat:
@@ -652,7 +665,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 TORCH_LIBRARY(tokenmill_cpu_attn, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor ctx_lens, float scale) -> Tensor");
+      "Tensor ctx_lens, float scale, int window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu_attn, CPU, m) {

@@ -214,3 +214,38 @@ def test_empty_batch() -> None:
 def test_env_var_disables(monkeypatch) -> None:
     monkeypatch.setenv("TOKENMILL_NO_EXT", "1")
     assert load_cpu_attention.__wrapped__() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [1, 8, 100, 600])
+def test_sliding_window(dtype, window: int) -> None:
+    """Each row attends to its last `window` keys (all of them when shorter), split into
+    partitions from its first visible key; table entries behind the window are never read,
+    not even checked (a released block's entry may point anywhere)."""
+    lens = [1, 7, 33, 161, 513, 1100]
+    q, k_cache, v_cache, tables, ctx = make_case(lens, 8, 2, 64, 16, dtype)
+    scale = 64**-0.5
+    out = paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
+    starts = [max(0, n - window) for n in lens]
+    ref = torch.stack([
+        reference_window(q[b : b + 1], k_cache, v_cache, tables[b : b + 1], n, start, scale)[0]
+        for b, (n, start) in enumerate(zip(lens, starts, strict=True))
+    ])  # fmt: skip
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[dtype])
+    stale = tables.clone()
+    for b, start in enumerate(starts):
+        stale[b, : start // 16] = 10**9  # behind the window: never read
+    again = paged_decode_attention(q, k_cache, v_cache, stale, ctx, scale, window)
+    assert torch.equal(again, out)
+
+
+def reference_window(q, k_cache, v_cache, tables, n: int, start: int, scale: float):
+    """`reference` over keys [start, n) of one row."""
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    t = torch.arange(start, n)
+    blocks, offsets = tables[0, t // block_size], t % block_size
+    keys = k_cache[blocks, offsets].double().repeat_interleave(group, dim=1)
+    values = v_cache[blocks, offsets].double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("hd,nhd->hn", q[0].double(), keys) * scale
+    return torch.einsum("hn,nhd->hd", scores.softmax(-1), values).unsqueeze(0)

@@ -332,15 +332,20 @@ def test_gguf_matches_safetensors_twin(tmp_path: Path, folders, make_llm, arch: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHS)
-def test_bf16_fused_decode(tmp_path: Path, monkeypatch, arch: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "window"), [(a, None) for a in ARCHS] + [("MistralForCausalLM", 6)]
+)
+def test_bf16_fused_decode(tmp_path: Path, monkeypatch, arch: str, window: int | None) -> None:
     """bf16 int4: the whole-layer C++ decode takes Phi-3's and Qwen3's layers (with its
-    q/k norms), and the tokens are those of the plain PyTorch code."""
+    q/k norms) and Mistral's with a sliding window shorter than the prompts, and the tokens
+    are those of the plain PyTorch code."""
     from tokenmill.kernels.cpu_fused import load_cpu_fused
 
     if load_cpu_fused() is None:
         pytest.skip("the fused CPU ops cannot be built here")
-    extra = {"head_dim": 64} if arch == "Qwen3ForCausalLM" else {}
+    extra: dict[str, Any] = {"head_dim": 64} if arch == "Qwen3ForCausalLM" else {}
+    if window is not None:
+        extra["sliding_window"] = window
     folder = make_tiny_hf_folder(tmp_path, arch, hidden_size=256, intermediate_size=512, **extra)
     kwargs = dict(
         model=str(folder), dtype="bfloat16", quantization="int4", max_num_batched_tokens=8,

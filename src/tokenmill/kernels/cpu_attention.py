@@ -44,6 +44,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     ctx_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention, one query token per row, read straight from the paged cache.
 
@@ -53,14 +54,16 @@ def paged_decode_attention(
     int64; ctx_lens: [B] int64, each in [1, max_blocks * block_size]; all on CPU. H must be a
     multiple of H_kv (query head h reads kv head h // (H // H_kv)); D a multiple of 32, at most
     256 (see `supports`). Returns a contiguous [B, H, D] in q's dtype. A row's result does not
-    depend on the other rows nor on the thread count. Raises RuntimeError on bad input, or if
-    the extension is unavailable (check `load_cpu_attention()` first).
+    depend on the other rows nor on the thread count. `window`: each row attends to its last
+    `window` keys only (a sliding window; the table's entries before them are never read).
+    Raises RuntimeError on bad input, or if the extension is unavailable (check
+    `load_cpu_attention()` first).
     """
     ops = load_cpu_attention()
     if ops is None:
         raise RuntimeError(f"{EXT_NAME} is unavailable; use the reference attention")
     return ops.paged_decode_attention.default(
-        q, k_cache, v_cache, block_tables, ctx_lens, float(scale)
+        q, k_cache, v_cache, block_tables, ctx_lens, float(scale), window or 0
     )
 
 
@@ -71,6 +74,7 @@ def paged_prefill_attention(
     block_table: torch.Tensor,
     start_pos: int,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention for a chunk of n query tokens at positions start_pos .. start_pos + n - 1
     whose keys (cached prefix and the chunk itself) are already in the cache.
@@ -83,4 +87,5 @@ def paged_prefill_attention(
     """
     n = q.shape[0]
     lens = torch.arange(start_pos + 1, start_pos + n + 1, dtype=torch.int64)
-    return paged_decode_attention(q, k_cache, v_cache, block_table.expand(n, -1), lens, scale)
+    tables = block_table.expand(n, -1)
+    return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window)

@@ -65,6 +65,7 @@ class DecodeLayerWeights:
     num_kv_heads: int
     q_norm: torch.Tensor | None = None  # [D]: Qwen3's RMSNorm per head on q, then on k
     k_norm: torch.Tensor | None = None
+    window: int = 0  # > 0: a sliding window of that many keys
 
     def __post_init__(self) -> None:
         # The op's argument order, split around the per-step arguments (kept as tuples: a
@@ -73,7 +74,14 @@ class DecodeLayerWeights:
                self.qkv_bias, self.o_w, self.o_bits, self.gate_up_w, self.gate_up_bits,
                self.down_w, self.down_bits, self.intermediate, self.cos, self.sin)  # fmt: skip
         object.__setattr__(self, "pre", pre)
-        post = (self.scale, self.num_heads, self.num_kv_heads, self.q_norm, self.k_norm)
+        post = (
+            self.scale,
+            self.num_heads,
+            self.num_kv_heads,
+            self.q_norm,
+            self.k_norm,
+            self.window,
+        )
         object.__setattr__(self, "post", post)
 
 

@@ -42,8 +42,6 @@ class FusedDecodeLayer:
         if x.shape[0] > DENSE_ABOVE_ROWS:  # rows that take the dense bf16 matmul
             return None
         attn = self._layer.self_attn.attn
-        if attn.sliding_window is not None or attn.softcap is not None:
-            return None  # the C++ decode kernel has neither
         args = attn.backend.decode_kernel_args(ctx.attn_meta)
         if args is None:  # prompt chunks in the step, or not the C++ decode kernel
             return None
@@ -73,6 +71,8 @@ def _gather_weights(layer: Any) -> DecodeLayerWeights | None:
     qkv, o, gate_up, down = methods
     norm = layer.input_layernorm
     # Qwen3 norms each q and k head before RoPE; the op does it with the layer's eps.
+    if attn.attn.softcap is not None:  # the C++ decode attention has no soft-capping
+        return None
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if (q_norm is None) != (k_norm is None):
         return None
@@ -99,4 +99,5 @@ def _gather_weights(layer: Any) -> DecodeLayerWeights | None:
         num_kv_heads=attn.num_kv_heads,
         q_norm=None if q_norm is None else q_norm.weight,
         k_norm=None if k_norm is None else k_norm.weight,
+        window=attn.attn.sliding_window or 0,
     )
