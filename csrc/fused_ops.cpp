@@ -259,7 +259,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 using QuantLinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t);
 using DecodeAttentionFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, double, int64_t);
+                                     const at::Tensor&, const at::Tensor&, double, int64_t,
+                                     double);
 
 // y [T, n] = x W^T for a packed weight (and + bias, rounded like PyTorch's y + bias).
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits,
@@ -328,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layer(
   const at::Tensor q = rope_cache(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
                                   num_heads, num_kv_heads);  // [T, H, D]
   const at::Tensor attn =
-      attention.call(q, k_cache, v_cache, block_tables, ctx_lens, scale, window);
+      attention.call(q, k_cache, v_cache, block_tables, ctx_lens, scale, window, 0.0);
   const at::Tensor o = qlinear(attn.view({T, num_heads * D}), o_w, hidden, o_bits);
   auto [h2, res2] = add_rms_norm(o, res, post_norm, eps);
   const at::Tensor gate_up = qlinear(h2, gate_up_w, 2 * intermediate, gate_up_bits);

@@ -2,8 +2,9 @@
 //
 // paged_decode_attention(q [B, H, D], k_cache, v_cache [num_blocks, block_size, H_kv, D],
 //                        block_tables [B, max_blocks] int64, ctx_lens [B] int64, scale,
-//                        window = 0) -> out [B, H, D]
-// Row b attends to keys [0, ctx_lens[b]), or with a sliding window > 0 to its last `window`.
+//                        window = 0, softcap = 0) -> out [B, H, D]
+// Row b attends to keys [0, ctx_lens[b]), or with a sliding window > 0 to its last `window`;
+// softcap > 0 caps the scaled scores at softcap * tanh(score / softcap) before the softmax.
 //
 // Keys and values are read straight from the blocks through the block table (no gather copy).
 // Each kv head's G = H / H_kv query heads are computed together in fp32 with an online softmax,
@@ -181,6 +182,7 @@ struct Problem {
   int64_t num_heads, num_kv_heads, group, head_dim, block_size;
   float scale;
   int64_t window;  // > 0: row b attends to its last `window` keys only (sliding window)
+  float softcap;   // > 0: scores become softcap * tanh(scores / softcap) (Gemma 2)
 };
 
 // Row b's first key: its keys are [key_begin, ctx_lens[b]).
@@ -393,6 +395,7 @@ void attend(const Problem& p, int64_t b, int64_t kh0, int64_t kh1, int64_t t_beg
         fVec tile_max(kNegInf);
         for (int64_t j = 0; j < kTile / kVLen; ++j) {
           sv[j] = fVec::loadu(sg + j * kVLen) * scale_v;
+          if (p.softcap > 0.f) sv[j] = (sv[j] * fVec(1.f / p.softcap)).tanh() * fVec(p.softcap);
           if (cnt < kTile) {
             const fVec lane = fVec::arange(static_cast<float>(j * kVLen), 1.f);
             sv[j] = fVec::blendv(sv[j], fVec(kNegInf), lane >= fVec(static_cast<float>(cnt)));
@@ -568,7 +571,8 @@ void dispatch_head_dim(const Problem& p, int64_t batch) {
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& ctx_lens, double scale, int64_t window) {
+                                  const at::Tensor& ctx_lens, double scale, int64_t window,
+                                  double softcap) {
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "paged_decode_attention: CPU tensors only");
   TORCH_CHECK(q.dim() == 3, "q must be [B, H, D]");
@@ -600,6 +604,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(block_tables.device().is_cpu() && ctx_lens.device().is_cpu(),
               "block_tables and ctx_lens must be CPU tensors");
   TORCH_CHECK(window >= 0, "window must be >= 0 (0: none)");
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: none)");
 
   auto out = at::empty_like(q, at::MemoryFormat::Contiguous);
   if (B == 0) return out;
@@ -645,6 +650,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   p.block_size = block_size;
   p.scale = static_cast<float>(scale);
   p.window = window;
+  p.softcap = static_cast<float>(softcap);
 
   switch (dtype) {
     case at::kFloat:
@@ -665,7 +671,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 TORCH_LIBRARY(tokenmill_cpu_attn, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-      "Tensor ctx_lens, float scale, int window=0) -> Tensor");
+      "Tensor ctx_lens, float scale, int window=0, float softcap=0.) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu_attn, CPU, m) {

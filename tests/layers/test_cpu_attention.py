@@ -249,3 +249,31 @@ def reference_window(q, k_cache, v_cache, tables, n: int, start: int, scale: flo
     values = v_cache[blocks, offsets].double().repeat_interleave(group, dim=1)
     scores = torch.einsum("hd,nhd->hn", q[0].double(), keys) * scale
     return torch.einsum("hn,nhd->hd", scores.softmax(-1), values).unsqueeze(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 20])
+def test_soft_capping(dtype, window: int | None) -> None:
+    """Gemma 2's logit soft-cap: scores -> cap * tanh(score / cap) before the softmax, a cap
+    small enough to bite (the scores reach several times it)."""
+    lens = [1, 7, 33, 600]
+    q, k_cache, v_cache, tables, ctx = make_case(lens, 8, 2, 64, 16, dtype)
+    q = q * 4  # larger scores, so the cap changes them a lot
+    scale, cap = 64**-0.5, 2.0
+    out = paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window, cap)
+    ref = []
+    for b, n in enumerate(lens):
+        start = max(0, n - window) if window else 0
+        t = torch.arange(start, n)
+        blocks, offsets = tables[b, t // 16], t % 16
+        keys = k_cache[blocks, offsets].double().repeat_interleave(4, dim=1)
+        values = v_cache[blocks, offsets].double().repeat_interleave(4, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].double(), keys) * scale
+        scores = cap * torch.tanh(scores / cap)
+        ref.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values))
+    torch.testing.assert_close(out.double(), torch.stack(ref), **TOLERANCES[dtype])
+    uncapped = paged_decode_attention(q, k_cache, v_cache, tables, ctx, scale, window)
+    assert (uncapped.double() - out.double()).abs().max() > 0.05
+    # a row alone gives the very values it gives in the batch
+    alone = paged_decode_attention(q[3:], k_cache, v_cache, tables[3:], ctx[3:], scale, window, cap)
+    assert torch.equal(alone[0], out[3])

@@ -45,6 +45,7 @@ def paged_decode_attention(
     ctx_lens: torch.Tensor,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode attention, one query token per row, read straight from the paged cache.
 
@@ -56,6 +57,7 @@ def paged_decode_attention(
     256 (see `supports`). Returns a contiguous [B, H, D] in q's dtype. A row's result does not
     depend on the other rows nor on the thread count. `window`: each row attends to its last
     `window` keys only (a sliding window; the table's entries before them are never read).
+    `softcap`: scaled scores become softcap * tanh(score / softcap) before the softmax.
     Raises RuntimeError on bad input, or if the extension is unavailable (check
     `load_cpu_attention()` first).
     """
@@ -63,7 +65,14 @@ def paged_decode_attention(
     if ops is None:
         raise RuntimeError(f"{EXT_NAME} is unavailable; use the reference attention")
     return ops.paged_decode_attention.default(
-        q, k_cache, v_cache, block_tables, ctx_lens, float(scale), window or 0
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        ctx_lens,
+        float(scale),
+        window or 0,
+        float(softcap or 0.0),
     )
 
 
@@ -75,6 +84,7 @@ def paged_prefill_attention(
     start_pos: int,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention for a chunk of n query tokens at positions start_pos .. start_pos + n - 1
     whose keys (cached prefix and the chunk itself) are already in the cache.
@@ -88,4 +98,4 @@ def paged_prefill_attention(
     n = q.shape[0]
     lens = torch.arange(start_pos + 1, start_pos + n + 1, dtype=torch.int64)
     tables = block_table.expand(n, -1)
-    return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window)
+    return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window, softcap)

@@ -2,8 +2,8 @@
 their keys straight from the blocks, no gather, no padding. Prompt chunks take the reference
 SDPA path, or in batch-invariant mode the kernel once per query token, so that a token's output
 does not depend on how its prompt was chunked or how much of it came from the prefix cache
-(SDPA's reduction order depends on the chunk's length). The kernel takes a sliding window; it
-has no soft-capping, so layers with a cap take the SDPA path."""
+(SDPA's reduction order depends on the chunk's length). The kernel takes a sliding window and
+a logit soft-cap."""
 
 from __future__ import annotations
 
@@ -29,11 +29,10 @@ class CpuKernelBackend(SdpaBackend):
         window: int | None = None,
         softcap: float | None = None,
     ) -> torch.Tensor:
-        if softcap is not None:  # the kernel has no cap: the SDPA path
-            return super().decode(q, k_cache, v_cache, meta, scale, window, softcap)
         return paged_decode_attention(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale, window
-        )
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale, window,
+            softcap,
+        )  # fmt: skip
 
     def prefill(
         self,
@@ -45,10 +44,10 @@ class CpuKernelBackend(SdpaBackend):
         window: int | None = None,
         softcap: float | None = None,
     ) -> torch.Tensor:
-        if not self.batch_invariant or softcap is not None:
+        if not self.batch_invariant:
             return super().prefill(q, k_cache, v_cache, p, scale, window, softcap)
         return paged_prefill_attention(
-            q, k_cache, v_cache, p.block_table, p.start_pos, scale, window
+            q, k_cache, v_cache, p.block_table, p.start_pos, scale, window, softcap
         )
 
     def decode_kernel_args(
