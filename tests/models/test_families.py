@@ -16,19 +16,18 @@ from tokenmill import LLM, SamplingParams
 from tokenmill.cli import main as cli_main
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
-from tokenmill.layers.attn_backends.sdpa import SdpaBackend
 from tokenmill.layers.linear import Linear
 from tokenmill.loader.gguf import read_gguf
 from tokenmill.models.registry import SUPPORTED_ARCHITECTURES, build_model
 from tokenmill.testing.parity import (
     assert_logits_close,
+    bind_kv_cache,
     engine_prefill_logits,
     greedy_tokens,
     hf_greedy,
     hf_logits,
     prefill_logits,
 )
-from tokenmill.worker.kv_cache import allocate_kv_cache
 from utils_tiny import make_tiny_hf_folder
 
 transformers = pytest.importorskip("transformers")
@@ -107,14 +106,6 @@ def make_hf(name: str) -> tuple[Any, Any]:
     return cfg, hf
 
 
-def bind_sdpa(model: torch.nn.Module, mcfg: ModelConfig) -> torch.nn.Module:
-    kv = allocate_kv_cache(mcfg, 64, BLOCK, torch.float32, "cpu")
-    layers = [m for m in model.modules() if type(m).__name__ == "PagedAttention"]
-    for i, attn in enumerate(layers):
-        attn.bind(SdpaBackend(), kv[i, 0], kv[i, 1])  # the PyTorch reference attention
-    return model
-
-
 def load_ours(hf_cfg: dict[str, Any], weights: Any, quant: str | None = None) -> torch.nn.Module:
     mcfg = ModelConfig.from_hf_dict(hf_cfg)
     model = build_model(mcfg, torch.float32, 256, quant)
@@ -122,7 +113,8 @@ def load_ours(hf_cfg: dict[str, Any], weights: Any, quant: str | None = None) ->
     for m in model.modules():
         if isinstance(m, Linear):
             m.quant_method.process_after_loading(m)
-    return bind_sdpa(model, mcfg)
+    bind_kv_cache(model, mcfg, BLOCK)
+    return model
 
 
 def random_prompts(lengths: tuple[int, ...] = (23, 7, 40)) -> list[list[int]]:

@@ -17,12 +17,12 @@ from tokenmill.models.gemma import GemmaRMSNorm
 from tokenmill.models.registry import build_model
 from tokenmill.testing.parity import (
     assert_logits_close,
+    bind_kv_cache,
     greedy_tokens,
     hf_greedy,
     hf_logits,
     prefill_logits,
 )
-from tokenmill.worker.kv_cache import allocate_kv_cache
 from utils_tiny import make_tiny_hf_folder
 
 transformers = pytest.importorskip("transformers")
@@ -91,9 +91,7 @@ def make_ours(cfg, hf, backend):
     mcfg = ModelConfig.from_hf_dict(cfg.to_dict())
     model = build_model(mcfg, torch.float32, 256)
     model.load_weights(hf.state_dict().items())
-    kv = allocate_kv_cache(mcfg, 64, BLOCK, torch.float32, "cpu")
-    for i, layer in enumerate(model.model.layers):
-        layer.self_attn.attn.bind(backend, kv[i, 0], kv[i, 1])
+    bind_kv_cache(model, mcfg, BLOCK, backend)
     return model
 
 
@@ -243,9 +241,8 @@ def test_gguf_matches_the_safetensors_twin(tmp_path, name: str) -> None:
     model = build_model(mcfg, torch.float32, 256)
     model.load_weights(f.iter_tensors())
     twin = make_ours(cfg, hf, SdpaBackend())
-    kv = allocate_kv_cache(mcfg, 64, BLOCK, torch.float32, "cpu")
+    bind_kv_cache(model, mcfg, BLOCK)
     for i, layer in enumerate(model.model.layers):
-        layer.self_attn.attn.bind(SdpaBackend(), kv[i, 0], kv[i, 1])
         theirs = twin.model.layers[i].self_attn.attn
         ours = layer.self_attn.attn
         assert (ours.sliding_window, ours.scale, ours.softcap) == (

@@ -11,8 +11,12 @@ from tokenmill.config import ModelConfig
 from tokenmill.layers.attn_backends.sdpa import SdpaBackend
 from tokenmill.layers.attn_backends.unified import UnifiedRefBackend
 from tokenmill.models.registry import build_model
-from tokenmill.testing.parity import assert_logits_close, hf_logits, prefill_logits
-from tokenmill.worker.kv_cache import allocate_kv_cache
+from tokenmill.testing.parity import (
+    assert_logits_close,
+    bind_kv_cache,
+    hf_logits,
+    prefill_logits,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,10 +121,7 @@ def make_ours(cfg, hf):
     mcfg = ModelConfig.from_hf_dict(cfg.to_dict())
     model = build_model(mcfg, torch.float32, 256)
     model.load_weights(hf.state_dict().items())
-    kv = allocate_kv_cache(mcfg, 64, BLOCK, torch.float32, "cpu")
-    layers = [m for m in model.modules() if type(m).__name__ == "PagedAttention"]
-    for i, attn in enumerate(layers):
-        attn.bind(SdpaBackend(), kv[i, 0], kv[i, 1])  # the PyTorch reference attention
+    bind_kv_cache(model, mcfg, BLOCK)
     return model
 
 
@@ -166,10 +167,7 @@ def test_sliding_window_logits_match_transformers(name: str, chunk: int, backend
     model.load_weights(hf.state_dict().items())
     windows = [layer.self_attn.attn.sliding_window for layer in model.model.layers]
     assert windows == ([8, 8] if name.startswith("mistral") else [None, 6])
-    kv = allocate_kv_cache(mcfg, 64, BLOCK, torch.float32, "cpu")
-    attn_backend = SdpaBackend() if backend == "sdpa" else UnifiedRefBackend()
-    for i, layer in enumerate(model.model.layers):
-        layer.self_attn.attn.bind(attn_backend, kv[i, 0], kv[i, 1])
+    bind_kv_cache(model, mcfg, BLOCK, SdpaBackend() if backend == "sdpa" else UnifiedRefBackend())
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (30, 9, 26)]
     tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
@@ -223,10 +221,7 @@ def make_phi3(partial: float, rope_type: str | None, dtype: torch.dtype):
         else:
             weights.append((name, tensor))
     model.load_weights((n, t.to(dtype)) for n, t in weights)
-    kv = allocate_kv_cache(mcfg, 64, BLOCK, dtype, "cpu")
-    layers = [m for m in model.modules() if type(m).__name__ == "PagedAttention"]
-    for i, attn in enumerate(layers):
-        attn.bind(SdpaBackend(), kv[i, 0], kv[i, 1])
+    bind_kv_cache(model, mcfg, BLOCK, dtype=dtype)
     return hf, model
 
 

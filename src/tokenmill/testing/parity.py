@@ -16,14 +16,37 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokenmill.config import ModelConfig
 from tokenmill.core.sched_types import ScheduledSeq
 from tokenmill.layers.attention import PagedAttention
+from tokenmill.layers.attn_backends.base import AttentionBackend
+from tokenmill.layers.attn_backends.sdpa import SdpaBackend
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.input_batch import build_input_batch
+from tokenmill.worker.kv_cache import allocate_kv_cache
 
 if TYPE_CHECKING:
     from tokenmill.engine.llm import LLM
+
+
+def bind_kv_cache(
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    block_size: int,
+    backend: AttentionBackend | None = None,
+    num_blocks: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Gives every attention layer of a bare model (no runner) its slice of a fresh CPU paged
+    cache and `backend` (the PyTorch reference by default), as the runner does; returns the
+    cache [layers, 2, num_blocks, block_size, H_kv, D]."""
+    backend = backend or SdpaBackend()
+    kv = allocate_kv_cache(cfg, num_blocks, block_size, dtype, "cpu")
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    for i, attn in enumerate(layers):
+        attn.bind(backend, kv[i, 0], kv[i, 1])
+    return kv
 
 
 @torch.inference_mode()
