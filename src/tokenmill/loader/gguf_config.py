@@ -139,6 +139,11 @@ def _rope_scaling(f: GGUFFile, arch: str, rope_dim: int) -> dict[str, Any] | Non
     if kind in (None, "none") or factor is None or (kind == "linear" and factor == 1.0):
         return None
     scaling: dict[str, Any] = {"rope_type": kind, "type": kind, "factor": _f32(factor)}
+    return _with_scaling_extras(f, arch, scaling)
+
+
+def _with_scaling_extras(f: GGUFFile, arch: str, scaling: dict[str, Any]) -> dict[str, Any]:
+    """`scaling` plus the original context length and attention factor the GGUF records."""
     orig = f.get(f"{arch}.rope.scaling.original_context_length")
     if orig is not None:
         scaling["original_max_position_embeddings"] = int(orig)
@@ -156,13 +161,7 @@ def _longrope_scaling(f: GGUFFile, arch: str) -> dict[str, Any]:
         "long_factor": [_f32(x) for x in f.read_tensor("rope_factors_long.weight").tolist()],
         "short_factor": [_f32(x) for x in f.read_tensor("rope_factors_short.weight").tolist()],
     }
-    orig = f.get(f"{arch}.rope.scaling.original_context_length")
-    if orig is not None:
-        scaling["original_max_position_embeddings"] = int(orig)
-    attn_factor = f.get(f"{arch}.rope.scaling.attn_factor")
-    if attn_factor is not None:
-        scaling["attention_factor"] = _f32(attn_factor)
-    return scaling
+    return _with_scaling_extras(f, arch, scaling)
 
 
 def _llama3_rope_scaling(f: GGUFFile, rope_dim: int, theta: float) -> dict[str, Any]:
