@@ -31,11 +31,10 @@ from torch import nn
 
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
-from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.forward_context import ForwardContext
-from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.layers.linear import Linear
 from tokenmill.layers.rotary import RotaryEmbedding
-from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from tokenmill.quant.base import QuantScheme
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -91,7 +90,7 @@ def rope_settings(
     return out
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(LlamaAttention):
     def __init__(
         self,
         cfg: ModelConfig,
@@ -101,39 +100,20 @@ class GemmaAttention(nn.Module):
         sliding_window: int | None,
         qk_norm: bool,
     ) -> None:
-        super().__init__()
         hf = cfg.hf_config
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            cfg.hidden_size,
-            [q_size, kv_size, kv_size],
-            ("q_proj", "k_proj", "v_proj"),
-            bias=cfg.attention_bias,
-            dtype=dtype,
-            quant=quant,
-        )
-        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype, quant=quant)
-        self.rotary = rotary
+        super().__init__(
+            cfg, rotary, dtype, quant, sliding_window,
+            scale=float(hf.get("query_pre_attn_scalar", cfg.head_dim)) ** -0.5,
+            softcap=hf.get("attn_logit_softcapping") or None,
+        )  # fmt: skip
         # Gemma 3: per-head RMSNorm of q and k before RoPE
         self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
         self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if qk_norm else None
-        self.attn = PagedAttention(
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            scale=float(hf.get("query_pre_attn_scalar", self.head_dim)) ** -0.5,
-            sliding_window=sliding_window,
-            softcap=hf.get("attn_logit_softcapping") or None,
-        )
-        self.split = [q_size, kv_size, kv_size]
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
+        # Llama's projections, scale, window and cap; always the PyTorch RoPE (module docstring)
         num_tokens = x.shape[0]  # x: [T, hidden]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
@@ -146,15 +126,7 @@ class GemmaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-class GemmaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant: QuantScheme) -> None:
-        super().__init__()
-        inter = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(
-            cfg.hidden_size, [inter, inter], ("gate_proj", "up_proj"), dtype=dtype, quant=quant
-        )
-        self.down_proj = Linear(inter, cfg.hidden_size, dtype=dtype, quant=quant)
-
+class GemmaMLP(LlamaMLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter] each
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)  # GeGLU

@@ -55,6 +55,9 @@ class LlamaAttention(nn.Module):
         dtype: torch.dtype,
         quant: QuantScheme,
         sliding_window: int | None = None,
+        *,
+        scale: float | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -73,15 +76,21 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype, quant=quant)
         self.rotary = rotary
         self.attn = PagedAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=sliding_window
-        )
+            self.num_heads, self.num_kv_heads, self.head_dim, scale=scale,
+            sliding_window=sliding_window, softcap=softcap,
+        )  # fmt: skip
         self.split = [q_size, kv_size, kv_size]
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v of x [T, hidden], packed as [T, (H + 2 H_kv) D], before RoPE (a family
+        that transforms q or k first, such as Qwen3's per-head norms, overrides this)."""
+        return self.qkv_proj(x)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         num_tokens = x.shape[0]  # x: [T, hidden]
-        qkv = self.qkv_proj(x)  # [T, (H + 2 H_kv) D]
+        qkv = self.qkv(x)  # [T, (H + 2 H_kv) D]
         ops = fused_ops(qkv)
         # the fused op's cos/sin span the whole head: partial rotary takes the unfused path
         if (
