@@ -148,7 +148,9 @@ class Scheduler:
         none), and the scheduler alone sets and clears `Request.spec_token_ids`."""
         drafts = drafts or {}
         for req in self.running:
-            req.spec_token_ids = list(drafts.get(req.request_id, ()))
+            draft = drafts.get(req.request_id)
+            if draft or req.spec_token_ids:  # no new list per request and step without drafts
+                req.spec_token_ids = list(draft or ())
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         preempted: list[str] = []
