@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# The attention backends by name (layers/attn_backends); "auto" picks by device.
+ATTENTION_BACKENDS = ("auto", "cpu", "sdpa", "triton", "unified-ref")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -251,7 +254,7 @@ class EngineConfig:
             )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        if self.attention_backend not in ("auto", "cpu", "sdpa", "triton", "unified-ref"):
+        if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 "attention_backend must be auto, cpu, sdpa, triton or unified-ref; got "
                 f"{self.attention_backend!r}"

@@ -13,13 +13,12 @@ import os
 
 import torch
 
+from tokenmill.config import ATTENTION_BACKENDS
 from tokenmill.kernels import cpu_attention
 from tokenmill.layers.attn_backends.base import AttentionBackend
 from tokenmill.layers.attn_backends.cpu import CpuKernelBackend
 from tokenmill.layers.attn_backends.sdpa import SdpaBackend
 from tokenmill.layers.attn_backends.unified import TritonBackend, UnifiedRefBackend
-
-BACKENDS = ("auto", "cpu", "sdpa", "triton", "unified-ref")
 
 
 @functools.cache
@@ -45,8 +44,10 @@ def resolve_backend_name(name: str, device: str) -> str:
             "attention_backend='triton' runs on a CUDA device (on the CPU only under Triton's "
             "slow interpreter, TRITON_INTERPRET=1, for tests); use cpu or sdpa here"
         )
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention_backend {name!r}; one of {', '.join(BACKENDS)}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention_backend {name!r}; one of {', '.join(ATTENTION_BACKENDS)}"
+        )
     return name
 
 
