@@ -33,7 +33,7 @@ from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.forward_context import ForwardContext
 from tokenmill.layers.linear import Linear
-from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.layers.rotary import RotaryEmbedding, rope_type_of
 from tokenmill.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from tokenmill.quant.base import QuantScheme
 
@@ -85,8 +85,7 @@ def rope_settings(
     out: dict[str, tuple[float, dict[str, Any] | None]] = {}
     for name, p in ((FULL, full), (SLIDING, local)):
         theta = float(p.pop("rope_theta", 10_000.0))
-        kind = p.get("rope_type", p.get("type", "default"))
-        out[name] = (theta, None if kind == "default" else p)
+        out[name] = (theta, None if rope_type_of(p) == "default" else p)
     return out
 
 
