@@ -29,9 +29,10 @@ def check_engine_clean(llm: LLM) -> None:
     """Block pool integrity: free + used == total, no leaks once every request is done."""
     sched = llm.engine.scheduler
     assert not sched.has_unfinished_requests()
-    pool = sched.kv_cache_manager.block_pool
-    pool.check_integrity()
-    assert pool.num_used_blocks == 0, f"{pool.num_used_blocks} KV blocks leaked"
+    for group in sched.kv_cache_manager.groups:
+        pool = group.pool
+        pool.check_integrity()
+        assert pool.num_used_blocks == 0, f"{pool.num_used_blocks} KV blocks leaked"
     assert not llm.engine.outputs.states, "output state leaked"
 
 

@@ -125,7 +125,18 @@ class EngineConfig:
         },
     )
     num_kv_blocks: int | None = field(
-        default=None, metadata={"help": "exact number of KV blocks (overrides the memory budget)"}
+        default=None,
+        metadata={
+            "help": "exact number of KV blocks, each holding every layer (overrides the memory "
+            "budget)"
+        },
+    )
+    hybrid_kv_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "a model mixing sliding-window and global layers gets a KV cache group per "
+            "window, whose blocks are freed as they slide out (off: one table for all layers)"
+        },
     )
     max_num_batched_tokens: int = field(
         default=512, metadata={"help": "token budget of one forward pass (Dynamic SplitFuse)"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
 from tokenmill.request import Request
@@ -25,7 +26,7 @@ def next_token(state: int) -> int:
 
 
 class FakeRunner:
-    """A deterministic "model" that really depends on its KV cache.
+    """A deterministic "model" that really depends on its KV cache (one global KV group).
 
     The KV of position p is mix(KV of p - 1, token p), read back through the block table, and
     the next token is a function of the last KV. Every context slot is checked against the
@@ -45,10 +46,10 @@ class FakeRunner:
             state = ROOT
             for pos, token in enumerate(seq.req.token_slice(0, seq.start_pos)):
                 state = mix(state, token)
-                assert self.slots[self._slot(seq.block_ids, pos)] == state, "corrupt KV"
+                assert self.slots[self._slot(seq.block_ids[0], pos)] == state, "corrupt KV"
             for j, token in enumerate(seq.token_ids):
                 state = mix(state, token)
-                self.slots[self._slot(seq.block_ids, seq.start_pos + j)] = state
+                self.slots[self._slot(seq.block_ids[0], seq.start_pos + j)] = state
             if seq.sample:
                 sampled[seq.req.request_id] = [next_token(state)]
         return ModelRunnerOutput(sampled)
@@ -79,9 +80,15 @@ def make_req(
     return Request(rid or f"r{next(_ids)}", list(prompt), sp, max_tokens=max_tokens, **kw)
 
 
-def make_sched(**kw: object) -> Scheduler:
+def make_sched(num_blocks: int = 64, sliding_window: int | None = None, **kw: object) -> Scheduler:
+    """A scheduler over one KV cache group of `num_blocks` (windowed where given); `kv_groups`
+    in `kw` gives several instead."""
     args: dict = dict(
-        max_num_batched_tokens=64, max_num_seqs=16, max_model_len=256, block_size=4, num_blocks=64
+        max_num_batched_tokens=64,
+        max_num_seqs=16,
+        max_model_len=256,
+        block_size=4,
+        kv_groups=(KVGroupSpec(num_blocks, sliding_window),),
     )
     args.update(kw)
     return Scheduler(SchedulerConfig(**args))
@@ -101,7 +108,7 @@ def check_step(sched: Scheduler, out: SchedulerOutput, ends: dict[str, int]) -> 
         assert s.num_tokens > 0 and s.start_pos == req.num_computed_tokens
         assert s.token_ids == req.token_slice(s.start_pos, s.start_pos + s.num_tokens)
         assert s.sample == (s.start_pos + s.num_tokens == req.num_tokens)
-        assert len(s.block_ids) * cfg.block_size >= s.start_pos + s.num_tokens
+        assert all(len(t) * cfg.block_size >= s.start_pos + s.num_tokens for t in s.block_ids)
         if req.request_id in ends:  # chunks continue exactly where the last one ended
             assert s.start_pos == ends[req.request_id]
         else:  # a (re)admission starts at a block-aligned prefix-cache hit
@@ -137,10 +144,11 @@ def run(
             outputs[o.req.request_id].extend(o.new_token_ids)
             if o.finished:
                 assert o.req.is_finished and o.req.output_token_ids == outputs[o.req.request_id]
-        sched.kv_cache_manager.block_pool.check_integrity()
+        for group in sched.kv_cache_manager.groups:
+            group.pool.check_integrity()
     else:
         raise AssertionError("requests starved")
     kv = sched.kv_cache_manager
-    assert kv.num_free_blocks == kv.num_blocks and not kv.req_to_blocks
+    assert kv.num_free_blocks == kv.num_blocks and not any(g.tables for g in kv.groups)
     assert not kv.req_to_block_hashes and sched.num_running == sched.num_waiting == 0
     return outputs

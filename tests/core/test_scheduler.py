@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from sched_utils import VOCAB, FakeRunner, make_req, make_sched, reference, run
 
 from tokenmill.config import EngineConfig
+from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput, TopLogprobs
 from tokenmill.core.scheduler import SchedulerConfig
 from tokenmill.request import Request, RequestStatus
@@ -31,13 +32,14 @@ def test_config_comes_from_the_validated_engine_config() -> None:
         scheduling_policy="priority",
         cache_aware_max_waiting=0,
     )
-    config = SchedulerConfig.from_engine_config(engine_config, max_model_len=100, num_blocks=20)
+    groups = (KVGroupSpec(20), KVGroupSpec(6, 16))
+    config = SchedulerConfig.from_engine_config(engine_config, max_model_len=100, kv_groups=groups)
     assert config == SchedulerConfig(
         max_num_batched_tokens=32,
         max_num_seqs=3,
         max_model_len=100,
         block_size=8,
-        num_blocks=20,
+        kv_groups=groups,
         enable_prefix_caching=False,
         policy="priority",
         cache_aware_max_waiting=0,
@@ -46,6 +48,8 @@ def test_config_comes_from_the_validated_engine_config() -> None:
         make_sched(max_num_seqs=0)
     with pytest.raises(AssertionError):
         make_sched(policy="lifo")
+    with pytest.raises(AssertionError):
+        make_sched(kv_groups=())
 
 
 def test_prompts_are_the_engines_to_refuse() -> None:
@@ -185,7 +189,7 @@ def test_siblings_wait_for_first_prompt_then_share_blocks() -> None:
         step = len(shared)
         for s in out.seqs:
             first_steps.setdefault(s.req.request_id, step)
-        pool = sched.kv_cache_manager.block_pool
+        pool = sched.kv_cache_manager.groups[0].pool
         shared.append([pool.blocks[i].ref_cnt for i in (0, 1)])
 
     out = run(sched, [sibs], on_step=on_step)
@@ -217,7 +221,7 @@ def drive(req: Request, tokens: list[list[int]], **kw: object) -> list:
     while sched.has_unfinished_requests():
         out = sched.schedule()
         outs.extend(sched.update_from_output(out, runner.execute(out)))
-    assert sched.kv_cache_manager.num_free_blocks == sched.config.num_blocks
+    assert sched.kv_cache_manager.num_free_blocks == sched.kv_cache_manager.num_blocks
     return outs
 
 
@@ -273,7 +277,7 @@ def test_abort_and_finish_request_free_blocks() -> None:
     assert sched.finish_request(c.request_id, RequestStatus.FINISHED_STOPPED, "END")
     assert c.stop_reason == "END" and not sched.has_unfinished_requests()
     assert not sched.finish_request(c.request_id, RequestStatus.FINISHED_STOPPED)
-    sched.kv_cache_manager.block_pool.check_integrity()
+    sched.kv_cache_manager.groups[0].pool.check_integrity()
 
 
 def test_priority_policy_order_and_victim() -> None:

@@ -18,7 +18,7 @@ def assert_idle(llm: LLM) -> None:
     assert not engine.has_unfinished_requests()
     assert not engine.outputs.states
     assert not engine.outputs.sample_of
-    assert engine.scheduler.kv_cache_manager.block_pool.num_used_blocks == 0
+    assert engine.scheduler.kv_cache_manager.stats().num_used_blocks == 0
 
 
 # -- SamplingParams: rejected at construction, naming the field and the limit ------------------

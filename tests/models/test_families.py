@@ -368,7 +368,8 @@ def test_list_architectures(capsys) -> None:
 
 
 # Sliding windows through the engine: uniform (Mistral: the KV behind the window is released)
-# and interleaved with global layers (Gemma 2 and 3: every block kept).
+# and interleaved with global layers (Gemma 2 and 3: released in the windowed layers' KV group,
+# every block kept in the global layers' group).
 WINDOWED_ENGINES = {
     "mistral": ("MistralForCausalLM", dict(sliding_window=8)),
     "gemma2": ("Gemma2ForCausalLM", dict(sliding_window=8, head_dim=16, query_pre_attn_scalar=16)),
@@ -395,7 +396,8 @@ def test_windowed_engine_invariances(tmp_path: Path, make_llm, name: str) -> Non
     prompts = [tok(t)["input_ids"] for t in texts]
     kw = dict(model=str(folder), dtype="float32", batch_invariant=True, block_size=4)
     llm = make_llm(**kw, kv_cache_memory_gb=0.02)
-    assert llm.engine.runner.sliding_window == (8 if name == "mistral" else None)
+    windows = [g.sliding_window for g in llm.engine.runner.kv_groups]
+    assert windows == ([8] if name == "mistral" else [None, 8])
     together = greedy_tokens(llm, prompts, NUM_TOKENS)
     assert together == [greedy_tokens(llm, [p], NUM_TOKENS)[0] for p in prompts]
     kv = llm.engine.scheduler.kv_cache_manager
@@ -404,6 +406,6 @@ def test_windowed_engine_invariances(tmp_path: Path, make_llm, name: str) -> Non
     assert kv.prefix_hits > hits
     small = make_llm(**kw, num_kv_blocks=10, max_model_len=40, enable_prefix_caching=False)
     assert greedy_tokens(small, prompts, NUM_TOKENS) == together
-    # Gemma's global layers keep every block, so 10 cannot hold the three requests at once; with
-    # Mistral's blocks released behind the window they run side by side.
+    # Gemma's global layers keep every block, so their group's 10 cannot hold the three requests
+    # at once; with Mistral's blocks released behind the window they run side by side.
     assert (small.engine.scheduler.num_preemptions > 0) == (name != "mistral")

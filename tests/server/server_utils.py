@@ -22,9 +22,10 @@ from tokenmill.server.app import create_app
 def check_engine_idle(engine: LLMEngine) -> None:
     sched = engine.scheduler
     assert not sched.has_unfinished_requests()
-    pool = sched.kv_cache_manager.block_pool
-    pool.check_integrity()
-    assert pool.num_used_blocks == 0, f"{pool.num_used_blocks} KV blocks leaked"
+    for group in sched.kv_cache_manager.groups:
+        pool = group.pool
+        pool.check_integrity()
+        assert pool.num_used_blocks == 0, f"{pool.num_used_blocks} KV blocks leaked"
     assert not engine.outputs.states, "output state leaked"
 
 

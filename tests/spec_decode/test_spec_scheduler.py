@@ -13,6 +13,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
 from tokenmill.request import Request
@@ -43,13 +44,13 @@ class SpecFakeRunner:
             state = ROOT
             for pos, token in enumerate(seq.req.token_slice(0, seq.start_pos)):
                 state = mix(state, token)
-                slot = (seq.block_ids[pos // self.bs], pos % self.bs)
+                slot = (seq.block_ids[0][pos // self.bs], pos % self.bs)
                 assert self.slots[slot] == state, f"corrupt KV at {pos}"
             predicted = []
             for j, token in enumerate(seq.token_ids):
                 state = mix(state, token)
                 pos = seq.start_pos + j
-                self.slots[(seq.block_ids[pos // self.bs], pos % self.bs)] = state
+                self.slots[(seq.block_ids[0][pos // self.bs], pos % self.bs)] = state
                 predicted.append(state % VOCAB)
             if seq.sample:
                 k = seq.num_draft_tokens
@@ -114,7 +115,7 @@ def run(
         assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
         scheduled_drafts += sum(s.num_draft_tokens for s in out.seqs)
         sched.update_from_output(out, runner.execute(out))
-        sched.kv_cache_manager.block_pool.check_integrity()
+        sched.kv_cache_manager.groups[0].pool.check_integrity()
     assert not sched.has_unfinished_requests()
     for req in reqs:
         assert req.output_token_ids == refs[req.request_id], req.request_id
@@ -145,7 +146,7 @@ def test_drafts_verified_and_rolled_back(seed, block_size, budget, num_blocks, m
             max_num_seqs=4,
             max_model_len=64,
             block_size=block_size,
-            num_blocks=num_blocks,
+            kv_groups=(KVGroupSpec(num_blocks),),
         )
     )
     run(sched, reqs, rng, max_draft)
@@ -162,7 +163,7 @@ def test_drafts_take_budget_and_stats_count_them() -> None:
             max_num_seqs=4,
             max_model_len=128,
             block_size=4,
-            num_blocks=64,
+            kv_groups=(KVGroupSpec(64),),
         )
     )
     req = make_req([1, 2, 3], 30)
@@ -179,7 +180,11 @@ def test_drafts_take_budget_and_stats_count_them() -> None:
 def test_drafts_cut_to_budget_and_dropped_before_preempting() -> None:
     # 3 blocks of 2 tokens: the KV cache holds 6 tokens
     config = SchedulerConfig(
-        max_num_batched_tokens=3, max_num_seqs=4, max_model_len=6, block_size=2, num_blocks=3
+        max_num_batched_tokens=3,
+        max_num_seqs=4,
+        max_model_len=6,
+        block_size=2,
+        kv_groups=(KVGroupSpec(3),),
     )
     sched = Scheduler(config)
     req = make_req([1, 2, 3], 10)

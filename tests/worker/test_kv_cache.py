@@ -1,4 +1,5 @@
-"""KV cache sizing: one function for the engine's model and a draft model alike."""
+"""KV cache sizing: one function for the engine's model and a draft model alike, then the
+layers grouped by window and the budget shared out among the groups."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from tokenmill.config import ModelConfig
 from tokenmill.worker.kv_cache import (
     DEFAULT_CPU_KV_GB,
     KVCacheBudget,
+    KVGroupLayout,
     kv_bytes_per_block,
+    plan_kv_groups,
     size_kv_cache,
+    split_kv_blocks,
 )
 
 CFG = ModelConfig.from_hf_dict(
@@ -51,3 +55,34 @@ def test_a_cap_never_below_one_full_length_request() -> None:
 def test_too_small_for_one_request_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="max_model_len=64 tokens needs 4 blocks"):
         size(KVCacheBudget(num_blocks=3))
+
+
+def test_layers_grouped_by_window_global_first() -> None:
+    assert plan_kv_groups([None, None]) == [KVGroupLayout(None, (0, 1))]
+    assert plan_kv_groups([8, 8, 8]) == [KVGroupLayout(8, (0, 1, 2))]  # all windowed alike
+    gemma3 = [512] * 5 + [None] + [512] * 5 + [None]
+    assert plan_kv_groups(gemma3) == [
+        KVGroupLayout(None, (5, 11)),
+        KVGroupLayout(512, (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)),
+    ]
+    assert plan_kv_groups([64, None, 8]) == [
+        KVGroupLayout(None, (1,)), KVGroupLayout(8, (2,)), KVGroupLayout(64, (0,))
+    ]  # fmt: skip
+    # one table for every layer: nothing released, as the global layers read every block
+    assert plan_kv_groups(gemma3, split=False) == [KVGroupLayout(None, tuple(range(12)))]
+
+
+def test_windowed_groups_get_what_their_requests_hold_and_the_global_group_the_rest() -> None:
+    groups = plan_kv_groups([16, None, 16, 16])  # three windowed layers, one global
+    # 4 requests x (16/4 window blocks + 2) + 8 step blocks = 32 windowed blocks
+    assert split_kv_blocks(100, groups, 4, max_num_seqs=4, max_step_tokens=32) == [
+        100 + (100 - 32) * 3,
+        32,
+    ]
+    # the bytes stay the budget's: blocks x layers
+    counts = split_kv_blocks(100, groups, 4, max_num_seqs=4, max_step_tokens=32)
+    assert counts[0] * 1 + counts[1] * 3 == 100 * 4
+    # a budget smaller than what the windowed layers could hold: an even split, as one group
+    assert split_kv_blocks(20, groups, 4, max_num_seqs=4, max_step_tokens=32) == [20, 20]
+    # nothing to give the spare blocks to without a global group
+    assert split_kv_blocks(100, plan_kv_groups([16, 16]), 4, 4, 32) == [100]

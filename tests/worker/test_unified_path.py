@@ -57,12 +57,13 @@ def test_null_block_is_reserved(make_llm, tiny_model):
     llm = _engine(make_llm, tiny_model, attention_backend="unified-ref")
     runner = llm.engine.runner
     assert (
-        runner.null_block
-        == runner.num_blocks
-        == llm.engine.scheduler.kv_cache_manager.num_blocks
-        == 64
+        runner.null_blocks
+        == [runner.num_blocks]
+        == [llm.engine.scheduler.kv_cache_manager.num_blocks]
+        == [64]
     )
-    assert runner.kv_cache.shape[2] == 65  # the scheduler's blocks plus the null block
+    (cache,) = runner.kv_caches
+    assert cache.shape[2] == 65  # the scheduler's blocks plus the null block
 
 
 def test_graph_buckets():
@@ -98,7 +99,29 @@ def test_padded_decode_buffers_give_the_same_tokens(make_llm, tiny_model, refere
     assert got == [ref[: len(g)] for ref, g in zip(reference, got, strict=True)]
     assert {4, 3, 2, 1} <= set(used)
     # padding rows wrote only into the null block: its KV changed, the pool's blocks are intact
-    assert runner.kv_cache[:, :, runner.null_block].abs().sum() > 0
+    (cache,), (null_block,) = runner.kv_caches, runner.null_blocks
+    assert cache[:, :, null_block].abs().sum() > 0
+
+
+def test_padded_decode_buffers_with_two_kv_groups(make_llm, tmp_path):
+    """A model with global and windowed layers (Gemma 3) has two KV cache groups: the padded
+    decode buffers hold static tables, slots and a null block per group; the tokens are those of
+    the unpadded steps, and padding wrote only into each group's null block."""
+    folder = make_tiny_hf_folder(
+        tmp_path, "Gemma3ForCausalLM", vocab_size=512, sliding_window=8, head_dim=16,
+        query_pre_attn_scalar=16, num_hidden_layers=3, sliding_window_pattern=3,
+    )  # fmt: skip
+    kw = dict(attention_backend="unified-ref", block_size=4, enable_prefix_caching=False)
+    plain = _engine(make_llm, str(folder), **kw)
+    expected = _greedy(plain, _prompts(), max_tokens=16)
+    llm = _engine(make_llm, str(folder), **kw)
+    runner = llm.engine.runner
+    assert [g.sliding_window for g in runner.kv_groups] == [None, 8]
+    used = _install_padded_decode(runner, max_batch=4)
+    assert _greedy(llm, _prompts(), max_tokens=16) == expected
+    assert {4, 3} <= set(used)
+    for cache, null_block in zip(runner.kv_caches, runner.null_blocks, strict=True):
+        assert cache[:, :, null_block].abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", ["unified-ref", "sdpa"])
@@ -111,8 +134,8 @@ def test_profiling_forward(make_llm, tiny_model, reference, backend):
     layers = [m for m in runner.model.modules() if isinstance(m, PagedAttention)]
     assert runner.max_model_len < 700
     runner._profile_run(GpuOptions(max_num_seqs=4, max_num_batched_tokens=700))
-    assert layers[0].k_cache.data_ptr() != runner.kv_cache[0, 0].data_ptr()
-    runner._bind_cache(runner.kv_cache)
+    assert layers[0].k_cache.data_ptr() != runner.kv_caches[0][0, 0].data_ptr()
+    runner._bind_cache(runner.kv_caches)
     assert _greedy(llm, _prompts()) == reference
 
 
@@ -180,7 +203,7 @@ def test_gpu_kv_cache_sized_from_free_memory(make_llm, tiny_model):
     llm = make_llm(model=tiny_model, device="cuda", gpu_memory_utilization=0.5)
     free, total = torch.cuda.mem_get_info()
     runner = llm.engine.runner
-    kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+    kv_bytes = sum(c.numel() * c.element_size() for c in runner.kv_caches)
     assert 0.2 * total < kv_bytes < 0.5 * total
     with pytest.raises(ValueError, match="gpu-memory-utilization"):
         make_llm(model=tiny_model, device="cuda", gpu_memory_utilization=0.001)

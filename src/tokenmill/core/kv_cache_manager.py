@@ -1,14 +1,15 @@
-"""Per-request block tables on top of a BlockPool, with automatic prefix caching.
+"""Per-request block tables, one per KV cache group (core/kv_group.py), with automatic prefix
+caching.
 
 A full block is identified by a chained SHA-256 over (parent hash, its token ids, extra key), so
 a hit means the whole prefix up to that block is identical and its KV can be reused. Only full,
-computed blocks are ever cached; block tables grow at the end only.
+computed blocks are ever cached; block tables grow at the end only. Every group caches the same
+hashes in its own pool, and a prefix hit is the longest one every group can serve: a global
+group needs each block of the prefix, a sliding-window group only the window behind it.
 
-Sliding-window attention (every layer with the same window): once no future query of a request
-can see a block any more, the block goes back to the pool (still cached for prefix reuse) and
-its place in the table holds the null block, which no request owns (the runner allocates it one
-past the pool's blocks; attention masks those positions out). A long request then holds about
-window / block_size blocks, whatever its length.
+Sliding-window groups give back blocks once no future query can see them (still cached for
+prefix reuse); the table keeps the group's null block in their place. A long request then holds
+about window / block_size blocks of such a group, whatever its length.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tokenmill.core.block_pool import BlockHash, BlockPool, KVBlock
+from tokenmill.core.block_pool import BlockHash
+from tokenmill.core.kv_group import KVGroup, KVGroupSpec
 from tokenmill.request import Request
 
 _ROOT_HASH = hashlib.sha256(b"tokenmill-kv-root").digest()
@@ -35,62 +37,68 @@ def hash_block_tokens(
     return h.digest()
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 @dataclass(frozen=True)
 class KVCacheStats:
     """A snapshot of the KV cache's occupancy and prefix-cache counters."""
 
     num_used_blocks: int
     num_total_blocks: int
-    usage: float  # fraction of the blocks in use
+    usage: float  # fraction of the blocks in use, in the fullest group
     prefix_queries: int  # prompt tokens looked up at admission
     prefix_hits: int  # of those, tokens served from the cache
 
 
+BlockTables = tuple[list[int], ...]  # one block table per KV cache group
+
+
 class KVCacheManager:
+    """`groups`: the KV cache groups in the runner's order. `max_step_tokens` (the scheduler's
+    token budget) bounds what a windowed group holds of one request at once, which admission
+    checks instead of the request's whole length."""
+
     def __init__(
         self,
-        num_blocks: int,
+        groups: Sequence[KVGroupSpec],
         block_size: int,
         enable_prefix_caching: bool = True,
-        sliding_window: int | None = None,
+        max_step_tokens: int | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        assert sliding_window is None or sliding_window >= 1
-        self.num_blocks = num_blocks
+        assert groups, "at least one KV cache group"
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.sliding_window = sliding_window
-        # Stands in the tables for blocks released behind the window: the runner's null block.
-        self.null_block = KVBlock(num_blocks)
-        self.num_released: dict[str, int] = {}  # leading blocks of a request released so far
-        self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
-        self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        self.groups = [
+            KVGroup(spec, block_size, enable_prefix_caching, max_step_tokens) for spec in groups
+        ]
+        self._global_groups = [g for g in self.groups if g.window is None]
+        self._windowed_groups = [g for g in self.groups if g.window is not None]
         # Hashes of the request's full blocks, extended incrementally; kept across preemption.
         self.req_to_block_hashes: dict[str, list[BlockHash]] = {}
-        # How many leading blocks of the request have been offered to the hash map already.
+        # How many leading blocks of the request have been offered to the prefix cache already
+        # (the same in every group: they all cache together).
         self.num_cached_block: dict[str, int] = {}
         self.prefix_queries = 0  # tokens looked up at admission
         self.prefix_hits = 0  # of those, tokens served from the cache
 
     @property
+    def num_blocks(self) -> int:
+        return sum(g.pool.num_blocks for g in self.groups)
+
+    @property
     def num_free_blocks(self) -> int:
-        return self.block_pool.num_free_blocks
+        return sum(g.pool.num_free_blocks for g in self.groups)
 
     @property
     def usage(self) -> float:
-        return self.block_pool.usage
+        """The fraction of blocks in use in the fullest group: the one that preempts first."""
+        return max(g.pool.usage for g in self.groups)
 
     def stats(self) -> KVCacheStats:
-        pool = self.block_pool
         return KVCacheStats(
-            num_used_blocks=pool.num_used_blocks,
-            num_total_blocks=pool.num_blocks,
-            usage=pool.usage,
+            num_used_blocks=sum(g.pool.num_used_blocks for g in self.groups),
+            num_total_blocks=self.num_blocks,
+            usage=self.usage,
             prefix_queries=self.prefix_queries,
             prefix_hits=self.prefix_hits,
         )
@@ -99,8 +107,9 @@ class KVCacheManager:
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
-    def get_block_ids(self, req: Request) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(req.request_id, ())]
+    def get_block_ids(self, req: Request) -> BlockTables:
+        req_id = req.request_id
+        return tuple([b.block_id for b in g.tables.get(req_id, ())] for g in self.groups)
 
     def _block_hashes(self, req: Request, num_full_blocks: int) -> list[BlockHash]:
         hashes = self.req_to_block_hashes.setdefault(req.request_id, [])
@@ -112,24 +121,31 @@ class KVCacheManager:
             hashes.append(hash_block_tokens(parent, tokens, req.cache_salt))
         return hashes
 
-    def get_computed_blocks(self, req: Request) -> tuple[list[int], int]:
-        """Longest cached prefix of the request's tokens: (block ids, number of tokens).
+    def get_computed_blocks(self, req: Request) -> tuple[BlockTables, int]:
+        """Longest cached prefix of the request's tokens: (each group's blocks, token count).
 
         At least one token is always left to compute, so the runner has logits to sample from.
         The lookup keeps the request's block hashes: `free(req)` once it is finished drops them.
         """
+        no_hit: BlockTables = tuple([] for _ in self.groups)
         if not self.enable_prefix_caching or req.num_tokens <= 1:
-            return [], 0
+            return no_hit, 0
         if req.sampling_params.prompt_logprobs is not None:
-            return [], 0  # cached positions would get no prompt logprobs
+            return no_hit, 0  # cached positions would get no prompt logprobs
         max_blocks = (req.num_tokens - 1) // self.block_size
-        block_ids = []
-        for block_hash in self._block_hashes(req, max_blocks)[:max_blocks]:
-            block = self.block_pool.get_cached_block(block_hash)
-            if block is None:
+        hashes = self._block_hashes(req, max_blocks)
+        n = max_blocks
+        for group in self._global_groups:  # a prefix of a hit is a hit: one pass each
+            n = group.longest_hit(hashes, n)
+        # A shorter prefix sees other blocks through a window: shrink until all groups agree.
+        while self._windowed_groups:
+            shortest = min(g.longest_hit(hashes, n) for g in self._windowed_groups)
+            if shortest == n:
                 break
-            block_ids.append(block.block_id)
-        return block_ids, len(block_ids) * self.block_size
+            n = shortest
+        if n == 0:
+            return no_hit, 0
+        return tuple(g.hit_blocks(hashes, n) for g in self.groups), n * self.block_size
 
     def first_uncached_block_hash(self, req: Request, num_cached: int) -> BlockHash | None:
         """Hash of the block after a `num_cached`-token hit (from the last lookup), if full."""
@@ -142,133 +158,109 @@ class KVCacheManager:
         that becomes reusable by other requests over the next steps."""
         req_id = req.request_id
         hashes = self.req_to_block_hashes.get(req_id, [])
-        num_held = len(self.req_to_blocks.get(req_id, ()))
-        return hashes[self.num_cached_block.get(req_id, 0) : num_held]
+        num_entries = len(self.groups[0].tables.get(req_id, ()))
+        return hashes[self.num_cached_block.get(req_id, 0) : num_entries]
 
-    def _num_blocks_to_allocate(
-        self, req: Request, num_tokens: int, new_computed: Sequence[KVBlock]
-    ) -> tuple[int, int]:
-        """(new blocks needed, free blocks usable for them) to hold `num_tokens` in total."""
-        num_held = len(self.req_to_blocks.get(req.request_id, ())) + len(new_computed)
-        num_new = max(0, cdiv(num_tokens, self.block_size) - num_held)
-        # Free cached blocks we are about to touch leave the free queue: don't count them twice.
-        num_touched_free = sum(1 for b in new_computed if b.ref_cnt == 0)
-        return num_new, self.block_pool.num_free_blocks - num_touched_free
+    def _resolve(self, new_computed_blocks: BlockTables) -> list[list]:
+        if not new_computed_blocks:
+            return [[] for _ in self.groups]
+        assert len(new_computed_blocks) == len(self.groups)
+        return [g.resolve(ids) for g, ids in zip(self.groups, new_computed_blocks, strict=True)]
 
     def can_allocate(
         self,
         req: Request,
         num_new_tokens: int,
-        new_computed_blocks: Sequence[int] = (),
+        new_computed_blocks: BlockTables = (),
         num_new_computed_tokens: int = 0,
     ) -> bool:
-        """Whether `allocate_slots` with these arguments would succeed right now."""
-        computed = [self.block_pool.blocks[i] for i in new_computed_blocks]
+        """Whether the request's remaining `num_new_tokens` (after any newly hit prefix) fit now,
+        as much of them as each group ever holds at once."""
+        computed = self._resolve(new_computed_blocks)
         total = req.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        num_new, num_usable = self._num_blocks_to_allocate(req, total, computed)
-        return num_new <= num_usable
+        return not any(
+            g.shortfall(req.request_id, total, blocks, whole=True)
+            for g, blocks in zip(self.groups, computed, strict=True)
+        )
 
     def allocate_slots(
         self,
         req: Request,
         num_new_tokens: int,
-        new_computed_blocks: Sequence[int] = (),
+        new_computed_blocks: BlockTables = (),
         num_new_computed_tokens: int = 0,
         num_lookahead_tokens: int = 0,
-    ) -> list[int] | None:
+    ) -> BlockTables | None:
         """Make room for `num_new_tokens` more tokens (after any newly hit prefix blocks).
 
-        Returns the request's whole block table, or None, having allocated nothing, when the
+        Returns the request's block tables, or None, having allocated nothing, when some group's
         free blocks (evictable cached ones included) cannot hold them.
         """
         assert num_new_tokens >= 0 and num_lookahead_tokens >= 0
-        assert num_new_computed_tokens == len(new_computed_blocks) * self.block_size
         req_id = req.request_id
-        computed = [self.block_pool.blocks[i] for i in new_computed_blocks]
-        if computed:
-            assert req.num_computed_tokens == 0 and not self.req_to_blocks.get(req_id)
+        computed = self._resolve(new_computed_blocks)
+        if num_new_computed_tokens:
+            assert all(len(c) * self.block_size == num_new_computed_tokens for c in computed)
+            assert req.num_computed_tokens == 0 and req_id not in self.groups[0].tables
         total = (
             req.num_computed_tokens
             + num_new_computed_tokens
             + num_new_tokens
             + num_lookahead_tokens
         )
-        num_new, num_usable = self._num_blocks_to_allocate(req, total, computed)
-        if num_new > num_usable:
+        if any(
+            g.shortfall(req_id, total, blocks)
+            for g, blocks in zip(self.groups, computed, strict=True)
+        ):
             return None
-
-        blocks = self.req_to_blocks.get(req_id)
-        if not blocks:
+        if req_id not in self.groups[0].tables:
             # First allocation since admission (new or resumed): count the prefix lookup.
             if self.enable_prefix_caching:
                 self.prefix_queries += req.num_tokens
                 self.prefix_hits += num_new_computed_tokens
-            blocks = self.req_to_blocks[req_id] = []
-            self.num_cached_block[req_id] = len(computed)
-        self.block_pool.touch(computed)
-        blocks.extend(computed)
-        blocks.extend(self.block_pool.get_new_blocks(num_new))
-        return [b.block_id for b in blocks]
+            self.num_cached_block[req_id] = num_new_computed_tokens // self.block_size
+        return tuple(
+            g.allocate(req_id, total, blocks)
+            for g, blocks in zip(self.groups, computed, strict=True)
+        )
 
     def cache_blocks(self, req: Request, num_computed_tokens: int) -> None:
         """Register the request's blocks that became full now that the runner computed them."""
         if not self.enable_prefix_caching:
             return
         req_id = req.request_id
-        blocks = self.req_to_blocks.get(req_id)
-        if not blocks:
-            return
-        num_full = min(num_computed_tokens // self.block_size, len(blocks))
+        num_entries = len(self.groups[0].tables.get(req_id, ()))
+        num_full = min(num_computed_tokens // self.block_size, num_entries)
         start = self.num_cached_block.get(req_id, 0)
         if num_full <= start:
             return
         hashes = self._block_hashes(req, num_full)
-        for i in range(start, num_full):
-            self.block_pool.cache_full_block(blocks[i], hashes[i])
+        for group in self.groups:
+            group.cache(req_id, start, num_full, hashes)
         self.num_cached_block[req_id] = num_full
 
     def release_out_of_window(self, req: Request) -> int:
-        """With a sliding window, gives back the request's blocks that no future query can see;
-        returns how many. The next query sits at position num_computed_tokens and sees keys after
-        num_computed_tokens - window, and queries only move forward (a rejected draft rolls back
-        no further than the computed tokens)."""
-        if self.sliding_window is None:
-            return 0
-        req_id = req.request_id
-        blocks = self.req_to_blocks.get(req_id)
-        if not blocks:
-            return 0
-        first_visible = req.num_computed_tokens - self.sliding_window + 1
-        num_dead = min(max(first_visible, 0) // self.block_size, len(blocks))
-        start = self.num_released.get(req_id, 0)
-        if num_dead <= start:
-            return 0
-        # Already offered to the prefix cache (cache_blocks runs first with the same count):
-        # they stay reusable in the free queue until evicted, oldest first.
-        dead = blocks[start:num_dead]
-        blocks[start:num_dead] = [self.null_block] * len(dead)
-        self.block_pool.free_blocks(dead)
-        self.num_released[req_id] = num_dead
-        return len(dead)
+        """Gives back, in each sliding-window group, the request's blocks that no future query
+        can see; returns how many in all."""
+        n = req.num_computed_tokens
+        return sum(g.release_out_of_window(req.request_id, n) for g in self._windowed_groups)
 
-    def num_held_blocks(self, req: Request) -> int:
-        """Pool blocks the request holds (released ones not counted)."""
-        blocks = self.req_to_blocks.get(req.request_id, ())
-        return sum(1 for b in blocks if b is not self.null_block)
+    def num_held_blocks(self, req: Request) -> tuple[int, ...]:
+        """Pool blocks the request holds in each group (released ones not counted)."""
+        return tuple(g.num_held(req.request_id) for g in self.groups)
 
     def free(self, req: Request) -> None:
-        """Release the request's blocks, last block first so it is evicted first.
+        """Release the request's blocks in every group.
 
         Block hashes are kept unless the request is finished: a preempted request reuses them.
         """
         req_id = req.request_id
-        blocks = self.req_to_blocks.pop(req_id, [])
-        self.block_pool.free_blocks(b for b in reversed(blocks) if b is not self.null_block)
+        for group in self.groups:
+            group.free(req_id)
         self.num_cached_block.pop(req_id, None)
-        self.num_released.pop(req_id, None)
         if req.is_finished:
             self.req_to_block_hashes.pop(req_id, None)
 
     def reset_prefix_cache(self) -> int:
         """Drop all cached hashes (e.g. after weights change). Returns how many were dropped."""
-        return self.block_pool.reset_prefix_cache()
+        return sum(g.pool.reset_prefix_cache() for g in self.groups)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
+from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.policy import POLICIES
 
 
@@ -17,15 +18,14 @@ class SchedulerConfig:
     max_num_seqs: int
     max_model_len: int
     block_size: int
-    num_blocks: int
+    # The runner's KV cache groups: each one's block count and the window its layers share.
+    kv_groups: tuple[KVGroupSpec, ...]
     enable_prefix_caching: bool = True
     policy: str = "fcfs"  # fcfs | priority (lower `priority` first, then arrival)
     # Longest cached prefix first while at most this many wait (0: policy order only); a request
     # passed over max_passed_over times goes first (see core/admission.py).
     cache_aware_max_waiting: int = 128
     max_passed_over: int = 8
-    # The attention window shared by every layer, if any: blocks behind it are released.
-    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -33,13 +33,12 @@ class SchedulerConfig:
             self.max_num_seqs,
             self.max_model_len,
             self.block_size,
-            self.num_blocks,
             self.max_passed_over,
         )
         assert min(positive) >= 1, self
         assert self.cache_aware_max_waiting >= 0, self
         assert self.policy in POLICIES, self
-        assert self.sliding_window is None or self.sliding_window >= 1, self
+        assert self.kv_groups and all(isinstance(g, KVGroupSpec) for g in self.kv_groups), self
 
     @classmethod
     def from_engine_config(
@@ -47,19 +46,17 @@ class SchedulerConfig:
         config: EngineConfig,
         *,
         max_model_len: int,
-        num_blocks: int,
-        sliding_window: int | None = None,
+        kv_groups: tuple[KVGroupSpec, ...],
     ) -> SchedulerConfig:
         """The scheduler's share of `config`, plus what loading the model decided: the context
-        length, how many KV blocks the cache holds and the window all its layers share."""
+        length and the KV cache's groups (block counts and windows)."""
         return cls(
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs,
             max_model_len=max_model_len,
             block_size=config.block_size,
-            num_blocks=num_blocks,
+            kv_groups=kv_groups,
             enable_prefix_caching=config.enable_prefix_caching,
             policy=config.scheduling_policy,
             cache_aware_max_waiting=config.cache_aware_max_waiting,
-            sliding_window=sliding_window,
         )

@@ -25,7 +25,7 @@ class ScheduledSeq:
     req: Request
     token_ids: list[int]
     start_pos: int
-    block_ids: list[int]
+    block_ids: tuple[list[int], ...]  # a block table per KV cache group
     sample: bool
     num_draft_tokens: int = 0
 

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 from tokenmill.core.admission import CacheAwareAdmission
-from tokenmill.core.kv_cache_manager import KVCacheManager
+from tokenmill.core.kv_cache_manager import BlockTables, KVCacheManager
 from tokenmill.core.output_update import apply_sampled_tokens, make_core_output
 from tokenmill.core.policy import make_key, make_waiting_queue
 from tokenmill.core.sched_config import SchedulerConfig
@@ -37,14 +37,20 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.kv_cache_manager = KVCacheManager(
-            config.num_blocks,
+            config.kv_groups,
             config.block_size,
             config.enable_prefix_caching,
-            config.sliding_window,
+            max_step_tokens=config.max_num_batched_tokens,
         )
-        # A request can never hold more KV than the whole cache; beyond that it would preempt
-        # itself forever, so the cache size caps the context length too.
-        self.max_model_len = min(config.max_model_len, config.num_blocks * config.block_size)
+        # A request can never hold more KV than a group's whole pool; beyond that it would
+        # preempt itself forever, so the pool caps the context length too. A windowed group
+        # whose pool holds a window and a step's tokens never limits it.
+        capacity = [
+            g.pool.num_blocks * config.block_size
+            for g in self.kv_cache_manager.groups
+            if g.max_live_blocks is None or g.pool.num_blocks < g.max_live_blocks
+        ]
+        self.max_model_len = min([config.max_model_len, *capacity])
         if self.max_model_len < config.max_model_len:
             logger.warning(
                 "KV cache holds only %d tokens; capping max_model_len %d to it",
@@ -236,7 +242,7 @@ class Scheduler:
         first = self._first_siblings.get(req.parent_id)
         return first is None or first.num_computed_tokens >= first.num_prompt_tokens
 
-    def _make_seq(self, req: Request, num_new: int, block_ids: list[int]) -> ScheduledSeq:
+    def _make_seq(self, req: Request, num_new: int, block_ids: BlockTables) -> ScheduledSeq:
         start = req.num_computed_tokens
         end = start + num_new
         num_draft = max(0, end - req.num_tokens)

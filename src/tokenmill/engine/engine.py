@@ -64,14 +64,14 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
             ),
+            split_kv_groups=config.hybrid_kv_cache,
         )
         self.num_blocks = self.runner.num_blocks
         self.scheduler = Scheduler(
             SchedulerConfig.from_engine_config(
                 config,
                 max_model_len=self.max_model_len,
-                num_blocks=self.num_blocks,
-                sliding_window=self.runner.sliding_window,
+                kv_groups=self.runner.kv_groups,
             )
         )
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
@@ -91,14 +91,19 @@ class LLMEngine:
         )
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
+        groups = ", ".join(
+            f"{len(layout.layers)} layers x {spec.num_blocks} blocks"
+            + ("" if spec.sliding_window is None else f" (window {spec.sliding_window})")
+            for layout, spec in zip(self.runner.kv_layout, self.runner.kv_groups, strict=True)
+        )
         logger.info(
-            "loaded %s (%s, %s) in %.1fs; KV cache %d blocks x %d tokens",
+            "loaded %s (%s, %s) in %.1fs; KV cache of %d-token blocks: %s",
             self.model_name,
             self.model_config.architecture,
             self.dtype,
             time.perf_counter() - t0,
-            self.num_blocks,
             config.block_size,
+            groups,
         )
 
     # -- what the engine serves ----------------------------------------------------------------

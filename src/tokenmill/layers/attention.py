@@ -33,11 +33,19 @@ class PagedAttention(nn.Module):
         self.backend: AttentionBackend | None = None
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, H_kv, D]
         self.v_cache: torch.Tensor | None = None
+        self.kv_group = 0  # the KV cache group whose slots and block tables this layer reads
 
-    def bind(self, backend: AttentionBackend, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    def bind(
+        self,
+        backend: AttentionBackend,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        kv_group: int = 0,
+    ) -> None:
         self.backend = backend
         self.k_cache = k_cache
         self.v_cache = v_cache
+        self.kv_group = kv_group
 
     def forward(
         self,
@@ -51,8 +59,8 @@ class PagedAttention(nn.Module):
         backend, k_cache, v_cache = self.backend, self.k_cache, self.v_cache
         assert backend is not None and k_cache is not None and v_cache is not None, "not bound"
         if k is not None and v is not None:
-            backend.write_kv(k, v, k_cache, v_cache, ctx.slot_mapping)
+            backend.write_kv(k, v, k_cache, v_cache, ctx.slot_mappings[self.kv_group])
         return backend.forward(
-            q, k_cache, v_cache, ctx.attn_meta, self.scale,
+            q, k_cache, v_cache, ctx.attn_metas[self.kv_group], self.scale,
             window=self.sliding_window, softcap=self.softcap,
         )  # fmt: skip

@@ -12,10 +12,11 @@ import torch
 class ForwardContext:
     """Ragged, padding-free batch: every activation is [num_tokens, ...].
 
-    slot_mapping[i] is the cache slot (block_id * block_size + offset) that token i's KV goes to.
-    `attn_meta` is what the step's attention backend built for it (`AttentionBackend`); models
-    pass it along and never look inside.
+    One entry per KV cache group (a layer reads its own, `PagedAttention.kv_group`):
+    slot_mappings[g][i] is the slot (block_id * block_size + offset) of group g's cache that
+    token i's KV goes to; attn_metas[g] is what the step's attention backend built from group
+    g's block tables (`AttentionBackend`). Models pass it along and never look inside.
     """
 
-    slot_mapping: torch.Tensor  # [num_tokens] int64
-    attn_meta: Any
+    slot_mappings: list[torch.Tensor]  # [num_tokens] int64 each
+    attn_metas: list[Any]

@@ -42,7 +42,7 @@ class FusedDecodeLayer:
         if x.shape[0] > DENSE_ABOVE_ROWS:  # rows that take the dense bf16 matmul
             return None
         attn = self._layer.self_attn.attn
-        args = attn.backend.decode_kernel_args(ctx.attn_meta)
+        args = attn.backend.decode_kernel_args(ctx.attn_metas[attn.kv_group])
         if args is None:  # prompt chunks in the step, or not the C++ decode kernel
             return None
         if not self._decided:
@@ -54,7 +54,7 @@ class FusedDecodeLayer:
         block_tables, ctx_lens = args
         return decode_layer(
             self._ops, self._weights, x, residual, positions, attn.k_cache, attn.v_cache,
-            ctx.slot_mapping, block_tables, ctx_lens,
+            ctx.slot_mappings[attn.kv_group], block_tables, ctx_lens,
         )  # fmt: skip
 
 

@@ -101,7 +101,8 @@ class LlamaAttention(nn.Module):
             # RoPE on q and k, k and v written to the cache, in one call
             q = ops.rope_cache.default(
                 qkv, positions, self.rotary.cos, self.rotary.sin, self.attn.k_cache,
-                self.attn.v_cache, ctx.slot_mapping, self.num_heads, self.num_kv_heads,
+                self.attn.v_cache, ctx.slot_mappings[self.attn.kv_group], self.num_heads,
+                self.num_kv_heads,
             )  # fmt: skip
             out = self.attn(q, None, None, ctx)
             return self.o_proj(out.reshape(num_tokens, -1))

@@ -77,6 +77,7 @@ class DraftModelProposer(Proposer):
             device=config.device,
             quant=loaded.quant,
             attention_backend=config.attention_backend,
+            split_kv_groups=False,  # one table per request, blocks never released (_reserve)
         )
         return cls(runner, block_size, runner.num_blocks)
 
@@ -94,7 +95,7 @@ class DraftModelProposer(Proposer):
             # positions up to the last draft fed back (the k-th draft is never fed)
             if not self._reserve(seq, len(tokens) + k - 1):
                 continue  # draft cache full: this request goes without drafts this step
-            catch_up.append(ScheduledSeq(seq.shadow, tokens[keep:], keep, seq.blocks, True))
+            catch_up.append(ScheduledSeq(seq.shadow, tokens[keep:], keep, (seq.blocks,), True))
             seq.cached = list(tokens)
             live.append((i, seq, k))
         sampled = self._run(catch_up)
@@ -103,7 +104,7 @@ class DraftModelProposer(Proposer):
         for step in range(1, max((k for *_, k in live), default=0)):
             going = [(i, seq) for i, seq, k in live if k > step]
             feed = [
-                ScheduledSeq(seq.shadow, [drafts[i][-1]], len(seq.cached), seq.blocks, True)
+                ScheduledSeq(seq.shadow, [drafts[i][-1]], len(seq.cached), (seq.blocks,), True)
                 for i, seq in going
             ]
             sampled = self._run(feed)

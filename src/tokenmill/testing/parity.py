@@ -63,8 +63,24 @@ def prefill_logits(
     All prompts run together, `chunk` tokens of each per forward step (a whole prompt in one
     step when None), so every chunk after the first reads the earlier ones' KV through the paged
     cache. Prompt i is written to the blocks block_tables[i] (enough of them for the prompt) of
-    the KV cache bound to `model`'s attention layers, through their attention backend.
+    the KV cache bound to `model`'s attention layers (in every KV cache group they are bound
+    to), through their attention backend.
     """
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    num_groups = 1 + max(attn.kv_group for attn in layers)
+    tables = [(list(table),) * num_groups for table in block_tables]
+    return _prefill_logits(model, prompts, tables, block_size, device, chunk)
+
+
+def _prefill_logits(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    block_tables: Sequence[tuple[list[int], ...]],
+    block_size: int,
+    device: str,
+    chunk: int | None,
+) -> list[torch.Tensor]:
+    """`prefill_logits` with a block table per KV cache group for each prompt."""
     backend = next(m.backend for m in model.modules() if isinstance(m, PagedAttention))
     assert backend is not None, "bind the attention layers to a backend and a cache first"
     step = chunk or max((len(p) for p in prompts), default=1)
@@ -81,7 +97,7 @@ def prefill_logits(
             start, ids = done[i], req.prompt_token_ids
             if start < len(ids):
                 end = min(start + step, len(ids))
-                seqs.append(ScheduledSeq(req, ids[start:end], start, list(table), end == len(ids)))
+                seqs.append(ScheduledSeq(req, ids[start:end], start, table, end == len(ids)))
         batch = build_input_batch(seqs, block_size, device, backend)
         hidden = model(batch.input_ids, batch.positions, batch.ctx)
         logits = model.compute_logits(hidden).float()
@@ -96,19 +112,20 @@ def engine_prefill_logits(
     llm: LLM, prompts: Sequence[Sequence[int]], chunk: int | None = None
 ) -> list[torch.Tensor]:
     """`prefill_logits` through an engine's own model and KV cache. The blocks are borrowed from
-    the engine's block pool and given back, so no cached prefix is overwritten; the engine must
-    be idle (nothing else steps it meanwhile)."""
+    each KV cache group's pool and given back, so no cached prefix is overwritten; the engine
+    must be idle (nothing else steps it meanwhile)."""
     runner = llm.engine.runner
-    pool = llm.engine.scheduler.kv_cache_manager.block_pool
+    pools = [g.pool for g in llm.engine.scheduler.kv_cache_manager.groups]
     bs = runner.block_size
     counts = [-(-len(p) // bs) for p in prompts]
-    blocks = pool.get_new_blocks(sum(counts))
+    borrowed = [pool.get_new_blocks(sum(counts)) for pool in pools]
     try:
-        ids = iter(b.block_id for b in blocks)
-        tables = [[next(ids) for _ in range(n)] for n in counts]
-        return prefill_logits(runner.model, prompts, tables, bs, runner.device, chunk)
+        group_ids = [iter(b.block_id for b in blocks) for blocks in borrowed]
+        tables = [tuple([next(ids) for _ in range(n)] for ids in group_ids) for n in counts]
+        return _prefill_logits(runner.model, prompts, tables, bs, runner.device, chunk)
     finally:
-        pool.free_blocks(blocks)
+        for pool, blocks in zip(pools, borrowed, strict=True):
+            pool.free_blocks(blocks)
 
 
 def greedy_tokens(llm: LLM, prompts: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:

@@ -39,29 +39,30 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """`attn`: the attention backend's static metadata buffers (`AttentionBackend.graph_buffers`)
-    with room for the largest bucket."""
+    """`attn`: per KV cache group, the attention backend's static metadata buffers
+    (`AttentionBackend.graph_buffers`) with room for the largest bucket, and `null_blocks` that
+    group's null block."""
 
     def __init__(
         self,
         forward: Forward,
-        attn: GraphBuffers,
+        attn: list[GraphBuffers],
         *,
         max_batch: int,
         block_size: int,
-        null_block: int,
+        null_blocks: list[int],
         device: str | torch.device,
         capture: bool = True,
     ) -> None:
         self.forward = forward
         self.attn = attn
         self.buckets = graph_buckets(max_batch)
-        self.null_slot = null_block * block_size
+        self.null_slots = [null_block * block_size for null_block in null_blocks]
         rows = self.buckets[-1]
         i64 = dict(dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(rows, **i64)
         self.positions = torch.zeros(rows, **i64)
-        self.slot_mapping = torch.full((rows,), self.null_slot, **i64)
+        self.slot_mappings = [torch.full((rows,), slot, **i64) for slot in self.null_slots]
         self.capture = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -69,7 +70,10 @@ class DecodeGraphs:
             self._capture_all()
 
     def _ctx(self, n: int) -> ForwardContext:
-        return ForwardContext(slot_mapping=self.slot_mapping[:n], attn_meta=self.attn.metadata(n))
+        return ForwardContext(
+            slot_mappings=[slots[:n] for slots in self.slot_mappings],
+            attn_metas=[attn.metadata(n) for attn in self.attn],
+        )
 
     @torch.inference_mode()  # as the runner's steps run: no autograd state in the graphs
     def _capture_all(self) -> None:
@@ -91,7 +95,10 @@ class DecodeGraphs:
 
     def can_run(self, batch: InputBatch) -> bool:
         n = batch.input_ids.shape[0]
-        return n <= self.buckets[-1] and self.attn.can_hold(batch.ctx.attn_meta, n)
+        metas = batch.ctx.attn_metas
+        return n <= self.buckets[-1] and all(
+            attn.can_hold(meta, n) for attn, meta in zip(self.attn, metas, strict=True)
+        )
 
     def run(self, batch: InputBatch) -> torch.Tensor:
         """The final hidden states [n, hidden] of a decode-only batch (see `can_run`)."""
@@ -99,10 +106,12 @@ class DecodeGraphs:
         b = next(size for size in self.buckets if size >= n)
         self.input_ids[:n].copy_(batch.input_ids)
         self.positions[:n].copy_(batch.positions)
-        self.slot_mapping[:n].copy_(batch.ctx.slot_mapping)
-        # Padding rows write to the null block (and attend to its first slot only).
-        self.slot_mapping[n:b].fill_(self.null_slot)
-        self.attn.copy_in(batch.ctx.attn_meta, n, b)
+        ctx = batch.ctx
+        for g, attn in enumerate(self.attn):
+            self.slot_mappings[g][:n].copy_(ctx.slot_mappings[g])
+            # Padding rows write to the null block (and attend to its first slot only).
+            self.slot_mappings[g][n:b].fill_(self.null_slots[g])
+            attn.copy_in(ctx.attn_metas[g], n, b)
         if not self.capture:
             return self.forward(self.input_ids[:b], self.positions[:b], self._ctx(b))[:n]
         self.graphs[b].replay()

@@ -33,7 +33,8 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[
 def build_input_batch(
     seqs: list[ScheduledSeq], block_size: int, device: str, backend: AttentionBackend
 ) -> InputBatch:
-    """Packs the step's tokens, decode rows first, and builds `backend`'s attention metadata."""
+    """Packs the step's tokens, decode rows first, and builds `backend`'s attention metadata
+    for each KV cache group (the seqs carry a block table per group)."""
     # A speculative verify seq (last token + drafts) runs as decode rows, one per token: row i
     # attends to start_pos + i + 1 keys, its own KV being written before attention. So each
     # verified token is computed exactly like a plain decode row (bit-identical with the C++
@@ -41,29 +42,35 @@ def build_input_batch(
     decodes = [s for s in seqs if s.num_tokens == 1 or s.num_draft_tokens]
     prefills = [s for s in seqs if s.num_tokens > 1 and not s.num_draft_tokens]
     ordered = decodes + prefills
+    num_groups = len(ordered[0].block_ids) if ordered else 1
     input_ids: list[int] = []
     positions: list[int] = []
-    slot_mapping: list[int] = []
+    slot_mappings: list[list[int]] = [[] for _ in range(num_groups)]
     token_starts: list[int] = []
     for s in ordered:
         token_starts.append(len(input_ids))
         input_ids.extend(s.token_ids)
         end = s.start_pos + s.num_tokens
         positions.extend(range(s.start_pos, end))
-        slot_mapping.extend(_slots(s.block_ids, s.start_pos, end, block_size))
+        for slots, table in zip(slot_mappings, s.block_ids, strict=True):
+            slots.extend(_slots(table, s.start_pos, end, block_size))
 
-    attn_batch = AttentionBatch(
-        decodes=[DecodeSeq(s.start_pos + 1, s.num_tokens, s.block_ids) for s in decodes],
-        chunks=[
-            ChunkSeq(start, s.num_tokens, s.start_pos, s.block_ids)
-            for s, start in zip(prefills, token_starts[len(decodes) :], strict=True)
-        ],
-        block_size=block_size,
-        device=device,
-    )
+    chunk_starts = token_starts[len(decodes) :]
+    metas = []
+    for g in range(num_groups):
+        attn_batch = AttentionBatch(
+            decodes=[DecodeSeq(s.start_pos + 1, s.num_tokens, s.block_ids[g]) for s in decodes],
+            chunks=[
+                ChunkSeq(start, s.num_tokens, s.start_pos, s.block_ids[g])
+                for s, start in zip(prefills, chunk_starts, strict=True)
+            ],
+            block_size=block_size,
+            device=device,
+        )
+        metas.append(backend.build_metadata(attn_batch))
     ctx = ForwardContext(
-        slot_mapping=host_to_device(slot_mapping, device, torch.int64),
-        attn_meta=backend.build_metadata(attn_batch),
+        slot_mappings=[host_to_device(slots, device, torch.int64) for slots in slot_mappings],
+        attn_metas=metas,
     )
     return InputBatch(
         seqs=ordered,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import ModelConfig
+from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.sched_types import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpu_fused import load_cpu_fused
@@ -23,13 +24,22 @@ from tokenmill.sampling.sampler import Sampler, SamplingRow, prompt_logprobs
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.worker.cuda_graph import DecodeGraphs
 from tokenmill.worker.input_batch import InputBatch, build_input_batch
-from tokenmill.worker.kv_cache import KVCacheBudget, allocate_kv_cache, size_kv_cache
+from tokenmill.worker.kv_cache import (
+    KVCacheBudget,
+    allocate_kv_cache,
+    plan_kv_groups,
+    size_kv_cache,
+    split_kv_blocks,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GpuOptions:
+    """The step limits the runner plans for: CUDA graphs, the profiling forward, and the share
+    of the KV cache that sliding-window layers get (which they size on every device)."""
+
     enforce_eager: bool = False
     max_num_seqs: int = 128  # the largest decode batch: CUDA graphs are captured up to it
     max_num_batched_tokens: int = 512  # the profiling forward's size
@@ -50,7 +60,11 @@ class ModelRunner:
         batch_invariant: bool = False,
         attention_backend: str = "auto",
         gpu: GpuOptions | None = None,
+        split_kv_groups: bool = True,
     ) -> None:
+        """`split_kv_groups`: a model that mixes sliding-window and global layers gets a KV
+        cache group per window (its windowed layers' blocks are released as they slide out);
+        False keeps one group and one block table for every layer."""
         self.model_config = model_config
         self.dtype = dtype
         self.device = device
@@ -79,21 +93,29 @@ class ModelRunner:
         if device == "cpu" and dtype == torch.bfloat16:
             load_cpu_fused()  # built (or loaded from cache) now, not inside the first request
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        # The window every layer shares, if any: the KV behind it can be released. A model that
-        # mixes windowed and global layers keeps every block (its global layers read them).
-        windows = {attn.sliding_window for attn in self.attn_layers}
-        self.sliding_window: int | None = windows.pop() if len(windows) == 1 else None
+        self.kv_layout = plan_kv_groups(
+            [attn.sliding_window for attn in self.attn_layers], split_kv_groups
+        )
+        # The budget in blocks of every layer, which the groups then share out.
         self.num_blocks = size_kv_cache(
             kv_budget, model_config, block_size, dtype, max_model_len, device,
             profile=lambda: self._profile_run(gpu),
         )  # fmt: skip
-        # One more block than the scheduler knows of: the null block that CUDA graphs' padding
-        # rows write to. No request ever owns it.
-        self.null_block = self.num_blocks
-        self.kv_cache = allocate_kv_cache(
-            model_config, self.num_blocks + 1, block_size, dtype, device
+        counts = split_kv_blocks(
+            self.num_blocks, self.kv_layout, block_size, gpu.max_num_seqs,
+            gpu.max_num_batched_tokens,
+        )  # fmt: skip
+        self.kv_groups = tuple(
+            KVGroupSpec(n, g.sliding_window) for n, g in zip(counts, self.kv_layout, strict=True)
         )
-        self._bind_cache(self.kv_cache)
+        # One more block per group than the scheduler knows of: the null block that released
+        # entries point at and CUDA graphs' padding rows write to. No request ever owns it.
+        self.null_blocks = counts
+        self.kv_caches = [
+            allocate_kv_cache(model_config, n + 1, block_size, dtype, device, len(g.layers))
+            for n, g in zip(counts, self.kv_layout, strict=True)
+        ]
+        self._bind_cache(self.kv_caches)
         self.sampler = Sampler()
         # Decode-only steps on the GPU run padded to a graph's batch size over static buffers;
         # enforce_eager runs the very same padded batches without capturing, so each matmul and
@@ -106,17 +128,18 @@ class ModelRunner:
         """CUDA graphs of decode steps up to max_batch rows (`capture=False`: the same padded
         static buffers, run eagerly); None where the attention backend cannot be captured."""
         max_blocks = -(-self.max_model_len // self.block_size)
-        buffers = self.attn_backend.graph_buffers(
-            max_batch, max_blocks, self.null_block, self.device
-        )
-        if buffers is None:
+        buffers = [
+            self.attn_backend.graph_buffers(max_batch, max_blocks, null, self.device)
+            for null in self.null_blocks
+        ]
+        if any(b is None for b in buffers):
             return None
         return DecodeGraphs(
             self.model,
-            buffers,
+            buffers,  # type: ignore[arg-type]  # none is None
             max_batch=max_batch,
             block_size=self.block_size,
-            null_block=self.null_block,
+            null_blocks=self.null_blocks,
             device=self.device,
             capture=capture,
         )
@@ -134,10 +157,11 @@ class ModelRunner:
             ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(weight_bytes.items())),
         )
 
-    def _bind_cache(self, kv_cache: torch.Tensor) -> None:
-        for i, attn in enumerate(self.attn_layers):
-            # [num_blocks, block_size, H_kv, D] each
-            attn.bind(self.attn_backend, kv_cache[i, 0], kv_cache[i, 1])
+    def _bind_cache(self, kv_caches: list[torch.Tensor]) -> None:
+        for g, (group, cache) in enumerate(zip(self.kv_layout, kv_caches, strict=True)):
+            for j, i in enumerate(group.layers):
+                # [num_blocks, block_size, H_kv, D] each
+                self.attn_layers[i].bind(self.attn_backend, cache[j, 0], cache[j, 1], g)
 
     def prepare(self, seqs: list[ScheduledSeq]) -> InputBatch:
         """The packed tensors and attention metadata of one step."""
@@ -152,10 +176,14 @@ class ModelRunner:
         for start in range(0, num_tokens, self.max_model_len):
             n = min(self.max_model_len, num_tokens - start)
             used = -(-n // self.block_size)
-            seqs.append(_profile_seq(n, list(range(block, block + used))))
+            table = list(range(block, block + used))
+            seqs.append(_profile_seq(n, (table,) * len(self.kv_layout)))
             block += used
         cfg = self.model_config
-        cache = allocate_kv_cache(cfg, block, self.block_size, self.dtype, self.device)
+        cache = [
+            allocate_kv_cache(cfg, block, self.block_size, self.dtype, self.device, len(g.layers))
+            for g in self.kv_layout
+        ]
         self._bind_cache(cache)
         batch = self.prepare(seqs)
         hidden = self.model(batch.input_ids, batch.positions, batch.ctx)
@@ -218,6 +246,6 @@ class ModelRunner:
         return out
 
 
-def _profile_seq(num_tokens: int, block_ids: list[int]) -> ScheduledSeq:
+def _profile_seq(num_tokens: int, block_ids: tuple[list[int], ...]) -> ScheduledSeq:
     req = Request("profile", [0] * num_tokens, SamplingParams(max_tokens=1), max_tokens=1)
     return ScheduledSeq(req, req.prompt_token_ids, 0, block_ids, sample=True)
