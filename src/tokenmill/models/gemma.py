@@ -214,7 +214,7 @@ class GemmaModel(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, ctx)
-        return self.norm(x + residual)
+        return self.norm(x if residual is None else x + residual)
 
 
 class _GemmaForCausalLM(nn.Module):
