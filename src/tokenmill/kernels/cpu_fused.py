@@ -90,9 +90,10 @@ class DecodeLayerWeights:
             self.k_norm,
             self.window,
         )
-        gemma = (self.softcap, self.pre_ff_norm, self.post_ff_norm, self.activation)
-        if gemma != (0.0, None, None, "silu"):  # the defaults are left to the op's schema
-            post = (*post, *gemma)
+        # Llama's call passes only the above: the rest are the op's defaults
+        gemma_norms = self.pre_ff_norm is not None or self.post_ff_norm is not None
+        if self.softcap or gemma_norms or self.activation != "silu":
+            post = (*post, self.softcap, self.pre_ff_norm, self.post_ff_norm, self.activation)
         object.__setattr__(self, "post", post)
 
 
