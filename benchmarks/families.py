@@ -2,15 +2,16 @@
 tokenmill against transformers in the same run.
 
     python benchmarks/families.py [--families llama qwen3 gemma2 gemma3 phi3] [--layers 4]
-                                  [--quantization int8] --out PATH
+                                  [--quantization int8] [--repeats N] [--threads N] --out PATH
 
 Each family's config takes the width of a real checkpoint (Llama-3.2-1B, Qwen3-0.6B, Gemma-2-2B,
 Gemma-3-1B, Phi-3-mini) with `--layers` layers and the default model's tokenizer (vocabulary
 49152, so every family pays the same LM head). Figures: single-stream decode tokens/s (after the
 first token) and offline throughput (`--num-requests` prompts of `--prompt-len` tokens,
-`--output-len` generated each), tokenmill in bf16 (optionally quantized at load) and
-transformers in bf16, plus which fast paths tokenmill ran: the fused whole-layer CPU decode
-(quantized weights only) and the packed quantized kernels.
+`--output-len` generated each), tokenmill in bf16 (optionally quantized at load; best of
+`--repeats`, with the CPU milliseconds per token its process spent) and transformers in bf16,
+plus which fast paths tokenmill ran: the fused whole-layer CPU decode (quantized weights only)
+and the packed quantized kernels.
 """
 
 from __future__ import annotations
@@ -72,29 +73,39 @@ def build_folder(name: str, layers: int, root: Path) -> Path:
 
 
 def bench_tokenmill(folder: Path, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    """Best of `--repeats`: wall-clock tokens/s and this process's CPU milliseconds per token
+    (a figure that other processes on a shared host disturb less than the wall clock)."""
     from tokenmill import LLM, SamplingParams
 
     llm = LLM(model=str(folder), dtype="bfloat16", quantization=args.quantization)
     greedy = dict(temperature=0.0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=4, **greedy),
                  use_tqdm=False)  # fmt: skip
-    t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=1), use_tqdm=False)
-    t_first = time.perf_counter() - t
-    t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prompts[0]}],
-                 SamplingParams(max_tokens=args.single_len, **greedy), use_tqdm=False)  # fmt: skip
-    decode = (args.single_len - 1) / (time.perf_counter() - t - t_first)
-    params = SamplingParams(max_tokens=args.output_len, **greedy)
-    t = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - t
+    decode, throughput, decode_cpu, throughput_cpu = [], [], [], []
+    for _ in range(args.repeats):
+        t, c = time.perf_counter(), time.process_time()
+        llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=1),
+                     use_tqdm=False)  # fmt: skip
+        t_first, c_first = time.perf_counter() - t, time.process_time() - c
+        single = SamplingParams(max_tokens=args.single_len, **greedy)
+        t, c = time.perf_counter(), time.process_time()
+        llm.generate([{"prompt_token_ids": prompts[0]}], single, use_tqdm=False)
+        decode.append((args.single_len - 1) / (time.perf_counter() - t - t_first))
+        decode_cpu.append(1e3 * (time.process_time() - c - c_first) / (args.single_len - 1))
+        params = SamplingParams(max_tokens=args.output_len, **greedy)
+        t, c = time.perf_counter(), time.process_time()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        throughput.append(num_out / (time.perf_counter() - t))
+        throughput_cpu.append(1e3 * (time.process_time() - c) / num_out)
     model = llm.engine.runner.model
     fused = [getattr(m, "fused_decode", None) for m in model.modules()]
     methods = {type(m.quant_method).__name__ for m in model.modules() if hasattr(m, "quant_method")}
     return {
-        "single_stream_decode_tok_s": decode,
-        "throughput_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / elapsed,
+        "single_stream_decode_tok_s": max(decode),
+        "throughput_tok_s": max(throughput),
+        "single_stream_decode_cpu_ms_per_tok": min(decode_cpu),
+        "throughput_cpu_ms_per_tok": min(throughput_cpu),
         "fused_decode_layers": sum(1 for f in fused if f is not None and f.active),
         "linear_methods": sorted(methods),
         "attention_backend": llm.engine.runner.attn_backend.name,
@@ -133,8 +144,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--single-len", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="tokenmill's figures: best of N")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     ap.add_argument("--out", default="benchmarks/results/families.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from tokenmill.engine.tokenizer import Tokenizer
 
     results: dict[str, dict] = {}

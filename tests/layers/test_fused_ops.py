@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels.cpu_fused import load_cpu_fused
 from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.models.gemma import GemmaRMSNorm
 from utils_tiny import make_tiny_hf_folder
 
 pytestmark = pytest.mark.skipif(
@@ -62,6 +63,46 @@ def test_silu_mul_matches_pytorch(rows, inter):
     ref = F.silu(gate) * up
     assert bf16_ulps(out, ref) <= 1
     assert (out != ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (5, 70), (33, 1024)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_float32_weight_matches_gemma_norm(rows, hidden, with_residual):
+    """A float32 weight (Gemma's 1 + w) multiplies the float32 normalized row, rounded once."""
+    ops = load_cpu_fused()
+    g = torch.Generator().manual_seed(rows + hidden)
+    x = torch.randn(rows, hidden, generator=g).bfloat16()
+    res = torch.randn(rows, hidden, generator=g).bfloat16() if with_residual else None
+    norm = GemmaRMSNorm(hidden, 1e-6, torch.bfloat16)
+    norm.weight.data.normal_(std=0.3, generator=g)
+    out, s = ops.add_rms_norm.default(x, res, 1.0 + norm.weight.float(), 1e-6)
+    ref_s = x if res is None else x + res
+    ref_out = norm(ref_s)
+    assert torch.equal(s, ref_s)
+    assert bf16_ulps(out, ref_out) <= 1
+    assert (out != ref_out).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (9, 2048), (20, 64)])
+@pytest.mark.parametrize("scale", [1.0, 4.0, 12.0])
+def test_gelu_tanh_mul_matches_pytorch(rows, inter, scale):
+    """Gemma's GeGLU: gelu(gate, approximate="tanh") * up, widths that PyTorch's vectorized
+    gelu covers whole (its scalar tail computes tanh with another rounding near -1)."""
+    ops = load_cpu_fused()
+    g = torch.Generator().manual_seed(inter)
+    gate_up = (torch.randn(rows, 2 * inter, generator=g) * scale).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = ops.gelu_tanh_mul.default(gate_up)
+    ref = F.gelu(gate, approximate="tanh") * up
+    assert bf16_ulps(out, ref) <= 1
+    assert (out != ref).float().mean() < 0.01
+    # odd widths: the same values up to the last step of PyTorch's tail
+    odd = gate_up[:, : 2 * 37].contiguous()
+    gate, up = odd.chunk(2, dim=-1)
+    torch.testing.assert_close(
+        ops.gelu_tanh_mul.default(odd), F.gelu(gate, approximate="tanh") * up,
+        atol=1e-5, rtol=1e-2,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 4, 2), (80, 2, 1)])

@@ -158,10 +158,11 @@ def bf16_rows(cols: int, seed: int, scale: float = 1.0) -> torch.Tensor:
 @needs_fused
 @pytest.mark.parametrize("hidden", [70, 576])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_add_rms_norm(hidden: int, with_residual: bool) -> None:
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])  # Llama's, Gemma's
+def test_add_rms_norm(hidden: int, with_residual: bool, weight_dtype: torch.dtype) -> None:
     ops = load_cpu_fused()
     x, res = bf16_rows(hidden, 1), bf16_rows(hidden, 2) if with_residual else None
-    w = bf16_rows(hidden, 3)[0]
+    w = bf16_rows(hidden, 3)[0].to(weight_dtype)
 
     def run(idx: torch.Tensor) -> torch.Tensor:
         out, total = ops.add_rms_norm.default(x[idx], None if res is None else res[idx], w, 1e-5)
@@ -172,10 +173,11 @@ def test_add_rms_norm(hidden: int, with_residual: bool) -> None:
 
 @needs_fused
 @pytest.mark.parametrize("inter", [40, 1536])
-def test_silu_mul(inter: int) -> None:
-    ops = load_cpu_fused()
+@pytest.mark.parametrize("op", ["silu_mul", "gelu_tanh_mul"])
+def test_glu_mul(inter: int, op: str) -> None:
+    fn = getattr(load_cpu_fused(), op).default
     gate_up = bf16_rows(2 * inter, inter, scale=4.0)
-    assert_rows_invariant(lambda idx: ops.silu_mul.default(gate_up[idx]))
+    assert_rows_invariant(lambda idx: fn(gate_up[idx]))
 
 
 @needs_fused
@@ -203,9 +205,11 @@ def test_rope_cache(head_dim: int, heads: int, kv_heads: int) -> None:
 @needs_fused
 @needs_quant
 @needs_attention
-def test_decode_layer() -> None:
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_decode_layer(family: str) -> None:
     """The whole fused decoder layer (quantized matmuls of 3 and 5 blocks, a qkv bias, rows at
-    different positions, each over its own KV blocks)."""
+    different positions, each over its own KV blocks); Gemma's with its four float32 norms,
+    q/k norms, GeGLU, a soft-cap and a sliding window shorter than most rows."""
     ops = load_cpu_fused()
     hidden, heads, kv_heads, head_dim, inter, block = 96, 6, 2, 32, 160, 16
     g = torch.Generator().manual_seed(0)
@@ -229,6 +233,12 @@ def test_decode_layer() -> None:
     pos = lens - 1
     slots = tables.gather(1, (pos // block).unsqueeze(1)).squeeze(1) * block + pos % block
     x, residual = bf16_rows(hidden, 4), bf16_rows(hidden, 5)
+    gemma: tuple = ()  # the op's defaults: no q/k norms, window, soft-cap, Gemma norms; SwiGLU
+    if family == "gemma":
+        norms = norms.float()  # 1 + w, multiplied in float32
+        qk = torch.rand(2, head_dim, generator=g) + 0.5
+        ff = torch.rand(2, hidden, generator=g) + 0.5
+        gemma = (qk[0], qk[1], 48, 2.5, ff[0], ff[1], "gelu_tanh")
 
     def run(idx: torch.Tensor) -> torch.Tensor:
         kc, vc = k_cache.clone(), v_cache.clone()  # each call writes its rows' slots
@@ -236,7 +246,7 @@ def test_decode_layer() -> None:
             x[idx], residual[idx], norms[0], norms[1], 1e-5,
             *packed["qkv"], qkv_bias, *packed["o"], *packed["gate_up"], *packed["down"], inter,
             cos, sin, pos[idx], kc, vc, slots[idx], tables[idx], lens[idx], head_dim**-0.5,
-            heads, kv_heads,
+            heads, kv_heads, *gemma,
         )  # fmt: skip
         return torch.cat([out, res], dim=1)
 

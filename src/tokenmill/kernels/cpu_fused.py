@@ -1,6 +1,6 @@
 """Fused bfloat16 CPU ops of the decoder layer (csrc/fused_ops.cpp): residual add + RMSNorm,
-RoPE + KV-cache write, SwiGLU. Each replaces a dozen small aten ops whose dispatch, not their
-arithmetic, dominates a decode step; they round exactly where the PyTorch code does.
+RoPE + KV-cache write, SwiGLU and GeGLU. Each replaces a dozen small aten ops whose dispatch,
+not their arithmetic, dominates a decode step; they round exactly where the PyTorch code does.
 
 `fused_ops(x)` gives the op namespace when `x` can take them (a bfloat16 CPU tensor and the
 extension built), else None and the caller runs its PyTorch code. `decode_layer` runs a whole
@@ -58,14 +58,22 @@ class DecodeLayerWeights:
     down_w: torch.Tensor
     down_bits: int
     intermediate: int
-    cos: torch.Tensor  # [max_positions, D // 2]
+    cos: torch.Tensor  # [max_positions, D]
     sin: torch.Tensor
     scale: float
     num_heads: int
     num_kv_heads: int
-    q_norm: torch.Tensor | None = None  # [D]: Qwen3's RMSNorm per head on q, then on k
+    q_norm: torch.Tensor | None = None  # [D]: an RMSNorm per head on q, then on k (Qwen3, Gemma 3)
     k_norm: torch.Tensor | None = None
     window: int = 0  # > 0: a sliding window of that many keys
+    softcap: float = 0.0  # > 0: attention scores capped at softcap * tanh(score / softcap)
+    # Gemma: post_norm normalizes the attention output before its residual add, pre_ff_norm
+    # the stream before the MLP, post_ff_norm the MLP output (both or neither).
+    pre_ff_norm: torch.Tensor | None = None  # [hidden]
+    post_ff_norm: torch.Tensor | None = None
+    activation: str = "silu"  # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    # Every norm weight is bfloat16 (the normalized row rounded, then times the weight) or
+    # float32 (times the weight in float32, then rounded: Gemma's 1 + w).
 
     def __post_init__(self) -> None:
         # The op's argument order, split around the per-step arguments (kept as tuples: a
@@ -74,7 +82,7 @@ class DecodeLayerWeights:
                self.qkv_bias, self.o_w, self.o_bits, self.gate_up_w, self.gate_up_bits,
                self.down_w, self.down_bits, self.intermediate, self.cos, self.sin)  # fmt: skip
         object.__setattr__(self, "pre", pre)
-        post = (
+        post: tuple[Any, ...] = (
             self.scale,
             self.num_heads,
             self.num_kv_heads,
@@ -82,6 +90,10 @@ class DecodeLayerWeights:
             self.k_norm,
             self.window,
         )
+        # Llama's call passes only the above: the rest are the op's defaults
+        gemma_norms = self.pre_ff_norm is not None or self.post_ff_norm is not None
+        if self.softcap or gemma_norms or self.activation != "silu":
+            post = (*post, self.softcap, self.pre_ff_norm, self.post_ff_norm, self.activation)
         object.__setattr__(self, "post", post)
 
 
@@ -98,9 +110,11 @@ def decode_layer(
     ctx_lens: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole decoder layer for decode rows in one call: x -> [RMSNorm -> GQA attention with
-    RoPE (KV written to the cache) -> +] -> [RMSNorm -> SwiGLU -> +], calling the quantized
-    matmul and the paged decode attention through the dispatcher, the same kernels in the same
-    order as the unfused layer. x, residual: [B, hidden] bfloat16; returns (out, residual)."""
+    RoPE (KV written to the cache) -> +] -> [RMSNorm -> SwiGLU -> +] (Gemma: a norm after the
+    attention and after the MLP too, GeGLU), calling the quantized matmul and the paged decode
+    attention through the dispatcher, the same kernels in the same order as the unfused layer.
+    x, residual: [B, hidden] bfloat16, the stream is x + residual; returns (out, residual), the
+    layer's output stream being out + residual (the next layer's norm adds them)."""
     return ops.decode_layer.default(
         x, residual, *w.pre, positions, k_cache, v_cache, slot_mapping, block_tables, ctx_lens,
         *w.post,

@@ -1,4 +1,4 @@
-"""The adapter between a Llama-style decoder layer and the fused C++ decode layer
+"""The adapter between a Llama- or Gemma-style decoder layer and the fused C++ decode layer
 (`kernels.cpu_fused.decode_layer`): when a step has decode rows only, its attention backend runs
 the C++ decode kernel and the layer's four matmuls are packed quantized blocks, the whole layer
 is one call, with no Python between its kernels. Otherwise the layer runs its own code."""
@@ -17,11 +17,17 @@ from tokenmill.quant.block import DENSE_ABOVE_ROWS, BlockQuantMethod
 class FusedDecodeLayer:
     """Wraps one decoder layer with `input_layernorm`, `post_attention_layernorm`,
     `self_attn` (qkv_proj, o_proj, rotary, attn, num_heads, num_kv_heads, and optionally
-    q_norm / k_norm, RMSNorm modules per head) and `mlp` (gate_up_proj, down_proj). Whether
-    the layer can be fused is decided at its first decode step, after the weights are packed."""
+    q_norm / k_norm, RMSNorm modules per head) and `mlp` (gate_up_proj, down_proj); a Gemma
+    layer also has `pre_feedforward_layernorm` and `post_feedforward_layernorm` (its
+    post_attention_layernorm then normalizes the attention output, before the residual add).
+    `offset_norms`: every norm multiplies by 1 + weight in float32 (Gemma's); `activation` of
+    the MLP's gate: "silu" or "gelu_tanh". Whether the layer can be fused is decided at its
+    first decode step, after the weights are packed."""
 
-    def __init__(self, layer: Any) -> None:
+    def __init__(self, layer: Any, *, offset_norms: bool = False, activation: str = "silu") -> None:
         self._layer = layer
+        self._offset_norms = offset_norms
+        self._activation = activation
         self._weights: DecodeLayerWeights | None = None
         self._ops: Any = None
         self._decided = False
@@ -47,7 +53,9 @@ class FusedDecodeLayer:
             return None
         if not self._decided:
             self._ops = fused_ops(x)
-            self._weights = None if self._ops is None else _gather_weights(self._layer)
+            self._weights = None
+            if self._ops is not None:
+                self._weights = _gather_weights(self._layer, self._offset_norms, self._activation)
             self._decided = True
         if self._weights is None:
             return None
@@ -58,7 +66,7 @@ class FusedDecodeLayer:
         )  # fmt: skip
 
 
-def _gather_weights(layer: Any) -> DecodeLayerWeights | None:
+def _gather_weights(layer: Any, offset_norms: bool, activation: str) -> DecodeLayerWeights | None:
     attn, mlp = layer.self_attn, layer.mlp
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     methods = [lin.quant_method for lin in linears]
@@ -70,17 +78,28 @@ def _gather_weights(layer: Any) -> DecodeLayerWeights | None:
         return None  # the C++ layer rotates whole heads: its cos/sin must span head_dim
     qkv, o, gate_up, down = methods
     norm = layer.input_layernorm
-    # Qwen3 norms each q and k head before RoPE; the op does it with the layer's eps.
-    if attn.attn.softcap is not None:  # the C++ decode attention has no soft-capping
+    pre_ff = getattr(layer, "pre_feedforward_layernorm", None)
+    post_ff = getattr(layer, "post_feedforward_layernorm", None)
+    if (pre_ff is None) != (post_ff is None):
         return None
+    # Qwen3 and Gemma 3 norm each q and k head before RoPE; the op does it with the layer's eps.
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if (q_norm is None) != (k_norm is None):
         return None
-    if q_norm is not None and not (q_norm.eps == k_norm.eps == norm.eps):
+    others = (layer.post_attention_layernorm, pre_ff, post_ff, q_norm, k_norm)
+    if any(n is not None and n.eps != norm.eps for n in others):
         return None
+
+    def weight(n: Any) -> torch.Tensor | None:
+        # Gemma's offset: 1 + w in float32, as its norm computes it (the op multiplies in the
+        # weight's dtype and rounds once); computed once, here, not per step.
+        if n is None or not offset_norms:
+            return None if n is None else n.weight
+        return (1.0 + n.weight.float()).contiguous()
+
     return DecodeLayerWeights(
-        input_norm=norm.weight,
-        post_norm=layer.post_attention_layernorm.weight,
+        input_norm=weight(norm),
+        post_norm=weight(layer.post_attention_layernorm),
         eps=norm.eps,
         qkv_w=qkv.packed,
         qkv_bits=qkv.bits,
@@ -97,7 +116,11 @@ def _gather_weights(layer: Any) -> DecodeLayerWeights | None:
         scale=attn.attn.scale,
         num_heads=attn.num_heads,
         num_kv_heads=attn.num_kv_heads,
-        q_norm=None if q_norm is None else q_norm.weight,
-        k_norm=None if k_norm is None else k_norm.weight,
+        q_norm=weight(q_norm),
+        k_norm=weight(k_norm),
         window=attn.attn.sliding_window or 0,
+        softcap=attn.attn.softcap or 0.0,
+        pre_ff_norm=weight(pre_ff),
+        post_ff_norm=weight(post_ff),
+        activation=activation,
     )

@@ -17,8 +17,10 @@ a norm before and after both the attention and the MLP. Where Gemma departs from
   the configured scaling;
 - tied embeddings.
 
-The batch is ragged and packed: every activation is [num_tokens, ...] with no padding. The
-whole-layer fused CPU decode and the fused norm / RoPE ops are Llama's and are not used here.
+The batch is ragged and packed: every activation is [num_tokens, ...] with no padding. Decode
+steps of bf16 layers with packed quantized weights run the whole layer as one C++ call
+(`FusedDecodeLayer`, with Gemma's norms, GeGLU and soft-cap), which rounds where the PyTorch
+code below does; that code does not use the separate fused norm / RoPE / SwiGLU ops of Llama.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.errors import ModelLoadError
 from tokenmill.layers.forward_context import ForwardContext
+from tokenmill.layers.fused_decode import FusedDecodeLayer
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.rotary import RotaryEmbedding, rope_type_of
 from tokenmill.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
@@ -149,15 +152,27 @@ class GemmaDecoderLayer(nn.Module):
         self.post_attention_layernorm = GemmaRMSNorm(hidden, eps, dtype)
         self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps, dtype)
         self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps, dtype)
+        # the whole layer in one C++ call, if it can
+        self.fused_decode = FusedDecodeLayer(self, offset_norms=True, activation="gelu_tanh")
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        # x: [T, hidden], the residual stream
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream comes and goes in two parts [T, hidden], x + residual (residual
+        None: x alone), as the fused op leaves it: the add is the next layer's first op."""
+        fused = self.fused_decode(positions, x, residual, ctx)
+        if fused is not None:
+            return fused
+        if residual is not None:
+            x = x + residual
         h = self.self_attn(positions, self.input_layernorm(x), ctx)
         x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h)
+        return self.post_feedforward_layernorm(h), x
 
 
 class GemmaModel(nn.Module):
@@ -196,9 +211,10 @@ class GemmaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids) * self.embed_scale  # [T, hidden]
+        residual = None
         for layer in self.layers:
-            x = layer(positions, x, ctx)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, ctx)
+        return self.norm(x if residual is None else x + residual)
 
 
 class _GemmaForCausalLM(nn.Module):
