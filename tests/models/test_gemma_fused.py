@@ -59,7 +59,8 @@ def test_fused_layer_matches_the_pytorch_layer(tmp_path: Path, arch: str) -> Non
         ctx = args[3]
         if isinstance(layer.fused_decode, _Unfused) or not layer.fused_decode.active:
             return  # the reference call below, or a layer not fused
-        if layer.self_attn.attn.backend.decode_kernel_args(ctx.attn_meta) is None:
+        attn = layer.self_attn.attn
+        if attn.backend.decode_kernel_args(ctx.attn_metas[attn.kv_group]) is None:
             return  # a step with prompt chunks: the layer ran unfused
         fused = layer.fused_decode
         layer.fused_decode = _Unfused()
