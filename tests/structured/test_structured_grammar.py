@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
-from utils_default import DEFAULT_GGUF, needs_default
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling.sampler import Sampler, SamplingRow
 from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
+from utils_default import DEFAULT_GGUF, needs_default
 
 # -- the spec -------------------------------------------------------------------------------------
 
