@@ -55,8 +55,7 @@ def test_grammar_accepts_exactly_the_output_through_preemption() -> None:
     # recomputed; each grammar must still have seen its output once, in order.
     sched = make_sched(num_blocks=8, max_num_batched_tokens=16)
     reqs = [
-        make_req(list(range(i, i + 6)), max_tokens=10, grammar=ScriptedGrammar())
-        for i in range(5)
+        make_req(list(range(i, i + 6)), max_tokens=10, grammar=ScriptedGrammar()) for i in range(5)
     ]
     outputs = run(sched, [reqs])
     assert sched.num_preemptions > 0
