@@ -132,16 +132,18 @@ SPECS = [
 
 @needs_default
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("copies", [1, 2])  # 3 rows fill masks one by one, 6 in a batch call
 def test_masked_sampling_yields_the_language_and_leaves_free_rows_alone(
-    tok, manager, temperature: float
+    tok, manager, temperature: float, copies: int
 ) -> None:
     """Random logits: every constrained row ends (EOS) on a string of its language, a free row
     draws what it draws alone, and no padded id is ever chosen."""
     vocab = tok.vocab_size + PAD
     gen = torch.Generator().manual_seed(0)
     sampler = Sampler()
-    n = len(SPECS) + 1
-    grammars = [manager.new_grammar(spec) for spec, _ in SPECS] + [None]
+    specs = SPECS * copies
+    n = len(specs) + 1
+    grammars = [manager.new_grammar(spec) for spec, _ in specs] + [None]
     outs: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     eos = frozenset(tok.eos_token_ids)
@@ -173,7 +175,7 @@ def test_masked_sampling_yields_the_language_and_leaves_free_rows_alone(
             if g is not None:
                 assert g.accept_token(t)
                 done[i] = g.is_terminated()
-    for (_, pattern), out, g in zip(SPECS, outs, grammars, strict=False):
+    for (_, pattern), out, g in zip(specs, outs, grammars, strict=False):
         assert g.is_terminated() and out[-1] in eos
         assert re.fullmatch(pattern, tok.decode(out[:-1])), tok.decode(out)
 
