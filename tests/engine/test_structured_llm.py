@@ -143,3 +143,22 @@ def test_bad_spec_rejects_the_call_and_queues_nothing(default_llm_fp32, spec) ->
     assert not llm.engine.has_unfinished_requests()
     (out,) = llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_speculative_engine_drafts_only_for_free_requests(make_llm, default_llm_fp32) -> None:
+    """Constrained requests never draft (the mask holds for one position; verify_drafts asserts
+    that no constrained row carries drafts); beside them free requests still do, and every
+    output is what the engine without speculation gives."""
+    llm = make_llm(dtype="float32", quantization="none", batch_invariant=True,
+                   speculative="suffix", kv_cache_memory_gb=0.5)  # fmt: skip
+    prompt = "one two three four one two three four one two three four one two"
+    params = [
+        constrained(StructuredOutputsParams(regex=r"( (one|two|three|four)){1,12}"), 0.0),
+        SamplingParams(temperature=0.0, max_tokens=24),
+    ]
+    outs = llm.generate([prompt, prompt], params, use_tqdm=False)
+    refs = default_llm_fp32.generate([prompt, prompt], params, use_tqdm=False)
+    for out, ref in zip(outs, refs, strict=True):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    assert re.fullmatch(r"( (one|two|three|four)){1,12}", outs[0].outputs[0].text)
+    assert llm.engine.scheduler.spec_stats.num_drafted_tokens > 0  # the free one drafted
