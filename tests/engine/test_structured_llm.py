@@ -162,3 +162,37 @@ def test_speculative_engine_drafts_only_for_free_requests(make_llm, default_llm_
         assert out.outputs[0].token_ids == ref.outputs[0].token_ids
     assert re.fullmatch(r"( (one|two|three|four)){1,12}", outs[0].outputs[0].text)
     assert llm.engine.scheduler.spec_stats.num_drafted_tokens > 0  # the free one drafted
+
+
+def test_pending_grammar_waits_without_stalling_and_a_failed_one_aborts(
+    default_llm_fp32, monkeypatch
+) -> None:
+    """Grammars compile off the engine's thread: a request whose grammar is not ready is not
+    scheduled while free requests run to completion; once it compiles the request runs, and a
+    grammar that fails to compile later aborts its request instead of running it."""
+    from concurrent.futures import Future
+
+    engine = default_llm_fp32.engine
+    manager = engine.structured
+    good, bad = Future(), Future()
+    real_compile = manager.compile
+    pending = {"good": good, "bad": bad}
+    monkeypatch.setattr(
+        manager, "compile", lambda spec: pending.get(spec.regex) or real_compile(spec)
+    )
+    engine.add_request("Hello", constrained(StructuredOutputsParams(regex="good")), "g")
+    engine.add_request("Hello", constrained(StructuredOutputsParams(regex="bad")), "b")
+    engine.add_request("Hello", SamplingParams(temperature=0, max_tokens=3), "free")
+    finished = {}
+    while "free" not in finished:
+        for out in engine.step():
+            finished[out.request_id] = out
+    assert set(finished) == {"free"}  # the constrained ones waited
+    good.set_result(real_compile(StructuredOutputsParams(regex="[a-z]{2}")).result())
+    bad.set_exception(InvalidRequestError("structured_outputs.regex is invalid: x", "x"))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            finished[out.request_id] = out
+    assert re.fullmatch("[a-z]{2}", finished["g"].outputs[0].text)
+    assert finished["b"].outputs[0].finish_reason == "abort"
+    assert not finished["b"].outputs[0].token_ids
