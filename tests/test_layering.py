@@ -22,10 +22,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tokenmill"
 TYPES = {"errors", "config", "sampling_params", "request", "outputs", "version", "data"}
 
 # What each part may import besides itself and TYPES. Read bottom-up: core is pure Python;
-# kernels bind the C++ and Triton code; quant stores and multiplies weights; layers build
-# models; loader reads checkpoints into (name, tensor) streams; worker runs the model for a
-# step; spec_decode drives a proposer (a draft model has its own worker); engine ties them;
-# server speaks HTTP; the rest are entry points.
+# structured compiles grammars and masks tokens (xgrammar); kernels bind the C++ and Triton
+# code; quant stores and multiplies weights; layers build models; loader reads checkpoints
+# into (name, tensor) streams; worker runs the model for a step; spec_decode drives a proposer
+# (a draft model has its own worker); engine ties them; server speaks HTTP; the rest are entry
+# points.
 ALLOWED: dict[str, set[str]] = {
     "types": set(),
     "core": set(),
@@ -34,11 +35,13 @@ ALLOWED: dict[str, set[str]] = {
     "layers": {"quant", "kernels"},
     "models": {"layers", "quant", "kernels"},
     "loader": {"models", "quant", "kernels"},
-    "sampling": {"core"},
-    "worker": {"core", "sampling", "models", "layers", "quant", "kernels"},
+    "structured": set(),
+    "sampling": {"core", "structured"},
+    "worker": {"core", "sampling", "structured", "models", "layers", "quant", "kernels"},
     "spec_decode": {
         "core",
         "sampling",
+        "structured",
         "worker",
         "loader",
         "models",
@@ -49,6 +52,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {
         "core",
         "sampling",
+        "structured",
         "spec_decode",
         "worker",
         "loader",
@@ -57,7 +61,7 @@ ALLOWED: dict[str, set[str]] = {
         "quant",
         "kernels",
     },  # fmt: skip
-    "server": {"engine", "core", "sampling"},
+    "server": {"engine", "core", "sampling", "structured"},
 }
 APP = {"cli", "__main__", "quantize", "testing", "(package)"}  # may import anything
 NO_TORCH = {"core"}

@@ -5,8 +5,30 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tokenmill.sampling_params import SamplingParams
+
+
+class GrammarState(Protocol):
+    """A constrained request's grammar (see structured/), as the scheduler sees it.
+
+    Invariant: the grammar has accepted exactly `output_token_ids` -- each token is accepted
+    where it is appended, and a preempted request is recomputed without resampling them.
+    """
+
+    @property
+    def ready(self) -> bool:
+        """The grammar has compiled (or failed to): the request may be scheduled."""
+        ...
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance by one sampled token; False when the grammar rejects it."""
+        ...
+
+    def is_terminated(self) -> bool:
+        """The grammar accepted a stop token: the output is complete."""
+        ...
 
 
 class RequestStatus(enum.Enum):
@@ -49,6 +71,7 @@ class Request:
     parent_id: str | None = None  # the n>1 group; siblings wait for the first one's prompt
     sample_index: int = 0
     cache_salt: str | None = None
+    grammar: GrammarState | None = None  # set for structured-output requests
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -7,7 +7,9 @@ limits (the server's request schema is built from these constants); checks that 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenmill.errors import InvalidRequestError
 
@@ -44,6 +46,81 @@ def _in_range(v: object, lo: float, hi: float) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
 
 
+MAX_CHOICES = 1024  # structured_outputs.choice: at most this many alternatives
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrains the output to a language; exactly one kind is set (vLLM's field names).
+
+    json: a JSON Schema (a dict, or its JSON text); regex: a regular expression the whole output
+    matches; choice: the output is one of these strings; grammar: an EBNF grammar (GBNF style,
+    `root ::= ...`); json_object: any JSON object. Whether a schema, regex or grammar compiles
+    is the engine's check (it needs the tokenizer); the shape of the spec is checked here.
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        param = "structured_outputs"
+        kinds = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(kinds) != 1:
+            got = ", ".join(kinds) or "none"
+            raise InvalidRequestError(
+                f"{param} must set exactly one of {', '.join(STRUCTURED_KINDS)} (got {got})", param
+            )
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = json.loads(self.json)
+                except ValueError as e:
+                    raise InvalidRequestError(f"{param}.json is not valid JSON: {e}", param) from e
+            else:
+                schema = self.json
+            if not isinstance(schema, (dict, bool)):
+                raise InvalidRequestError(f"{param}.json must be a JSON Schema object", param)
+            try:
+                self.key()
+            except (TypeError, ValueError) as e:
+                raise InvalidRequestError(f"{param}.json is not JSON: {e}", param) from e
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidRequestError(f"{param}.{name} must be a non-empty string", param)
+        if self.choice is not None:
+            c = self.choice
+            if not isinstance(c, (list, tuple)) or not c or len(c) > MAX_CHOICES:
+                raise InvalidRequestError(
+                    f"{param}.choice must be a list of 1 to {MAX_CHOICES} strings", param
+                )
+            if not all(isinstance(x, str) and x for x in c):
+                raise InvalidRequestError(f"{param}.choice must hold non-empty strings", param)
+            object.__setattr__(self, "choice", list(c))
+        if not isinstance(self.json_object, bool):
+            raise InvalidRequestError(f"{param}.json_object must be a boolean", param)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """A hashable identity: equal keys compile to the same grammar."""
+        kind = self.kind
+        if kind == "json":
+            schema = json.loads(self.json) if isinstance(self.json, str) else self.json
+            return kind, json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        if kind == "choice":
+            return kind, json.dumps(self.choice)
+        if kind == "json_object":
+            return kind, ""
+        return kind, getattr(self, kind)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -69,6 +146,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     use_speculation: bool = True  # False: never draft for this request (engine --speculative)
+    # Constrained decoding (see structured/); such a request never drafts speculative tokens.
+    structured_outputs: StructuredOutputsParams | None = None
     priority_hint: int = field(default=0, repr=False)  # unused; priority is per request
 
     def __post_init__(self) -> None:
@@ -145,3 +224,6 @@ class SamplingParams:
         for tok in self.stop_token_ids:
             if not _is_int(tok) or tok < 0:
                 raise bad("stop_token_ids", f"must be token ids >= 0, got {tok!r}")
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise bad("structured_outputs", f"must be StructuredOutputsParams, got {type(so)}")

@@ -1,6 +1,6 @@
 """The API key on every route but the open ones, and the preprocessing deadline: 413 when a
-request's own tokenizing overruns it, 503 + Retry-After when it waited for a worker; neither
-leaves anything behind in the engine or the pool."""
+request's own tokenizing (or grammar compile) overruns it, 503 + Retry-After when it waited for
+a worker; neither leaves anything behind in the engine or the pool."""
 
 from __future__ import annotations
 
@@ -95,6 +95,27 @@ def test_deadline_while_tokenizing_is_413(guarded: Server, slow_tokenizer: list[
     assert m("tokenmill_request_success_total") == before  # the engine never saw them
     r = httpx.post(f"{guarded.url}/tokenize", json={"prompt": "fine"}, headers=auth())
     assert r.status_code == 200
+
+
+def test_deadline_while_compiling_a_grammar_is_413(
+    guarded: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = guarded.engine
+    check = engine.check_structured_outputs
+
+    def slow_check(params) -> None:
+        time.sleep(SLOW_S)
+        check(params)
+
+    monkeypatch.setattr(engine, "check_structured_outputs", slow_check)
+    guarded.wait_idle()
+    before = guarded.metrics()("tokenmill_request_success_total")
+    body = {"prompt": "Hi", "max_tokens": 2, "structured_outputs": {"regex": "[0-9]+"}}
+    r = httpx.post(f"{guarded.url}/v1/completions", json=body, headers=auth(), timeout=60)
+    err = check_error(r, 413, "structured_outputs")
+    assert err["code"] == "preprocess_timeout" and "output grammar" in err["message"]
+    time.sleep(SLOW_S)  # the worker finishes the abandoned compile; nothing is queued
+    assert guarded.wait_idle()("tokenmill_request_success_total") == before
 
 
 def test_deadline_while_waiting_is_503(guarded: Server, slow_tokenizer: list[str]) -> None:

@@ -6,9 +6,13 @@ these helpers touch only the request of one `ScheduledSeq`.
 
 from __future__ import annotations
 
+import logging
+
 from tokenmill.core.sched_types import EngineCoreOutput, ModelRunnerOutput, ScheduledSeq
 from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 
 def apply_sampled_tokens(
@@ -38,6 +42,12 @@ def apply_sampled_tokens(
         # (freeing them would push cached prefix blocks out of the LRU free queue).
         num_computed -= max(0, seq.num_draft_tokens + 1 - len(sampled))
         for token_id in sampled:
+            if req.grammar is not None and not req.grammar.accept_token(token_id):
+                # The mask allows only tokens the grammar accepts, so this is a bug; ending the
+                # request keeps its output valid as far as it goes.
+                logger.error("%s: grammar rejected token %d; stopped", req.request_id, token_id)
+                req.status = RequestStatus.FINISHED_STOPPED
+                break
             req.output_token_ids.append(token_id)
             new_ids.append(token_id)
             if check_stop(req, token_id, max_model_len):
@@ -73,6 +83,12 @@ def make_core_output(
 def check_stop(req: Request, token_id: int, max_model_len: int) -> bool:
     """Apply the stop conditions for one just-appended token; sets status and reason."""
     sp = req.sampling_params
+    # A grammar terminates only by accepting a stop token (EOS), which its mask allows only
+    # where the output is complete: that ends the request whatever min_tokens and ignore_eos say.
+    if req.grammar is not None and req.grammar.is_terminated():
+        req.status = RequestStatus.FINISHED_STOPPED
+        req.stop_reason = None
+        return True
     # min_tokens: the first min_tokens outputs cannot stop the request.
     if req.num_output_tokens > sp.min_tokens:
         if not sp.ignore_eos and token_id in req.eos_token_ids:

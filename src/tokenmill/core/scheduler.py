@@ -207,6 +207,8 @@ class Scheduler:
         for req in admission.reqs:
             if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                 break
+            if req.grammar is not None and not req.grammar.ready:
+                continue  # its grammar is still compiling: the others go ahead meanwhile
             if not self._siblings_ready(req):
                 continue
             # Looked up again here: admitting an earlier request may have evicted blocks.

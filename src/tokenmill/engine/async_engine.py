@@ -79,6 +79,11 @@ class AsyncLLMEngine:
             prompt_ids, params, priority, max_tokens_must_fit=max_tokens_must_fit
         )
 
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """LLMEngine.check_structured_outputs: blocks while the grammar compiles, so call it
+        from a worker thread; raises InvalidRequestError for a spec that does not compile."""
+        self.engine.check_structured_outputs([params])
+
     # -- the engine thread's state --------------------------------------------------------------
     @property
     def stats(self) -> EngineStats:

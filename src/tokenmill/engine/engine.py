@@ -7,8 +7,12 @@ import functools
 import itertools
 import logging
 import random
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,7 +32,11 @@ from tokenmill.spec_decode.speculator import Speculator, build_proposer
 from tokenmill.worker.kv_cache import KVCacheBudget
 from tokenmill.worker.model_runner import GpuOptions, ModelRunner
 
+if TYPE_CHECKING:
+    from tokenmill.structured import RequestGrammar, StructuredOutputManager
+
 logger = logging.getLogger(__name__)
+_GRAMMAR_WAIT_S = 0.05  # an idle step waits this long at most for a grammar to compile
 
 
 class LLMEngine:
@@ -90,6 +98,9 @@ class LLMEngine:
             )
         )
         self._rng = random.Random(config.seed)
+        self._structured: StructuredOutputManager | None = None
+        self._structured_lock = threading.Lock()
+        self._compiling: dict[str, RequestGrammar] = {}  # request id -> a grammar not yet ready
         self._ids = itertools.count()
         groups = ", ".join(
             f"{len(layout.layers)} layers x {spec.num_blocks} blocks"
@@ -127,6 +138,32 @@ class LLMEngine:
 
     def scheduler_stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    @property
+    def structured(self) -> StructuredOutputManager:
+        """Compiles structured-output grammars (built on first use: it imports xgrammar and
+        reads the whole vocabulary). Safe from any thread."""
+        with self._structured_lock:
+            if self._structured is None:
+                from tokenmill.structured import StructuredOutputManager, tokenizer_info
+
+                backend, eos = self.tokenizer.backend, self.eos_token_ids
+                vocab_size = self.model_config.vocab_size  # the logits' width
+                self._structured = StructuredOutputManager(
+                    lambda: tokenizer_info(backend, eos, vocab_size)
+                )
+            return self._structured
+
+    def check_structured_outputs(self, params: Iterable[SamplingParams]) -> None:
+        """Raises InvalidRequestError unless every structured-output spec in `params` compiles.
+        Blocks while they compile (in parallel), so a front end calls it off the engine's
+        thread; the grammars stay cached for `add_request`."""
+        specs = [p.structured_outputs for p in params if p.structured_outputs is not None]
+        if specs:
+            from tokenmill.structured import check_compiled
+
+            for future in [self.structured.compile(s) for s in specs]:
+                check_compiled(future)
 
     # -- requests -----------------------------------------------------------------------------
     def check_request(
@@ -166,6 +203,13 @@ class LLMEngine:
         room = self.max_seq_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        spec = params.structured_outputs
+        if spec is not None:
+            compiled = self.structured.compile(spec)
+            if compiled.done():
+                from tokenmill.structured import check_compiled
+
+                check_compiled(compiled)  # a bad spec known already: no request
         reqs = [
             Request(
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
@@ -178,6 +222,7 @@ class LLMEngine:
                 parent_id=request_id if params.n > 1 else None,
                 sample_index=i,
                 cache_salt=cache_salt,
+                grammar=None if spec is None else self.structured.new_grammar(spec),
             )
             for i in range(params.n)
         ]
@@ -189,6 +234,9 @@ class LLMEngine:
         self.outputs.add(prompt_text, reqs, request_id)
         for req in reqs:
             self.scheduler.add_request(req)
+        grammar = reqs[0].grammar
+        if grammar is not None and not grammar.ready:  # samples share one compiled grammar
+            self._compiling[request_id] = grammar  # type: ignore[assignment]
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -207,6 +255,9 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._drop_failed_grammars() if self._compiling else []
+        if failed:
+            return failed
         t0 = time.perf_counter()
         drafts: dict[str, list[int]] = {}
         if self.speculator is not None:
@@ -215,6 +266,9 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.finish(sched.finished_req_ids)
         if sched.is_empty:
+            if self._compiling:  # only requests whose grammar compiles are left: no busy loop
+                futures = [g.future for g in self._compiling.values()]
+                wait_futures(futures, _GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
             return []
         result = self.runner.execute(sched)
         core_outputs = self.scheduler.update_from_output(sched, result)
@@ -223,6 +277,21 @@ class LLMEngine:
             self.scheduler.finish_request(req_id, RequestStatus.FINISHED_STOPPED)
         if self.speculator is not None:  # the whole step: what an accepted draft token saves
             self.speculator.observe_step(sched, time.perf_counter() - t0)
+        return outputs
+
+    def _drop_failed_grammars(self) -> list[RequestOutput]:
+        """Aborts the requests whose grammar failed to compile (front ends check specs first,
+        so only a direct `add_request` of a bad spec gets here); forgets the ready ones."""
+        outputs = []
+        for request_id, grammar in list(self._compiling.items()):
+            if not grammar.ready:
+                continue
+            del self._compiling[request_id]
+            if grammar.error is not None:
+                logger.warning("request %s aborted: %s", request_id, grammar.error)
+                out = self.abort_request(request_id)
+                if out is not None:
+                    outputs.append(out)
         return outputs
 
 

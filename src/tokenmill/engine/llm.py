@@ -82,6 +82,9 @@ class LLM:
         priority: Sequence[int] | None,
     ) -> list[RequestOutput]:
         engine = self.engine
+        # Every grammar compiles (in parallel) before any request is queued: a bad spec rejects
+        # the whole call with nothing queued.
+        engine.check_structured_outputs(params)
         ids = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):

@@ -1,5 +1,10 @@
-"""Logits processing before a draw, in vLLM's order: logit_bias, min_tokens (stop ids and EOS
-masked), repetition penalty (prompt and output), frequency and presence penalties (output)."""
+"""Logits processing before a draw, in vLLM's order: the grammar's mask (structured output),
+logit_bias, min_tokens (stop ids and EOS masked), repetition penalty (prompt and output),
+frequency and presence penalties (output).
+
+The grammar's mask comes first so temperature, top-k/top-p and penalties keep their meaning over
+the allowed tokens. A constrained row skips the min_tokens ban: its grammar alone decides when
+EOS may come (banning it where the grammar allows nothing else would leave no token at all)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     banned: list[int] = []
     rep_rows: list[int] = []
     pen_rows: list[int] = []
+    grammars = [r.grammar for r in rows]
+    constrained = any(g is not None for g in grammars)
     for i, r in enumerate(rows):
         p, base = r.params, i * vocab
         if p.logit_bias:
@@ -29,7 +36,7 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
                 if 0 <= tok < vocab:
                     bias_at.append(base + tok)
                     bias.append(b)
-        if len(r.output_token_ids) < p.min_tokens:
+        if len(r.output_token_ids) < p.min_tokens and r.grammar is None:
             stops = set(p.stop_token_ids or ())
             if not p.ignore_eos:
                 stops |= r.eos_token_ids
@@ -38,11 +45,16 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
             rep_rows.append(i)
         if p.frequency_penalty or p.presence_penalty:
             pen_rows.append(i)
-    if not (bias_at or banned or rep_rows or pen_rows):
+    if not (bias_at or banned or rep_rows or pen_rows or constrained):
         return logits.float()
 
+    # A copy: the caller's logits stay raw (logprobs are of the model's distribution).
     x = logits.to(torch.float32, copy=True).contiguous()
     flat, dev = x.view(-1), x.device
+    if constrained:
+        from tokenmill.structured.grammar import apply_grammar_masks  # xgrammar: only if used
+
+        apply_grammar_masks(x, grammars)
     if bias_at:
         flat.index_add_(0, row_index(bias_at, dev), torch.tensor(bias, device=dev))
     if banned:

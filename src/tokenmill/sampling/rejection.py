@@ -32,6 +32,9 @@ def expand_rows(rows: list[SamplingRow], drafts: list[list[int]]) -> list[Sampli
     """
     out: list[SamplingRow] = []
     for row, draft in zip(rows, drafts, strict=True):
+        # A grammar's mask holds for the position after output_token_ids only: constrained
+        # requests never draft (see Speculator.propose).
+        assert row.grammar is None or not draft, "drafts for a constrained request"
         out.append(row)
         for j in range(1, len(draft) + 1):
             out.append(replace(row, output_token_ids=row.output_token_ids + draft[:j]))

@@ -1,8 +1,9 @@
 """Batched next-token sampling with vLLM's semantics and batch-independent seeded draws.
 
-Order per row: logit_bias, min_tokens (stop ids and EOS masked), repetition penalty (prompt and
-output), frequency and presence penalties (output) -- see logits_processing -- then greedy
-argmax when temperature is 0, else temperature, top-k, top-p, min-p and one draw (see draw).
+Order per row: the grammar's token mask (structured output), logit_bias, min_tokens (stop ids
+and EOS masked), repetition penalty (prompt and output), frequency and presence penalties
+(output) -- see logits_processing -- then greedy argmax when temperature is 0, else
+temperature, top-k, top-p, min-p and one draw (see draw).
 Logprobs are of the raw model distribution (see logprobs).
 
 Reproducibility invariant: a row's token depends only on its own logits, its params and
@@ -21,6 +22,7 @@ sorts or scans the whole vocabulary more than once. Work only runs for rows that
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +32,9 @@ from tokenmill.sampling.draw import sample
 from tokenmill.sampling.logits_processing import process_logits
 from tokenmill.sampling.logprobs import prompt_logprobs, top_logprobs
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured.grammar import RequestGrammar
 
 __all__ = ["Sampler", "SamplingRow", "prompt_logprobs"]
 
@@ -45,6 +50,8 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # generated so far, before this step's token
     eos_token_ids: frozenset[int] = frozenset()
+    # Structured output: the request's grammar, which has accepted output_token_ids exactly.
+    grammar: RequestGrammar | None = None
 
 
 class Sampler:

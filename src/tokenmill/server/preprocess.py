@@ -109,10 +109,12 @@ class Preprocessor:
                 code="server_overloaded",
                 headers={"Retry-After": "1"},
             )
+        work, advice = "preprocessing this request (chat template and tokenizing)", "less text"
+        if param is not None and param.startswith(("structured_outputs", "response_format")):
+            work, advice = "compiling this request's output grammar", "a simpler schema or grammar"
         return APIError(
             413,
-            f"preprocessing this request (chat template and tokenizing) took longer than the "
-            f"server's limit of {limit}; send less text",
+            f"{work} took longer than the server's limit of {limit}; send {advice}",
             param,
             code="preprocess_timeout",
         )

@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from tokenmill.errors import InvalidRequestError, check_unicode
-from tokenmill.sampling_params import MAX_LOGPROBS
+from tokenmill.sampling_params import MAX_LOGPROBS, StructuredOutputsParams
 from tokenmill.server.protocol_base import RequestModel, TokenCount, unsupported
 from tokenmill.server.protocol_sampling import STREAM_OPTIONS_NEED_STREAM, SamplingFields, needs
+from tokenmill.server.protocol_structured import ResponseFormat
 
 _TOP_LOGPROBS_NEED_LOGPROBS = needs("top_logprobs", "integer", "logprobs")
 
@@ -60,11 +61,31 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
     add_generation_prompt: StrictBool = True
+    response_format: ResponseFormat | None = None
 
     @field_validator("tools", mode="before")
     @classmethod
     def _check_tools(cls, v: Any) -> Any:
         return unsupported(v, "tools")
+
+    def structured_spec(self) -> StructuredOutputsParams | None:
+        fmt = None if self.response_format is None else self.response_format.params()
+        own = super().structured_spec()
+        if fmt is not None and own is not None:
+            raise InvalidRequestError(
+                "response_format and structured_outputs cannot both constrain the output",
+                "response_format",
+            )
+        return fmt or own
+
+    def structured_param(self) -> str:
+        """The field that constrains the output, for error messages."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return "structured_outputs"
+        return (
+            "response_format.json_schema.schema" if fmt.type == "json_schema" else "response_format"
+        )
 
     def num_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

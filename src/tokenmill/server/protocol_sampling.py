@@ -31,8 +31,10 @@ from tokenmill.sampling_params import (
     SEED_MAX,
     SEED_MIN,
     SamplingParams,
+    StructuredOutputsParams,
 )
 from tokenmill.server.protocol_base import RequestModel, TokenCount, TokenId
+from tokenmill.server.protocol_structured import StructuredOutputsRequest
 
 MAX_N = 128  # most samples per prompt
 
@@ -105,6 +107,7 @@ class SamplingFields(RequestModel):
     include_stop_str_in_output: StrictBool = False
     priority: Annotated[StrictInt, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX)] = 0
     cache_salt: StrictStr | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -132,6 +135,7 @@ class SamplingFields(RequestModel):
                 "stream_options is only allowed when stream is true", "stream_options"
             )
         bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+        kw.setdefault("structured_outputs", self.structured_spec())
         return SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
@@ -153,6 +157,11 @@ class SamplingFields(RequestModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             **kw,
         )
+
+    def structured_spec(self) -> StructuredOutputsParams | None:
+        """The output constraint asked for, if any (chat adds response_format)."""
+        so = self.structured_outputs
+        return None if so is None else so.params()
 
     @property
     def include_usage(self) -> bool:

@@ -113,6 +113,7 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
         "messages",
     )
     ctx.check_prompt(prompt_ids, params, req.priority, "messages", param)
+    await ctx.check_structured_outputs(params, req.structured_param())
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     (stream,) = await ctx.add_all([prompt_ids], params, request_id, req.priority, req.cache_salt)

@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from tokenmill.engine.async_engine import AsyncLLMEngine, RequestStream
 from tokenmill.engine.model_info import ModelInfo
 from tokenmill.engine.tokenizer import Tokenizer
-from tokenmill.errors import ContextLengthError
+from tokenmill.errors import ContextLengthError, InvalidRequestError
 from tokenmill.outputs import RequestOutput, TokenLogprobs
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.errors import APIError, error_body, to_api_error
@@ -105,6 +105,21 @@ class ServerContext:
         except ContextLengthError as e:
             param = {"prompt": prompt_param, "max_tokens": max_tokens_param}.get(e.param, e.param)
             raise APIError(400, str(e), param, e.code) from None
+
+    async def check_structured_outputs(
+        self, params: SamplingParams, param: str = "structured_outputs"
+    ) -> None:
+        """400 unless the output constraint compiles: checked in a preprocessing worker before
+        the request is queued (the compiled grammar stays cached for the engine). `param`: the
+        request field that asked for it (the error names it)."""
+        if params.structured_outputs is None:
+            return
+        check = self.engine.check_structured_outputs
+        try:
+            await self.preprocessor.run(lambda: check(params), param)
+        except InvalidRequestError as e:
+            msg = str(e).replace("structured_outputs.json", param, 1)
+            raise APIError(400, msg, param, "invalid_structured_output") from None
 
     async def add_all(
         self,

@@ -136,6 +136,7 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Respo
     prompts = await pre.run(lambda: _tokenize(ctx, raw), "prompt")
     for p in prompts:
         ctx.check_prompt(p.token_ids, params, req.priority, "prompt")
+    await ctx.check_structured_outputs(params)
 
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await ctx.add_all(

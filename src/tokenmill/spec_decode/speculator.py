@@ -81,7 +81,9 @@ class Speculator:
         reqs: list[Request] = []
         caps: list[int] = []
         for req in decoding:
-            if not req.sampling_params.use_speculation:
+            # Constrained requests never draft: a draft would need the grammar's mask at each
+            # draft position (a matcher advanced and rolled back per draft), not done yet.
+            if not req.sampling_params.use_speculation or req.grammar is not None:
                 continue
             # A step emits up to drafts + 1 tokens: never draft past max_tokens or the context.
             cap = min(

@@ -230,6 +230,7 @@ class ModelRunner:
                     prompt_token_ids=s.req.prompt_token_ids,
                     output_token_ids=s.req.output_token_ids,
                     eos_token_ids=s.req.eos_token_ids,
+                    grammar=s.req.grammar,  # type: ignore[arg-type]  (a token-level matcher)
                 )
                 for s in sample_seqs
             ]

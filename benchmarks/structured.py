@@ -1,0 +1,142 @@
+"""Structured output on the CPU: JSON-Schema-constrained vs free decoding, and grammar compile
+time cold vs cached.
+
+Decoding: the default model, greedy, chat prompts asking for an order as JSON. "json" requests
+carry a schema (a list of up to 12 line items, each a bounded name, a quantity and a unit);
+"free" requests have none and run to the same max_tokens (EOS ignored), so both modes decode the
+same kind of step. Batch 1 runs the requests one at a time, batch 16 all at once. The modes take
+turns and the best of --repeats runs counts (other processes' load hits both alike). Reported:
+output tokens/s and tokens per request.
+
+Compile: a fresh StructuredOutputManager (the vocabulary's TokenizerInfo built once, timed on
+its own), then --num-schemas distinct schemas compiled cold (a cache miss each: xgrammar's own
+cache is off) and again cached (the manager's cache hit).
+
+    python benchmarks/structured.py [--max-tokens 64] [--repeats 3] [--out out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from common import host_info, write_results  # noqa: I001  (benchmarks/ is run as a script folder)
+
+from tokenmill import LLM, SamplingParams, StructuredOutputsParams
+
+ITEM = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+        "unit": {"enum": ["kg", "g", "piece", "box"]},
+    },
+    "required": ["name", "qty", "unit"],
+}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "customer": {"type": "string", "maxLength": 20},
+        "items": {"type": "array", "items": ITEM, "minItems": 1, "maxItems": 12},
+        "express": {"type": "boolean"},
+    },
+    "required": ["customer", "items", "express"],
+}
+FOODS = ["apples", "rice", "coffee", "flour", "tea", "eggs", "cheese", "olives"]
+
+
+def messages(i: int) -> list[dict]:
+    foods = ", ".join(FOODS[i % 4 : i % 4 + 4])
+    return [{"role": "user", "content": f"Customer {i} orders {foods}. Write the order as JSON."}]
+
+
+def run(llm: LLM, batch: int, num: int, params: SamplingParams) -> tuple[float, int]:
+    """(seconds, output tokens) for `num` requests, `batch` at a time."""
+    t0, tokens = time.perf_counter(), 0
+    for start in range(0, num, batch):
+        convs = [messages(i) for i in range(start, min(num, start + batch))]
+        outs = llm.chat(convs, params, use_tqdm=False)
+        tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+    return time.perf_counter() - t0, tokens
+
+
+def bench_decode(args: argparse.Namespace, llm: LLM) -> list[dict]:
+    modes = {
+        "free": SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True),
+        "json": SamplingParams(
+            temperature=0,
+            max_tokens=args.max_tokens,
+            structured_outputs=StructuredOutputsParams(json=SCHEMA),
+        ),
+    }
+    run(llm, 16, 16, modes["json"])  # warm-up: kernels, the vocabulary, the schema's grammar
+    rows = []
+    for batch, num in ((1, args.num_single), (16, 16)):
+        best: dict[str, tuple[float, int]] = {}
+        for _ in range(args.repeats):
+            for mode, params in modes.items():
+                secs, toks = run(llm, batch, num, params)
+                if mode not in best or toks / secs > best[mode][1] / best[mode][0]:
+                    best[mode] = (secs, toks)
+        for mode, (secs, toks) in best.items():
+            row = {"batch": batch, "mode": mode, "requests": num, "seconds": secs}
+            row.update(output_tokens=toks, tok_s=toks / secs, tokens_per_request=toks / num)
+            rows.append(row)
+            print(json.dumps(row))
+    return rows
+
+
+def bench_compile(args: argparse.Namespace, llm: LLM) -> dict:
+    from tokenmill.structured import StructuredOutputManager, tokenizer_info
+
+    engine = llm.engine
+    backend, eos = engine.tokenizer.backend, engine.eos_token_ids
+    vocab_size = engine.model_config.vocab_size
+    t0 = time.perf_counter()
+    info = tokenizer_info(backend, eos, vocab_size)
+    info_s = time.perf_counter() - t0
+    manager = StructuredOutputManager(lambda: info)
+    manager.compiler  # noqa: B018  (built here, outside the timings below)
+    specs = []
+    for i in range(args.num_schemas):  # distinct schemas: a renamed property each
+        schema = json.loads(json.dumps(SCHEMA).replace('"customer"', f'"customer_{i}"'))
+        specs.append(StructuredOutputsParams(json=schema))
+    cold, cached = [], []
+    for spec in specs:
+        t = time.perf_counter()
+        manager.validate(spec)
+        cold.append(time.perf_counter() - t)
+    for spec in specs:
+        t = time.perf_counter()
+        manager.validate(spec)
+        cached.append(time.perf_counter() - t)
+    manager.close()
+    result = {
+        "tokenizer_info_ms": info_s * 1e3,
+        "cold_ms_median": statistics.median(cold) * 1e3,
+        "cold_ms_max": max(cold) * 1e3,
+        "cached_ms_median": statistics.median(cached) * 1e3,
+        "num_schemas": len(specs),
+    }
+    print(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--num-single", type=int, default=4, help="requests run at batch 1")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-schemas", type=int, default=20)
+    ap.add_argument("--out", default="benchmarks/results/structured.json")
+    args = ap.parse_args()
+    llm = LLM()
+    results = {"compile": bench_compile(args, llm), "decode": bench_decode(args, llm)}
+    results["host"] = host_info()
+    write_results(args, results)
+
+
+if __name__ == "__main__":
+    main()

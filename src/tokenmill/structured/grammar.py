@@ -1,0 +1,76 @@
+"""One request's grammar state: its compiled grammar (maybe still compiling) and its matcher."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import torch
+import xgrammar as xgr
+
+
+class RequestGrammar:
+    """Implements request.GrammarState. Used only on the engine's thread (scheduler, sampler and
+    output update all run there); the compiled grammar comes from the manager's pool."""
+
+    def __init__(self, compiled: Future[xgr.CompiledGrammar]) -> None:
+        self._compiled = compiled
+        self._matcher: xgr.GrammarMatcher | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._compiled.done()
+
+    @property
+    def future(self) -> Future[xgr.CompiledGrammar]:
+        return self._compiled
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the grammar did not compile (only once ready)."""
+        return self._compiled.exception() if self._compiled.done() else None
+
+    @property
+    def matcher(self) -> xgr.GrammarMatcher:
+        if self._matcher is None:
+            # Raises if compilation failed; the engine drops such requests before scheduling.
+            self._matcher = xgr.GrammarMatcher(self._compiled.result())
+        return self._matcher
+
+    def accept_token(self, token_id: int) -> bool:
+        return self.matcher.accept_token(token_id)
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Row `row` of `bitmask` gets the tokens the grammar allows next."""
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+
+_BATCH_FILL_MIN_ROWS = 4  # below this, threads cost more than they save
+_BATCH: list[xgr.BatchGrammarMatcher] = []
+
+
+def _batch_matcher() -> xgr.BatchGrammarMatcher:
+    if not _BATCH:  # one per process, made on first use (engine thread only)
+        _BATCH.append(xgr.BatchGrammarMatcher(max_threads="auto"))
+    return _BATCH[0]
+
+
+def apply_grammar_masks(logits: torch.Tensor, grammars: list[RequestGrammar | None]) -> None:
+    """Sets to -inf, in place, every logit the row's grammar does not allow next; rows without
+    a grammar are untouched. `logits` [len(grammars), vocab] float32."""
+    rows = [i for i, g in enumerate(grammars) if g is not None]
+    if not rows:
+        return
+    # Rows without a grammar keep the full mask; only the indexed rows are applied anyway.
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
+    if len(rows) < _BATCH_FILL_MIN_ROWS:
+        for i in rows:
+            grammars[i].fill_bitmask(bitmask, i)  # type: ignore[union-attr]
+    else:  # xgrammar's threads fill the rows in parallel, without the GIL
+        matchers = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
+        _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, rows)
+    if logits.device.type != "cpu":
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
