@@ -79,7 +79,7 @@ def drive(req, tokens: list[list[int]]) -> None:
     while sched.has_unfinished_requests():
         out = sched.schedule()
         sched.update_from_output(out, runner.execute(out))
-    assert sched.kv_cache_manager.num_free_blocks == sched.config.num_blocks
+    assert sched.kv_cache_manager.num_free_blocks == sched.kv_cache_manager.num_blocks
 
 
 def test_terminated_grammar_stops_even_with_ignore_eos_and_min_tokens() -> None:
