@@ -1,0 +1,174 @@
+"""Mixture-of-experts feed-forward: a router scores the experts of each token, the top k of them
+run on it (SwiGLU each), and their outputs are summed with the routing weights.
+
+x [T, hidden] -> router logits [T, E] -> softmax (fp32) -> top-k -> (renormalise) -> weights,
+ids [T, k] -> each token's k experts -> weighted sum [T, hidden] (+ a shared expert, gated).
+
+The fused path groups the (token, expert) pairs by expert with one stable sort, runs each active
+expert once on its rows and adds the weighted rows back with index_add_. A token's result is
+independent of the other tokens of the batch when the linear layers are batch-invariant: its
+rows go through the same per-row matmuls, and its k contributions are added in ascending
+expert order (the sort is stable and an expert appears at most once among a token's top k).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.kernels.cpu_fused import fused_ops
+from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.quant.base import QuantScheme
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up fused as one matmul (rows gate, then up)."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, dtype: torch.dtype, quant: QuantScheme
+    ) -> None:
+        super().__init__()
+        inter = intermediate_size
+        self.gate_up_proj = MergedLinear(
+            hidden_size, [inter, inter], ("gate_proj", "up_proj"), dtype=dtype, quant=quant
+        )
+        self.down_proj = Linear(inter, hidden_size, dtype=dtype, quant=quant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [T, 2 I]
+        ops = fused_ops(gate_up)
+        if ops is not None:
+            return self.down_proj(ops.silu_mul.default(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def route(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' top-k router: softmax over all experts in float32, then the top k, then
+    (Mixtral always, Qwen-MoE / OLMoE with norm_topk_prob) divided by their sum.
+    Returns (weights float32 [T, k], expert ids int64 [T, k])."""
+    probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class Experts(nn.ModuleList):
+    """E SwiGLU experts of one layer.
+
+    The dense weights are stacked per projection: `gate_up_proj` [E, 2 I, hidden] (each expert's
+    gate rows, then its up rows) and `down_proj` [E, hidden, I], as transformers stacks them.
+    Expert e is the module `self[e]`, whose linear layers own views of row e of the stacks, so
+    the loader fills them by their per-expert names (`experts.{e}.gate_proj.weight`, ...) and the
+    runner prepares them as any linear layer; quantized blocks go to each expert's quant method
+    and leave the stack unused (never written: its pages are not touched on CPU).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype: torch.dtype,
+        quant: QuantScheme,
+    ) -> None:
+        super().__init__()
+        inter = intermediate_size
+        # Buffers, not parameters: the per-expert views are the parameters the loader fills.
+        self.register_buffer(
+            "gate_up_proj", torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype),
+            persistent=False,
+        )  # fmt: skip
+        self.register_buffer(
+            "down_proj", torch.empty(num_experts, hidden_size, inter, dtype=dtype),
+            persistent=False,
+        )  # fmt: skip
+        for e in range(num_experts):
+            expert = SwiGLU(hidden_size, inter, dtype, quant)
+            expert.gate_up_proj.weight = nn.Parameter(self.gate_up_proj[e], requires_grad=False)
+            expert.down_proj.weight = nn.Parameter(self.down_proj[e], requires_grad=False)
+            self.append(expert)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden], weights [T, k] (float32, or x's dtype), ids [T, k] -> [T, hidden]."""
+        num_tokens, top_k = ids.shape
+        flat = ids.flatten()  # [T k]: pair j is token j // k
+        # Stable: within an expert, pairs keep their token order.
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self)).tolist()
+        tokens = order // top_k  # [T k], grouped by expert
+        pair_weights = weights.flatten()[order].unsqueeze(-1)  # [T k, 1]
+        rows = x[tokens]  # [T k, hidden]
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):  # the active experts only
+            if n == 0:
+                continue
+            end = start + n
+            y = self[e](rows[start:end]) * pair_weights[start:end]  # [n, hidden]
+            out.index_add_(0, tokens[start:end], y.to(out.dtype))
+            start = end
+        return out
+
+    def reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The oracle: every expert on every token from the dense stacks (einsum), combined by
+        the dense [T, E] matrix of routing weights (zero where an expert is not chosen)."""
+        gate_up = torch.einsum("th,eoh->eto", x, self.gate_up_proj)  # [E, T, 2 I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch.einsum("eti,ehi->eth", F.silu(gate) * up, self.down_proj)  # [E, T, hidden]
+        dense = torch.zeros(x.shape[0], len(self), dtype=weights.dtype, device=x.device)
+        dense.scatter_(1, ids, weights)  # [T, E]
+        return torch.einsum("te,eth->th", dense.to(y.dtype), y)
+
+
+class SparseMoeBlock(nn.Module):
+    """The router (`gate`, [E, hidden]), the experts and, for Qwen2-MoE, a shared expert that
+    every token runs, scaled by sigmoid(shared_expert_gate(x)).
+
+    `weights_in_act_dtype`: Qwen-MoE and OLMoE round the routing weights to the activations'
+    dtype before scaling; Mixtral scales in float32 and rounds the product.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        renormalize: bool,
+        dtype: torch.dtype,
+        quant: QuantScheme,
+        *,
+        shared_intermediate_size: int | None = None,
+        weights_in_act_dtype: bool = True,
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.weights_in_act_dtype = weights_in_act_dtype
+        self.gate = Linear(hidden_size, num_experts, dtype=dtype, quant=quant)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, dtype, quant)
+        self.shared_expert: SwiGLU | None = None
+        self.shared_expert_gate: Linear | None = None
+        if shared_intermediate_size:
+            self.shared_expert = SwiGLU(hidden_size, shared_intermediate_size, dtype, quant)
+            self.shared_expert_gate = Linear(hidden_size, 1, dtype=dtype, quant=quant)
+
+    def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        if self.weights_in_act_dtype:
+            weights = weights.to(x.dtype)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor, dense_reference: bool = False) -> torch.Tensor:
+        weights, ids = self.routing(x)  # [T, k] each
+        experts = self.experts.reference if dense_reference else self.experts
+        out = experts(x, weights, ids)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            gate = torch.sigmoid(self.shared_expert_gate(x))  # [T, 1]
+            out = out + gate * self.shared_expert(x)
+        return out
