@@ -204,6 +204,8 @@ def write_moe_gguf(path: Path, cfg: Any, state: dict[str, torch.Tensor], qtype: 
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch in ("qwen2moe", "qwen3moe"):
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    # where absent, the reader takes llama.cpp's choice for the architecture (OLMoE: off)
+    if arch != "llama" and (arch != "olmoe" or cfg.norm_topk_prob):
         w.add_expert_weights_norm(cfg.norm_topk_prob)
     if arch == "qwen2moe":
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
