@@ -27,6 +27,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "qwen3moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
 }
+# Architectures one GGUF name covers besides its own (for --list-architectures).
+ALSO_READ_AS = {"llama": "MixtralForCausalLM, with llama.expert_count set"}
 # Whether llama.cpp renormalises the top-k routing weights, per architecture, where the file
 # has no `{arch}.expert_weights_norm` (HF: always for Mixtral, else norm_topk_prob).
 _EXPERT_WEIGHTS_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
