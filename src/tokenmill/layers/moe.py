@@ -58,14 +58,15 @@ def route(
 
 
 class Experts(nn.ModuleList):
-    """E SwiGLU experts of one layer.
+    """E SwiGLU experts of one layer; expert e is the module `self[e]`, whose linear layers
+    the loader fills by their per-expert names (`experts.{e}.gate_proj.weight`, ...) and the
+    runner prepares as any linear layer.
 
-    The dense weights are stacked per projection: `gate_up_proj` [E, 2 I, hidden] (each expert's
-    gate rows, then its up rows) and `down_proj` [E, hidden, I], as transformers stacks them.
-    Expert e is the module `self[e]`, whose linear layers own views of row e of the stacks, so
-    the loader fills them by their per-expert names (`experts.{e}.gate_proj.weight`, ...) and the
-    runner prepares them as any linear layer; quantized blocks go to each expert's quant method
-    and leave the stack unused (never written: its pages are not touched on CPU).
+    Dense weights (`quant` None) are stacked per projection: `gate_up_proj` [E, 2 I, hidden]
+    (each expert's gate rows, then its up rows) and `down_proj` [E, hidden, I], as transformers
+    stacks them, and each expert's weight is a view of its row. Quantized ones stay per expert,
+    in each expert's quant method (its blocks, packed for the kernel): no dense stack is
+    allocated beside them, only each expert's placeholder for a part that arrives dense.
     """
 
     def __init__(
@@ -78,19 +79,19 @@ class Experts(nn.ModuleList):
     ) -> None:
         super().__init__()
         inter = intermediate_size
+        gate_up = down = None
+        if quant is None:
+            gate_up = torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype)
+            down = torch.empty(num_experts, hidden_size, inter, dtype=dtype)
         # Buffers, not parameters: the per-expert views are the parameters the loader fills.
-        self.register_buffer(
-            "gate_up_proj", torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype),
-            persistent=False,
-        )  # fmt: skip
-        self.register_buffer(
-            "down_proj", torch.empty(num_experts, hidden_size, inter, dtype=dtype),
-            persistent=False,
-        )  # fmt: skip
+        self.register_buffer("gate_up_proj", gate_up, persistent=False)
+        self.register_buffer("down_proj", down, persistent=False)
         for e in range(num_experts):
             expert = SwiGLU(hidden_size, inter, dtype, quant)
-            expert.gate_up_proj.weight = nn.Parameter(self.gate_up_proj[e], requires_grad=False)
-            expert.down_proj.weight = nn.Parameter(self.down_proj[e], requires_grad=False)
+            if self.gate_up_proj is not None and self.down_proj is not None:
+                view = nn.Parameter(self.gate_up_proj[e], requires_grad=False)
+                expert.gate_up_proj.weight = view
+                expert.down_proj.weight = nn.Parameter(self.down_proj[e], requires_grad=False)
             self.append(expert)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,8 @@ class Experts(nn.ModuleList):
     def reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The oracle: every expert on every token from the dense stacks (einsum), combined by
         the dense [T, E] matrix of routing weights (zero where an expert is not chosen)."""
+        if self.gate_up_proj is None or self.down_proj is None:
+            raise ValueError("the dense reference needs dense experts (built with quant None)")
         gate_up = torch.einsum("th,eoh->eto", x, self.gate_up_proj)  # [E, T, 2 I]
         gate, up = gate_up.chunk(2, dim=-1)
         y = torch.einsum("eti,ehi->eth", F.silu(gate) * up, self.down_proj)  # [E, T, hidden]
