@@ -183,9 +183,17 @@ def gguf_tensors(cfg: Any, state: dict[str, torch.Tensor]) -> dict[str, np.ndarr
     return out
 
 
-def write_moe_gguf(path: Path, cfg: Any, state: dict[str, torch.Tensor], qtype: Any = None) -> Path:
+def write_moe_gguf(
+    path: Path,
+    cfg: Any,
+    state: dict[str, torch.Tensor],
+    qtype: Any = None,
+    legacy_experts: bool = False,
+) -> Path:
     """`state` as a GGUF file; attention and expert matrices in `qtype` (F32 when None), the
-    routers, norms and embeddings in F32 (llama.cpp keeps ffn_gate_inp unquantized)."""
+    routers, norms and embeddings in F32 (llama.cpp keeps ffn_gate_inp unquantized).
+    `legacy_experts`: one 2-D tensor per expert (`blk.N.ffn_gate.E.weight`), as llama.cpp
+    wrote Mixtral before it stacked them."""
     arch = GGUF_ARCH[cfg.architectures[0]]
     w = gguf.GGUFWriter(path, arch)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -214,7 +222,14 @@ def write_moe_gguf(path: Path, cfg: Any, state: dict[str, torch.Tensor], qtype: 
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
     w.add_bos_token_id(cfg.bos_token_id or 1)
     w.add_eos_token_id(cfg.eos_token_id or 2)
-    for name, arr in gguf_tensors(cfg, state).items():
+    tensors = gguf_tensors(cfg, state)
+    if legacy_experts:
+        for name in [n for n in tensors if "_exps." in n]:
+            stacked = tensors.pop(name)
+            blk, proj = name.removesuffix("_exps.weight").split(".ffn_")
+            for e, matrix in enumerate(stacked):
+                tensors[f"{blk}.ffn_{proj}.{e}.weight"] = matrix
+    for name, arr in tensors.items():
         matrix = arr.ndim >= 2 and "ffn_gate_inp" not in name and "token_embd" not in name
         if qtype is None or not matrix:
             w.add_tensor(name, arr)
@@ -237,6 +252,20 @@ def test_gguf_f32_matches_transformers(tmp_path: Path, name: str) -> None:
     names = {n for n, _ in f.iter_tensors()}
     assert "model.layers.0.mlp.experts.7.down_proj.weight" in names or name.endswith("step2")
     model = load_ours(got_cfg, f.iter_tensors())
+    prompts = random_prompts()
+    ours = prefill_logits(model, prompts, tables(len(prompts)), BLOCK, chunk=5)
+    for p, got in zip(prompts, ours, strict=True):
+        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_legacy_per_expert_tensors(tmp_path: Path) -> None:
+    """Mixtral with one tensor per expert (older llama.cpp files) loads as the stacked one."""
+    cfg, hf = make_hf("mixtral")
+    f = read_gguf(write_moe_gguf(tmp_path / "m.gguf", cfg, hf.state_dict(), legacy_experts=True))
+    assert f.has_tensor("blk.1.ffn_down.7.weight") and not f.has_tensor(
+        "blk.1.ffn_down_exps.weight"
+    )
+    model = load_ours(f.hf_config(), f.iter_tensors())
     prompts = random_prompts()
     ours = prefill_logits(model, prompts, tables(len(prompts)), BLOCK, chunk=5)
     for p, got in zip(prompts, ours, strict=True):

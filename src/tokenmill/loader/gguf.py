@@ -68,6 +68,8 @@ _NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
 # Per-architecture names: llama.cpp's phi3 `ffn_up` holds gate and up rows (HF gate_up_proj).
 _ARCH_LAYER_NAMES = {"phi3": {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"}}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Mixtral GGUFs converted before llama.cpp stacked the experts: one 2-D tensor per expert.
+_EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 # Not HF parameters: llama3 rope frequency factors and phi3's longrope factors, turned back
 # into rope_scaling instead (gguf_config).
 _IGNORED_TENSORS = frozenset(
@@ -179,6 +181,10 @@ class GGUFFile:
             return _TOP_LEVEL_NAMES[gguf_name]
         if gguf_name in _IGNORED_TENSORS:
             return None
+        m = _EXPERT_RE.fullmatch(gguf_name)
+        if m is not None:
+            layer, proj, expert = m.groups()
+            return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
         m = _LAYER_RE.fullmatch(gguf_name)
         names = (
             _GEMMA_LAYER_NAMES
