@@ -96,7 +96,7 @@ class Experts(nn.ModuleList):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], weights [T, k] (float32, or x's dtype), ids [T, k] -> [T, hidden]."""
-        num_tokens, top_k = ids.shape
+        top_k = ids.shape[1]
         flat = ids.flatten()  # [T k]: pair j is token j // k
         # Stable: within an expert, pairs keep their token order.
         order = torch.argsort(flat, stable=True)
