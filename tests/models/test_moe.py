@@ -315,6 +315,7 @@ def prompt_ids(folder: Path) -> list[list[int]]:
     return [tok(p)["input_ids"] for p in families.PROMPT_TEXTS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_greedy_matches_transformers(folders, make_llm, arch: str) -> None:
     assert arch in SUPPORTED_ARCHITECTURES
