@@ -96,6 +96,8 @@ class Experts(nn.ModuleList):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], weights [T, k] (float32, or x's dtype), ids [T, k] -> [T, hidden]."""
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self.every_expert(x, weights, ids)  # no host sync inside a CUDA graph
         top_k = ids.shape[1]
         flat = ids.flatten()  # [T k]: pair j is token j // k
         # Stable: within an expert, pairs keep their token order.
@@ -113,6 +115,18 @@ class Experts(nn.ModuleList):
             y = self[e](rows[start:end]) * pair_weights[start:end]  # [n, hidden]
             out.index_add_(0, tokens[start:end], y.to(out.dtype))
             start = end
+        return out
+
+    def every_expert(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The same sum with no data-dependent shapes, for CUDA graph capture: every expert on
+        every row, scaled by the token's weight for it (0 where not chosen), added in ascending
+        expert order as the grouped path adds the chosen ones (the zeros change no sum)."""
+        out = torch.zeros_like(x)
+        for e in range(len(self)):
+            w = (weights * (ids == e)).sum(dim=-1, keepdim=True)  # [T, 1]
+            out += (self[e](x) * w).to(out.dtype)
         return out
 
     def reference(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
