@@ -19,6 +19,7 @@ from tokenmill.layers.linear import Linear
 from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.loader.gguf import read_gguf
 from tokenmill.models.registry import SUPPORTED_ARCHITECTURES
+from tokenmill.quant.packing import quantize_rtn
 from tokenmill.testing.parity import (
     assert_logits_close,
     engine_prefill_logits,
@@ -80,15 +81,43 @@ def test_logits_match_transformers(name: str, chunk: int) -> None:
         assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
 
 
-def random_block(shared: bool, dtype: torch.dtype, renormalize: bool = True) -> SparseMoeBlock:
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_router_matches_transformers(arch: str) -> None:
+    """On transformers' own router logits (bf16): the same experts and the same weights, bit
+    for bit, in the same dtype (Mixtral keeps them float32, the others round them to bf16)."""
+    cfg = getattr(transformers, CONFIG_CLASS[arch])(**{**TINY, **MOE_TINY[arch]})
+    torch.manual_seed(0)
+    hf = getattr(transformers, arch)(cfg).model.layers[0].mlp.to(torch.bfloat16)
+    perturb = torch.nn.init.normal_
+    perturb(hf.gate.weight, std=0.5)
+    mixtral = arch == "MixtralForCausalLM"  # renormalises always, keeps float32 weights
+    renormalize = mixtral or bool(cfg.norm_topk_prob)
+    block = SparseMoeBlock(
+        64, 8, 2, 32, renormalize, torch.bfloat16, None, weights_in_act_dtype=not mixtral
+    )
+    x = torch.randn(29, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        logits, hf_weights, hf_ids = hf.gate(x)
+    block.gate.forward = lambda _: logits  # the same logits on both sides: the rest is compared
+    weights, ids = block.routing(x)
+    assert torch.equal(ids, hf_ids)
+    assert weights.dtype == hf_weights.dtype
+    assert torch.equal(weights, hf_weights)
+
+
+def random_block(
+    shared: bool, dtype: torch.dtype, renormalize: bool = True, quant: str | None = None
+) -> SparseMoeBlock:
     torch.manual_seed(0)
     block = SparseMoeBlock(
-        64, 8, 2, 32, renormalize, dtype, None, shared_intermediate_size=48 if shared else None
+        64, 8, 2, 32, renormalize, dtype, quant, shared_intermediate_size=64 if shared else None
     )
     for name, p in block.named_parameters():
         p.data.copy_(torch.randn(p.shape) * (0.5 if "gate.weight" in name else 0.1))
     for m in block.modules():
         if isinstance(m, Linear):
+            if quant == "blocks" and m is not block.gate:  # int4 blocks of the dense weights
+                m.load_quantized(quantize_rtn(m.weight.float(), 4))
             m.quant_method.process_after_loading(m)
     return block
 
@@ -125,11 +154,15 @@ def test_every_expert_path_equals_grouped() -> None:
         assert torch.equal(block.experts.every_expert(x, weights, ids), grouped)
 
 
+@pytest.mark.parametrize("quant", [None, "blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_moe_batch_invariant(dtype: torch.dtype) -> None:
+def test_fused_moe_batch_invariant(dtype: torch.dtype, quant: str | None) -> None:
     """In batch-invariant mode a token's output is bit-identical alone, in any batch, at any
     position of it: the same experts, the same per-row matmuls, the same order of addition."""
-    block = random_block(True, dtype)
+    block = random_block(True, dtype, quant=quant)
+    if quant == "blocks":
+        lin = block.experts[2].down_proj
+        assert lin.quant_method.describe(lin) == "int4"
     for m in block.modules():
         if isinstance(m, Linear):
             m.batch_invariant = True

@@ -186,6 +186,11 @@ class SparseMoeBlock(nn.Module):
         experts = self.experts.reference if dense_reference else self.experts
         out = experts(x, weights, ids)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
-            gate = torch.sigmoid(self.shared_expert_gate(x))  # [T, 1]
-            out = out + gate * self.shared_expert(x)
+            shared = self.shared_expert(x)  # [T, hidden]
+            # The sigmoid over [T, hidden], not [T, 1]: a vectorized elementwise kernel takes
+            # its scalar tail for the last elements of the tensor, whose bits differ, so on
+            # [T, 1] a token's gate would depend on its position in the batch; rows of hidden
+            # (a multiple of the vector width) all take the vector path.
+            logit = self.shared_expert_gate(x).expand_as(shared).contiguous()
+            out = out + torch.sigmoid(logit) * shared
         return out
