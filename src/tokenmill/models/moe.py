@@ -30,14 +30,10 @@ from tokenmill.quant.base import QuantScheme
 _STACKED = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)")
 
 
-def _never_fused(*args: Any) -> None:
-    """The whole-layer C++ decode has no MoE block: MoE layers always run their own code."""
-    return None
-
-
 class MoeDecoderLayer(LlamaDecoderLayer):
     """A Llama decoder layer whose `mlp` the model sets after construction (a SparseMoeBlock,
-    or a dense MLP on Qwen-MoE's dense layers): which one depends on the layer's index."""
+    or a dense MLP on Qwen-MoE's dense layers): which one depends on the layer's index. It has
+    no fused whole-layer decode (the C++ layer has no MoE block): it always runs its own code."""
 
     def __init__(
         self,
@@ -52,7 +48,6 @@ class MoeDecoderLayer(LlamaDecoderLayer):
         self.mlp: nn.Module | None = None
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.fused_decode = _never_fused
 
     def forward(
         self,
