@@ -132,10 +132,17 @@ def test_fused_moe_matches_dense_reference(shared: bool, dtype: torch.dtype) -> 
     assert e[3].gate_up_proj.weight.data_ptr() == e.gate_up_proj[3].data_ptr()
     assert e[5].down_proj.weight.data_ptr() == e.down_proj[5].data_ptr()
     x = torch.randn(37, 64).to(dtype)
+    rows: dict[int, int] = {}  # expert -> rows it ran on
+    for i, expert in enumerate(e):
+        expert.register_forward_hook(lambda m, a, y, i=i: rows.__setitem__(i, a[0].shape[0]))
     with torch.inference_mode():
-        got, ref = block(x), block(x, dense_reference=True)
+        got = block(x)
         _, ids = block.routing(x)
+    # one call per active expert, on exactly the tokens routed to it
+    assert rows == {i: int((ids == i).sum()) for i in ids.unique().tolist()}
     assert ids.unique().numel() > 4  # many experts are really used
+    with torch.inference_mode():
+        ref = block(x, dense_reference=True)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 
