@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.kernels.cpu_fused import fused_ops
+from tokenmill.layers.expert_cache import ExpertCache
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.quant.base import QuantScheme
 
@@ -93,10 +94,17 @@ class Experts(nn.ModuleList):
                 expert.gate_up_proj.weight = view
                 expert.down_proj.weight = nn.Parameter(self.down_proj[e], requires_grad=False)
             self.append(expert)
+        # Set by `offload_experts`: the slot cache that holds this layer's experts when they
+        # are offloaded, and this layer's index among the model's MoE layers.
+        self.cache: ExpertCache | None = None
+        self.layer_id = 0
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], weights [T, k] (float32, or x's dtype), ids [T, k] -> [T, hidden]."""
+        cache = self.cache
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            if cache is not None:
+                raise RuntimeError("offloaded experts cannot run inside a CUDA graph")
             return self.every_expert(x, weights, ids)  # no host sync inside a CUDA graph
         top_k = ids.shape[1]
         flat = ids.flatten()  # [T k]: pair j is token j // k
@@ -107,12 +115,16 @@ class Experts(nn.ModuleList):
         pair_weights = weights.flatten()[order].unsqueeze(-1)  # [T k, 1]
         rows = x[tokens]  # [T k, hidden]
         out = torch.zeros_like(x)
+        if cache is not None:
+            cache.begin_layer(self.layer_id, [e for e, n in enumerate(counts) if n], x.shape[0])
         start = 0
         for e, n in enumerate(counts):  # the active experts only
             if n == 0:
                 continue
             end = start + n
-            y = self[e](rows[start:end]) * pair_weights[start:end]  # [n, hidden]
+            # An offloaded expert runs from its slot: the same bytes, so the same result.
+            expert = self[e] if cache is None else cache.get(self.layer_id, e)
+            y = expert(rows[start:end]) * pair_weights[start:end]  # [n, hidden]
             out.index_add_(0, tokens[start:end], y.to(out.dtype))
             start = end
         return out
@@ -174,6 +186,9 @@ class SparseMoeBlock(nn.Module):
         if shared_intermediate_size:
             self.shared_expert = SwiGLU(hidden_size, shared_intermediate_size, dtype, quant)
             self.shared_expert_gate = Linear(hidden_size, 1, dtype=dtype, quant=quant)
+        # Layer-level prefetch (set by `offload_experts`): the next MoE layer, whose router
+        # this layer runs on its own input to predict the next layer's experts.
+        self.prefetch_next: SparseMoeBlock | None = None
 
     def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
@@ -183,8 +198,19 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, dense_reference: bool = False) -> torch.Tensor:
         weights, ids = self.routing(x)  # [T, k] each
+        nxt = self.prefetch_next
+        predicted = None
+        if nxt is not None and not dense_reference:
+            # The residual stream drifts little from one layer to the next, so the next router
+            # on this layer's input mostly picks the experts it will pick on its own.
+            predicted = route(nxt.gate(x), nxt.top_k, nxt.renormalize)[1]
         experts = self.experts.reference if dense_reference else self.experts
         out = experts(x, weights, ids)
+        cache = self.experts.cache
+        if predicted is not None and nxt is not None and cache is not None:
+            # Loaded after this layer's experts ran: on a CPU the copy is synchronous, and done
+            # before they ran it could evict one of them.
+            cache.prefetch(nxt.experts.layer_id, predicted.unique().tolist())
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             shared = self.shared_expert(x)  # [T, hidden]
             # The sigmoid over [T, hidden], not [T, 1]: a vectorized elementwise kernel takes
@@ -194,3 +220,32 @@ class SparseMoeBlock(nn.Module):
             logit = self.shared_expert_gate(x).expand_as(shared).contiguous()
             out = out + torch.sigmoid(logit) * shared
         return out
+
+
+def offload_experts(
+    model: nn.Module,
+    budget_bytes: int,
+    policy: str = "lru",
+    prefetch: bool = False,
+    device: torch.device | str = "cpu",
+) -> ExpertCache | None:
+    """Puts the experts of every SparseMoeBlock of `model` behind one ExpertCache of
+    `budget_bytes` (None for a model without experts); `prefetch` links each block to the next
+    for layer-level prefetch (the last one to none: the next forward pass's first layer runs
+    on other tokens)."""
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    if not blocks:
+        return None
+    cache = ExpertCache([b.experts for b in blocks], budget_bytes, policy, device)
+    for i, block in enumerate(blocks):
+        block.experts.cache = cache
+        block.experts.layer_id = i
+        nxt = blocks[i + 1] if prefetch and i + 1 < len(blocks) else None
+        # Not a submodule (Module.__setattr__ would register it: the next block twice in the
+        # module tree): a plain reference.
+        object.__setattr__(block, "prefetch_next", nxt)
+        if torch.device(device).type != "cpu":
+            # The experts now live in host memory; the device stacks they were views of go.
+            block.experts.gate_up_proj = None
+            block.experts.down_proj = None
+    return cache
