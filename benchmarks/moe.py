@@ -10,6 +10,15 @@ dense in `--dtype`; int8 / int4: round-to-nearest blocks at load); transformers 
 on the same folder in `--hf-dtype`, the batch left-padded.
 
     python benchmarks/moe.py [--quantization none int4] [--output-len 32] [--threads N]
+
+Expert offloading (`--expert-fractions 0.5 0.25`): for each fraction of the experts kept
+resident (the budget `--expert-memory-gb` that holds that many), each policy (LRU, the
+sequence-level one, the latter with layer-level prefetch) runs the same measurements and reports
+the expert cache's hit rate, bytes loaded per token and prefetch accuracy. On a CPU host the
+"slow" store and the pool are both host memory: a miss costs a memcpy of the expert, not a
+PCIe transfer, so this measures the mechanism's overhead, not a GPU's offloading speed.
+
+    python benchmarks/moe.py --quantization int4 --skip-hf --expert-fractions 0.5 0.25
 """
 
 from __future__ import annotations
@@ -20,11 +29,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import hf_generate, host_info, make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams
+from tokenmill.layers.expert_cache import expert_tensor_refs, get_ref
+from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.loader.model_source import default_model_path
 
 SHAPE = dict(
@@ -62,10 +74,12 @@ def make_folder(root: Path) -> Path:
     return folder
 
 
-def bench_tokenmill(args, folder: Path, prompts: list[list[int]], quant: str) -> dict:
+def bench_tokenmill(
+    args, folder: Path, prompts: list[list[int]], quant: str, **offload: Any
+) -> dict:
     llm = LLM(
         model=str(folder), dtype=args.dtype, quantization=quant, kv_cache_memory_gb=0.5,
-        max_num_seqs=args.batch,
+        max_num_seqs=args.batch, **offload,
     )  # fmt: skip
     warm = SamplingParams(max_tokens=4, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompts[0]}], warm, use_tqdm=False)
@@ -81,12 +95,27 @@ def bench_tokenmill(args, folder: Path, prompts: list[list[int]], quant: str) ->
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t
     num_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {
+    result = {
         "dtype": str(llm.engine.dtype),
         "quantization": quant,
+        **offload,
         "single_stream_decode_tok_s": decode,
         f"batch{args.batch}_tok_s": num_out / elapsed,
     }
+    cache = llm.engine.runner.expert_cache
+    if cache is None:  # resident: the bytes of all experts, which the fractions are of
+        blocks = [m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
+        refs = [r for b in blocks for e in b.experts for r in expert_tensor_refs(e)]
+        sizes = [get_ref(r).numel() * get_ref(r).element_size() for r in refs]
+        result["all_expert_bytes"] = sum(sizes)
+        result["num_experts"] = sum(len(b.experts) for b in blocks)
+    else:  # counts over all the runs above (warm-up included)
+        st = cache.stats
+        result.update(
+            slots=cache.num_slots, hit_rate=st.hit_rate, bytes_per_token=st.bytes_per_token,
+            prefetch_accuracy=st.prefetch_accuracy, prefetch_recall=st.prefetch_recall,
+        )  # fmt: skip
+    return result
 
 
 def bench_transformers(args, folder: Path, prompts: list[list[int]]) -> dict:
@@ -118,6 +147,11 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", nargs="+", default=["none", "int4"])
+    ap.add_argument(
+        "--expert-fractions", type=float, nargs="*", default=[],
+        help="fractions of the experts resident to sweep (expert offloading)",
+    )  # fmt: skip
+    ap.add_argument("--policies", nargs="+", default=["lru", "hobbit", "hobbit+prefetch"])
     ap.add_argument("--hf-dtype", default="float32")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -138,6 +172,19 @@ def main() -> None:
         for quant in args.quantization:
             results[f"tokenmill_{quant}"] = bench_tokenmill(args, folder, prompts, quant)
             print(f"tokenmill {quant}", json.dumps(results[f"tokenmill_{quant}"], indent=1))
+            resident = results[f"tokenmill_{quant}"]
+            per_expert = resident["all_expert_bytes"] / resident["num_experts"]
+            for frac in args.expert_fractions:
+                # Half an expert over the fraction's bytes, so the floor gives its slot count.
+                gb = (frac * resident["all_expert_bytes"] + per_expert / 2) / 2**30
+                for policy in args.policies:
+                    name = f"tokenmill_{quant}_resident{frac:g}_{policy}"
+                    results[name] = bench_tokenmill(
+                        args, folder, prompts, quant, expert_memory_gb=gb,
+                        expert_cache_policy=policy.removesuffix("+prefetch"),
+                        expert_prefetch=policy.endswith("+prefetch"),
+                    )  # fmt: skip
+                    print(name, json.dumps(results[name], indent=1))
         if not args.skip_hf:
             results["transformers"] = bench_transformers(args, folder, prompts)
             print("transformers", json.dumps(results["transformers"], indent=1))
