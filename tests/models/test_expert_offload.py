@@ -13,6 +13,7 @@ import test_families as families  # the dense families' helpers (tests/models)
 import torch
 from torch import nn
 
+from tokenmill import LLM
 from tokenmill.engine.async_engine import EngineStats
 from tokenmill.layers.expert_cache import ExpertCache, ExpertCacheStats
 from tokenmill.layers.linear import Linear
@@ -40,6 +41,14 @@ def prompts(folder: Path) -> list[list[int]]:
     return [tok(p)["input_ids"] for p in families.PROMPT_TEXTS]
 
 
+@pytest.fixture(scope="module")
+def want(folder: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """The greedy tokens with every expert resident (batch-invariant: alone or batched)."""
+    resident = LLM(model=str(folder), kv_cache_memory_gb=0.02, **BASE)
+    assert resident.engine.expert_cache_stats() is None
+    return greedy_tokens(resident, prompts, NUM_TOKENS)
+
+
 def expert_bytes(folder: Path) -> int:
     """One Mixtral expert of the tiny config in float32: w1, w3 [I, hidden] and w2 [hidden, I]."""
     cfg = transformers.AutoConfig.from_pretrained(str(folder))
@@ -56,13 +65,10 @@ BASE = dict(dtype="float32", batch_invariant=True, block_size=4)
 @pytest.mark.parametrize(
     "policy,prefetch", [("lru", False), ("hobbit", False), ("lru", True), ("hobbit", True)]
 )
-def test_offloaded_tokens_identical(folder, prompts, make_llm, policy, prefetch) -> None:
+def test_offloaded_tokens_identical(folder, prompts, want, make_llm, policy, prefetch) -> None:
     """25% of the experts resident, with and without prefetch: the same greedy tokens in a
     batch and alone, and again from the prefix cache; the pool holds 8 slots, within budget."""
     name = str(folder)
-    resident = make_llm(model=name, kv_cache_memory_gb=0.02, **BASE)
-    want = greedy_tokens(resident, prompts, NUM_TOKENS)
-    assert resident.engine.expert_cache_stats() is None
     gb = budget_gb(folder, 0.25)
     llm = make_llm(
         model=name, kv_cache_memory_gb=0.02, expert_memory_gb=gb, expert_cache_policy=policy,
@@ -85,11 +91,9 @@ def test_offloaded_tokens_identical(folder, prompts, make_llm, policy, prefetch)
     assert (stats.prefetches > 0) == prefetch
 
 
-def test_offloaded_tokens_identical_under_preemption(folder, prompts, make_llm) -> None:
+def test_offloaded_tokens_identical_under_preemption(folder, prompts, want, make_llm) -> None:
     """Preempted for want of KV blocks and recomputed, with prefetch: the resident tokens."""
     name = str(folder)
-    resident = make_llm(model=name, kv_cache_memory_gb=0.02, **BASE)
-    want = greedy_tokens(resident, prompts, NUM_TOKENS)
     small = make_llm(
         model=name, num_kv_blocks=8, max_model_len=28, enable_prefix_caching=False,
         expert_memory_gb=budget_gb(folder, 0.25), expert_cache_policy="hobbit",
@@ -172,10 +176,15 @@ def test_quantized_experts_offload_in_their_blocks() -> None:
     assert lin.quant_method.describe(lin) == "int4" and "weight" not in lin._parameters
     cache = ExpertCache(layers, 2 * 3 * packed.numel() * packed.element_size(), "lru")
     assert cache.num_slots == 2
+    slot_lin = cache.slots[0].down_proj
+    assert (
+        "weight" not in slot_lin._parameters and slot_lin.quant_method.packed.dtype == packed.dtype
+    )
     x = torch.randn(3, 64)
     for layer, e in [(0, 1), (1, 3), (0, 2), (0, 1), (1, 0)]:
         cache.begin_layer(layer, [e], 3)
         assert torch.equal(cache.get(layer, e)(x), layers[layer][e](x))
+        cache.check()
     assert cache.stats.misses == 5 and cache.stats.hits == 0
     assert offload_experts(model, 1 << 20) is None  # no SparseMoeBlock: nothing to offload
 

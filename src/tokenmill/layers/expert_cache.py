@@ -143,6 +143,7 @@ class ExpertCache:
     ) -> None:
         self.device = torch.device(device)
         self.layers = layers
+        self.budget_bytes = budget_bytes
         template = layers[0][0]
         shapes = [(get_ref(r).shape, get_ref(r).dtype) for r in expert_tensor_refs(template)]
         for experts in layers:
@@ -266,8 +267,16 @@ class ExpertCache:
         self.key_in[slot] = None
         return slot
 
+    def _all_slot_refs(self) -> list[TensorRef]:
+        return [r for refs in self._slot_refs for r in refs]
+
     def check(self) -> None:
         """Asserts the invariants (tests): the pool within budget, slots and keys one to one."""
-        assert len(self.slots) * self.expert_bytes == self.pool_bytes
+        held = sum(get_ref(r).numel() * get_ref(r).element_size() for r in self._all_slot_refs())
+        assert held == self.pool_bytes <= self.budget_bytes, (held, self.budget_bytes)
+        sources = {
+            get_ref(r).data_ptr() for x in self.layers for e in x for r in expert_tensor_refs(e)
+        }
+        assert not sources & {get_ref(r).data_ptr() for r in self._all_slot_refs()}  # own memory
         assert all(self.key_in[s] == k for k, s in self.slot_of.items())
         assert sum(k is not None for k in self.key_in) == len(self.slot_of) <= self.num_slots
