@@ -15,6 +15,7 @@ from torch import nn
 
 from tokenmill import LLM
 from tokenmill.engine.async_engine import EngineStats
+from tokenmill.engine.stats import engine_stats
 from tokenmill.layers.expert_cache import ExpertCache, ExpertCacheStats
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.moe import SwiGLU, offload_experts
@@ -89,6 +90,11 @@ def test_offloaded_tokens_identical(folder, prompts, want, make_llm, policy, pre
     assert stats.bytes_loaded == (stats.misses + stats.prefetches) * cache.expert_bytes
     assert (stats.prefetch_predicted > 0) == prefetch
     assert (stats.prefetches > 0) == prefetch
+    # What the engine loop snapshots for /metrics.
+    snap = engine_stats(llm.engine.scheduler_stats(), 0, stats)
+    assert snap.expert_offloading and snap.expert_tokens == stats.tokens > 0
+    assert (snap.expert_cache_hits, snap.expert_cache_misses) == (stats.hits, stats.misses)
+    assert snap.expert_bytes_loaded == stats.bytes_loaded
 
 
 def test_offloaded_tokens_identical_under_preemption(folder, prompts, want, make_llm) -> None:
