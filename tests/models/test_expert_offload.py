@@ -17,6 +17,7 @@ from tokenmill import LLM
 from tokenmill.engine.async_engine import EngineStats
 from tokenmill.engine.stats import engine_stats
 from tokenmill.layers.expert_cache import ExpertCache, ExpertCacheStats
+from tokenmill.layers.expert_policy import LRUPolicy, SequencePolicy
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.moe import SwiGLU, offload_experts
 from tokenmill.server.metrics import ServerMetrics
@@ -160,6 +161,17 @@ def test_sequence_policy_beats_lru_on_layer_cycle() -> None:
     assert lru.hits + lru.misses == policy.hits + policy.misses == 60 * 4 * 2
     assert policy.hit_rate > lru.hit_rate + 0.2, (policy.hit_rate, lru.hit_rate)
     assert policy.hit_rate > 0.4
+
+
+def test_nearness_follows_the_layer_cycle() -> None:
+    """With 4 MoE layers and layer 1 running: layer 2 runs next (1), then 3, 0, and layer 1's
+    own experts, already run, are needed last (1/4)."""
+    policy = SequencePolicy(4)
+    assert [policy.nearness(layer, 1) for layer in (2, 3, 0, 1)] == [1.0, 0.75, 0.5, 0.25]
+    lru = LRUPolicy()
+    for clock, key in enumerate([(0, 1), (1, 2), (0, 3)]):
+        lru.touch(key, clock)
+    assert lru.victim([(0, 1), (1, 2), (0, 3)], 3, 0) == (0, 1)
 
 
 def test_quantized_experts_offload_in_their_blocks() -> None:

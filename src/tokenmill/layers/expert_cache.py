@@ -176,6 +176,7 @@ class ExpertCache:
             self.slots.append(slot)
         self._slot_refs = [expert_tensor_refs(s) for s in self.slots]
         self._repack = [needs_repack(s) for s in self.slots]
+        self._src_refs: dict[Key, list[TensorRef]] = {}
         self.slot_of: dict[Key, int] = {}
         self.key_in: list[Key | None] = [None] * num_slots
         self.policy = make_policy(policy, len(layers))
@@ -240,9 +241,11 @@ class ExpertCache:
         slot = self._free_slot(keep, required)
         if slot is None:
             return None
+        src = self._src_refs.get(key)
+        if src is None:  # listed once per expert: walking the modules on every miss costs
+            src = self._src_refs[key] = expert_tensor_refs(self.layers[key[0]][key[1]])
         with torch.no_grad():
-            src = self.layers[key[0]][key[1]]
-            for s, d in zip(expert_tensor_refs(src), self._slot_refs[slot], strict=True):
+            for s, d in zip(src, self._slot_refs[slot], strict=True):
                 get_ref(d).copy_(get_ref(s), non_blocking=True)
             for lin in self._repack[slot]:
                 lin.quant_method.process_after_loading(lin)
