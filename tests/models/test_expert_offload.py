@@ -174,6 +174,25 @@ def test_nearness_follows_the_layer_cycle() -> None:
     assert lru.victim([(0, 1), (1, 2), (0, 3)], 3, 0) == (0, 1)
 
 
+def test_prepacked_bf16_experts_packed_again_after_a_load() -> None:
+    """bf16 dense experts on a CPU carry oneDNN's opaque prepacked weight: a slot copies the
+    plain weight and packs it again, and computes what the expert computes."""
+    layers = [nn.ModuleList(SwiGLU(32, 32, torch.bfloat16, None) for _ in range(4))]
+    for m in layers[0].modules():
+        if isinstance(m, Linear):
+            m.weight.data.normal_()
+            m.quant_method.process_after_loading(m)
+    if layers[0][0].down_proj.packed_weight is None:
+        pytest.skip("this torch build has no oneDNN prepacking")
+    cache = ExpertCache(layers, 2 * 3 * 32 * 32 * 2, "lru")
+    assert cache.num_slots == 2
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    for e in (0, 1, 2, 0, 3):
+        cache.begin_layer(0, [e], 3)
+        assert torch.equal(cache.get(0, e)(x), layers[0][e](x))
+        cache.check()
+
+
 def test_quantized_experts_offload_in_their_blocks() -> None:
     """int4 experts: a slot holds the packed blocks (no dense weight), copied byte for byte."""
     from tokenmill.quant.packing import quantize_rtn
