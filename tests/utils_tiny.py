@@ -36,7 +36,44 @@ _CONFIG_CLASSES = {  # architecture -> (config class, weight seed)
     "Gemma3ForCausalLM": ("Gemma3TextConfig", 4),
     "Qwen3ForCausalLM": ("Qwen3Config", 5),
     "Phi3ForCausalLM": ("Phi3Config", 6),
+    "MixtralForCausalLM": ("MixtralConfig", 7),
+    "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", 8),
+    "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", 9),
+    "OlmoeForCausalLM": ("OlmoeConfig", 10),
 }
+# Mixture-of-experts sizes: 8 experts, top 2, experts narrower than the dense MLP would be.
+# Qwen2-MoE: a shared expert and one dense layer (mlp_only_layers); Qwen3-MoE renormalises.
+MOE_TINY: dict[str, dict[str, Any]] = {
+    "MixtralForCausalLM": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=64),
+    "Qwen2MoeForCausalLM": dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=96, mlp_only_layers=[1],
+    ),
+    "Qwen3MoeForCausalLM": dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=32,
+        norm_topk_prob=True,
+    ),
+    "OlmoeForCausalLM": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32),
+}  # fmt: skip
+
+
+def perturb_moe(model: Any) -> None:
+    """Routers with clear preferences (transformers' init leaves every expert's logit near 0,
+    so any rounding could flip the top k), random q/k norm weights and q/k/v biases where the
+    family has them, so that every one of them is really tested."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp, attn = layer.mlp, layer.self_attn
+            for name in ("gate", "shared_expert_gate"):
+                if hasattr(mlp, name):
+                    torch.nn.init.normal_(getattr(mlp, name).weight, std=0.5)
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None:
+                    torch.nn.init.normal_(norm.weight, mean=1.0, std=0.3)
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                if proj.bias is not None:
+                    torch.nn.init.normal_(proj.bias, std=0.3)
+
 
 _TOKENIZER_DIR: Path | None = None  # the default tokenizer, saved once per process
 
@@ -72,6 +109,7 @@ def make_tiny_hf_folder(
     kwargs: dict[str, Any] = dict(TINY)
     if arch == "MistralForCausalLM":
         kwargs["sliding_window"] = 4096  # wider than the context: the window never applies
+    kwargs.update(MOE_TINY.get(arch, {}))
     kwargs.update(overrides)
     config_cls, seed = _CONFIG_CLASSES[arch]
     torch.manual_seed(seed)
@@ -99,6 +137,8 @@ def make_tiny_hf_folder(
             for layer in model.model.layers:
                 for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                     torch.nn.init.normal_(norm.weight, mean=1.0, std=0.3)
+    if arch in MOE_TINY:
+        perturb_moe(model)
     folder = Path(tmp_path) / f"tiny-{arch}{'-sharded' if sharded else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     save_kw: dict[str, Any] = {"safe_serialization": True}

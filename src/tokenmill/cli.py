@@ -88,6 +88,7 @@ class _ListArchitectures(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from tokenmill.loader.gguf_config import ALSO_READ_AS
         from tokenmill.loader.gguf_config import SUPPORTED_ARCHITECTURES as GGUF_ARCHS
         from tokenmill.models.registry import SUPPORTED_ARCHITECTURES
 
@@ -96,7 +97,8 @@ class _ListArchitectures(argparse.Action):
             print(f"  {arch}")
         print("GGUF files (general.architecture):")
         for arch, hf_arch in GGUF_ARCHS.items():
-            print(f"  {arch} -> {hf_arch}")
+            also = f" ({ALSO_READ_AS[arch]})" if arch in ALSO_READ_AS else ""
+            print(f"  {arch} -> {hf_arch}{also}")
         parser.exit()
 
 

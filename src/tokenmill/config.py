@@ -124,6 +124,28 @@ class EngineConfig:
             "gpu_memory_utilization leaves)"
         },
     )
+    expert_memory_gb: float | None = field(
+        default=None,
+        metadata={
+            "help": "MoE expert offloading: GiB of expert weights kept on the compute device, "
+            "as a fixed pool of slots; the others stay in host memory and a miss loads one "
+            "(output unchanged; default: every expert resident)"
+        },
+    )
+    expert_cache_policy: str = field(
+        default="lru",
+        metadata={
+            "help": "which offloaded expert a miss evicts: lru | hobbit (recency, frequency and "
+            "how soon the expert's layer runs again)"
+        },
+    )
+    expert_prefetch: bool = field(
+        default=False,
+        metadata={
+            "help": "with expert_memory_gb: each MoE layer runs the next one's router on its "
+            "input and loads the experts it predicts"
+        },
+    )
     num_kv_blocks: int | None = field(
         default=None,
         metadata={
@@ -226,6 +248,12 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.expert_memory_gb is not None and self.expert_memory_gb <= 0:
+            raise ValueError(f"expert_memory_gb must be > 0, got {self.expert_memory_gb}")
+        if self.expert_cache_policy not in ("lru", "hobbit"):
+            raise ValueError(
+                f"expert_cache_policy must be lru or hobbit, got {self.expert_cache_policy!r}"
+            )
         if self.cache_aware_max_waiting < 0:
             raise ValueError(
                 f"cache_aware_max_waiting must be >= 0, got {self.cache_aware_max_waiting}"

@@ -24,13 +24,14 @@ from tokenmill.engine.model_info import ModelInfo
 from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
+from tokenmill.layers.expert_cache import ExpertCacheStats
 from tokenmill.loader.model_loader import LoadedModel, load_model, resolve_device
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.speculator import Speculator, build_proposer
 from tokenmill.worker.kv_cache import KVCacheBudget
-from tokenmill.worker.model_runner import GpuOptions, ModelRunner
+from tokenmill.worker.model_runner import ExpertOffload, GpuOptions, ModelRunner
 
 if TYPE_CHECKING:
     from tokenmill.structured import RequestGrammar, StructuredOutputManager
@@ -73,6 +74,11 @@ class LLMEngine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
             ),
             split_kv_groups=config.hybrid_kv_cache,
+            experts=None
+            if config.expert_memory_gb is None
+            else ExpertOffload(
+                config.expert_memory_gb, config.expert_cache_policy, config.expert_prefetch
+            ),
         )
         self.num_blocks = self.runner.num_blocks
         self.scheduler = Scheduler(
@@ -164,6 +170,11 @@ class LLMEngine:
 
             for future in [self.structured.compile(s) for s in specs]:
                 check_compiled(future)
+
+    def expert_cache_stats(self) -> ExpertCacheStats | None:
+        """A copy of the expert cache's counts (None without expert offloading)."""
+        cache = self.runner.expert_cache
+        return None if cache is None else dataclasses.replace(cache.stats)
 
     # -- requests -----------------------------------------------------------------------------
     def check_request(

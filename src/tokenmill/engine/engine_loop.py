@@ -219,7 +219,9 @@ class EngineLoop:
             self._post(self._on_outputs, snapshots)
 
     def _update_stats(self) -> None:
-        self.stats = engine_stats(self.engine.scheduler_stats(), self.stats.num_steps)
+        self.stats = engine_stats(
+            self.engine.scheduler_stats(), self.stats.num_steps, self.engine.expert_cache_stats()
+        )
 
 
 def _resolve(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

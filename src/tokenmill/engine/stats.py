@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenmill.core.sched_types import SchedulerStats
+from tokenmill.layers.expert_cache import ExpertCacheStats
 from tokenmill.outputs import RequestOutput
 
 
@@ -29,6 +30,17 @@ class EngineStats:
     spec_accepted_tokens: int = 0
     spec_decode_steps: int = 0
     spec_decode_tokens: int = 0
+    # MoE expert offloading (layers/expert_cache.py); zeros without it. A hit or miss is one
+    # active expert of one layer in one forward pass; tokens are rows through the MoE layers.
+    expert_offloading: bool = False
+    expert_cache_hits: int = 0
+    expert_cache_misses: int = 0
+    expert_bytes_loaded: int = 0
+    expert_tokens: int = 0
+    expert_prefetches: int = 0
+    expert_prefetch_predicted: int = 0
+    expert_prefetch_correct: int = 0
+    expert_prefetch_actual: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,10 +97,14 @@ def request_stats(out: RequestOutput, timing: RequestTiming, now: float) -> Requ
     )
 
 
-def engine_stats(sched: SchedulerStats, num_steps: int) -> EngineStats:
-    """The engine's snapshot from the scheduler's (`LLMEngine.scheduler_stats()`)."""
+def engine_stats(
+    sched: SchedulerStats, num_steps: int, experts: ExpertCacheStats | None = None
+) -> EngineStats:
+    """The engine's snapshot from the scheduler's (`LLMEngine.scheduler_stats()`) and the
+    expert cache's (`LLMEngine.expert_cache_stats()`, None without offloading)."""
     kv = sched.kv_cache
     spec = sched.spec_decode
+    ex = experts or ExpertCacheStats()
     return EngineStats(
         num_running=sched.num_running,
         num_waiting=sched.num_waiting,
@@ -103,4 +119,13 @@ def engine_stats(sched: SchedulerStats, num_steps: int) -> EngineStats:
         spec_accepted_tokens=spec.num_accepted_tokens,
         spec_decode_steps=spec.num_decode_steps,
         spec_decode_tokens=spec.num_decode_tokens,
+        expert_offloading=experts is not None,
+        expert_cache_hits=ex.hits,
+        expert_cache_misses=ex.misses,
+        expert_bytes_loaded=ex.bytes_loaded,
+        expert_tokens=ex.tokens,
+        expert_prefetches=ex.prefetches,
+        expert_prefetch_predicted=ex.prefetch_predicted,
+        expert_prefetch_correct=ex.prefetch_correct,
+        expert_prefetch_actual=ex.prefetch_actual,
     )

@@ -43,6 +43,16 @@ _LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",  # qwen3: per-head RMSNorm weights [head_dim]
     "attn_k_norm": "self_attn.k_norm",
     "attn_qkv": "self_attn.qkv_proj",  # phi3: q, k, v rows fused, as in the HF checkpoint
+    # Mixture of experts: the router [E, hidden]; each projection's experts stacked in one 3-D
+    # tensor [E, rows, cols] (split per expert by iter_tensors); Qwen2-MoE's shared expert.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # Gemma: four norms per layer (ffn_norm is the one before the MLP) and Gemma 3's q/k norms.
 _GEMMA_LAYER_NAMES = {
@@ -58,6 +68,8 @@ _NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
 # Per-architecture names: llama.cpp's phi3 `ffn_up` holds gate and up rows (HF gate_up_proj).
 _ARCH_LAYER_NAMES = {"phi3": {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"}}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Mixtral GGUFs converted before llama.cpp stacked the experts: one 2-D tensor per expert.
+_EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 # Not HF parameters: llama3 rope frequency factors and phi3's longrope factors, turned back
 # into rope_scaling instead (gguf_config).
 _IGNORED_TENSORS = frozenset(
@@ -169,6 +181,10 @@ class GGUFFile:
             return _TOP_LEVEL_NAMES[gguf_name]
         if gguf_name in _IGNORED_TENSORS:
             return None
+        m = _EXPERT_RE.fullmatch(gguf_name)
+        if m is not None:
+            layer, proj, expert = m.groups()
+            return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
         m = _LAYER_RE.fullmatch(gguf_name)
         names = (
             _GEMMA_LAYER_NAMES
@@ -196,7 +212,8 @@ class GGUFFile:
         self, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """(HF name, tensor) pairs in file order, in HF layout: dequantized to `dtype`, or with
-        `keep_quantized` Q4_0/Q4_1/Q8_0 matrices as QuantizedTensor (their raw blocks)."""
+        `keep_quantized` Q4_0/Q4_1/Q8_0 matrices as QuantizedTensor (their raw blocks). A 3-D
+        tensor of stacked experts comes as one matrix per expert, `experts.{e}.` in its name."""
         arch = checked_architecture(self)
         cfg = self.hf_config()
         permute = arch in _PERMUTED_ARCHS
@@ -206,6 +223,9 @@ class GGUFFile:
             if name is None:
                 continue
             t = self._tensors[gguf_name]
+            if len(t.shape) == 3:
+                yield from self._per_expert(name, t, dtype, keep_quantized)
+                continue
             w: torch.Tensor | QuantizedTensor
             if keep_quantized and t.tensor_type.name in GGUF_FORMATS and len(t.shape) == 2:
                 w = self._read_blocks(t)
@@ -219,6 +239,29 @@ class GGUFFile:
             elif permute and ".attn_k." in gguf_name:
                 w = _unpermute(w, cfg["num_key_value_heads"])
             yield name, w
+
+    def _per_expert(
+        self, name: str, t: ReaderTensor, dtype: torch.dtype, keep_quantized: bool
+    ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        """A stacked expert tensor [E, rows, cols] as E matrices named `...experts.{e}.proj`:
+        quantized ones as views of one copy of the blocks (each expert's rows are contiguous)."""
+        prefix, _, rest = name.rpartition(".experts.")  # rest: "gate_proj.weight"
+        if not prefix:
+            raise ModelLoadError(f"GGUF file {self.path}: unexpected 3-D tensor {t.name!r}")
+        cols, rows, num_experts = (int(d) for d in t.shape.tolist())
+        if keep_quantized and t.tensor_type.name in GGUF_FORMATS:
+            size, _ = GGUF_FORMATS[t.tensor_type.name]
+            data = torch.from_numpy(t.data)
+            if data.numel() != num_experts * rows * cols // 32 * size:
+                raise ModelLoadError(f"GGUF file {self.path}: tensor {t.name!r} is truncated")
+            blocks = data.reshape(num_experts, rows, -1).clone()  # own memory, as _read_blocks
+            for e in range(num_experts):
+                qt = QuantizedTensor(t.tensor_type.name, blocks[e], (rows, cols))
+                yield f"{prefix}.experts.{e}.{rest}", qt
+            return
+        w = self.read_tensor(t.name, dtype)  # [E, rows, cols]
+        for e in range(num_experts):
+            yield f"{prefix}.experts.{e}.{rest}", w[e]
 
     def _read_blocks(self, t: ReaderTensor) -> QuantizedTensor:
         cols, rows = (int(d) for d in t.shape.tolist())

@@ -22,7 +22,16 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "gemma3": "Gemma3ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    # Mixture of experts; Mixtral GGUFs are "llama" with `llama.expert_count` set.
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
+# Architectures one GGUF name covers besides its own (for --list-architectures).
+ALSO_READ_AS = {"llama": "MixtralForCausalLM, with llama.expert_count set"}
+# Whether llama.cpp renormalises the top-k routing weights, per architecture, where the file
+# has no `{arch}.expert_weights_norm` (HF: always for Mixtral, else norm_topk_prob).
+_EXPERT_WEIGHTS_NORM = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
 
 
 def checked_architecture(f: GGUFFile) -> str:
@@ -90,7 +99,42 @@ def hf_config(f: GGUFFile) -> dict[str, Any]:
         cfg.update(_gemma_fields(f, arch, cfg))
     if arch == "phi3" and g("attention.sliding_window") is not None:
         cfg["sliding_window"] = int(g("attention.sliding_window"))
+    if g("expert_count"):
+        cfg.update(_moe_fields(f, arch, cfg))
     return cfg
+
+
+def _moe_fields(f: GGUFFile, arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The HF fields of a mixture-of-experts file. The experts' width is
+    expert_feed_forward_length where given (Qwen-MoE; feed_forward_length is then the dense
+    layers'), else feed_forward_length (Mixtral, OLMoE). Layers without a router tensor are
+    dense (HF's mlp_only_layers)."""
+    g = lambda key, default=None: f.get(f"{arch}.{key}", default)  # noqa: E731
+    num_experts = int(g("expert_count"))
+    layers = cfg["num_hidden_layers"]
+    out: dict[str, Any] = {
+        "num_experts": num_experts,
+        "num_experts_per_tok": int(g("expert_used_count")),
+        "moe_intermediate_size": int(g("expert_feed_forward_length", cfg["intermediate_size"])),
+        "norm_topk_prob": bool(g("expert_weights_norm", _EXPERT_WEIGHTS_NORM[arch])),
+        "mlp_only_layers": [
+            i for i in range(layers) if not f.has_tensor(f"blk.{i}.ffn_gate_inp.weight")
+        ],
+    }
+    if arch == "llama":  # Mixtral: the HF names of its config
+        out["architectures"] = ["MixtralForCausalLM"]
+        out["model_type"] = "mixtral"
+        out["num_local_experts"] = num_experts
+        out["intermediate_size"] = out["moe_intermediate_size"]
+    if arch == "qwen2moe":
+        out["qkv_bias"] = cfg["attention_bias"]
+        shared = g("expert_shared_feed_forward_length")
+        if shared is None and f.has_tensor("blk.0.ffn_gate_shexp.weight"):
+            shared = f.tensor_shape("blk.0.ffn_gate_shexp.weight")[0]
+        out["shared_expert_intermediate_size"] = None if shared is None else int(shared)
+    if arch == "olmoe" and g("attention.clamp_kqv") is not None:
+        out["clip_qkv"] = _f32(g("attention.clamp_kqv"))
+    return out
 
 
 def _gemma_fields(f: GGUFFile, arch: str, cfg: dict[str, Any]) -> dict[str, Any]:

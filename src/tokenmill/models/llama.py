@@ -30,12 +30,12 @@ from tokenmill.quant.squeezellm import SqueezeLLMWeights
 
 def sliding_windows(cfg: ModelConfig) -> list[int | None]:
     """Each layer's sliding window (None: it attends to the whole context), by transformers'
-    rule: Mistral and Phi-3 window every layer when `sliding_window` is set; Qwen2 and Qwen3
-    only with `use_sliding_window`, the layers `layer_types` names "sliding_attention" (by
-    default those from `max_window_layers` on)."""
+    rule: Mistral, Mixtral and Phi-3 window every layer when `sliding_window` is set; Qwen2
+    and Qwen3 only with `use_sliding_window`, the layers `layer_types` names
+    "sliding_attention" (by default those from `max_window_layers` on)."""
     hf, n = cfg.hf_config, cfg.num_hidden_layers
     window = hf.get("sliding_window")
-    if cfg.architecture in ("MistralForCausalLM", "Phi3ForCausalLM"):
+    if cfg.architecture in ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"):
         return [window or None] * n
     qwen = cfg.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
     if not qwen or not hf.get("use_sliding_window") or not window:

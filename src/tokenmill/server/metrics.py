@@ -170,6 +170,8 @@ class _EngineCollector(Collector):
         )
 
         yield from self._spec_families(s)
+        if s.expert_offloading:
+            yield from self._expert_families(s)
 
     def _spec_families(self, s: EngineStats) -> Iterator:
         counters = (
@@ -192,6 +194,31 @@ class _EngineCollector(Collector):
             "Tokens a request gains per decode step (1 without speculation), since start.",
             s.spec_decode_tokens / steps if steps else 0.0,
         )
+
+    def _expert_families(self, s: EngineStats) -> Iterator:
+        counters = (
+            ("expert_cache_hits", "Active experts found resident (per layer and pass).",
+             s.expert_cache_hits),
+            ("expert_cache_misses", "Active experts loaded on demand.", s.expert_cache_misses),
+            ("expert_bytes_loaded", "Expert weight bytes copied into the device pool.",
+             s.expert_bytes_loaded),
+            ("expert_prefetches", "Experts loaded ahead of their layer.", s.expert_prefetches),
+        )  # fmt: skip
+        for name, doc, value in counters:
+            yield self._family(CounterMetricFamily, name, doc, value)
+        looked_up = s.expert_cache_hits + s.expert_cache_misses
+        predicted = s.expert_prefetch_predicted
+        gauges = (
+            ("expert_cache_hit_rate", "Fraction of active experts found resident, since start.",
+             s.expert_cache_hits / looked_up if looked_up else 0.0),
+            ("expert_bytes_loaded_per_token", "Expert bytes loaded per token row, since start.",
+             s.expert_bytes_loaded / s.expert_tokens if s.expert_tokens else 0.0),
+            ("expert_prefetch_accuracy",
+             "Fraction of prefetch-predicted experts that their layer used, since start.",
+             s.expert_prefetch_correct / predicted if predicted else 0.0),
+        )  # fmt: skip
+        for name, doc, value in gauges:
+            yield self._family(GaugeMetricFamily, name, doc, value)
 
     def _family(self, cls: type, name: str, doc: str, value: float):
         family = cls(f"tokenmill_{name}", doc, labels=["model_name"])

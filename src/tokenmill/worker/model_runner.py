@@ -15,7 +15,9 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.kernels.cpu_fused import load_cpu_fused
 from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.attn_backends import select_backend
+from tokenmill.layers.expert_cache import ExpertCache, ExpertCacheStats
 from tokenmill.layers.linear import Linear
+from tokenmill.layers.moe import offload_experts
 from tokenmill.models.registry import build_model
 from tokenmill.quant.base import QuantScheme
 from tokenmill.request import Request
@@ -45,6 +47,15 @@ class GpuOptions:
     max_num_batched_tokens: int = 512  # the profiling forward's size
 
 
+@dataclass(frozen=True)
+class ExpertOffload:
+    """MoE expert offloading (see layers/expert_cache.py)."""
+
+    memory_gb: float
+    policy: str = "lru"
+    prefetch: bool = False
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -61,10 +72,12 @@ class ModelRunner:
         attention_backend: str = "auto",
         gpu: GpuOptions | None = None,
         split_kv_groups: bool = True,
+        experts: ExpertOffload | None = None,
     ) -> None:
         """`split_kv_groups`: a model that mixes sliding-window and global layers gets a KV
         cache group per window (its windowed layers' blocks are released as they slide out);
-        False keeps one group and one block table for every layer."""
+        False keeps one group and one block table for every layer. `experts`: the MoE expert
+        offloading options (None: every expert resident)."""
         self.model_config = model_config
         self.dtype = dtype
         self.device = device
@@ -90,6 +103,20 @@ class ModelRunner:
             ) from e
         self.model.eval()
         self._process_weights(batch_invariant)
+        self.expert_cache: ExpertCache | None = None
+        if experts is not None:
+            self.expert_cache = offload_experts(
+                self.model, int(experts.memory_gb * 2**30), experts.policy, experts.prefetch,
+                device,
+            )  # fmt: skip
+            if self.expert_cache is not None:
+                cache = self.expert_cache
+                logger.info(
+                    "expert offloading: %d of %d experts resident (%d slots x %.1f MiB), %s%s",
+                    cache.num_slots, sum(len(x) for x in cache.layers), cache.num_slots,
+                    cache.expert_bytes / 2**20, experts.policy,
+                    " + prefetch" if experts.prefetch else "",
+                )  # fmt: skip
         if device == "cpu" and dtype == torch.bfloat16:
             load_cpu_fused()  # built (or loaded from cache) now, not inside the first request
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
@@ -121,7 +148,11 @@ class ModelRunner:
         # enforce_eager runs the very same padded batches without capturing, so each matmul and
         # attention launch sees the same shapes and the tokens are identical.
         self.graphs: DecodeGraphs | None = None
-        if device.startswith("cuda") and self.attn_backend.cuda_graphs:
+        if self.expert_cache is not None:
+            self.expert_cache.stats = ExpertCacheStats()  # not the profiling forward's
+        # Offloaded experts are looked up on the host in every step: no CUDA graphs.
+        graphs_ok = self.attn_backend.cuda_graphs and self.expert_cache is None
+        if device.startswith("cuda") and graphs_ok:
             self.graphs = self.decode_graphs(gpu.max_num_seqs, capture=not gpu.enforce_eager)
 
     def decode_graphs(self, max_batch: int, capture: bool) -> DecodeGraphs | None:

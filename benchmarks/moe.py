@@ -1,0 +1,198 @@
+"""Mixture-of-experts decode: tokenmill vs transformers on a random-weight, scaled-down Mixtral,
+in the same run.
+
+The model: Mixtral's graph (8 experts, top 2, GQA 4:1) at hidden 1024 and expert width 3584
+(Mixtral's 14336 / 4096 ratio), 4 layers, the default model's tokenizer (vocabulary 49152),
+saved once as an HF folder. Measured: single-stream decode tokens/s after the first token, and
+the output tokens/s of a batch of 16 requests generated together (16-token prompts,
+`--output-len` new tokens each, ignore_eos). tokenmill runs each `--quantization` given (none:
+dense in `--dtype`; int8 / int4: round-to-nearest blocks at load); transformers runs `generate`
+on the same folder in `--hf-dtype`, the batch left-padded.
+
+    python benchmarks/moe.py [--quantization none int4] [--output-len 32] [--threads N]
+
+Expert offloading (`--expert-fractions 0.5 0.25`): for each fraction of the experts kept
+resident (the budget `--expert-memory-gb` that holds that many), each policy (LRU, the
+sequence-level one, the latter with layer-level prefetch) runs the same measurements and reports
+the expert cache's hit rate, bytes loaded per token and prefetch accuracy. On a CPU host the
+"slow" store and the pool are both host memory: a miss costs a memcpy of the expert, not a
+PCIe transfer, so this measures the mechanism's overhead, not a GPU's offloading speed.
+
+    python benchmarks/moe.py --quantization int4 --skip-hf --expert-fractions 0.5 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import hf_generate, host_info, make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
+
+from tokenmill import LLM, SamplingParams
+from tokenmill.layers.expert_cache import expert_tensor_refs, get_ref
+from tokenmill.layers.moe import SparseMoeBlock
+from tokenmill.loader.model_source import default_model_path
+
+SHAPE = dict(
+    hidden_size=1024,
+    intermediate_size=3584,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+
+def make_folder(root: Path) -> Path:
+    """A random-weight Mixtral of SHAPE with the default tokenizer, as an HF folder."""
+    import transformers
+
+    path = default_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, **SHAPE,
+    )  # fmt: skip
+    cfg.architectures = ["MixtralForCausalLM"]
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():  # routers with clear preferences, as trained ones have
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.mlp.gate.weight, std=0.1)
+    folder = root / "mixtral-scaled"
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def bench_tokenmill(
+    args, folder: Path, prompts: list[list[int]], quant: str, **offload: Any
+) -> dict:
+    llm = LLM(
+        model=str(folder), dtype=args.dtype, quantization=quant, kv_cache_memory_gb=0.5,
+        max_num_seqs=args.batch, **offload,
+    )  # fmt: skip
+    warm = SamplingParams(max_tokens=4, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompts[0]}], warm, use_tqdm=False)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate([{"prompt_token_ids": prompts[0]}], one, use_tqdm=False)
+    t_first = time.perf_counter() - t
+    t = time.perf_counter()
+    llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+    decode = (args.output_len - 1) / (time.perf_counter() - t - t_first)
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    num_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    result = {
+        "dtype": str(llm.engine.dtype),
+        "quantization": quant,
+        **offload,
+        "single_stream_decode_tok_s": decode,
+        f"batch{args.batch}_tok_s": num_out / elapsed,
+    }
+    cache = llm.engine.runner.expert_cache
+    if cache is None:  # resident: the bytes of all experts, which the fractions are of
+        blocks = [m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
+        refs = [r for b in blocks for e in b.experts for r in expert_tensor_refs(e)]
+        sizes = [get_ref(r).numel() * get_ref(r).element_size() for r in refs]
+        result["all_expert_bytes"] = sum(sizes)
+        result["num_experts"] = sum(len(b.experts) for b in blocks)
+    else:  # counts over all the runs above (warm-up included)
+        st = cache.stats
+        result.update(
+            slots=cache.num_slots, hit_rate=st.hit_rate, bytes_per_token=st.bytes_per_token,
+            prefetch_accuracy=st.prefetch_accuracy, prefetch_recall=st.prefetch_recall,
+        )  # fmt: skip
+    return result
+
+
+def bench_transformers(args, folder: Path, prompts: list[list[int]]) -> dict:
+    import transformers
+
+    dtype = getattr(torch, args.hf_dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    pad = model.config.pad_token_id or 0
+    hf_generate(model, prompts[:2], 2, pad)  # warm-up
+    t = time.perf_counter()
+    hf_generate(model, prompts[:1], 1, pad)
+    t_first = time.perf_counter() - t
+    t = time.perf_counter()
+    hf_generate(model, prompts[:1], args.output_len, pad)
+    decode = (args.output_len - 1) / (time.perf_counter() - t - t_first)
+    t = time.perf_counter()
+    num_out = hf_generate(model, prompts, args.output_len, pad).numel()
+    return {
+        "dtype": args.hf_dtype,
+        "single_stream_decode_tok_s": decode,
+        f"batch{args.batch}_tok_s": num_out / (time.perf_counter() - t),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", nargs="+", default=["none", "int4"])
+    ap.add_argument(
+        "--expert-fractions", type=float, nargs="*", default=[],
+        help="fractions of the experts resident to sweep (expert offloading)",
+    )  # fmt: skip
+    ap.add_argument("--policies", nargs="+", default=["lru", "hobbit", "hobbit+prefetch"])
+    ap.add_argument("--hf-dtype", default="float32")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default="benchmarks/results/moe.json")
+    args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    root = Path(tempfile.mkdtemp(prefix="tokenmill-moe-bench-"))
+    try:
+        folder = make_folder(root)
+        from tokenmill.engine.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_gguf(default_model_path())
+        prompts = make_prompts(tok, args.batch, args.prompt_len)
+        results: dict = {"config": vars(args), "shape": SHAPE, "host": host_info()}
+        results["torch_threads"] = torch.get_num_threads()
+        for quant in args.quantization:
+            results[f"tokenmill_{quant}"] = bench_tokenmill(args, folder, prompts, quant)
+            print(f"tokenmill {quant}", json.dumps(results[f"tokenmill_{quant}"], indent=1))
+            resident = results[f"tokenmill_{quant}"]
+            per_expert = resident["all_expert_bytes"] / resident["num_experts"]
+            for frac in args.expert_fractions:
+                # Half an expert over the fraction's bytes, so the floor gives its slot count.
+                gb = (frac * resident["all_expert_bytes"] + per_expert / 2) / 2**30
+                for policy in args.policies:
+                    name = f"tokenmill_{quant}_resident{frac:g}_{policy}"
+                    results[name] = bench_tokenmill(
+                        args, folder, prompts, quant, expert_memory_gb=gb,
+                        expert_cache_policy=policy.removesuffix("+prefetch"),
+                        expert_prefetch=policy.endswith("+prefetch"),
+                    )  # fmt: skip
+                    print(name, json.dumps(results[name], indent=1))
+        if not args.skip_hf:
+            results["transformers"] = bench_transformers(args, folder, prompts)
+            print("transformers", json.dumps(results["transformers"], indent=1))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Expert offloading: at most a budget of bytes of expert weights in fast memory, as a fixed pool
+of slots; every expert's weights stay in slow storage and a miss copies them into a slot.
+
+"Fast" is the compute device, "slow" a host store: on a CPU host the experts' own tensors as the
+loader left them (memory-mapped or copied from the checkpoint), on an accelerator pinned host
+copies made at attach time. A slot is a clone of one expert module (same quant method, same
+tensor shapes) whose tensors live on the compute device; loading an expert copies its tensors
+byte for byte into the slot's (quantized experts stay in their packed block form), so a slot
+holding expert e computes exactly what expert e computes: offloading never changes a token.
+
+Invariants: a key (MoE layer, expert) is in at most one slot; the pool's bytes are
+`num_slots * expert_bytes` <= the budget, fixed at construction (nothing is allocated later);
+only the cache writes a slot's tensors. Copies are issued on the current stream, so on a GPU a
+later kernel reading the slot is ordered after the copy, and a copy into a slot is ordered
+after the kernels that read its previous expert.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tokenmill.layers.expert_policy import Key, make_policy
+from tokenmill.layers.linear import Linear
+
+TensorRef = tuple[object, str]  # (owner, attribute): a tensor an expert's matmuls read
+
+
+def expert_tensor_refs(expert: nn.Module) -> list[TensorRef]:
+    """Every tensor an expert's linear layers read, in a fixed order (module order, then name),
+    so two clones of one expert list matching tensors: the layer's parameters, and the quant
+    method's tensors (its packed blocks, its tuple or dataclass of kernel tensors). oneDNN's
+    prepacked dense weight is not listed: it is opaque (no copy_), and is packed again from the
+    copied weight after a load (`needs_repack`)."""
+    refs: list[TensorRef] = []
+    for lin in expert.modules():
+        if not isinstance(lin, Linear):
+            continue
+        refs += [(lin._parameters, n) for n, p in sorted(lin._parameters.items()) if p is not None]
+        method = lin.quant_method
+        for name, value in sorted(vars(method).items()):
+            if isinstance(value, torch.Tensor):
+                refs.append((method, name))
+            elif isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+                refs += [(value, str(i)) for i in range(len(value))]
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                refs += [
+                    (value, f.name)
+                    for f in dataclasses.fields(value)
+                    if isinstance(getattr(value, f.name), torch.Tensor)
+                ]
+    return refs
+
+
+def get_ref(ref: TensorRef) -> torch.Tensor:
+    owner, name = ref
+    if isinstance(owner, dict):
+        return owner[name]
+    if isinstance(owner, tuple):
+        return owner[int(name)]
+    return getattr(owner, name)
+
+
+def needs_repack(expert: nn.Module) -> list[Linear]:
+    return [m for m in expert.modules() if isinstance(m, Linear) and m.packed_weight is not None]
+
+
+def _set_ref(ref: TensorRef, value: torch.Tensor) -> None:
+    owner, name = ref
+    if isinstance(owner, dict):
+        owner[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        setattr(owner, name, value)  # tuples are rebuilt by `_fresh_tensors`
+
+
+def _fresh_tensors(expert: nn.Module, device: torch.device, pin: bool) -> None:
+    """Replaces, in place in `expert`'s modules, every listed tensor with a new one on `device`
+    holding the same bytes (pinned host memory when `pin`)."""
+    for lin in expert.modules():
+        if not isinstance(lin, Linear):
+            continue
+        for name, value in vars(lin.quant_method).items():
+            if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+                setattr(lin.quant_method, name, tuple(_moved(t, device, pin) for t in value))
+    for ref in expert_tensor_refs(expert):
+        if not isinstance(ref[0], tuple):
+            _set_ref(ref, _moved(get_ref(ref), device, pin))
+
+
+def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
+    return out.copy_(t.detach())
+
+
+@dataclass
+class ExpertCacheStats:
+    """Counts since start. A hit or a miss is one active expert of one layer in one forward
+    pass; bytes are expert weights copied into slots (demand loads and prefetches)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_loaded: int = 0
+    tokens: int = 0  # token rows through the first MoE layer (prompt and generated)
+    prefetches: int = 0  # experts loaded ahead of their layer
+    prefetch_predicted: int = 0  # experts predicted for a layer (the router of the layer before)
+    prefetch_correct: int = 0  # of those, active when the layer ran
+    prefetch_actual: int = 0  # active experts of the layers that had a prediction
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_loaded / self.tokens if self.tokens else 0.0
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        """Precision: the fraction of predicted experts that their layer used."""
+        return self.prefetch_correct / self.prefetch_predicted if self.prefetch_predicted else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        return self.prefetch_correct / self.prefetch_actual if self.prefetch_actual else 0.0
+
+
+class ExpertCache:
+    """The slot pool shared by the MoE layers `layers` (index = MoE layer index), each a list of
+    experts with the same tensor shapes, under `budget_bytes`."""
+
+    def __init__(
+        self,
+        layers: list[nn.ModuleList],
+        budget_bytes: int,
+        policy: str = "lru",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.layers = layers
+        self.budget_bytes = budget_bytes
+        template = layers[0][0]
+        shapes = [(get_ref(r).shape, get_ref(r).dtype) for r in expert_tensor_refs(template)]
+        for experts in layers:
+            for expert in experts:
+                got = [(get_ref(r).shape, get_ref(r).dtype) for r in expert_tensor_refs(expert)]
+                if got != shapes:
+                    raise ValueError("expert offloading needs experts of one shape in all layers")
+        self.expert_bytes = sum(
+            get_ref(r).numel() * get_ref(r).element_size() for r in expert_tensor_refs(template)
+        )
+        total = sum(len(experts) for experts in layers)
+        num_slots = min(total, budget_bytes // self.expert_bytes)
+        if num_slots < 1:
+            raise ValueError(
+                f"an expert memory budget of {budget_bytes} bytes holds no expert "
+                f"({self.expert_bytes} bytes each)"
+            )
+        if self.device.type != "cpu":  # slow storage: pinned host copies
+            for experts in layers:
+                for expert in experts:
+                    _fresh_tensors(expert, torch.device("cpu"), pin=True)
+        self.slots: list[nn.Module] = []
+        for _ in range(num_slots):
+            # Share the template's tensors while cloning (no copy), then give the clone its own.
+            shared = [get_ref(r) for r in expert_tensor_refs(template)]
+            shared += [lin.packed_weight for lin in needs_repack(template)]  # opaque: no copy
+            memo: dict[int, object] = {id(t): t for t in shared}
+            slot = copy.deepcopy(template, memo)
+            _fresh_tensors(slot, self.device, pin=False)
+            self.slots.append(slot)
+        self._slot_refs = [expert_tensor_refs(s) for s in self.slots]
+        self._repack = [needs_repack(s) for s in self.slots]
+        self._src_refs: dict[Key, list[TensorRef]] = {}
+        self.slot_of: dict[Key, int] = {}
+        self.key_in: list[Key | None] = [None] * num_slots
+        self.policy = make_policy(policy, len(layers))
+        self.clock = 0
+        self.current_layer = -1
+        self.protected: set[Key] = set()  # active experts of the running layer not yet computed
+        self.predicted: dict[int, set[int]] = {}  # layer -> experts predicted for its next run
+        self.stats = ExpertCacheStats()
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.num_slots * self.expert_bytes
+
+    def begin_layer(self, layer: int, active: Iterable[int], num_tokens: int) -> None:
+        """Layer `layer` is about to run `active` experts on `num_tokens` rows."""
+        active = list(active)
+        self.clock += 1
+        self.current_layer = layer
+        self.protected = {(layer, e) for e in active}
+        if layer == 0:
+            self.stats.tokens += num_tokens
+        predicted = self.predicted.pop(layer, None)
+        if predicted is not None:
+            self.stats.prefetch_predicted += len(predicted)
+            self.stats.prefetch_correct += len(predicted & set(active))
+            self.stats.prefetch_actual += len(active)
+
+    def get(self, layer: int, expert: int) -> nn.Module:
+        """The module computing expert `expert` of `layer`: its slot, loaded on a miss."""
+        key = (layer, expert)
+        slot = self.slot_of.get(key)
+        if slot is None:
+            self.stats.misses += 1
+            slot = self._load(key, keep=set())
+        else:
+            self.stats.hits += 1
+        self.policy.touch(key, self.clock)
+        self.protected.discard(key)
+        return self.slots[slot]
+
+    def prefetch(self, layer: int, experts: Iterable[int]) -> None:
+        """Loads the experts predicted for `layer`'s next run, never evicting an expert the
+        running layer still needs or one this call loaded."""
+        experts = sorted(set(experts))
+        self.predicted[layer] = set(experts)
+        loaded: set[Key] = set()
+        for e in experts:
+            key = (layer, e)
+            if key in self.slot_of:
+                continue
+            if self._load(key, keep=self.protected | loaded, required=False) is None:
+                break  # every slot is needed now: the rest load on demand
+            self.stats.prefetches += 1
+            self.policy.touch(key, self.clock)
+            loaded.add(key)
+
+    def _load(self, key: Key, keep: set[Key], required: bool = True) -> int | None:
+        slot = self._free_slot(keep, required)
+        if slot is None:
+            return None
+        src = self._src_refs.get(key)
+        if src is None:  # listed once per expert: walking the modules on every miss costs
+            src = self._src_refs[key] = expert_tensor_refs(self.layers[key[0]][key[1]])
+        with torch.no_grad():
+            for s, d in zip(src, self._slot_refs[slot], strict=True):
+                get_ref(d).copy_(get_ref(s), non_blocking=True)
+            for lin in self._repack[slot]:
+                lin.quant_method.process_after_loading(lin)
+        self.stats.bytes_loaded += self.expert_bytes
+        self.slot_of[key] = slot
+        self.key_in[slot] = key
+        return slot
+
+    def _free_slot(self, keep: set[Key], required: bool) -> int | None:
+        for slot, key in enumerate(self.key_in):
+            if key is None:
+                return slot
+        # Evict, sparing the running layer's pending experts (they would be loaded again within
+        # this layer); a demand load with every slot pending evicts among them all the same.
+        candidates = [k for k in self.slot_of if k not in keep and k not in self.protected]
+        if not candidates:
+            if not required:
+                return None
+            candidates = list(self.slot_of)
+        victim = self.policy.victim(candidates, self.clock, self.current_layer)
+        slot = self.slot_of.pop(victim)
+        self.key_in[slot] = None
+        return slot
+
+    def _all_slot_refs(self) -> list[TensorRef]:
+        return [r for refs in self._slot_refs for r in refs]
+
+    def check(self) -> None:
+        """Asserts the invariants (tests): the pool within budget, slots and keys one to one."""
+        held = sum(get_ref(r).numel() * get_ref(r).element_size() for r in self._all_slot_refs())
+        assert held == self.pool_bytes <= self.budget_bytes, (held, self.budget_bytes)
+        sources = {
+            get_ref(r).data_ptr() for x in self.layers for e in x for r in expert_tensor_refs(e)
+        }
+        assert not sources & {get_ref(r).data_ptr() for r in self._all_slot_refs()}  # own memory
+        assert all(self.key_in[s] == k for k, s in self.slot_of.items())
+        assert sum(k is not None for k in self.key_in) == len(self.slot_of) <= self.num_slots
