@@ -97,7 +97,7 @@ BAD_CHAT = [
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
     ({"temperature": -0.5}, "temperature"),
     ({"max_tokens": 1, "min_tokens": 2}, "min_tokens"),
     ({"stop_token_ids": [10**9]}, "stop_token_ids"),

@@ -3,17 +3,25 @@ its `tojson`, `raise_exception` and `strftime_now`, and messages without None-va
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
     return _jinja_env().from_string(source)
+
+
+@functools.lru_cache(maxsize=8)
+def template_variables(source: str) -> frozenset[str]:
+    """The variables a template reads from its context (e.g. whether it renders `tools`)."""
+    return frozenset(jinja2.meta.find_undeclared_variables(_jinja_env().parse(source)))
 
 
 def render_chat_template(

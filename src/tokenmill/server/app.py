@@ -42,12 +42,14 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     preprocess_timeout_s: float = DEFAULT_PREPROCESS_TIMEOUT_S,
     preprocess_workers: int | None = None,
+    tool_call_parser: str = "hermes",
 ) -> FastAPI:
     """Builds the app. The engine loop starts with the app (lifespan) and stops with it; the
     engine's StatsListener is replaced by this app's Prometheus metrics."""
     ctx = ServerContext.create(
         engine,
         served_model_names,
+        tool_call_parser,
         timeout_s=preprocess_timeout_s,
         num_workers=preprocess_workers,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenmill.server.tool_parsers import TOOL_PARSERS
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -47,6 +49,13 @@ class ServerConfig:
             "(default: min(4, CPUs))"
         },
     )
+    tool_call_parser: str = field(
+        default="hermes",
+        metadata={
+            "help": "reads tool calls out of tool_choice=auto output: hermes "
+            "(<tool_call>{json}</tool_call>) | llama3_json (a bare JSON call)"
+        },
+    )
     uvicorn_log_level: str = field(default="info", metadata={"help": "uvicorn's log level"})
 
     def __post_init__(self) -> None:
@@ -58,5 +67,10 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if not self.preprocess_timeout_s > 0:
             raise ValueError(f"preprocess_timeout_s must be > 0, got {self.preprocess_timeout_s}")
+        if self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, "
+                f"got {self.tool_call_parser!r}"
+            )
         if self.preprocess_workers is not None and self.preprocess_workers < 1:
             raise ValueError(f"preprocess_workers must be >= 1, got {self.preprocess_workers}")

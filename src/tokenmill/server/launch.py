@@ -31,6 +31,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> None:
         max_body_bytes=cfg.max_request_bytes,
         preprocess_timeout_s=cfg.preprocess_timeout_s,
         preprocess_workers=cfg.preprocess_workers,
+        tool_call_parser=cfg.tool_call_parser,
     )
     url = f"http://{cfg.host}:{cfg.port}"
     logger.warning(

@@ -58,5 +58,5 @@ def _check_unicode_tree(v: Any) -> None:
 
 def unsupported(v: Any, name: str) -> Any:
     if v:
-        raise ValueError(f"{name} are not supported" if name == "tools" else "is not supported")
+        raise ValueError("is not supported")
     return v

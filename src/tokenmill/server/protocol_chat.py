@@ -1,4 +1,4 @@
-"""The /v1/chat/completions request and its messages (text content only)."""
+"""The /v1/chat/completions request and its messages (text content only, tool calls)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_
 
 from tokenmill.errors import InvalidRequestError, check_unicode
 from tokenmill.sampling_params import MAX_LOGPROBS, StructuredOutputsParams
-from tokenmill.server.protocol_base import RequestModel, TokenCount, unsupported
+from tokenmill.server.protocol_base import RequestModel, TokenCount
 from tokenmill.server.protocol_sampling import STREAM_OPTIONS_NEED_STREAM, SamplingFields, needs
 from tokenmill.server.protocol_structured import ResponseFormat
+from tokenmill.server.protocol_tools import ToolCallIn, ToolChoice, ToolDef
 
 _TOP_LOGPROBS_NEED_LOGPROBS = needs("top_logprobs", "integer", "logprobs")
 
@@ -24,6 +25,8 @@ class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="an assistant turn's calls")
+    tool_call_id: StrictStr | None = Field(None, description="the call a tool message answers")
 
     @field_validator("content", mode="before")
     @classmethod
@@ -46,6 +49,10 @@ class ChatMessage(RequestModel):
         msg: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             msg["name"] = self.name
+        if self.tool_calls:
+            msg["tool_calls"] = [c.as_template_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
 
 
@@ -59,14 +66,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[TokenCount, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
     add_generation_prompt: StrictBool = True
     response_format: ResponseFormat | None = None
-
-    @field_validator("tools", mode="before")
-    @classmethod
-    def _check_tools(cls, v: Any) -> Any:
-        return unsupported(v, "tools")
 
     def structured_spec(self) -> StructuredOutputsParams | None:
         fmt = None if self.response_format is None else self.response_format.params()

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages rendered with the model's chat template."""
+"""POST /v1/chat/completions: messages rendered with the model's chat template; tool calls
+(serving_tools) read from each choice's text."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jinja2
 from starlette.responses import JSONResponse, Response
 
 from tokenmill.engine.async_engine import RequestStream
+from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import CompletionOutput, TokenLogprobs
 from tokenmill.server.errors import APIError
 from tokenmill.server.protocol import ChatCompletionRequest, ChatMessage
@@ -24,6 +26,8 @@ from tokenmill.server.serving_common import (
     top_entries,
     usage,
 )
+from tokenmill.server.serving_tools import ToolCallStream, ToolPlan, plan_tools, template_inputs
+from tokenmill.structured import check_json_schema
 
 
 def render_chat(
@@ -31,16 +35,23 @@ def render_chat(
     messages: list[ChatMessage],
     add_generation_prompt: bool = True,
     check_text: Callable[[str], None] | None = None,
+    tools: ToolPlan | None = None,
 ) -> list[int]:
     """The prompt token ids of a conversation, through the model's chat template; special-token
     text in the messages stays text (unless --allow-special-tokens-in-content).
     `check_text(rendered)` runs before tokenizing. Blocking: call it in a worker."""
+    dicts, tool_list = template_inputs(
+        tools or ToolPlan("none"),
+        [m.as_template_dict() for m in messages],
+        ctx.tokenizer.chat_template,
+    )
     try:
         return ctx.tokenizer.encode_chat(
-            [m.as_template_dict() for m in messages],
+            dicts,
             add_generation_prompt,
             allow_special_in_content=ctx.preprocessor.allow_special_in_content,
             check_text=check_text,
+            tools=tool_list,
         )
     except jinja2.TemplateError as e:  # templates raise on e.g. roles out of order
         raise APIError(400, f"messages could not be rendered by the chat template: {e}",
@@ -49,14 +60,36 @@ def render_chat(
         raise APIError(400, str(e), "messages") from e
 
 
+async def _check_tool_schemas(ctx: ServerContext, plan: ToolPlan) -> None:
+    """400 naming the tool whose parameters schema is not one we can enforce, checked off the
+    event loop (a forced choice compiles them all again, against the vocabulary, later)."""
+    params = [(i, t.function.parameters) for i, t in enumerate(plan.tools)]
+    params = [(i, p) for i, p in params if p is not None]
+    if params:
+
+        def check() -> None:
+            for i, p in params:
+                check_json_schema(p, f"tools[{i}].function.parameters")
+
+        await ctx.preprocessor.run(check, "tools")
+
+
+def _tool_finish(finish: str | None) -> str | None:
+    """OpenAI's reason for a turn that ends in calls; a cut-off one stays "length"."""
+    return "tool_calls" if finish == "stop" else finish
+
+
 class _Choice:
-    def __init__(self, index: int, num_logprobs: int | None, ctx: ServerContext) -> None:
+    def __init__(
+        self, index: int, num_logprobs: int | None, ctx: ServerContext, plan: ToolPlan
+    ) -> None:
         self.index = index
         self.k = num_logprobs
         self.ctx = ctx
         self.num_text = 0
         self.num_tokens = 0
         self.done = False
+        self.tools = None if plan.mode == "none" else ToolCallStream(plan)
 
     def _entry(self, token_id: int, lps: TokenLogprobs | None) -> dict[str, Any]:
         lp = None if lps is None else lps.get(token_id)
@@ -102,23 +135,32 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
     )
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     num_logprobs = req.num_logprobs()
-    params = req.sampling_params(max_tokens, num_logprobs)
+    plan = plan_tools(req, ctx.tool_call_parser)
+    forced = plan.structured()
+    if forced is not None and req.structured_spec() is not None:
+        raise InvalidRequestError(
+            "a forced tool_choice and response_format cannot both constrain the output",
+            "tool_choice",
+        )
+    extra = {} if forced is None else {"structured_outputs": forced}
+    params = req.sampling_params(max_tokens, num_logprobs, **extra)
     pre = ctx.preprocessor
+    await _check_tool_schemas(ctx, plan)
 
     def check_text(text: str) -> None:  # the cheap bound, before tokenizing
         ctx.check_prompt_bound(pre.min_tokens(text), "messages")
 
     prompt_ids = await pre.run(
-        lambda: render_chat(ctx, req.messages, req.add_generation_prompt, check_text),
+        lambda: render_chat(ctx, req.messages, req.add_generation_prompt, check_text, plan),
         "messages",
     )
     ctx.check_prompt(prompt_ids, params, req.priority, "messages", param)
-    await ctx.check_structured_outputs(params, req.structured_param())
+    await ctx.check_structured_outputs(params, "tools" if forced else req.structured_param())
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     (stream,) = await ctx.add_all([prompt_ids], params, request_id, req.priority, req.cache_salt)
     head = {"id": request_id, "created": int(time.time()), "model": model}
-    choices = [_Choice(j, num_logprobs, ctx) for j in range(req.n)]
+    choices = [_Choice(j, num_logprobs, ctx, plan) for j in range(req.n)]
     if req.stream:
         chunks = _stream(stream, choices, req, head, len(prompt_ids))
         return EventStreamResponse(chunks, [stream])
@@ -127,10 +169,16 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
     result = []
     for choice, c in zip(choices, out.outputs, strict=True):
         text, entries, finish = choice.delta(c)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if choice.tools is not None:
+            message["content"], calls = choice.tools.final(c.text)
+            if calls:
+                message["tool_calls"] = calls
+                finish = _tool_finish(finish)
         result.append(
             {
                 "index": choice.index,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None if entries is None else {"content": entries},
                 "finish_reason": finish,
                 "stop_reason": c.stop_reason,
@@ -175,12 +223,20 @@ async def _stream(
             deltas = []
             for choice, c in zip(choices, out.outputs, strict=True):
                 text, entries, finish = choice.delta(c)
-                if not text and not entries and finish is None:
+                calls: list[dict[str, Any]] = []
+                if choice.tools is not None:  # the content is what the calls leave
+                    text, calls = choice.tools.step(c.text, c.finish_reason is not None)
+                    if choice.tools.sent_args and finish is not None:
+                        finish = _tool_finish(finish)
+                if not text and not calls and not entries and finish is None:
                     continue
+                delta: dict[str, Any] = {"content": text} if text or finish is None else {}
+                if calls:
+                    delta["tool_calls"] = calls
                 deltas.append(
                     {
                         "index": choice.index,
-                        "delta": {"content": text} if text or finish is None else {},
+                        "delta": delta,
                         "logprobs": None if entries is None else {"content": entries},
                         "finish_reason": finish,
                     }

@@ -31,12 +31,14 @@ class ServerContext:
     tokenizer: Tokenizer
     model: ModelInfo  # the engine's model and limits
     preprocessor: Preprocessor  # tokenizing and chat rendering, off the event loop
+    tool_call_parser: str = "hermes"  # reads tool calls out of tool_choice="auto" output
 
     @classmethod
     def create(
         cls,
         engine: AsyncLLMEngine,
         served_model_names: Sequence[str] | None = None,
+        tool_call_parser: str = "hermes",
         **preprocess: Any,
     ) -> ServerContext:
         """`preprocess`: Preprocessor options (timeout_s, num_workers)."""
@@ -45,7 +47,7 @@ class ServerContext:
         allow = info.allow_special_tokens_in_content
         tok = engine.tokenizer
         pre = Preprocessor(tok, info.max_seq_len, allow_special_in_content=allow, **preprocess)
-        return cls(engine, names, tok, info, pre)
+        return cls(engine, names, tok, info, pre, tool_call_parser)
 
     @property
     def model_name(self) -> str:

@@ -3,7 +3,7 @@ matcher per request, and the token masks the sampler applies. Token-level only: 
 sees a mask, never text."""
 
 from tokenmill.structured.grammar import RequestGrammar, apply_grammar_masks
-from tokenmill.structured.manager import StructuredOutputManager, check_compiled
+from tokenmill.structured.manager import StructuredOutputManager, check_compiled, check_json_schema
 from tokenmill.structured.vocab import tokenizer_info
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "StructuredOutputManager",
     "apply_grammar_masks",
     "check_compiled",
+    "check_json_schema",
     "tokenizer_info",
 ]

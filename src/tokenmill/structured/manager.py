@@ -125,6 +125,15 @@ def check_compiled(future: Future[xgr.CompiledGrammar], timeout: float | None = 
         raise e
 
 
+def check_json_schema(schema: dict[str, object] | bool, param: str) -> None:
+    """Raises InvalidRequestError (naming `param`) unless `schema` converts to a grammar. Cheap:
+    no vocabulary is involved, so front ends can check schemas they may never compile."""
+    try:
+        xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise InvalidRequestError(f"{param} is invalid: {clean_message(e)}", param) from None
+
+
 def choice_grammar(choices: list[str]) -> str:
     """EBNF for "exactly one of `choices`". JSON string escapes are EBNF string escapes."""
     alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
