@@ -99,6 +99,8 @@ def test_read_forced_partial_reads_grow_to_the_final_calls() -> None:
         ("get_weather", '{"city":"x"}', True),
     ]
     assert read_forced('{"a":1}', "named", "add")[0].arguments == '{"a":1}'
+    spaced = '[{"name": "add", "parameters": {"a": 1}}, {"name": "add", "parameters": {}}]'
+    assert [c.arguments for c in read_forced(spaced, "required", None)] == ['{"a": 1}', "{}"]
 
 
 def _request(**body: object) -> ChatCompletionRequest:

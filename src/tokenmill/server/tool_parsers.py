@@ -151,34 +151,56 @@ class ForcedCall:
 
 
 def read_forced(text: str, mode: str, named: str | None) -> list[ForcedCall]:
-    """The calls in a (maybe partial) forced output. The grammar shapes it exactly (compact
-    JSON): "named" is the arguments object itself; "required" is `[{"name":N,"parameters":A},
-    ...]`. The arguments are the raw text of A, so partial reads only ever grow and the last
-    read is what the non-streamed response says."""
+    """The calls in a (maybe partial) forced output, which the grammar shapes exactly: "named"
+    is the arguments object itself; "required" is `[{"name": N, "parameters": A}, ...]` (the
+    grammar's own separators, so whitespace between tokens is skipped). The arguments are the
+    raw text of A, so partial reads only ever grow and the last read is what the non-streamed
+    response says."""
     if mode == "named":
         assert named is not None
         return [ForcedCall(named, text, False)]
     decoder, calls = json.JSONDecoder(), []
-    head, sep = '{"name":', ',"parameters":'
-    pos = 1 if text.startswith("[") else len(text)
-    while pos < len(text):
-        if not text.startswith(head, pos):
+    pos = _after(text, 0, "[")
+    while pos is not None:
+        pos = _after(text, pos, "{")
+        pos = _after(text, pos, '"name"')
+        pos = _after(text, pos, ":")
+        if pos is None:
             break
         try:
-            name, pos = decoder.raw_decode(text, pos + len(head))
+            name, pos = decoder.raw_decode(text, _skip_ws(text, pos))
         except ValueError:
             break  # the name is still being written
-        if not text.startswith(sep, pos):
+        pos = _after(text, pos, ",")
+        pos = _after(text, pos, '"parameters"')
+        pos = _after(text, pos, ":")
+        if pos is None:
             break
-        start = pos + len(sep)
+        start = _skip_ws(text, pos)
         try:
             _, end = decoder.raw_decode(text, start)
         except ValueError:
             end = -1
-        if end < 0 or not text.startswith("}", end):
+        close = None if end < 0 else _after(text, end, "}")
+        if close is None:
             # the arguments are still being written (a number may yet grow)
             calls.append(ForcedCall(str(name), text[start:], False))
             break
         calls.append(ForcedCall(str(name), text[start:end], True))
-        pos = end + 2  # past "}" and "," or "]"
+        pos = _after(text, close, ",")
     return calls
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \n\r\t":
+        pos += 1
+    return pos
+
+
+def _after(text: str, pos: int | None, literal: str) -> int | None:
+    """The position past `literal` at `pos` (after whitespace), or None where it is not (yet)
+    there."""
+    if pos is None:
+        return None
+    pos = _skip_ws(text, pos)
+    return pos + len(literal) if text.startswith(literal, pos) else None
