@@ -153,15 +153,20 @@ def chat(server: Server, **body: Any) -> httpx.Response:
     return httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=120)
 
 
+def tool(parameters: Any) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "f", "parameters": parameters}}
+
+
 BAD = [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": None, "tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
-     "tools[0].function.parameters"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/x"}}}],
-      "tool_choice": "required"}, "tools[0].function.parameters"),
+    ({"tools": [tool({"type": "nonsense"})]}, "tools[0].function.parameters"),
+    ({"tools": [TOOLS[1], tool({"$ref": "#/x"})], "tool_choice": "required"},
+     "tools[1].function.parameters"),
+    ({"tools": [tool({"properties": 3})], "tool_choice": "none"}, "tools[0].function.parameters"),
     ({"tools": [{"type": "retrieval"}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools"),
     ({"tools": [TOOLS[1], TOOLS[1]]}, "tools"),
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
 ]  # fmt: skip

@@ -60,10 +60,11 @@ def render_chat(
         raise APIError(400, str(e), "messages") from e
 
 
-async def _check_tool_schemas(ctx: ServerContext, plan: ToolPlan) -> None:
-    """400 naming the tool whose parameters schema is not one we can enforce, checked off the
-    event loop (a forced choice compiles them all again, against the vocabulary, later)."""
-    params = [(i, t.function.parameters) for i, t in enumerate(plan.tools)]
+async def _check_tool_schemas(ctx: ServerContext, req: ChatCompletionRequest) -> None:
+    """400 naming the tool whose parameters schema is not one we can enforce (whatever the
+    tool_choice), checked off the event loop; a forced choice compiles them again, against the
+    vocabulary, later."""
+    params = [(i, t.function.parameters) for i, t in enumerate(req.tools or [])]
     params = [(i, p) for i, p in params if p is not None]
     if params:
 
@@ -145,7 +146,7 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
     extra = {} if forced is None else {"structured_outputs": forced}
     params = req.sampling_params(max_tokens, num_logprobs, **extra)
     pre = ctx.preprocessor
-    await _check_tool_schemas(ctx, plan)
+    await _check_tool_schemas(ctx, req)
 
     def check_text(text: str) -> None:  # the cheap bound, before tokenizing
         ctx.check_prompt_bound(pre.min_tokens(text), "messages")
