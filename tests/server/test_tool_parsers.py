@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from tokenmill.engine.chat_template import compile_chat_template, render_chat_template
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.serving_tools import ToolCallStream, plan_tools, template_inputs
 from tokenmill.server.tool_parsers import HermesParser, Llama3JsonParser, read_forced
@@ -173,3 +174,36 @@ def test_default_format_renders_tools_calls_and_results() -> None:
     native = "{% for t in tools %}{{ t }}{% endfor %}"
     out, tools = template_inputs(plan, messages, native)
     assert out is messages and tools is not None and len(tools) == 2
+
+
+NATIVE = (
+    "{% for t in tools %}<{{ t.function.name }}>{% endfor %}"
+    "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}"
+    "{% endfor %}{% if m.tool_call_id %}({{ m.tool_call_id }}){% endif %}{% endfor %}"
+)
+
+
+def test_native_template_gets_tools_calls_and_results() -> None:
+    req = _request(
+        messages=[
+            {"role": "user", "content": "2+3?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_9",
+                        "type": "function",
+                        "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
+                    }
+                ],
+            },  # fmt: skip
+            {"role": "tool", "tool_call_id": "call_9", "content": "5"},
+        ]
+    )
+    plan = plan_tools(req, "hermes")
+    messages, tools = template_inputs(plan, [m.as_template_dict() for m in req.messages], NATIVE)
+    text = render_chat_template(compile_chat_template(NATIVE), messages, False, tools, None, {})
+    # the arguments reach the template as a mapping (transformers' convention)
+    assert text == '<get_weather><add>[user]2+3?[assistant]add{"a": 2, "b": 3}[tool]5(call_9)'
