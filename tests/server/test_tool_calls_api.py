@@ -123,6 +123,18 @@ def test_auto_and_none_answer(client: openai.OpenAI) -> None:
             assert r.choices[0].finish_reason == "tool_calls"
 
 
+def test_auto_streamed_joins_to_the_message(client: openai.OpenAI) -> None:
+    r = create(client, tool_choice="auto", max_tokens=24)
+    content, finish = "", None
+    for chunk in create(client, tool_choice="auto", max_tokens=24, stream=True):
+        for choice in chunk.choices:
+            assert not choice.delta.tool_calls or r.choices[0].message.tool_calls
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert (content or None) == r.choices[0].message.content
+    assert finish == r.choices[0].finish_reason
+
+
 def test_multi_turn_with_a_tool_result(client: openai.OpenAI, server: Server) -> None:
     first = create(client, tool_choice="required", parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
@@ -165,6 +177,8 @@ BAD = [
     ({"tools": [TOOLS[1], tool({"$ref": "#/x"})], "tool_choice": "required"},
      "tools[1].function.parameters"),
     ({"tools": [tool({"properties": 3})], "tool_choice": "none"}, "tools[0].function.parameters"),
+    ({"tools": [tool({"properties": {"x": {"type": "string", "pattern": "(("}}})]},
+     "tools[0].function.parameters"),
     ({"tools": [{"type": "retrieval"}]}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools"),
     ({"tools": [TOOLS[1], TOOLS[1]]}, "tools"),
