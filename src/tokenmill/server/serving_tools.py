@@ -85,14 +85,18 @@ def template_inputs(
     if native:
         return messages, tools or None
     out: list[dict[str, Any]] = []
+    # Consecutive results share one user turn: many templates insist that turns alternate.
+    after_tool = False
     for m in messages:
         if m["role"] == "tool":
             body = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
-            if out and out[-1].get("_tool_results"):  # consecutive results share one turn
+            if after_tool:
                 out[-1]["content"] += "\n" + body
             else:
-                out.append({"role": "user", "content": body, "_tool_results": True})
+                out.append({"role": "user", "content": body})
+            after_tool = True
             continue
+        after_tool = False
         m = dict(m)
         calls = m.pop("tool_calls", None)
         if calls:
@@ -108,8 +112,6 @@ def template_inputs(
             m["content"] = "\n".join([m["content"], *blocks] if m.get("content") else blocks)
         m.pop("tool_call_id", None)
         out.append(m)
-    for m in out:
-        m.pop("_tool_results", None)
     if tools:
         listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
         section = DEFAULT_SYSTEM.format(tools=listing)
