@@ -90,9 +90,11 @@ def bench_tokenmill(
     prompts: list[list[int]],
     quant: str | None,
     loop: bool = False,
+    probe: Any = None,
     **offload: Any,
 ) -> dict:
-    """`loop`: the experts run one by one (the grouped quantized kernel off)."""
+    """`loop`: the experts run one by one (the grouped quantized kernel off); `probe(model)`:
+    more measurements on the loaded model, kept under "probe"."""
     llm = LLM(
         model=str(folder), dtype=args.dtype, quantization=quant, kv_cache_memory_gb=0.5,
         max_num_seqs=args.batch, **offload,
@@ -104,12 +106,17 @@ def bench_tokenmill(
     llm.generate([{"prompt_token_ids": prompts[0]}], warm, use_tqdm=False)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     one = SamplingParams(max_tokens=1, ignore_eos=True)
-    t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prompts[0]}], one, use_tqdm=False)
-    t_first = time.perf_counter() - t
-    t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
-    decode = (args.output_len - 1) / (time.perf_counter() - t - t_first)
+    rates = []  # as llama-bench reports: the mean of the repetitions' tokens/s
+    for _ in range(args.decode_reps):
+        # The first token's time taken again in each repetition, right before it: on a loaded
+        # host one stalled measurement, subtracted from every repetition, skews them all.
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompts[0]}], one, use_tqdm=False)
+        t_first = time.perf_counter() - t
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+        rates.append((args.output_len - 1) / (time.perf_counter() - t - t_first))
+    decode = sum(rates) / len(rates)
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t
@@ -120,8 +127,11 @@ def bench_tokenmill(
         "experts": "loop" if loop else "grouped",
         **offload,
         "single_stream_decode_tok_s": decode,
+        "decode_reps_tok_s": rates,
         f"batch{args.batch}_tok_s": num_out / elapsed,
     }
+    if probe is not None:
+        result["probe"] = probe(llm.engine.runner.model)
     cache = llm.engine.runner.expert_cache
     if cache is None:  # resident: the bytes of all experts, which the fractions are of
         blocks = [m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
@@ -181,7 +191,8 @@ def bench_olmoe(args, root: Path, results: dict) -> None:
     threads = torch.get_num_threads()
     for loop in (False, True):
         name = "tokenmill_loop" if loop else "tokenmill_grouped"
-        results[name] = bench_tokenmill(args, path, prompts, None, loop=loop)
+        probe = None if loop else moe_gguf.expert_path_ab
+        results[name] = bench_tokenmill(args, path, prompts, None, loop=loop, probe=probe)
         print(name, json.dumps(results[name], indent=1))
     if args.llama_bin:
         bin_dir = Path(args.llama_bin)
@@ -213,6 +224,7 @@ def main() -> None:
     ap.add_argument("--hf-dtype", default="float32")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--decode-reps", type=int, default=1, help="single-stream repetitions")
     ap.add_argument("--olmoe-gguf", action="store_true", help="the llama.cpp comparison")
     ap.add_argument("--layers", type=int, default=4, help="OLMoE layers written (of 16)")
     ap.add_argument("--llama-bin", default=None, help="folder of llama-bench, llama-batched-bench")

@@ -155,3 +155,42 @@ def transformers_twin(shape: dict, model_path: Path) -> Any:
             router = np.asarray(tensors[f"blk.{i}.ffn_gate_inp.weight"].data)
             layer.mlp.gate.weight.copy_(torch.from_numpy(router.copy()))
     return model
+
+
+def expert_path_ab(model: Any, rows: tuple[int, ...] = (1, 16), reps: int = 40) -> dict:
+    """The first MoE layer's forward alone, the grouped kernel against the per-expert loop,
+    interleaved call by call (so that the host's load hits both alike), on `rows` token rows
+    taken from the embedding (which carries the routing direction); median and min ms, and
+    how many distinct experts those rows activate."""
+    import statistics
+    import time
+
+    import torch
+
+    from tokenmill.layers.moe import SparseMoeBlock
+
+    block = next(m for m in model.modules() if isinstance(m, SparseMoeBlock))
+    embed = next(m for name, m in model.named_modules() if name.endswith("embed_tokens"))
+    out: dict = {}
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n in rows:
+            x = embed.weight[torch.randint(0, embed.weight.shape[0], (n,), generator=g)]
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(reps):
+                for grouped in (True, False):
+                    block.experts.grouped = grouped
+                    t = time.perf_counter()
+                    block(x)
+                    times[grouped].append((time.perf_counter() - t) * 1e3)
+            block.experts.grouped = True
+            out[f"rows{n}"] = {
+                "active_experts": int(block.routing(x)[1].unique().numel()),
+                **{
+                    f"{'grouped' if k else 'loop'}_ms": {
+                        "median": statistics.median(v), "min": min(v)
+                    }
+                    for k, v in times.items()
+                },
+            }  # fmt: skip
+    return out

@@ -9,6 +9,9 @@ expert once on its rows and adds the weighted rows back with index_add_. A token
 independent of the other tokens of the batch when the linear layers are batch-invariant: its
 rows go through the same per-row matmuls, and its k contributions are added in ascending
 expert order (the sort is stable and an expert appears at most once among a token's top k).
+Experts in quantized blocks on the CPU take the grouped kernel instead (layers/moe_grouped.py:
+all active experts in one call per projection), which gives the loop's bits; the loop stays as
+its oracle and for everything else (dense, GPU, offloaded experts, large bfloat16 batches).
 """
 
 from __future__ import annotations
