@@ -19,6 +19,16 @@ the expert cache's hit rate, bytes loaded per token and prefetch accuracy. On a 
 PCIe transfer, so this measures the mechanism's overhead, not a GPU's offloading speed.
 
     python benchmarks/moe.py --quantization int4 --skip-hf --expert-fractions 0.5 0.25
+
+Against llama.cpp on the very same file (`--olmoe-gguf --llama-bin DIR`): an OLMoE-1B-7B-shaped
+GGUF with random Q4_0 blocks and synthetic Zipf routing (benchmarks/moe_gguf.py; `--layers` of
+the 16 layers, to fit the host's time and memory). tokenmill keeps the Q4_0 blocks as stored
+and runs twice, with the grouped expert kernel and with the per-expert loop; llama.cpp's
+llama-bench gives single-stream decode (`-p 0 -n 64`) and llama-batched-bench the generation
+throughput of `--batch` sequences; transformers runs its OLMoE of the same shape in bfloat16
+(random experts, the file's embedding and routers).
+
+    python benchmarks/moe.py --olmoe-gguf --layers 4 --llama-bin path/to/llama.cpp/bin --threads 2
 """
 
 from __future__ import annotations
@@ -75,22 +85,38 @@ def make_folder(root: Path) -> Path:
 
 
 def bench_tokenmill(
-    args, folder: Path, prompts: list[list[int]], quant: str, **offload: Any
+    args,
+    folder: Path,
+    prompts: list[list[int]],
+    quant: str | None,
+    loop: bool = False,
+    probe: Any = None,
+    **offload: Any,
 ) -> dict:
+    """`loop`: the experts run one by one (the grouped quantized kernel off); `probe(model)`:
+    more measurements on the loaded model, kept under "probe"."""
     llm = LLM(
         model=str(folder), dtype=args.dtype, quantization=quant, kv_cache_memory_gb=0.5,
         max_num_seqs=args.batch, **offload,
     )  # fmt: skip
+    for m in llm.engine.runner.model.modules():
+        if isinstance(m, SparseMoeBlock):
+            m.experts.grouped = not loop
     warm = SamplingParams(max_tokens=4, ignore_eos=True)
     llm.generate([{"prompt_token_ids": prompts[0]}], warm, use_tqdm=False)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     one = SamplingParams(max_tokens=1, ignore_eos=True)
-    t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prompts[0]}], one, use_tqdm=False)
-    t_first = time.perf_counter() - t
-    t = time.perf_counter()
-    llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
-    decode = (args.output_len - 1) / (time.perf_counter() - t - t_first)
+    rates = []  # as llama-bench reports: the mean of the repetitions' tokens/s
+    for _ in range(args.decode_reps):
+        # The first token's time taken again in each repetition, right before it: on a loaded
+        # host one stalled measurement, subtracted from every repetition, skews them all.
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompts[0]}], one, use_tqdm=False)
+        t_first = time.perf_counter() - t
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+        rates.append((args.output_len - 1) / (time.perf_counter() - t - t_first))
+    decode = sum(rates) / len(rates)
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t
@@ -98,10 +124,14 @@ def bench_tokenmill(
     result = {
         "dtype": str(llm.engine.dtype),
         "quantization": quant,
+        "experts": "loop" if loop else "grouped",
         **offload,
         "single_stream_decode_tok_s": decode,
+        "decode_reps_tok_s": rates,
         f"batch{args.batch}_tok_s": num_out / elapsed,
     }
+    if probe is not None:
+        result["probe"] = probe(llm.engine.runner.model)
     cache = llm.engine.runner.expert_cache
     if cache is None:  # resident: the bytes of all experts, which the fractions are of
         blocks = [m for m in llm.engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
@@ -118,11 +148,15 @@ def bench_tokenmill(
     return result
 
 
-def bench_transformers(args, folder: Path, prompts: list[list[int]]) -> dict:
+def bench_transformers(args, folder: Path | Any, prompts: list[list[int]]) -> dict:
+    """`folder`: an HF folder (loaded in --hf-dtype), or a model already built."""
     import transformers
 
-    dtype = getattr(torch, args.hf_dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    model = folder
+    if isinstance(folder, Path):
+        dtype = getattr(torch, args.hf_dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model.eval()
     pad = model.config.pad_token_id or 0
     hf_generate(model, prompts[:2], 2, pad)  # warm-up
     t = time.perf_counter()
@@ -134,10 +168,45 @@ def bench_transformers(args, folder: Path, prompts: list[list[int]]) -> dict:
     t = time.perf_counter()
     num_out = hf_generate(model, prompts, args.output_len, pad).numel()
     return {
-        "dtype": args.hf_dtype,
+        "dtype": str(next(model.parameters()).dtype),
         "single_stream_decode_tok_s": decode,
         f"batch{args.batch}_tok_s": num_out / (time.perf_counter() - t),
     }
+
+
+def bench_olmoe(args, root: Path, results: dict) -> None:
+    """tokenmill (grouped kernel, per-expert loop), llama.cpp and transformers on one GGUF."""
+    import moe_gguf
+
+    from tokenmill.engine.tokenizer import Tokenizer
+
+    path = root / "olmoe.gguf"
+    t = time.perf_counter()
+    results["olmoe_shape"] = shape = moe_gguf.write_olmoe_gguf(
+        path, default_model_path(), args.layers
+    )
+    results["olmoe_gguf_bytes"] = path.stat().st_size
+    print(f"wrote {path.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t:.0f} s")
+    prompts = make_prompts(Tokenizer.from_gguf(path), args.batch, args.prompt_len)
+    threads = torch.get_num_threads()
+    for loop in (False, True):
+        name = "tokenmill_loop" if loop else "tokenmill_grouped"
+        probe = None if loop else moe_gguf.expert_path_ab
+        results[name] = bench_tokenmill(args, path, prompts, None, loop=loop, probe=probe)
+        print(name, json.dumps(results[name], indent=1))
+    if args.llama_bin:
+        bin_dir = Path(args.llama_bin)
+        results["llama.cpp"] = {
+            "single_stream_decode_tok_s": moe_gguf.llama_bench_decode(bin_dir, path, 64, threads),
+            f"batch{args.batch}_tok_s": moe_gguf.llama_batched(
+                bin_dir, path, args.batch, args.prompt_len, args.output_len, threads
+            )["gen_tok_s"],
+        }  # fmt: skip
+        print("llama.cpp", json.dumps(results["llama.cpp"], indent=1))
+    if not args.skip_hf:
+        model = moe_gguf.transformers_twin(shape, path)
+        results["transformers"] = bench_transformers(args, model, prompts)
+        print("transformers", json.dumps(results["transformers"], indent=1))
 
 
 def main() -> None:
@@ -155,6 +224,10 @@ def main() -> None:
     ap.add_argument("--hf-dtype", default="float32")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--decode-reps", type=int, default=1, help="single-stream repetitions")
+    ap.add_argument("--olmoe-gguf", action="store_true", help="the llama.cpp comparison")
+    ap.add_argument("--layers", type=int, default=4, help="OLMoE layers written (of 16)")
+    ap.add_argument("--llama-bin", default=None, help="folder of llama-bench, llama-batched-bench")
     ap.add_argument("--out", default="benchmarks/results/moe.json")
     args = ap.parse_args()
     if args.threads is not None:
@@ -162,13 +235,17 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="tokenmill-moe-bench-"))
     try:
+        results: dict = {"config": vars(args), "host": host_info()}
+        results["torch_threads"] = torch.get_num_threads()
+        if args.olmoe_gguf:
+            bench_olmoe(args, root, results)
+            return
         folder = make_folder(root)
         from tokenmill.engine.tokenizer import Tokenizer
 
         tok = Tokenizer.from_gguf(default_model_path())
         prompts = make_prompts(tok, args.batch, args.prompt_len)
-        results: dict = {"config": vars(args), "shape": SHAPE, "host": host_info()}
-        results["torch_threads"] = torch.get_num_threads()
+        results["shape"] = SHAPE
         for quant in args.quantization:
             results[f"tokenmill_{quant}"] = bench_tokenmill(args, folder, prompts, quant)
             print(f"tokenmill {quant}", json.dumps(results[f"tokenmill_{quant}"], indent=1))
@@ -190,8 +267,8 @@ def main() -> None:
             print("transformers", json.dumps(results["transformers"], indent=1))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from tokenmill.kernels.cpp_build import BUILD_FLAGS
 from tokenmill.kernels.cpu_attention import load_cpu_attention, paged_decode_attention
 from tokenmill.kernels.cpu_fused import load_cpu_fused
 from tokenmill.kernels.cpu_lut import kernel_lut, load_cpu_lut, lut_linear
-from tokenmill.kernels.cpu_quant import load_cpu_quant, quant_linear
-from tokenmill.quant.packing import pack_tiles, quantize_rtn
+from tokenmill.kernels.cpu_quant import grouped_quant_linear, load_cpu_quant, quant_linear
+from tokenmill.quant.packing import BlockWeights, pack_tiles, quantize_rtn
 from tokenmill.quant.squeezellm import pack_codes
 
 # Batch sizes around every pass width (4 rows for the lookup kernel, 8 for the quantized one),
@@ -122,6 +122,30 @@ def test_quant_linear(fmt: str, k: int, dtype: torch.dtype) -> None:
     packed = pack_tiles(bw)
     x = torch.randn(POOL, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     assert_rows_invariant(lambda idx: quant_linear(x[idx], packed, n, bw.bits))
+
+
+@needs_quant
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["Q4_0", "int8"])
+def test_grouped_quant_linear(fmt: str, dtype: torch.dtype) -> None:
+    """The expert-grouped kernel: pool row i is routed to expert i % 3 (its own weight); a
+    batch's rows are grouped by expert as a MoE layer groups them, so a row is computed with
+    the other rows of its expert at some position of the group, or alone."""
+    n, k = 37, 96
+    # Three different weights (block_weight seeds by k), cut to k columns (3 blocks).
+    experts = [block_weight(fmt, n, k + 32 * e) for e in range(3)]
+    experts = [BlockWeights(w.q[:, :3], w.d[:, :3], w.m[:, :3], w.bits) for w in experts]
+    packed = [pack_tiles(bw) for bw in experts]
+    x = torch.randn(POOL, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    def run(idx: torch.Tensor) -> torch.Tensor:
+        expert = idx % 3
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=3).tolist()
+        y = grouped_quant_linear(x[idx[order]], packed, counts, n, experts[0].bits)
+        return y[torch.argsort(order)]  # back in the batch's order
+
+    assert_rows_invariant(run)
 
 
 @needs_attention

@@ -81,6 +81,17 @@ def _summary(message: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def header_tag(src: Path) -> str:
+    """A hash of the local headers `src` includes (`#include "x.h"`, next to it): torch's JIT
+    build hashes the sources and flags only, so a changed header must change a flag to rebuild."""
+    h, found = hashlib.sha1(), False
+    for line in src.read_text().splitlines():
+        if line.startswith('#include "'):
+            h.update((src.parent / line.split('"')[1]).read_bytes())
+            found = True
+    return h.hexdigest()[:12] if found else ""
+
+
 def load_extension(name: str, source: str, probe: str, what: str) -> Any | None:
     """The op namespace `torch.ops.<name>`, building csrc/<source> if needed; None if unavailable.
 
@@ -96,11 +107,13 @@ def load_extension(name: str, source: str, probe: str, what: str) -> Any | None:
         _ensure_ninja_on_path()
         from torch.utils import cpp_extension
 
+        tag = header_tag(src)  # sources without local headers keep their flags (and builds)
+        headers = [f"-DTOKENMILL_HEADERS={tag}"] if tag else []
         start = time.perf_counter()
         cpp_extension.load(
             name=name,
             sources=[str(src)],
-            extra_cflags=[*BUILD_FLAGS, f"-DTOKENMILL_HOST={host_tag()}"],
+            extra_cflags=[*BUILD_FLAGS, f"-DTOKENMILL_HOST={host_tag()}", *headers],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -43,3 +43,15 @@ def dequantize_packed(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     if ops is None:
         raise RuntimeError(f"{EXT_NAME} is unavailable")
     return ops.dequantize_packed.default(packed, n, bits)
+
+
+def grouped_quant_linear(
+    x: torch.Tensor, packed: list[torch.Tensor], counts: list[int], n: int, bits: int
+) -> torch.Tensor:
+    """y [M, n]: row group g of x [M, K] (the next counts[g] rows) times packed[g]^T, every
+    group in one call (a MoE layer's active experts). Bit-identical to `quant_linear` on each
+    group's rows."""
+    ops = load_cpu_quant()
+    if ops is None:
+        raise RuntimeError(f"{EXT_NAME} is unavailable")
+    return ops.grouped_quant_linear.default(x.contiguous(), packed, counts, n, bits)

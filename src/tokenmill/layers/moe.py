@@ -9,6 +9,9 @@ expert once on its rows and adds the weighted rows back with index_add_. A token
 independent of the other tokens of the batch when the linear layers are batch-invariant: its
 rows go through the same per-row matmuls, and its k contributions are added in ascending
 expert order (the sort is stable and an expert appears at most once among a token's top k).
+Experts in quantized blocks on the CPU take the grouped kernel instead (layers/moe_grouped.py:
+all active experts in one call per projection), which gives the loop's bits; the loop stays as
+its oracle and for everything else (dense, GPU, offloaded experts, large bfloat16 batches).
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.kernels.cpu_fused import fused_ops
 from tokenmill.layers.expert_cache import ExpertCache
 from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.layers.moe_grouped import combine, grouped_experts, silu_mul
 from tokenmill.quant.base import QuantScheme
 
 
@@ -37,12 +40,7 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(inter, hidden_size, dtype=dtype, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 I]
-        ops = fused_ops(gate_up)
-        if ops is not None:
-            return self.down_proj(ops.silu_mul.default(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 def route(
@@ -98,6 +96,9 @@ class Experts(nn.ModuleList):
         # are offloaded, and this layer's index among the model's MoE layers.
         self.cache: ExpertCache | None = None
         self.layer_id = 0
+        # Whether to try the grouped quantized kernel (cleared once the experts turn out not to
+        # be packed for it; benchmarks clear it to time the loop).
+        self.grouped = True
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], weights [T, k] (float32, or x's dtype), ids [T, k] -> [T, hidden]."""
@@ -115,6 +116,10 @@ class Experts(nn.ModuleList):
         pair_weights = weights.flatten()[order].unsqueeze(-1)  # [T k, 1]
         rows = x[tokens]  # [T k, hidden]
         out = torch.zeros_like(x)
+        if cache is None and self.grouped:
+            y = grouped_experts(self, rows, counts)
+            if y is not None:
+                return combine(out, (y * pair_weights).to(out.dtype), order, top_k)
         if cache is not None:
             cache.begin_layer(self.layer_id, [e for e, n in enumerate(counts) if n], x.shape[0])
         start = 0
