@@ -224,6 +224,13 @@ class EngineConfig:
     suffix_max_cached_requests: int = field(
         default=1000, metadata={"help": "suffix: finished outputs kept in the global tree"}
     )
+    max_forced_tokens: int = field(
+        default=16,
+        metadata={
+            "help": "structured output: most tokens appended per step, unsampled, where the "
+            "grammar allows exactly one token (output is identical; 0: off)"
+        },
+    )
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
     allow_special_tokens_in_content: bool = field(
         default=False,
@@ -272,6 +279,8 @@ class EngineConfig:
             raise ValueError(
                 f"speculative_draft_cost must be in [0, 1), got {self.speculative_draft_cost}"
             )
+        if self.max_forced_tokens < 0:
+            raise ValueError(f"max_forced_tokens must be >= 0, got {self.max_forced_tokens}")
         if self.num_speculative_tokens < 1:
             raise ValueError(
                 f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}"
