@@ -28,8 +28,12 @@ SCHEMAS = [
     obj({"name": NAME, "color": {"enum": ["red", "green", "blue"]}}),  # fixed keys, an enum
     obj({"level": {"const": "high"}, "count": {"type": "integer", "minimum": 1, "maximum": 5}}),
     obj({"user": obj({"first_name": NAME, "role": {"enum": ["administrator", "guest"]}})}),
-    obj({"ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]},
-         "maxItems": 2}}),  # fmt: skip
+    obj(
+        {
+            "ok": {"type": "boolean"},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+        }
+    ),
     {"enum": ["yes", "no", 1, None]},
 ]
 OTHER_SPECS = [

@@ -190,7 +190,7 @@ def test_json_object_spec_gives_objects_only(tok, manager) -> None:
     assert allowed and all(tok.decode([t]).lstrip().startswith("{") for t in allowed)
 
 
-# -- forced tokens ----------------------------------------------------------------------------------
+# -- forced tokens -------------------------------------------------------------------------------
 
 
 def allowed_ids(g, vocab: int) -> list[int]:
@@ -225,8 +225,11 @@ def test_single_allowed_token_reads_one_bit_and_ignores_padding() -> None:
         (StructuredOutputsParams(regex=r"\{[0-9]\}"), True),
         (
             StructuredOutputsParams(
-                json={"type": "object", "properties": {"level": {"const": "high"}, "ok": {"enum":
-                      [True]}}, "required": ["level", "ok"]}  # fmt: skip
+                json={
+                    "type": "object",
+                    "properties": {"level": {"const": "high"}, "ok": {"enum": [True]}},
+                    "required": ["level", "ok"],
+                }
             ),
             True,
         ),
