@@ -6,15 +6,19 @@ carry a schema (a list of up to 12 line items, each a bounded name, a quantity a
 "free" requests have none and run to the same max_tokens (EOS ignored), so both modes decode the
 same kind of step. "json" runs with forced runs (the engine's default: tokens the grammar allows
 alone are appended unsampled), "json_unforced" with them off (max_forced_tokens=0), on the same
-engine; their outputs must be the same tokens. Batch 1 runs the requests one at a time, batch 16
-all at once. The modes take turns and the best of --repeats runs counts (other processes' load
-hits all alike). Reported: output tokens/s, tokens per request, and engine steps.
+engine; "differing" counts the requests whose tokens differ between the two (none with
+--batch-invariant; without it a forced chunk's matmuls have more rows than a decode's, and the
+last bits, hence near-tie argmaxes, may differ as they do between batch sizes). Batch 1 runs
+the requests one at a time, batch 16 all at once. The modes take turns and the best of
+--repeats runs counts (other processes' load hits all alike). Reported: output tokens/s, tokens
+per request, and engine steps.
 
 Compile: a fresh StructuredOutputManager (the vocabulary's TokenizerInfo built once, timed on
 its own), then --num-schemas distinct schemas compiled cold (a cache miss each: xgrammar's own
 cache is off) and again cached (the manager's cache hit).
 
-    python benchmarks/structured.py [--max-tokens 64] [--repeats 3] [--out out.json]
+    python benchmarks/structured.py [--max-tokens 64] [--repeats 3] [--batch-invariant]
+        [--out out.json]
 """
 
 from __future__ import annotations
@@ -110,12 +114,12 @@ def bench_decode(args: argparse.Namespace, llm: LLM) -> list[dict]:
                 n = sum(map(len, toks))
                 if mode not in best or n / secs > best[mode][1] / best[mode][0]:
                     best[mode] = (secs, n, steps)
-        if outputs["json"] != outputs["json_unforced"]:
-            raise AssertionError(f"batch {batch}: forced runs changed the output")
+        pairs = zip(outputs["json"], outputs["json_unforced"], strict=True)
+        differing = sum(a != b for a, b in pairs)
         for mode, (secs, toks, steps) in best.items():
             row = {"batch": batch, "mode": mode, "requests": num, "seconds": secs}
             row.update(output_tokens=toks, tok_s=toks / secs, tokens_per_request=toks / num)
-            row.update(steps=steps)
+            row.update(steps=steps, differing=differing if mode.startswith("json") else None)
             rows.append(row)
             print(json.dumps(row))
     return rows
@@ -163,9 +167,10 @@ def main() -> None:
     ap.add_argument("--num-single", type=int, default=4, help="requests run at batch 1")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-schemas", type=int, default=20)
+    ap.add_argument("--batch-invariant", action="store_true", help="the engine's option")
     ap.add_argument("--out", default="benchmarks/results/structured.json")
     args = ap.parse_args()
-    llm = LLM()
+    llm = LLM(batch_invariant=args.batch_invariant)
     results = {"compile": bench_compile(args, llm), "decode": bench_decode(args, llm)}
     results["host"] = host_info()
     write_results(args, results)

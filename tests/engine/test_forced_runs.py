@@ -1,5 +1,6 @@
-"""Forced runs on the default model: appending the tokens a grammar allows alone, unsampled,
-gives exactly the tokens of token-by-token masked decoding -- greedy and seeded, for JSON
+"""Forced runs on the default model (batch-invariant fp32, where a row's bits do not depend on
+how many rows share a matmul): appending the tokens a grammar allows alone, unsampled, gives
+exactly the tokens of token-by-token masked decoding -- greedy and seeded, for JSON
 schemas, regex, choice and EBNF, in a mixed batch, with n > 1, short max_tokens, and under
 preemption with prefix caching."""
 
@@ -45,11 +46,18 @@ PROMPT = "Answer in JSON about a city:"
 
 
 @pytest.fixture(scope="module")
-def reference_llm():
-    """The same engine with forced runs off: token-by-token masked decoding."""
+def forced_llm():
+    """The shared fp32 engine's settings with forced runs on."""
     from tokenmill import LLM
 
-    return LLM(kv_cache_memory_gb=0.5, max_forced_tokens=0, **FP32)
+    return LLM(kv_cache_memory_gb=0.5, max_forced_tokens=16, **FP32)
+
+
+@pytest.fixture
+def reference_llm(default_llm_fp32):
+    """Forced runs are off by default: token-by-token masked decoding."""
+    assert default_llm_fp32.engine.scheduler.config.max_forced_tokens == 0
+    return default_llm_fp32
 
 
 @pytest.fixture
@@ -84,12 +92,11 @@ def token_ids(outs) -> list[list[list[int]]]:
 
 
 def test_forced_runs_give_token_by_token_outputs_in_a_mixed_batch(
-    default_llm_fp32, reference_llm, forced_count
+    forced_llm, reference_llm, forced_count
 ) -> None:
-    assert default_llm_fp32.engine.scheduler.config.max_forced_tokens > 0  # on by default
     params = params_set()
     prompts = [PROMPT] * len(params)
-    outs = default_llm_fp32.generate(prompts, params, use_tqdm=False)
+    outs = forced_llm.generate(prompts, params, use_tqdm=False)
     num_forced = forced_count[0]
     refs = reference_llm.generate(prompts, params, use_tqdm=False)
     assert num_forced > 0 and forced_count[0] == num_forced  # off in the reference
@@ -99,15 +106,15 @@ def test_forced_runs_give_token_by_token_outputs_in_a_mixed_batch(
         jsonschema.validate(json.loads(out.outputs[0].text), p.structured_outputs.json)
     # One at a time too: nothing depends on the batch.
     for prompt, p, out in list(zip(prompts, params, outs, strict=True))[:3]:
-        (alone,) = default_llm_fp32.generate([prompt], p, use_tqdm=False)
+        (alone,) = forced_llm.generate([prompt], p, use_tqdm=False)
         assert alone.outputs[0].token_ids == out.outputs[0].token_ids
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 5, 13])
-def test_forced_runs_never_pass_max_tokens(default_llm_fp32, reference_llm, max_tokens) -> None:
+def test_forced_runs_never_pass_max_tokens(forced_llm, reference_llm, max_tokens) -> None:
     params = params_set(max_tokens)
     prompts = [PROMPT] * len(params)
-    outs = default_llm_fp32.generate(prompts, params, use_tqdm=False)
+    outs = forced_llm.generate(prompts, params, use_tqdm=False)
     refs = reference_llm.generate(prompts, params, use_tqdm=False)
     assert token_ids(outs) == token_ids(refs)
     for out, ref in zip(outs, refs, strict=True):
@@ -119,7 +126,9 @@ def test_forced_runs_never_pass_max_tokens(default_llm_fp32, reference_llm, max_
 def test_forced_runs_under_preemption_with_prefix_caching_and_n(
     make_llm, reference_llm, forced_count
 ) -> None:
-    tight = make_llm(num_kv_blocks=6, enable_prefix_caching=True, max_model_len=80, **FP32)
+    tight = make_llm(
+        num_kv_blocks=6, enable_prefix_caching=True, max_model_len=80, max_forced_tokens=16, **FP32
+    )
     schema = SCHEMAS[2]
     prompts = [
         "The history of the printing press begins in 1440, when Johannes Gutenberg built",
