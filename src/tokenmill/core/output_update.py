@@ -75,7 +75,9 @@ def forced_tokens(req: Request, max_forced_tokens: int, max_model_len: int) -> l
     """The tokens `req`'s grammar forces next, bounded so that they never pass max_tokens or
     max_model_len. Appended as if sampled, their KV is computed by the next step as one chunk,
     which samples only after the last of them. Masked sampling could only have picked each
-    one, so the output is what token-by-token decoding gives. None for a request that
+    one; what may differ is their KV, computed as a chunk rather than as decode rows (bit for
+    bit the same only where the model's rows do not depend on the row count: batch_invariant).
+    None for a request that
     - asks for logprobs: those are of the raw model distribution, and a forced token never
       gets a logits row;
     - has stop strings: they are matched on text after the step, and a run's tokens past a

@@ -45,8 +45,8 @@ class RequestGrammar:
 
     def forced_tokens(self, max_n: int) -> list[int]:
         """The tokens the grammar forces next: while its mask allows exactly one token id (and
-        it has not terminated), that id, at most `max_n` of them. Masked sampling of any kind
-        could only pick that id, so inserting them unsampled changes no output. The matcher
+        it has not terminated), that id, at most `max_n` of them: masked sampling of any kind
+        could only pick it. The matcher
         ends where it began: it is advanced to find each next mask and rolled back, so the
         caller accepts the tokens with `accept_token` as it appends them."""
         matcher = self.matcher
