@@ -4,20 +4,27 @@ time cold vs cached.
 Decoding: the default model, greedy, chat prompts asking for an order as JSON. "json" requests
 carry a schema (a list of up to 12 line items, each a bounded name, a quantity and a unit);
 "free" requests have none and run to the same max_tokens (EOS ignored), so both modes decode the
-same kind of step. Batch 1 runs the requests one at a time, batch 16 all at once. The modes take
-turns and the best of --repeats runs counts (other processes' load hits both alike). Reported:
-output tokens/s and tokens per request.
+same kind of step. "json" runs with forced runs (the engine's default: tokens the grammar allows
+alone are appended unsampled), "json_unforced" with them off (max_forced_tokens=0), on the same
+engine; "differing" counts the requests whose tokens differ between the two (none with
+--batch-invariant; without it a forced chunk's matmuls have more rows than a decode's, and the
+last bits, hence near-tie argmaxes, may differ as they do between batch sizes). Batch 1 runs
+the requests one at a time, batch 16 all at once. The modes take turns and the best of
+--repeats runs counts (other processes' load hits all alike). Reported: output tokens/s, tokens
+per request, and engine steps.
 
 Compile: a fresh StructuredOutputManager (the vocabulary's TokenizerInfo built once, timed on
 its own), then --num-schemas distinct schemas compiled cold (a cache miss each: xgrammar's own
 cache is off) and again cached (the manager's cache hit).
 
-    python benchmarks/structured.py [--max-tokens 64] [--repeats 3] [--out out.json]
+    python benchmarks/structured.py [--max-tokens 64] [--repeats 3] [--batch-invariant]
+        [--out out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -52,37 +59,67 @@ def messages(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Customer {i} orders {foods}. Write the order as JSON."}]
 
 
-def run(llm: LLM, batch: int, num: int, params: SamplingParams) -> tuple[float, int]:
-    """(seconds, output tokens) for `num` requests, `batch` at a time."""
-    t0, tokens = time.perf_counter(), 0
-    for start in range(0, num, batch):
-        convs = [messages(i) for i in range(start, min(num, start + batch))]
-        outs = llm.chat(convs, params, use_tqdm=False)
-        tokens += sum(len(o.outputs[0].token_ids) for o in outs)
-    return time.perf_counter() - t0, tokens
+def run(
+    llm: LLM, batch: int, num: int, params: SamplingParams, max_forced: int
+) -> tuple[float, list[list[int]], int]:
+    """(seconds, each request's output tokens, engine steps) for `num` requests, `batch` at a
+    time, with at most `max_forced` forced tokens per step."""
+    sched = llm.engine.scheduler
+    # The scheduler reads this per step; switching it on one engine keeps weights and kernels
+    # the same for both modes.
+    sched.config = dataclasses.replace(sched.config, max_forced_tokens=max_forced)
+    steps = [0]
+    schedule = sched.schedule
+
+    def counting_schedule(*a, **kw):  # type: ignore[no-untyped-def]
+        steps[0] += 1
+        return schedule(*a, **kw)
+
+    sched.schedule = counting_schedule  # type: ignore[method-assign]
+    t0, tokens = time.perf_counter(), []
+    try:
+        for start in range(0, num, batch):
+            convs = [messages(i) for i in range(start, min(num, start + batch))]
+            outs = llm.chat(convs, params, use_tqdm=False)
+            tokens += [list(o.outputs[0].token_ids) for o in outs]
+    finally:
+        del sched.schedule  # the class's method again
+    return time.perf_counter() - t0, tokens, steps[0]
 
 
 def bench_decode(args: argparse.Namespace, llm: LLM) -> list[dict]:
-    modes = {
-        "free": SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True),
-        "json": SamplingParams(
-            temperature=0,
-            max_tokens=args.max_tokens,
-            structured_outputs=StructuredOutputsParams(json=SCHEMA),
+    json_params = SamplingParams(
+        temperature=0,
+        max_tokens=args.max_tokens,
+        structured_outputs=StructuredOutputsParams(json=SCHEMA),
+    )
+    max_forced = llm.engine.scheduler.config.max_forced_tokens or 16
+    modes = {  # mode -> (params, max_forced_tokens)
+        "free": (
+            SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True),
+            max_forced,
         ),
+        "json": (json_params, max_forced),
+        "json_unforced": (json_params, 0),
     }
-    run(llm, 16, 16, modes["json"])  # warm-up: kernels, the vocabulary, the schema's grammar
+    run(llm, 16, 16, json_params, max_forced)  # warm-up: kernels, the vocabulary, the grammar
     rows = []
     for batch, num in ((1, args.num_single), (16, 16)):
-        best: dict[str, tuple[float, int]] = {}
+        best: dict[str, tuple[float, int, int]] = {}
+        outputs: dict[str, list[list[int]]] = {}
         for _ in range(args.repeats):
-            for mode, params in modes.items():
-                secs, toks = run(llm, batch, num, params)
-                if mode not in best or toks / secs > best[mode][1] / best[mode][0]:
-                    best[mode] = (secs, toks)
-        for mode, (secs, toks) in best.items():
+            for mode, (params, forced) in modes.items():
+                secs, toks, steps = run(llm, batch, num, params, forced)
+                outputs[mode] = toks
+                n = sum(map(len, toks))
+                if mode not in best or n / secs > best[mode][1] / best[mode][0]:
+                    best[mode] = (secs, n, steps)
+        pairs = zip(outputs["json"], outputs["json_unforced"], strict=True)
+        differing = sum(a != b for a, b in pairs)
+        for mode, (secs, toks, steps) in best.items():
             row = {"batch": batch, "mode": mode, "requests": num, "seconds": secs}
             row.update(output_tokens=toks, tok_s=toks / secs, tokens_per_request=toks / num)
+            row.update(steps=steps, differing=differing if mode.startswith("json") else None)
             rows.append(row)
             print(json.dumps(row))
     return rows
@@ -130,9 +167,10 @@ def main() -> None:
     ap.add_argument("--num-single", type=int, default=4, help="requests run at batch 1")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-schemas", type=int, default=20)
+    ap.add_argument("--batch-invariant", action="store_true", help="the engine's option")
     ap.add_argument("--out", default="benchmarks/results/structured.json")
     args = ap.parse_args()
-    llm = LLM()
+    llm = LLM(batch_invariant=args.batch_invariant)
     results = {"compile": bench_compile(args, llm), "decode": bench_decode(args, llm)}
     results["host"] = host_info()
     write_results(args, results)

@@ -224,6 +224,15 @@ class EngineConfig:
     suffix_max_cached_requests: int = field(
         default=1000, metadata={"help": "suffix: finished outputs kept in the global tree"}
     )
+    max_forced_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "structured output: most tokens appended per step, unsampled, where the "
+            "grammar allows exactly one token (0: off). Token-identical to decoding them one "
+            "at a time with batch_invariant; without it the forced tokens' KV comes from a "
+            "multi-row chunk, whose last bits may differ as between batch sizes"
+        },
+    )
     num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
     allow_special_tokens_in_content: bool = field(
         default=False,
@@ -272,6 +281,8 @@ class EngineConfig:
             raise ValueError(
                 f"speculative_draft_cost must be in [0, 1), got {self.speculative_draft_cost}"
             )
+        if self.max_forced_tokens < 0:
+            raise ValueError(f"max_forced_tokens must be >= 0, got {self.max_forced_tokens}")
         if self.num_speculative_tokens < 1:
             raise ValueError(
                 f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}"

@@ -30,6 +30,12 @@ class GrammarState(Protocol):
         """The grammar accepted a stop token: the output is complete."""
         ...
 
+    def forced_tokens(self, max_n: int) -> list[int]:
+        """Up to `max_n` tokens that follow the accepted ones because the mask allows exactly
+        one token at each of their positions. Does not advance the grammar: the caller accepts
+        each token with `accept_token` as it appends it."""
+        ...
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"

@@ -1,15 +1,17 @@
 """The scheduler's side of structured output, with a scripted grammar (no xgrammar): a request
 waits while its grammar compiles, each appended token is accepted exactly once (preemption and
-recompute included), and a terminated grammar ends the request."""
+recompute included), a terminated grammar ends the request, and forced runs (tokens a grammar
+allows alone, appended unsampled) give the token-by-token output."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from sched_utils import FakeRunner, make_req, make_sched, reference, run
 
 from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput
-from tokenmill.request import RequestStatus
+from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -103,3 +105,79 @@ def test_grammar_stops_on_a_draft_midway() -> None:
     req = make_req([1], max_tokens=9, grammar=ScriptedGrammar(stop=4))
     drive(req, [[3, 4, 8]])
     assert req.output_token_ids == [3, 4] and req.grammar.accepted == [3, 4]
+
+
+# -- forced runs -------------------------------------------------------------------------------
+
+
+@dataclass
+class ForcingGrammar:
+    """Forces the reference token at each position in `forced` (as a grammar whose mask allows
+    one token there would); accepts any token elsewhere."""
+
+    script: list[int]
+    forced: frozenset[int]
+    accepted: list[int] = field(default_factory=list)
+    ready: bool = True
+
+    def accept_token(self, token_id: int) -> bool:
+        self.accepted.append(token_id)
+        return True
+
+    def is_terminated(self) -> bool:
+        return False
+
+    def forced_tokens(self, max_n: int) -> list[int]:
+        out: list[int] = []
+        i = len(self.accepted)
+        while len(out) < max_n and i in self.forced and i < len(self.script):
+            out.append(self.script[i])
+            i += 1
+        return out
+
+
+def forcing_req(
+    i: int, max_tokens: int, forced: frozenset[int], sp: SamplingParams | None = None
+) -> Request:
+    prompt = list(range(i, i + 6))
+    # The grammar's script runs past max_tokens: only the bound keeps forced runs within it.
+    script = reference(make_req(prompt, max_tokens=max_tokens + 8), 256)
+    grammar = ForcingGrammar(script, forced)
+    return make_req(prompt, max_tokens=max_tokens, grammar=grammar, sp=sp)
+
+
+@pytest.mark.parametrize("num_blocks", [64, 9])  # 9: requests are preempted and recomputed
+def test_forced_runs_give_the_same_tokens_with_fewer_samples(num_blocks: int) -> None:
+    """Forced tokens are appended unsampled and their KV is computed in the next step as one
+    chunk (the fake runner checks every slot it reads); the output is the token-by-token one,
+    never longer than max_tokens, and the grammar accepts it exactly once."""
+    forced = frozenset({1, 2, 3, 4, 6, 7, 10, 11, 12, 13})
+    sched = make_sched(num_blocks=num_blocks, max_num_batched_tokens=16, max_forced_tokens=3)
+    reqs = [forcing_req(i, max_tokens=12, forced=forced) for i in range(5)]
+    samples: dict[str, int] = {r.request_id: 0 for r in reqs}
+
+    def count(out: SchedulerOutput) -> None:
+        for s in out.seqs:
+            samples[s.req.request_id] += s.sample
+
+    outputs = run(sched, [reqs], on_step=count)
+    if num_blocks == 9:
+        assert sched.num_preemptions > 0
+    for req in reqs:
+        assert outputs[req.request_id] == reference(req, sched.max_model_len)
+        assert len(req.output_token_ids) == 12
+        assert req.grammar.accepted == req.output_token_ids
+        if req.num_preemptions == 0:
+            # Sampled at positions 0, 4 (runs hold 3 at most), 5, 8 and 9; 1-3, 6-7 and
+            # 10-11 forced; 12-13 would pass max_tokens.
+            assert samples[req.request_id] == 5
+
+
+def test_forced_runs_off_without_logprobs_or_stop_strings() -> None:
+    for sp in (SamplingParams(logprobs=1), SamplingParams(stop=["x"])):
+        sched = make_sched(max_forced_tokens=8)
+        req = forcing_req(0, max_tokens=6, forced=frozenset(range(1, 6)), sp=sp)
+        steps: list[SchedulerOutput] = []
+        outputs = run(sched, [[req]], on_step=steps.append)
+        assert outputs[req.request_id] == reference(req, sched.max_model_len)
+        assert sum(s.sample for out in steps for s in out.seqs) == 6

@@ -188,3 +188,85 @@ def test_json_object_spec_gives_objects_only(tok, manager) -> None:
     xgr.apply_token_bitmask_inplace(logits, bitmask)
     allowed = torch.nonzero(logits[0] == 0).flatten().tolist()
     assert allowed and all(tok.decode([t]).lstrip().startswith("{") for t in allowed)
+
+
+# -- forced tokens -------------------------------------------------------------------------------
+
+
+def allowed_ids(g, vocab: int) -> list[int]:
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    g.fill_bitmask(bitmask, 0)
+    bits = (bitmask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    return torch.nonzero(bits.flatten()[:vocab]).flatten().tolist()
+
+
+def test_single_allowed_token_reads_one_bit_and_ignores_padding() -> None:
+    from tokenmill.structured.grammar import single_allowed_token
+
+    row = torch.zeros(3, dtype=torch.int32)
+    assert single_allowed_token(row, 96) is None
+    row[1] = torch.tensor(-(2**31), dtype=torch.int32)  # bit 31: token 63
+    assert single_allowed_token(row, 96) == 63
+    row[2] = 1 << 3  # a second token, 67
+    assert single_allowed_token(row, 96) is None
+    assert single_allowed_token(row, 66) is None  # 67 is padding, but word 2 is nonzero
+    row[1] = 0
+    assert single_allowed_token(row, 68) == 67
+    assert single_allowed_token(row, 67) is None  # 67 is past the vocabulary
+    row[2] = 0b1010
+    assert single_allowed_token(row, 96) is None
+
+
+@needs_default
+@pytest.mark.parametrize(
+    "spec, forces",
+    [
+        (StructuredOutputsParams(choice=["Washington", "Wellington"]), False),
+        (StructuredOutputsParams(regex=r"\{[0-9]\}"), True),
+        (
+            StructuredOutputsParams(
+                json={
+                    "type": "object",
+                    "properties": {"level": {"const": "high"}, "ok": {"enum": [True]}},
+                    "required": ["level", "ok"],
+                }
+            ),
+            True,
+        ),
+    ],
+)
+def test_forced_tokens_are_the_ids_each_mask_allows_alone(tok, manager, spec, forces) -> None:
+    """Along a path through the grammar (always the largest allowed id), forced_tokens gives the
+    run of positions whose mask allows exactly one id, bounded by max_n, and leaves the matcher
+    where it was. `forces`: the path meets such a position (a choice's letters never do: every
+    prefix of the rest is a token, and the model's two stop ids keep EOS from being forced)."""
+    vocab = tok.vocab_size + PAD
+    g = manager.new_grammar(spec)
+    g.future.result()
+    path: list[int] = []
+    num_forced = 0
+    for _ in range(60):
+        if g.is_terminated():
+            break
+        before = allowed_ids(g, vocab)
+        forced = g.forced_tokens(8)
+        assert allowed_ids(g, vocab) == before  # rolled back
+        assert g.forced_tokens(2) == forced[:2]
+        # Expected: walk a fork of the state while one id alone is allowed.
+        expected, probe = [], manager.new_grammar(spec)
+        for t in path:
+            assert probe.accept_token(t)
+        while len(expected) < 8 and not probe.is_terminated():
+            ids = allowed_ids(probe, vocab)
+            if len(ids) != 1:
+                break
+            expected.append(ids[0])
+            assert probe.accept_token(ids[0])
+        assert forced == expected
+        num_forced += len(forced)
+        t = before[-1]
+        assert g.accept_token(t)
+        path.append(t)
+    assert g.is_terminated() and path[-1] in tok.eos_token_ids
+    assert g.forced_tokens(8) == []
+    assert (num_forced > 0) == forces

@@ -20,8 +20,10 @@ def apply_sampled_tokens(
     runner_out: ModelRunnerOutput,
     spec_stats: SpecDecodeStats,
     max_model_len: int,
+    max_forced_tokens: int = 0,
 ) -> list[int]:
-    """Append the tokens sampled for `seq` and advance its `num_computed_tokens`.
+    """Append the tokens sampled for `seq`, then up to `max_forced_tokens` its grammar forces
+    (see `forced_tokens`), and advance its `num_computed_tokens`.
 
     Returns the tokens appended, up to and including one that stopped the request.
     """
@@ -41,21 +43,50 @@ def apply_sampled_tokens(
         # later. The lookahead blocks stay with the request for its next drafts
         # (freeing them would push cached prefix blocks out of the LRU free queue).
         num_computed -= max(0, seq.num_draft_tokens + 1 - len(sampled))
-        for token_id in sampled:
-            if req.grammar is not None and not req.grammar.accept_token(token_id):
-                # The mask allows only tokens the grammar accepts, so this is a bug; ending the
-                # request keeps its output valid as far as it goes.
-                logger.error("%s: grammar rejected token %d; stopped", req.request_id, token_id)
-                req.status = RequestStatus.FINISHED_STOPPED
-                break
-            req.output_token_ids.append(token_id)
-            new_ids.append(token_id)
-            if check_stop(req, token_id, max_model_len):
-                break
+        new_ids = append_tokens(req, sampled, max_model_len)
+        if not req.is_finished:
+            forced = forced_tokens(req, max_forced_tokens, max_model_len)
+            new_ids += append_tokens(req, forced, max_model_len)
     # Only now do the accepted drafts' positions hold verified tokens: the caller hashes a block
     # into the prefix cache only once every token in it is verified.
     req.num_computed_tokens = min(num_computed, req.num_tokens)
     return new_ids
+
+
+def append_tokens(req: Request, token_ids: list[int], max_model_len: int) -> list[int]:
+    """Accept each token into the grammar, append it and apply the stop checks; returns the
+    tokens appended, up to and including one that stopped the request."""
+    new_ids: list[int] = []
+    for token_id in token_ids:
+        if req.grammar is not None and not req.grammar.accept_token(token_id):
+            # The mask allows only tokens the grammar accepts, so this is a bug; ending the
+            # request keeps its output valid as far as it goes.
+            logger.error("%s: grammar rejected token %d; stopped", req.request_id, token_id)
+            req.status = RequestStatus.FINISHED_STOPPED
+            break
+        req.output_token_ids.append(token_id)
+        new_ids.append(token_id)
+        if check_stop(req, token_id, max_model_len):
+            break
+    return new_ids
+
+
+def forced_tokens(req: Request, max_forced_tokens: int, max_model_len: int) -> list[int]:
+    """The tokens `req`'s grammar forces next, bounded so that they never pass max_tokens or
+    max_model_len. Appended as if sampled, their KV is computed by the next step as one chunk,
+    which samples only after the last of them. Masked sampling could only have picked each
+    one; what may differ is their KV, computed as a chunk rather than as decode rows (bit for
+    bit the same only where the model's rows do not depend on the row count: batch_invariant).
+    None for a request that
+    - asks for logprobs: those are of the raw model distribution, and a forced token never
+      gets a logits row;
+    - has stop strings: they are matched on text after the step, and a run's tokens past a
+      match would be reported where token-by-token decoding had stopped."""
+    sp = req.sampling_params
+    if req.grammar is None or max_forced_tokens <= 0 or sp.logprobs is not None or sp.stop:
+        return []
+    room = min(req.max_tokens - req.num_output_tokens, max_model_len - req.num_tokens)
+    return req.grammar.forced_tokens(min(max_forced_tokens, room))
 
 
 def make_core_output(

@@ -26,6 +26,9 @@ class SchedulerConfig:
     # passed over max_passed_over times goes first (see core/admission.py).
     cache_aware_max_waiting: int = 128
     max_passed_over: int = 8
+    # Structured output: at most this many tokens a grammar forces (its mask allows one token
+    # only) are appended per step without sampling; 0 turns forced runs off.
+    max_forced_tokens: int = 0
 
     def __post_init__(self) -> None:
         positive = (
@@ -37,6 +40,7 @@ class SchedulerConfig:
         )
         assert min(positive) >= 1, self
         assert self.cache_aware_max_waiting >= 0, self
+        assert self.max_forced_tokens >= 0, self
         assert self.policy in POLICIES, self
         assert self.kv_groups and all(isinstance(g, KVGroupSpec) for g in self.kv_groups), self
 
@@ -59,4 +63,5 @@ class SchedulerConfig:
             enable_prefix_caching=config.enable_prefix_caching,
             policy=config.scheduling_policy,
             cache_aware_max_waiting=config.cache_aware_max_waiting,
+            max_forced_tokens=config.max_forced_tokens,
         )

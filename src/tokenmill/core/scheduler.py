@@ -282,7 +282,13 @@ class Scheduler:
             req = seq.req
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted or finished since schedule()
-            new_ids = apply_sampled_tokens(seq, runner_out, self.spec_stats, self.max_model_len)
+            new_ids = apply_sampled_tokens(
+                seq,
+                runner_out,
+                self.spec_stats,
+                self.max_model_len,
+                self.config.max_forced_tokens,
+            )
             self.kv_cache_manager.cache_blocks(req, req.num_computed_tokens)
             if req.is_finished:
                 self.running.remove(req)

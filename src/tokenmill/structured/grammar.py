@@ -15,6 +15,7 @@ class RequestGrammar:
     def __init__(self, compiled: Future[xgr.CompiledGrammar]) -> None:
         self._compiled = compiled
         self._matcher: xgr.GrammarMatcher | None = None
+        self._one_row: torch.Tensor | None = None  # forced_tokens' bitmask, made on first use
 
     @property
     def ready(self) -> bool:
@@ -42,9 +43,49 @@ class RequestGrammar:
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
 
+    def forced_tokens(self, max_n: int) -> list[int]:
+        """The tokens the grammar forces next: while its mask allows exactly one token id (and
+        it has not terminated), that id, at most `max_n` of them: masked sampling of any kind
+        could only pick it. The matcher
+        ends where it began: it is advanced to find each next mask and rolled back, so the
+        caller accepts the tokens with `accept_token` as it appends them."""
+        matcher = self.matcher
+        if max_n <= 0 or matcher.is_terminated():
+            return []
+        vocab = self._compiled.result().tokenizer_info.vocab_size
+        if self._one_row is None:
+            self._one_row = xgr.allocate_token_bitmask(1, vocab)
+        forced: list[int] = []
+        while len(forced) < max_n and not matcher.is_terminated():
+            matcher.fill_next_token_bitmask(self._one_row, 0)
+            token_id = single_allowed_token(self._one_row[0], vocab)
+            if token_id is None or not matcher.accept_token(token_id):
+                break
+            forced.append(token_id)
+        if forced:
+            matcher.rollback(len(forced))
+        return forced
+
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Row `row` of `bitmask` gets the tokens the grammar allows next."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
+
+
+def single_allowed_token(row: torch.Tensor, vocab_size: int) -> int | None:
+    """The one token id that bitmask `row` (int32 words, bit i of word w: token 32*w + i)
+    allows among the first `vocab_size` ids; None when it allows none or several. Bits past
+    `vocab_size` in the last word are padding and never count."""
+    nonzero = torch.nonzero(row).flatten()
+    if nonzero.numel() != 1:
+        return None
+    w = int(nonzero[0])
+    bits = int(row[w]) & 0xFFFFFFFF  # as unsigned: bit 31 makes the int32 negative
+    tail = vocab_size - 32 * w
+    if tail < 32:
+        bits &= (1 << tail) - 1 if tail > 0 else 0
+    if bits == 0 or bits & (bits - 1):
+        return None
+    return 32 * w + bits.bit_length() - 1
 
 
 _BATCH_FILL_MIN_ROWS = 4  # below this, threads cost more than they save
