@@ -243,6 +243,12 @@ def test_gguf_q8_0_stays_quantized(tmp_path: Path, name: str) -> None:
     layer = blocks.model.layers[0]
     for lin in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         assert lin.quant_method.describe(lin) == "Q8_0"
+    assert_close_to_dequantized(blocks, dense)
+
+
+def assert_close_to_dequantized(blocks: torch.nn.Module, dense: torch.nn.Module) -> None:
+    """The model on quantized blocks gives the logits of the same blocks dequantized, up to the
+    kernel's int8 activations."""
     prompts = random_prompts()
     got = prefill_logits(blocks, prompts, tables(len(prompts)), BLOCK, chunk=5)
     ref = prefill_logits(dense, prompts, tables(len(prompts)), BLOCK, chunk=5)
@@ -272,38 +278,43 @@ def prompt_ids(folder: Path) -> list[list[int]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_matches_transformers(folders, make_llm, arch: str) -> None:
-    folder = folders[arch]
+    check_greedy_matches_transformers(make_llm, folders[arch], arch, NUM_TOKENS)
+
+
+def check_greedy_matches_transformers(make_llm, folder: Path, arch: str, num_tokens: int) -> None:
+    """The engine on the folder loads as `arch` and gives transformers' greedy tokens."""
     llm = make_llm(model=str(folder), dtype="float32", kv_cache_memory_gb=0.02)
     assert llm.engine.model_config.architecture == arch
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     prompts = prompt_ids(folder)
-    got = greedy_tokens(llm, prompts, NUM_TOKENS)
+    got = greedy_tokens(llm, prompts, num_tokens)
     for p, ours in zip(prompts, got, strict=True):
-        assert ours == hf_greedy(hf.eval(), p, NUM_TOKENS)
+        assert ours == hf_greedy(hf.eval(), p, num_tokens)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_engine_invariances(folders, make_llm, arch: str) -> None:
+    check_engine_invariances(make_llm, folders[arch], NUM_TOKENS, max_model_len=32)
+
+
+def check_engine_invariances(make_llm, folder: Path, num_tokens: int, max_model_len: int) -> None:
     """Alone or in a batch (batch_invariant), preempted for want of KV blocks, or resumed from
     the prefix cache: the same greedy tokens."""
-    folder = str(folders[arch])
-    prompts = prompt_ids(folders[arch])
-    llm = make_llm(
-        model=folder, dtype="float32", batch_invariant=True, block_size=4, kv_cache_memory_gb=0.02
-    )
-    together = greedy_tokens(llm, prompts, NUM_TOKENS)
-    alone = [greedy_tokens(llm, [p], NUM_TOKENS)[0] for p in prompts]
+    prompts = prompt_ids(folder)
+    kw = dict(model=str(folder), dtype="float32", batch_invariant=True, block_size=4)
+    llm = make_llm(**kw, kv_cache_memory_gb=0.02)
+    together = greedy_tokens(llm, prompts, num_tokens)
+    alone = [greedy_tokens(llm, [p], num_tokens)[0] for p in prompts]
     assert together == alone
     # Prefix cache: the same prompts again start from their cached blocks.
     hits = llm.engine.scheduler.kv_cache_manager.prefix_hits
-    assert greedy_tokens(llm, prompts, NUM_TOKENS) == together
+    assert greedy_tokens(llm, prompts, num_tokens) == together
     assert llm.engine.scheduler.kv_cache_manager.prefix_hits > hits
-    # Preemption: 6 blocks of 4 tokens cannot hold the three requests at once.
+    # Preemption: 8 blocks of 4 tokens cannot hold the three requests at once.
     small = make_llm(
-        model=folder, dtype="float32", batch_invariant=True, block_size=4, num_kv_blocks=8,
-        max_model_len=32, enable_prefix_caching=False,
-    )  # fmt: skip
-    assert greedy_tokens(small, prompts, NUM_TOKENS) == together
+        **kw, num_kv_blocks=8, max_model_len=max_model_len, enable_prefix_caching=False
+    )
+    assert greedy_tokens(small, prompts, num_tokens) == together
     assert small.engine.scheduler.num_preemptions > 0
 
 

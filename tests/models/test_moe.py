@@ -23,8 +23,6 @@ from tokenmill.quant.packing import quantize_rtn
 from tokenmill.testing.parity import (
     assert_logits_close,
     engine_prefill_logits,
-    greedy_tokens,
-    hf_greedy,
     hf_logits,
     prefill_logits,
 )
@@ -344,13 +342,7 @@ def test_gguf_quantized_experts_stay_quantized(tmp_path: Path, name: str, qtype:
             assert lin.quant_method.describe(lin) == qtype
     assert moe.gate.quant_method.describe(moe.gate) == "float32"  # the router stays dense
     assert moe.experts.gate_up_proj is None  # no dense stack beside the blocks
-    prompts = random_prompts()
-    got = prefill_logits(blocks, prompts, tables(len(prompts)), BLOCK, chunk=5)
-    ref = prefill_logits(dense, prompts, tables(len(prompts)), BLOCK, chunk=5)
-    for g, r in zip(got, ref, strict=True):
-        scale = r.abs().max().item()
-        assert (g - r).abs().max().item() < 0.05 * scale
-        assert (g.argmax(-1) == r.argmax(-1)).float().mean().item() >= 0.9
+    families.assert_close_to_dequantized(blocks, dense)
 
 
 # Through the engine: HF folders (as save_pretrained writes them) with the default tokenizer.
@@ -364,45 +356,19 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {arch: make_tiny_hf_folder(root, arch) for arch in MOE_ARCHS}
 
 
-def prompt_ids(folder: Path) -> list[list[int]]:
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
-    return [tok(p)["input_ids"] for p in families.PROMPT_TEXTS]
+prompt_ids = families.prompt_ids
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_greedy_matches_transformers(folders, make_llm, arch: str) -> None:
     assert arch in SUPPORTED_ARCHITECTURES
-    folder = folders[arch]
-    llm = make_llm(model=str(folder), dtype="float32", kv_cache_memory_gb=0.02)
-    assert llm.engine.model_config.architecture == arch
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    prompts = prompt_ids(folder)
-    got = greedy_tokens(llm, prompts, NUM_TOKENS)
-    for p, ours in zip(prompts, got, strict=True):
-        assert ours == hf_greedy(hf.eval(), p, NUM_TOKENS)
+    families.check_greedy_matches_transformers(make_llm, folders[arch], arch, NUM_TOKENS)
 
 
 @pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
 def test_engine_invariances(folders, make_llm, arch: str) -> None:
-    """Alone or in a batch (batch_invariant), preempted for want of KV blocks, or resumed from
-    the prefix cache: the same greedy tokens."""
-    folder = str(folders[arch])
-    prompts = prompt_ids(folders[arch])
-    llm = make_llm(
-        model=folder, dtype="float32", batch_invariant=True, block_size=4, kv_cache_memory_gb=0.02
-    )
-    together = greedy_tokens(llm, prompts, NUM_TOKENS)
-    assert together == [greedy_tokens(llm, [p], NUM_TOKENS)[0] for p in prompts]
-    hits = llm.engine.scheduler.kv_cache_manager.prefix_hits
-    assert greedy_tokens(llm, prompts, NUM_TOKENS) == together
-    assert llm.engine.scheduler.kv_cache_manager.prefix_hits > hits
-    small = make_llm(
-        model=folder, dtype="float32", batch_invariant=True, block_size=4, num_kv_blocks=8,
-        max_model_len=28, enable_prefix_caching=False,
-    )  # fmt: skip
-    assert greedy_tokens(small, prompts, NUM_TOKENS) == together
-    assert small.engine.scheduler.num_preemptions > 0
+    families.check_engine_invariances(make_llm, folders[arch], NUM_TOKENS, max_model_len=28)
 
 
 def test_gguf_matches_safetensors_twin(tmp_path: Path, folders, make_llm) -> None:
