@@ -118,7 +118,12 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default=None, help="none | int8 | int4 (default: as stored)")
-    ap.add_argument("--batch-invariant", action="store_true")
+    ap.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's option (default on, as in the engine)",
+    )
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--hf-dtype", default="float32")
     ap.add_argument("--hf-batch-size", type=int, default=32)

@@ -14,7 +14,7 @@ model's own answers. The default model is far too small to retrieve the values c
 measures the mechanics, not accuracy.
 
     python benchmarks/shared_context.py [--doc-tokens 2000] [--max-tokens 32] [--repeats 3]
-                                        [--batch-invariant] [--out out.json]
+                                        [--no-batch-invariant] [--out out.json]
 """
 
 from __future__ import annotations
@@ -251,7 +251,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (GGUF)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--batch-invariant", action="store_true")
+    p.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's option (default on, as in the engine)",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--doc-tokens", type=int, default=2000)
     p.add_argument("--turns", type=int, default=5)

@@ -183,10 +183,11 @@ class EngineConfig:
         },
     )
     batch_invariant: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "bit-identical results whatever the batch: matmuls run in fixed 16-row tiles "
-            "(costs speed; see docs/benchmarks.md)"
+            "help": "each token's computation is bit-identical whatever the batch, the prompt's "
+            "chunking or the prefix-cache hits, so outputs do not change with load (off: the "
+            "fastest kernel per row count; see docs/benchmarks.md)"
         },
     )
     speculative: str | None = field(
