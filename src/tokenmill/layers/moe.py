@@ -120,15 +120,20 @@ class Experts(nn.ModuleList):
             y = grouped_experts(self, rows, counts)
             if y is not None:
                 return combine(out, (y * pair_weights).to(out.dtype), order, top_k)
+        top = [1.0] * len(self)  # each expert's largest routing weight, for mixed precision
         if cache is not None:
             cache.begin_layer(self.layer_id, [e for e, n in enumerate(counts) if n], x.shape[0])
+            if cache.low_precision is not None:
+                w = weights.detach().flatten().float()
+                top = torch.zeros(len(self), device=w.device).scatter_reduce_(0, flat, w, "amax")
+                top = top.tolist()
         start = 0
         for e, n in enumerate(counts):  # the active experts only
             if n == 0:
                 continue
             end = start + n
             # An offloaded expert runs from its slot: the same bytes, so the same result.
-            expert = self[e] if cache is None else cache.get(self.layer_id, e)
+            expert = self[e] if cache is None else cache.get(self.layer_id, e, top[e])
             y = expert(rows[start:end]) * pair_weights[start:end]  # [n, hidden]
             out.index_add_(0, tokens[start:end], y.to(out.dtype))
             start = end
@@ -233,15 +238,19 @@ def offload_experts(
     policy: str = "lru",
     prefetch: bool = False,
     device: torch.device | str = "cpu",
+    miss_bits: int | None = None,
+    miss_threshold: float = 0.2,
 ) -> ExpertCache | None:
     """Puts the experts of every SparseMoeBlock of `model` behind one ExpertCache of
     `budget_bytes` (None for a model without experts); `prefetch` links each block to the next
     for layer-level prefetch (the last one to none: the next forward pass's first layer runs
-    on other tokens)."""
+    on other tokens); `miss_bits` / `miss_threshold`: mixed-precision misses (lossy)."""
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     if not blocks:
         return None
-    cache = ExpertCache([b.experts for b in blocks], budget_bytes, policy, device)
+    cache = ExpertCache(
+        [b.experts for b in blocks], budget_bytes, policy, device, miss_bits, miss_threshold
+    )
     for i, block in enumerate(blocks):
         block.experts.cache = cache
         block.experts.layer_id = i
