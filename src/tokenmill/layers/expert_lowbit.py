@@ -55,9 +55,8 @@ def _low_bit_linear(src: Linear, dst: Linear, bits: int) -> None:
 
 
 def low_bit_copy(expert: nn.Module, bits: int, device: torch.device) -> nn.Module:
-    """A SwiGLU on `device` computing `expert` (a SwiGLU) from `bits`-bit weights."""
-    from tokenmill.layers.moe import SwiGLU  # moe imports the cache, which imports this
-
+    """A module of `expert`'s class (layers/moe.py's SwiGLU, built as it is: hidden, inter,
+    dtype, quant scheme) on `device`, computing `expert` from `bits`-bit weights."""
     if bits not in MISS_PRECISIONS.values():
         raise ValueError(f"low-bit expert copies take 4 or 2 bits, got {bits}")
     hidden, inter = expert.gate_up_proj.in_features, expert.down_proj.in_features
@@ -65,7 +64,7 @@ def low_bit_copy(expert: nn.Module, bits: int, device: torch.device) -> nn.Modul
         if lin.bias is not None or lin.in_features % BLOCK:
             raise ValueError(f"{lin}: a low-bit copy needs no bias and K a multiple of {BLOCK}")
     with torch.device(device):
-        copy = SwiGLU(hidden, inter, expert.down_proj.dtype, "blocks")
+        copy = type(expert)(hidden, inter, expert.down_proj.dtype, "blocks")
     with torch.no_grad():
         _low_bit_linear(expert.gate_up_proj, copy.gate_up_proj, bits)
         _low_bit_linear(expert.down_proj, copy.down_proj, bits)
