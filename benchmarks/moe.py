@@ -11,10 +11,13 @@ on the same folder in `--hf-dtype`, the batch left-padded.
 
     python benchmarks/moe.py [--quantization none int4] [--output-len 32] [--threads N]
 
-Expert offloading (`--expert-fractions 0.5 0.25`): for each fraction of the experts kept
-resident (the budget `--expert-memory-gb` that holds that many), each policy (LRU, the
-sequence-level one, the latter with layer-level prefetch) runs the same measurements and reports
-the expert cache's hit rate, bytes loaded per token and prefetch accuracy. On a CPU host the
+Expert offloading (`--expert-fractions 1 0.5 0.25`; benchmarks/moe_offload.py): for each
+fraction of the experts kept resident (the budget `--expert-memory-gb` that holds that many),
+each configuration (LRU, the sequence-level policy, with layer-level prefetch, and with int4
+mixed-precision misses under `--miss-threshold`) runs the same measurements and reports the
+expert cache's hit rate, bytes loaded per token, low-precision hits and prefetch accuracy, and
+for the mixed-precision ones the perplexity change against the lossless model on the
+repository's evaluation text (`--ppl-tokens`, scored `--ppl-chunk` tokens a pass). On a CPU host the
 "slow" store and the pool are both host memory: a miss costs a memcpy of the expert, not a
 PCIe transfer, so this measures the mechanism's overhead, not a GPU's offloading speed.
 
@@ -29,11 +32,25 @@ throughput of `--batch` sequences; transformers runs its OLMoE of the same shape
 (random experts, the file's embedding and routers).
 
     python benchmarks/moe.py --olmoe-gguf --layers 4 --llama-bin path/to/llama.cpp/bin --threads 2
+
+The offloading sweep on the OLMoE-shaped file (synthetic weights and routing; the whole model:
+`--layers 16`, a 3.7 GiB file in a temporary folder):
+
+    python benchmarks/moe.py --olmoe-gguf --layers 16 --skip-hf --skip-loop
+        --expert-fractions 1 0.5 0.25 --ppl-tokens 512   (one command line)
+
+The 16-layer file is 3.77 GiB, written in ~100 s at a peak of 1.9 GB of memory. Every run
+loads it afresh (one engine in memory at a time); a load of the resident model peaked at
+11.7 GB RSS, the file's mapped pages included (on a loaded 2-core host it took 12 minutes).
+The experts' Q4_0 blocks take 5 bits a weight in the kernel's tiles (q, fp16 scale and
+offset), as much as their int4 copies (`+int4` doubles the experts' memory here; `+int2`
+copies take 3 bits a weight).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import tempfile
@@ -41,6 +58,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import moe_offload
 import torch
 from common import hf_generate, host_info, make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
 
@@ -95,6 +113,7 @@ def bench_tokenmill(
 ) -> dict:
     """`loop`: the experts run one by one (the grouped quantized kernel off); `probe(model)`:
     more measurements on the loaded model, kept under "probe"."""
+    gc.collect()  # the previous runs' engines (reference cycles): one model in memory at a time
     llm = LLM(
         model=str(folder), dtype=args.dtype, quantization=quant, kv_cache_memory_gb=0.5,
         max_num_seqs=args.batch, **offload,
@@ -140,11 +159,7 @@ def bench_tokenmill(
         result["all_expert_bytes"] = sum(sizes)
         result["num_experts"] = sum(len(b.experts) for b in blocks)
     else:  # counts over all the runs above (warm-up included)
-        st = cache.stats
-        result.update(
-            slots=cache.num_slots, hit_rate=st.hit_rate, bytes_per_token=st.bytes_per_token,
-            prefetch_accuracy=st.prefetch_accuracy, prefetch_recall=st.prefetch_recall,
-        )  # fmt: skip
+        result.update(moe_offload.cache_figures(llm))
     return result
 
 
@@ -190,10 +205,16 @@ def bench_olmoe(args, root: Path, results: dict) -> None:
     prompts = make_prompts(Tokenizer.from_gguf(path), args.batch, args.prompt_len)
     threads = torch.get_num_threads()
     for loop in (False, True):
+        if loop and args.skip_loop:
+            break
         name = "tokenmill_loop" if loop else "tokenmill_grouped"
         probe = None if loop else moe_gguf.expert_path_ab
         results[name] = bench_tokenmill(args, path, prompts, None, loop=loop, probe=probe)
         print(name, json.dumps(results[name], indent=1))
+    moe_offload.sweep(
+        args, bench_tokenmill, path, prompts, None, "tokenmill", results["tokenmill_grouped"],
+        results,
+    )  # fmt: skip
     if args.llama_bin:
         bin_dir = Path(args.llama_bin)
         results["llama.cpp"] = {
@@ -220,7 +241,19 @@ def main() -> None:
         "--expert-fractions", type=float, nargs="*", default=[],
         help="fractions of the experts resident to sweep (expert offloading)",
     )  # fmt: skip
-    ap.add_argument("--policies", nargs="+", default=["lru", "hobbit", "hobbit+prefetch"])
+    configs = ["lru", "hobbit", "hobbit+prefetch", "hobbit+prefetch+int4"]
+    ap.add_argument(
+        "--policies", nargs="+", default=configs,
+        help="offloading configurations: policy[+prefetch][+int4|+int2] (see moe_offload.py)",
+    )  # fmt: skip
+    ap.add_argument("--miss-threshold", type=float, default=0.2, help="expert_miss_threshold")
+    ap.add_argument(
+        "--ppl-tokens", type=int, default=256,
+        help="perplexity of +int4/+int2 configurations vs lossless on this many tokens (0: off)",
+    )  # fmt: skip
+    ap.add_argument("--ppl-window", type=int, default=256, help="perplexity window (tokens)")
+    ap.add_argument("--ppl-chunk", type=int, default=1, help="perplexity tokens per forward pass")
+    ap.add_argument("--skip-loop", action="store_true", help="OLMoE: no per-expert-loop run")
     ap.add_argument("--hf-dtype", default="float32")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -250,18 +283,10 @@ def main() -> None:
             results[f"tokenmill_{quant}"] = bench_tokenmill(args, folder, prompts, quant)
             print(f"tokenmill {quant}", json.dumps(results[f"tokenmill_{quant}"], indent=1))
             resident = results[f"tokenmill_{quant}"]
-            per_expert = resident["all_expert_bytes"] / resident["num_experts"]
-            for frac in args.expert_fractions:
-                # Half an expert over the fraction's bytes, so the floor gives its slot count.
-                gb = (frac * resident["all_expert_bytes"] + per_expert / 2) / 2**30
-                for policy in args.policies:
-                    name = f"tokenmill_{quant}_resident{frac:g}_{policy}"
-                    results[name] = bench_tokenmill(
-                        args, folder, prompts, quant, expert_memory_gb=gb,
-                        expert_cache_policy=policy.removesuffix("+prefetch"),
-                        expert_prefetch=policy.endswith("+prefetch"),
-                    )  # fmt: skip
-                    print(name, json.dumps(results[name], indent=1))
+            moe_offload.sweep(
+                args, bench_tokenmill, folder, prompts, quant, f"tokenmill_{quant}", resident,
+                results,
+            )  # fmt: skip
         if not args.skip_hf:
             results["transformers"] = bench_transformers(args, folder, prompts)
             print("transformers", json.dumps(results["transformers"], indent=1))

@@ -78,25 +78,59 @@ def write_olmoe_gguf(path: Path, tokenizer_gguf: Path, layers: int, seed: int = 
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     u = rng.standard_normal(h)
     u /= np.linalg.norm(u)
-    # Embeddings of norm ~0.9 plus a unit-norm u: RMSNorm makes every router input lean on u.
-    embd = rng.standard_normal((vocab, h)) * 0.02 + u
     q4 = gguf.GGMLQuantizationType.Q4_0
-    w.add_tensor("token_embd.weight", embd.astype(np.float16))
-    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
-    w.add_tensor("output.weight", q4_0_random(rng, vocab, h), raw_dtype=q4)
+    # (name, shape of the array written, its dtype, GGUF type of raw bytes, maker): the makers
+    # draw from rng in this order, one tensor at a time as it is written, so the file streams
+    # out (the whole 16-layer model is 4 GB) and its bytes do not depend on the streaming.
+    tensors: list[tuple[str, tuple[int, ...], Any, Any, Any]] = []
+
+    def add(name: str, shape: tuple[int, ...], dtype: Any, make: Any, raw: Any = None) -> None:
+        tensors.append((name, shape, np.dtype(dtype), raw, make))
+
+    def q4_shape(*shape: int) -> tuple[int, ...]:
+        *lead, cols = shape
+        return (*lead, cols // 32 * Q4_0_BLOCK)
+
+    # Embeddings of norm ~0.9 plus a unit-norm u: RMSNorm makes every router input lean on u.
+    add(
+        "token_embd.weight",
+        (vocab, h),
+        np.float16,
+        lambda: (rng.standard_normal((vocab, h)) * 0.02 + u).astype(np.float16),
+    )
+    add("output_norm.weight", (h,), np.float32, lambda: np.ones(h, np.float32))
+    add("output.weight", q4_shape(vocab, h), np.uint8, lambda: q4_0_random(rng, vocab, h), q4)
     for i in range(layers):
         b = f"blk.{i}."
         for name in ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm"):
-            w.add_tensor(b + name + ".weight", np.ones(h, np.float32))
+            add(b + name + ".weight", (h,), np.float32, lambda: np.ones(h, np.float32))
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(b + name + ".weight", q4_0_random(rng, h, h), raw_dtype=q4)
-        w.add_tensor(b + "ffn_gate_inp.weight", zipf_router(rng, u, e))
+            add(b + name + ".weight", q4_shape(h, h), np.uint8, lambda: q4_0_random(rng, h, h), q4)
+        add(b + "ffn_gate_inp.weight", (e, h), np.float32, lambda: zipf_router(rng, u, e))
         for name in ("ffn_gate_exps", "ffn_up_exps"):
-            w.add_tensor(b + name + ".weight", q4_0_random(rng, e, ff, h), raw_dtype=q4)
-        w.add_tensor(b + "ffn_down_exps.weight", q4_0_random(rng, e, h, ff), raw_dtype=q4)
+            add(
+                b + name + ".weight",
+                q4_shape(e, ff, h),
+                np.uint8,
+                lambda: q4_0_random(rng, e, ff, h),
+                q4,
+            )
+        add(
+            b + "ffn_down_exps.weight",
+            q4_shape(e, h, ff),
+            np.uint8,
+            lambda: q4_0_random(rng, e, h, ff),
+            q4,
+        )
+    for name, shape, dtype, raw, _ in tensors:
+        w.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for _, shape, dtype, _, make in tensors:
+        array = make()
+        assert array.shape == shape and array.dtype == dtype
+        w.write_tensor_data(array)
     w.close()
     return s
 

@@ -146,6 +146,22 @@ class EngineConfig:
             "input and loads the experts it predicts"
         },
     )
+    expert_miss_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "with expert_memory_gb, lossy: int4 | int2 keeps a low-bit copy of every "
+            "expert on the compute device (beside the budget) and serves a miss whose routing "
+            "weight is under expert_miss_threshold from it instead of loading the expert "
+            "(default: off, every expert computed at full precision)"
+        },
+    )
+    expert_miss_threshold: float = field(
+        default=0.2,
+        metadata={
+            "help": "with expert_miss_precision: the routing weight (after top-k and "
+            "renormalisation) under which a missed expert runs from its low-bit copy"
+        },
+    )
     num_kv_blocks: int | None = field(
         default=None,
         metadata={
@@ -263,6 +279,16 @@ class EngineConfig:
         if self.expert_cache_policy not in ("lru", "hobbit"):
             raise ValueError(
                 f"expert_cache_policy must be lru or hobbit, got {self.expert_cache_policy!r}"
+            )
+        if self.expert_miss_precision not in (None, "int4", "int2"):
+            raise ValueError(
+                f"expert_miss_precision must be int4 or int2, got {self.expert_miss_precision!r}"
+            )
+        if self.expert_miss_precision is not None and self.expert_memory_gb is None:
+            raise ValueError("expert_miss_precision needs expert_memory_gb (expert offloading)")
+        if not 0.0 < self.expert_miss_threshold <= 1.0:
+            raise ValueError(
+                f"expert_miss_threshold must be in (0, 1], got {self.expert_miss_threshold}"
             )
         if self.cache_aware_max_waiting < 0:
             raise ValueError(

@@ -88,6 +88,9 @@ def test_offloaded_tokens_identical(folder, prompts, want, make_llm, policy, pre
     cache.check()
     stats = llm.engine.expert_cache_stats()
     assert stats is not None and stats.misses > 0 and stats.hits > 0
+    # Mixed-precision misses are opt-in: no low-bit copies, every expert at full precision.
+    assert cache.low_precision is None and cache.low_precision_bytes == 0
+    assert stats.low_precision_hits == 0
     assert stats.bytes_loaded == (stats.misses + stats.prefetches) * cache.expert_bytes
     assert (stats.prefetch_predicted > 0) == prefetch
     assert (stats.prefetches > 0) == prefetch
@@ -228,8 +231,8 @@ def test_quantized_experts_offload_in_their_blocks() -> None:
 
 def test_expert_metrics_exported() -> None:
     stats = EngineStats(
-        expert_offloading=True, expert_cache_hits=30, expert_cache_misses=10,
-        expert_bytes_loaded=4000, expert_tokens=8, expert_prefetches=5,
+        expert_offloading=True, expert_cache_hits=30, expert_cache_misses=6,
+        expert_low_precision_hits=4, expert_bytes_loaded=4000, expert_tokens=8, expert_prefetches=5,
         expert_prefetch_predicted=20, expert_prefetch_correct=15, expert_prefetch_actual=30,
     )  # fmt: skip
     engine = SimpleNamespace(stats=stats, num_pending_seqs=0, is_healthy=True)
@@ -243,7 +246,8 @@ def test_expert_metrics_exported() -> None:
     }
     assert values == {
         "tokenmill_expert_cache_hits_total": 30.0,
-        "tokenmill_expert_cache_misses_total": 10.0,
+        "tokenmill_expert_cache_misses_total": 6.0,
+        "tokenmill_expert_low_precision_hits_total": 4.0,
         "tokenmill_expert_bytes_loaded_total": 4000.0,
         "tokenmill_expert_prefetches_total": 5.0,
         "tokenmill_expert_cache_hit_rate": 0.75,

@@ -25,6 +25,7 @@ from tokenmill.engine.output_processor import OutputProcessor
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
 from tokenmill.layers.expert_cache import ExpertCacheStats
+from tokenmill.layers.expert_lowbit import MISS_PRECISIONS
 from tokenmill.loader.model_loader import LoadedModel, load_model, resolve_device
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
@@ -77,7 +78,11 @@ class LLMEngine:
             experts=None
             if config.expert_memory_gb is None
             else ExpertOffload(
-                config.expert_memory_gb, config.expert_cache_policy, config.expert_prefetch
+                config.expert_memory_gb,
+                config.expert_cache_policy,
+                config.expert_prefetch,
+                MISS_PRECISIONS.get(config.expert_miss_precision or ""),
+                config.expert_miss_threshold,
             ),
         )
         self.num_blocks = self.runner.num_blocks

@@ -35,6 +35,7 @@ class EngineStats:
     expert_offloading: bool = False
     expert_cache_hits: int = 0
     expert_cache_misses: int = 0
+    expert_low_precision_hits: int = 0  # misses served from a low-bit copy (not loaded)
     expert_bytes_loaded: int = 0
     expert_tokens: int = 0
     expert_prefetches: int = 0
@@ -122,6 +123,7 @@ def engine_stats(
         expert_offloading=experts is not None,
         expert_cache_hits=ex.hits,
         expert_cache_misses=ex.misses,
+        expert_low_precision_hits=ex.low_precision_hits,
         expert_bytes_loaded=ex.bytes_loaded,
         expert_tokens=ex.tokens,
         expert_prefetches=ex.prefetches,

@@ -13,6 +13,12 @@ Invariants: a key (MoE layer, expert) is in at most one slot; the pool's bytes a
 only the cache writes a slot's tensors. Copies are issued on the current stream, so on a GPU a
 later kernel reading the slot is ordered after the copy, and a copy into a slot is ordered
 after the kernels that read its previous expert.
+
+Mixed-precision misses (`miss_bits`, HOBBIT's token-level loading; lossy, off by default): a
+low-bit copy of every expert (layers/expert_lowbit.py) stays on the compute device, outside the
+budget (`low_precision_bytes`, on top of `pool_bytes`), and a miss on an expert whose largest
+routing weight in the pass is under `miss_threshold` runs that copy instead of loading the
+expert. Without `miss_bits` every lookup is served at full precision, as above.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tokenmill.layers.expert_lowbit import copy_bytes, low_bit_copy
 from tokenmill.layers.expert_policy import Key, make_policy
 from tokenmill.layers.linear import Linear
 
@@ -99,11 +106,13 @@ def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
 
 @dataclass
 class ExpertCacheStats:
-    """Counts since start. A hit or a miss is one active expert of one layer in one forward
-    pass; bytes are expert weights copied into slots (demand loads and prefetches)."""
+    """Counts since start. A lookup is one active expert of one layer in one forward pass: a
+    hit (resident), a low-precision hit (not resident, served from its low-bit copy) or a miss
+    (loaded); bytes are expert weights copied into slots (demand loads and prefetches)."""
 
     hits: int = 0
     misses: int = 0
+    low_precision_hits: int = 0
     bytes_loaded: int = 0
     tokens: int = 0  # token rows through the first MoE layer (prompt and generated)
     prefetches: int = 0  # experts loaded ahead of their layer
@@ -113,7 +122,8 @@ class ExpertCacheStats:
 
     @property
     def hit_rate(self) -> float:
-        total = self.hits + self.misses
+        """The fraction of lookups served resident at full precision."""
+        total = self.hits + self.misses + self.low_precision_hits
         return self.hits / total if total else 0.0
 
     @property
@@ -132,7 +142,8 @@ class ExpertCacheStats:
 
 class ExpertCache:
     """The slot pool shared by the MoE layers `layers` (index = MoE layer index), each a list of
-    experts with the same tensor shapes, under `budget_bytes`."""
+    experts with the same tensor shapes, under `budget_bytes`; `miss_bits` (4 or 2) keeps a
+    low-bit copy of every expert for the misses under `miss_threshold` (see the module doc)."""
 
     def __init__(
         self,
@@ -140,8 +151,11 @@ class ExpertCache:
         budget_bytes: int,
         policy: str = "lru",
         device: torch.device | str = "cpu",
+        miss_bits: int | None = None,
+        miss_threshold: float = 0.2,
     ) -> None:
         self.device = torch.device(device)
+        self.miss_threshold = miss_threshold
         self.layers = layers
         self.budget_bytes = budget_bytes
         template = layers[0][0]
@@ -161,6 +175,13 @@ class ExpertCache:
                 f"an expert memory budget of {budget_bytes} bytes holds no expert "
                 f"({self.expert_bytes} bytes each)"
             )
+        # Built from the experts where they are now (before they move to pinned host memory).
+        self.low_precision: list[list[nn.Module]] | None = None
+        if miss_bits is not None:
+            self.low_precision = [
+                [low_bit_copy(expert, miss_bits, self.device) for expert in experts]
+                for experts in layers
+            ]
         if self.device.type != "cpu":  # slow storage: pinned host copies
             for experts in layers:
                 for expert in experts:
@@ -194,6 +215,14 @@ class ExpertCache:
     def pool_bytes(self) -> int:
         return self.num_slots * self.expert_bytes
 
+    @property
+    def low_precision_bytes(self) -> int:
+        """Bytes of the resident low-bit copies (0 without mixed-precision misses), held on
+        the compute device beside the pool and not counted in its budget."""
+        if self.low_precision is None:
+            return 0
+        return sum(copy_bytes(c) for copies in self.low_precision for c in copies)
+
     def begin_layer(self, layer: int, active: Iterable[int], num_tokens: int) -> None:
         """Layer `layer` is about to run `active` experts on `num_tokens` rows."""
         active = list(active)
@@ -208,10 +237,16 @@ class ExpertCache:
             self.stats.prefetch_correct += len(predicted & set(active))
             self.stats.prefetch_actual += len(active)
 
-    def get(self, layer: int, expert: int) -> nn.Module:
-        """The module computing expert `expert` of `layer`: its slot, loaded on a miss."""
+    def get(self, layer: int, expert: int, weight: float = 1.0) -> nn.Module:
+        """The module computing expert `expert` of `layer`: its slot, loaded on a miss, or on a
+        miss with mixed-precision misses and `weight` (the largest routing weight of its rows)
+        under the threshold, its low-bit copy."""
         key = (layer, expert)
         slot = self.slot_of.get(key)
+        if slot is None and self.low_precision is not None and weight < self.miss_threshold:
+            self.stats.low_precision_hits += 1
+            self.protected.discard(key)  # not loaded: nothing to spare for it
+            return self.low_precision[layer][expert]
         if slot is None:
             self.stats.misses += 1
             slot = self._load(key, keep=set())

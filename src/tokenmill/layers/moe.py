@@ -10,8 +10,10 @@ independent of the other tokens of the batch when the linear layers are batch-in
 rows go through the same per-row matmuls, and its k contributions are added in ascending
 expert order (the sort is stable and an expert appears at most once among a token's top k).
 Experts in quantized blocks on the CPU take the grouped kernel instead (layers/moe_grouped.py:
-all active experts in one call per projection), which gives the loop's bits; the loop stays as
-its oracle and for everything else (dense, GPU, offloaded experts, large bfloat16 batches).
+all active experts in one call per projection), which gives the loop's bits; experts on CUDA
+(dense, or in the Triton kernel's blocks) the fused Triton kernel (layers/moe_triton.py, one
+launch per projection); the loop stays as their oracle and for everything else (offloaded
+experts, large bfloat16 batches on the CPU, other quant methods).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from tokenmill.layers.expert_cache import ExpertCache
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.moe_grouped import combine, grouped_experts, silu_mul
+from tokenmill.layers.moe_triton import triton_experts
 from tokenmill.quant.base import QuantScheme
 
 
@@ -99,6 +102,10 @@ class Experts(nn.ModuleList):
         # Whether to try the grouped quantized kernel (cleared once the experts turn out not to
         # be packed for it; benchmarks clear it to time the loop).
         self.grouped = True
+        # The fused Triton kernel on CUDA (layers/moe_triton.py): cleared once the experts turn
+        # out not to be stackable; the stacked weights, built at the first forward.
+        self.use_triton = True
+        self.triton_stacks: tuple | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], weights [T, k] (float32, or x's dtype), ids [T, k] -> [T, hidden]."""
@@ -116,19 +123,28 @@ class Experts(nn.ModuleList):
         pair_weights = weights.flatten()[order].unsqueeze(-1)  # [T k, 1]
         rows = x[tokens]  # [T k, hidden]
         out = torch.zeros_like(x)
+        if cache is None and self.use_triton:
+            y = triton_experts(self, rows, counts)
+            if y is not None:
+                return combine(out, (y * pair_weights).to(out.dtype), order, top_k)
         if cache is None and self.grouped:
             y = grouped_experts(self, rows, counts)
             if y is not None:
                 return combine(out, (y * pair_weights).to(out.dtype), order, top_k)
+        top = [1.0] * len(self)  # each expert's largest routing weight, for mixed precision
         if cache is not None:
             cache.begin_layer(self.layer_id, [e for e, n in enumerate(counts) if n], x.shape[0])
+            if cache.low_precision is not None:
+                w = weights.detach().flatten().float()
+                top = torch.zeros(len(self), device=w.device).scatter_reduce_(0, flat, w, "amax")
+                top = top.tolist()
         start = 0
         for e, n in enumerate(counts):  # the active experts only
             if n == 0:
                 continue
             end = start + n
             # An offloaded expert runs from its slot: the same bytes, so the same result.
-            expert = self[e] if cache is None else cache.get(self.layer_id, e)
+            expert = self[e] if cache is None else cache.get(self.layer_id, e, top[e])
             y = expert(rows[start:end]) * pair_weights[start:end]  # [n, hidden]
             out.index_add_(0, tokens[start:end], y.to(out.dtype))
             start = end
@@ -233,15 +249,19 @@ def offload_experts(
     policy: str = "lru",
     prefetch: bool = False,
     device: torch.device | str = "cpu",
+    miss_bits: int | None = None,
+    miss_threshold: float = 0.2,
 ) -> ExpertCache | None:
     """Puts the experts of every SparseMoeBlock of `model` behind one ExpertCache of
     `budget_bytes` (None for a model without experts); `prefetch` links each block to the next
     for layer-level prefetch (the last one to none: the next forward pass's first layer runs
-    on other tokens)."""
+    on other tokens); `miss_bits` / `miss_threshold`: mixed-precision misses (lossy)."""
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     if not blocks:
         return None
-    cache = ExpertCache([b.experts for b in blocks], budget_bytes, policy, device)
+    cache = ExpertCache(
+        [b.experts for b in blocks], budget_bytes, policy, device, miss_bits, miss_threshold
+    )
     for i, block in enumerate(blocks):
         block.experts.cache = cache
         block.experts.layer_id = i

@@ -200,13 +200,16 @@ class _EngineCollector(Collector):
             ("expert_cache_hits", "Active experts found resident (per layer and pass).",
              s.expert_cache_hits),
             ("expert_cache_misses", "Active experts loaded on demand.", s.expert_cache_misses),
+            ("expert_low_precision_hits",
+             "Active experts missed and run from their low-bit copy instead of loaded.",
+             s.expert_low_precision_hits),
             ("expert_bytes_loaded", "Expert weight bytes copied into the device pool.",
              s.expert_bytes_loaded),
             ("expert_prefetches", "Experts loaded ahead of their layer.", s.expert_prefetches),
         )  # fmt: skip
         for name, doc, value in counters:
             yield self._family(CounterMetricFamily, name, doc, value)
-        looked_up = s.expert_cache_hits + s.expert_cache_misses
+        looked_up = s.expert_cache_hits + s.expert_cache_misses + s.expert_low_precision_hits
         predicted = s.expert_prefetch_predicted
         gauges = (
             ("expert_cache_hit_rate", "Fraction of active experts found resident, since start.",

@@ -54,6 +54,8 @@ class ExpertOffload:
     memory_gb: float
     policy: str = "lru"
     prefetch: bool = False
+    miss_bits: int | None = None  # mixed-precision misses (lossy): 4 or 2
+    miss_threshold: float = 0.2
 
 
 class ModelRunner:
@@ -107,7 +109,7 @@ class ModelRunner:
         if experts is not None:
             self.expert_cache = offload_experts(
                 self.model, int(experts.memory_gb * 2**30), experts.policy, experts.prefetch,
-                device,
+                device, experts.miss_bits, experts.miss_threshold,
             )  # fmt: skip
             if self.expert_cache is not None:
                 cache = self.expert_cache
@@ -117,6 +119,12 @@ class ModelRunner:
                     cache.expert_bytes / 2**20, experts.policy,
                     " + prefetch" if experts.prefetch else "",
                 )  # fmt: skip
+                if cache.low_precision is not None:
+                    logger.info(
+                        "expert misses under routing weight %g run int%d copies (%.1f MiB "
+                        "beside the budget)", experts.miss_threshold, experts.miss_bits,
+                        cache.low_precision_bytes / 2**20,
+                    )  # fmt: skip
         if device == "cpu" and dtype == torch.bfloat16:
             load_cpu_fused()  # built (or loaded from cache) now, not inside the first request
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
