@@ -4,9 +4,9 @@
 hold the longest prefix of the request takes it when that prefix is at least `cache_threshold`
 of the text, unless it is overloaded -- its predicted work exceeds the least-loaded worker's by
 more than `balance_abs_tokens` and by more than a factor `balance_rel` -- in which case, and
-when no worker holds enough of the prefix, the request goes to the worker whose work after
-taking it would be least (its uncached prompt tokens count), ties going to the fewest
-outstanding requests, then the smallest share of the tree (the most room for a new prefix).
+when no worker holds enough of the prefix, the request goes to the worker with the least
+predicted work, ties going to the fewest outstanding requests, then the smallest share of the
+tree (the most room for a new prefix).
 `least_load` is that fallback alone; `round_robin` ignores load and prefixes.
 """
 
@@ -43,14 +43,10 @@ def predicted_prompt_work(info: RouteInfo, cached_chars: int) -> int:
     return max(1, info.prompt_tokens - int(cached_chars / info.chars_per_token))
 
 
-def _least_loaded(
-    info: RouteInfo, candidates: list[Worker], match: PrefixMatch, tree_chars: dict[str, int]
-) -> Worker:
-    def key(w: Worker) -> tuple[int, int, int]:
-        cached = match.per_tenant.get(w.url, 0)
-        return (w.work + predicted_prompt_work(info, cached), w.outstanding, tree_chars[w.url])
-
-    return min(candidates, key=key)
+def _least_loaded(candidates: list[Worker], tree_chars: dict[str, int]) -> Worker:
+    # A match below the cache threshold does not count: a short prefix every request shares
+    # (a template's header) would otherwise pull every new prompt to the same idle worker.
+    return min(candidates, key=lambda w: (w.work, w.outstanding, tree_chars[w.url]))
 
 
 class CacheAwarePolicy:
@@ -74,7 +70,7 @@ class CacheAwarePolicy:
         match: PrefixMatch,
         tree_chars: dict[str, int],
     ) -> Choice:
-        least = _least_loaded(info, candidates, match, tree_chars)
+        least = _least_loaded(candidates, tree_chars)
         owned = [w for w in candidates if match.per_tenant.get(w.url, 0) > 0]
         if not owned or match.length == 0:
             return Choice(least, "no_prefix")
@@ -99,7 +95,7 @@ class LeastLoadPolicy:
         match: PrefixMatch,
         tree_chars: dict[str, int],
     ) -> Choice:
-        return Choice(_least_loaded(info, candidates, match, tree_chars), "least_load")
+        return Choice(_least_loaded(candidates, tree_chars), "least_load")
 
 
 class RoundRobinPolicy:
