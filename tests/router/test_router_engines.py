@@ -4,6 +4,7 @@ is within 10% of one replica's and above round-robin's."""
 
 from __future__ import annotations
 
+import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +36,14 @@ def workload(salt: str) -> list[dict[str, object]]:
     # ~250 tokens per system prompt; the salt keeps each run's prompts out of earlier caches
     systems = [f"[{salt}] You are assistant {i}. " + f"Rule {i}: answer precisely. " * 40
                for i in range(4)]  # fmt: skip
-    return [
+    bodies = [
         {"messages": [{"role": "system", "content": s},
                       {"role": "user", "content": f"Question {q}: what is {q} squared?"}],
          "max_tokens": 1}
         for q in range(32) for s in systems
     ]  # fmt: skip
+    random.Random(0).shuffle(bodies)  # interleaved, round-robin would follow the prompts
+    return bodies
 
 
 def prefix_counts(urls: list[str]) -> tuple[float, float]:

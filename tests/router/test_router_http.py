@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import threading
 import time
@@ -49,13 +50,16 @@ def routed(
 
 
 def shared_prefix_workload() -> list[dict[str, object]]:
-    """4 system prompts x 32 questions, interleaved (the order clients would send them in)."""
-    return [
+    """4 system prompts x 32 questions in a seeded random order (interleaved, round-robin
+    would keep each system prompt on one worker by accident)."""
+    bodies = [
         {"messages": [{"role": "system", "content": s},
                       {"role": "user", "content": f"Question {q}: what is {q} squared?"}],
          "max_tokens": 2}
         for q in range(32) for s in SYSTEMS
     ]  # fmt: skip
+    random.Random(0).shuffle(bodies)
+    return bodies
 
 
 def run_workload(url: str, bodies: list[dict[str, object]], concurrency: int = 8) -> None:
