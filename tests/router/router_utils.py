@@ -92,6 +92,7 @@ class FakeWorker:
         self.hits = 0  # prompt characters found cached
         self.requests = 0
         self.completed = 0
+        self.aborted = 0
         self.app = Starlette(
             routes=[
                 Route("/v1/completions", self.generate, methods=["POST"]),
@@ -116,8 +117,12 @@ class FakeWorker:
     async def generate(self, request: Request) -> Response:
         body = await request.json()
         self.requests += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        deadline = time.monotonic() + self.delay_s
+        while time.monotonic() < deadline:  # like a real server, a gone client aborts
+            if await request.is_disconnected():
+                self.aborted += 1
+                return Response(status_code=499)
+            await asyncio.sleep(0.01)
         if self.fail_with is not None:
             return JSONResponse({"error": {"message": "failing"}}, status_code=self.fail_with)
         text = prompt_text(body)

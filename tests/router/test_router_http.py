@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -203,3 +203,19 @@ def test_health_checks_take_a_worker_out_and_back() -> None:
         assert seen == {"a", "b"}
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "fake"
         assert httpx.get(f"{url}/health").json()["healthy_workers"] == 2
+
+
+def test_a_client_gone_before_the_first_byte_aborts_on_the_worker() -> None:
+    worker = FakeWorker("w", delay_s=2.0)
+    with routed([worker]) as (url, _):
+        with suppress(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "p", "max_tokens": 1}, timeout=0.3)
+        deadline = time.monotonic() + 5
+        while worker.aborted == 0:
+            assert time.monotonic() < deadline, "the worker never saw the client go"
+            time.sleep(0.02)
+        m = Metrics(httpx.get(f"{url}/metrics").text)
+        assert m("tokenmill_router_worker_outstanding_requests") == 0
+        assert m("tokenmill_router_worker_predicted_work_tokens") == 0
+        assert m("tokenmill_router_requests_total", outcome="client_gone") == 1
+        assert worker.completed == 0

@@ -62,6 +62,12 @@ async def check_all(client: httpx.AsyncClient, router: Router, failures: int) ->
     await asyncio.gather(*(check_worker(client, router, w, failures) for w in router.pool.workers))
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_router_app(config: RouterConfig, client: httpx.AsyncClient | None = None) -> Starlette:
     router = build_router(config)
     owns_client = client is None
@@ -103,7 +109,11 @@ def create_router_app(config: RouterConfig, client: httpx.AsyncClient | None = N
             default_max_tokens=config.default_max_tokens,
         )
         headers = forward_headers(request.headers)
-        return await proxy_request(http, router, request.url.path, body, headers, info)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            return await proxy_request(http, router, request.url.path, body, headers, info, gone)
+        finally:
+            gone.cancel()  # a streaming response listens for the disconnect itself
 
     async def passthrough(request: Request) -> Response:
         """Requests with no prefix to follow (models, tokenize, version): any healthy worker."""

@@ -11,9 +11,12 @@ on the worker.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -50,6 +53,51 @@ def error_json(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+@dataclass
+class _Started:
+    """A worker's response whose first body bytes have arrived (or that has no body)."""
+
+    upstream: httpx.Response
+    chunks: AsyncIterator[bytes]
+    first: bytes
+
+
+class _Failed(Exception):
+    """The worker failed before the first byte; `response` is its 5xx, if it answered one."""
+
+    def __init__(self, outcome: str, why: str, response: Response | None = None) -> None:
+        super().__init__(why)
+        self.outcome = outcome
+        self.response = response
+
+
+async def _start(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+) -> _Started:
+    try:
+        upstream = await client.send(
+            client.build_request("POST", url, content=body, headers=headers), stream=True
+        )
+    except httpx.TransportError as e:
+        raise _Failed("unreachable", f"{type(e).__name__}: {e}") from e
+    if upstream.status_code >= 500:
+        content = await _read_quietly(upstream)
+        answer = Response(content, upstream.status_code, headers=forward_headers(upstream.headers))
+        raise _Failed(
+            f"{upstream.status_code // 100}xx", f"answered {upstream.status_code}", answer
+        )
+    chunks = upstream.aiter_raw()
+    try:
+        first = await anext(chunks, b"")
+    except httpx.TransportError as e:
+        await upstream.aclose()
+        raise _Failed("dropped", f"dropped a response before its first byte: {e}") from e
+    except BaseException:  # cancelled: the client went away
+        await upstream.aclose()
+        raise
+    return _Started(upstream, chunks, first)
+
+
 async def proxy_request(
     client: httpx.AsyncClient,
     router: Router,
@@ -57,7 +105,11 @@ async def proxy_request(
     body: bytes,
     headers: dict[str, str],
     info: RouteInfo,
+    client_gone: asyncio.Future[None] | None = None,
 ) -> Response:
+    """Sends the request to the router's pick, and to further workers while they fail before
+    the first byte. If `client_gone` completes first, the attempt is cancelled (its connection
+    closed, which aborts the request on the worker) and nothing is answered."""
     tried: set[str] = set()
     last: Response | None = None
     while True:
@@ -66,45 +118,33 @@ async def proxy_request(
             break
         worker, ticket = decision.worker, decision.ticket
         tried.add(worker.url)
+        attempt = asyncio.ensure_future(_start(client, worker.url + path, body, headers))
         try:
-            upstream = await client.send(
-                client.build_request("POST", worker.url + path, content=body, headers=headers),
-                stream=True,
-            )
-        except httpx.TransportError as e:
+            if client_gone is not None:
+                await asyncio.wait({attempt, client_gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not attempt.done():
+                    attempt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, _Failed):
+                        await attempt
+                    ticket.finish()
+                    worker.requests["client_gone"] += 1
+                    return Response(status_code=499)
+            started = await attempt
+        except _Failed as e:
             ticket.finish()
-            worker.requests["unreachable"] += 1
-            router.mark_unhealthy(worker, f"{type(e).__name__}: {e}")
-            router.retried(worker)
-            continue
-        if upstream.status_code >= 500:
-            content = await _read_quietly(upstream)
-            ticket.finish()
-            worker.requests[f"{upstream.status_code // 100}xx"] += 1
-            last = Response(
-                content,
-                status_code=upstream.status_code,
-                headers=forward_headers(upstream.headers),
-            )
-            router.retried(worker)
-            logger.info(
-                "worker %s answered %d; retrying elsewhere", worker.url, upstream.status_code
-            )
-            continue
-        chunks = upstream.aiter_raw()
-        try:
-            first = await anext(chunks, b"")
-        except httpx.TransportError as e:
-            await upstream.aclose()
-            ticket.finish()
-            worker.requests["dropped"] += 1
-            router.mark_unhealthy(worker, f"dropped a response before its first byte: {e}")
+            worker.requests[e.outcome] += 1
+            if e.response is None:
+                router.mark_unhealthy(worker, str(e))
+            else:
+                last = e.response
+                logger.info("worker %s %s; retrying elsewhere", worker.url, e)
             router.retried(worker)
             continue
         ticket.first_byte()
+        upstream = started.upstream
         worker.requests[f"{upstream.status_code // 100}xx"] += 1
         return StreamingResponse(
-            _relay(first, chunks, upstream, ticket, info.stream),
+            _relay(started.first, started.chunks, upstream, ticket, info.stream),
             status_code=upstream.status_code,
             headers=forward_headers(upstream.headers),
         )
