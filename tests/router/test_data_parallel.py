@@ -76,6 +76,8 @@ def test_data_parallel_serve(tmp_path: Path) -> None:
                           timeout=60) as s:  # fmt: skip
             lines = [x for x in s.iter_lines() if x]
         assert s.status_code == 200 and lines[-1] == "data: [DONE]"
+        page = httpx.get(f"{url}/")  # the chat page, from a replica
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         bad = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": ""})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
 

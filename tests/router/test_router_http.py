@@ -202,6 +202,7 @@ def test_health_checks_take_a_worker_out_and_back() -> None:
         }
         assert seen == {"a", "b"}
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "fake"
+        assert httpx.get(f"{url}/no-such-page").status_code == 404  # the worker's answer
         assert httpx.get(f"{url}/health").json()["healthy_workers"] == 2
 
 

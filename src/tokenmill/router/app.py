@@ -116,7 +116,8 @@ def create_router_app(config: RouterConfig, client: httpx.AsyncClient | None = N
             gone.cancel()  # a streaming response listens for the disconnect itself
 
     async def passthrough(request: Request) -> Response:
-        """Requests with no prefix to follow (models, tokenize, version): any healthy worker."""
+        """Requests with no prefix to follow (models, tokenize, pages): the least-loaded healthy
+        worker that answers below 500."""
         body = await request.body()
         for worker in sorted(router.pool.healthy(), key=lambda w: (w.work, w.outstanding)):
             try:
@@ -151,6 +152,10 @@ def create_router_app(config: RouterConfig, client: httpx.AsyncClient | None = N
         Route("/detokenize", passthrough, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        # CORS preflights, the chat page, its static files and the API docs: any worker's
+        Route("/v1/completions", passthrough, methods=["OPTIONS"]),
+        Route("/v1/chat/completions", passthrough, methods=["OPTIONS"]),
+        Route("/{path:path}", passthrough, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.router = router
