@@ -72,7 +72,13 @@ def create_router_app(config: RouterConfig, client: httpx.AsyncClient | None = N
     router = build_router(config)
     owns_client = client is None
     if client is None:
-        client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=config.connect_timeout_s))
+        # No read timeout (a generation takes as long as it takes; health checks have their
+        # own) and no connection cap (the workers' queues bound the load, and a full pool
+        # must not hold back health checks).
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=config.connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
     http = client
 
     async def health_loop() -> None:
