@@ -1,4 +1,5 @@
-"""Router test helpers: any ASGI app under uvicorn in a thread, and a fake OpenAI worker.
+"""Router test helpers: any ASGI app under uvicorn in a thread, a fake OpenAI worker, and a
+concurrent chat workload runner.
 
 The fake worker speaks just enough of the API for routing tests: completions and chat
 completions (JSON or SSE, one event per "token"), /health, /v1/models, and a prefix cache over
@@ -16,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -154,3 +156,18 @@ class FakeWorker:
         if self.healthy:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"error": {"message": "unhealthy"}}, status_code=503)
+
+
+def run_workload(url: str, bodies: list[dict[str, object]], concurrency: int = 8) -> None:
+    async def main() -> None:
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+            async def one(body: dict[str, object]) -> None:
+                async with sem:
+                    r = await client.post("/v1/chat/completions", json=body)
+                    assert r.status_code == 200, r.text
+
+            await asyncio.gather(*(one(b) for b in bodies))
+
+    asyncio.run(main())

@@ -20,9 +20,8 @@ from utils_tiny import make_tiny_hf_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
-from router_utils import AppThread  # noqa: E402
+from router_utils import AppThread, run_workload  # noqa: E402
 from server_utils import Metrics, running_server  # noqa: E402
-from test_router_http import run_workload  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from tokenmill.router.app import create_router_app
 from tokenmill.router.config import RouterConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from router_utils import AppThread, FakeWorker, free_port  # noqa: E402
+from router_utils import AppThread, FakeWorker, free_port, run_workload  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
 from server_utils import Metrics  # noqa: E402
@@ -60,21 +60,6 @@ def shared_prefix_workload() -> list[dict[str, object]]:
     ]  # fmt: skip
     random.Random(0).shuffle(bodies)
     return bodies
-
-
-def run_workload(url: str, bodies: list[dict[str, object]], concurrency: int = 8) -> None:
-    async def main() -> None:
-        sem = asyncio.Semaphore(concurrency)
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-
-            async def one(body: dict[str, object]) -> None:
-                async with sem:
-                    r = await client.post("/v1/chat/completions", json=body)
-                    assert r.status_code == 200, r.text
-
-            await asyncio.gather(*(one(b) for b in bodies))
-
-    asyncio.run(main())
 
 
 def hit_rate(workers: list[FakeWorker]) -> float:
@@ -155,7 +140,7 @@ def test_retry_past_an_unreachable_worker_and_a_5xx_worker() -> None:
 
 
 def test_killing_a_worker_mid_run_loses_no_request_before_its_first_byte() -> None:
-    slow, fast = FakeWorker("slow", delay_s=1.0), FakeWorker("fast", delay_s=0.05)
+    slow, fast = FakeWorker("slow", delay_s=60.0), FakeWorker("fast", delay_s=0.05)
     with routed([slow, fast], policy="round_robin") as (url, threads):
         results: list[httpx.Response] = []
 
@@ -168,32 +153,47 @@ def test_killing_a_worker_mid_run_loses_no_request_before_its_first_byte() -> No
 
                 await asyncio.gather(*(one(i) for i in range(16)))
 
-        killer = threading.Timer(0.3, threads[0].kill)  # while slow's requests all wait
+        def kill_once_busy() -> None:  # slow holds 4 requests it will never answer
+            deadline = time.monotonic() + 30
+            while slow.requests < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            threads[0].kill()
+
+        killer = threading.Thread(target=kill_once_busy)
         killer.start()
         asyncio.run(main())
         killer.join()
         assert len(results) == 16
         assert all(r.status_code == 200 for r in results), [r.text for r in results]
-        assert slow.completed == 0 and fast.completed == 16
+        assert slow.requests >= 4 and slow.completed == 0 and fast.completed == 16
         m = Metrics(httpx.get(f"{url}/metrics").text)
         assert m("tokenmill_router_retries_total", worker=threads[0].url) >= 1
         assert m("tokenmill_router_worker_healthy", worker=threads[0].url) == 0
+
+
+def worker_healthy(url: str, worker: str) -> float:
+    return Metrics(httpx.get(f"{url}/metrics").text)(
+        "tokenmill_router_worker_healthy", worker=worker
+    )
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.02)
 
 
 def test_health_checks_take_a_worker_out_and_back() -> None:
     a, b = FakeWorker("a"), FakeWorker("b")
     with routed([a, b], policy="round_robin") as (url, threads):
         a.healthy = False
-        time.sleep(0.5)
-        m = Metrics(httpx.get(f"{url}/metrics").text)
-        assert m("tokenmill_router_worker_healthy", worker=threads[0].url) == 0
+        eventually(lambda: worker_healthy(url, threads[0].url) == 0)
         for i in range(4):
             r = httpx.post(f"{url}/v1/completions", json={"prompt": f"q{i}", "max_tokens": 1})
             assert r.json()["worker"] == "b"
         a.healthy = True
-        time.sleep(0.5)
-        m = Metrics(httpx.get(f"{url}/metrics").text)
-        assert m("tokenmill_router_worker_healthy", worker=threads[0].url) == 1
+        eventually(lambda: worker_healthy(url, threads[0].url) == 1)
         seen = {
             httpx.post(f"{url}/v1/completions", json={"prompt": f"r{i}", "max_tokens": 1}).json()[
                 "worker"
