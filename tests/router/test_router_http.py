@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -220,3 +222,38 @@ def test_a_client_gone_before_the_first_byte_aborts_on_the_worker() -> None:
         assert m("tokenmill_router_worker_predicted_work_tokens") == 0
         assert m("tokenmill_router_requests_total", outcome="client_gone") == 1
         assert worker.completed == 0
+
+
+def test_router_command_line() -> None:
+    """`tokenmill router` in a subprocess over a fake worker; it imports no torch."""
+    worker = FakeWorker("w")
+    port = free_port()
+    with AppThread(worker.app) as w:
+        cmd = [sys.executable, "-m", "tokenmill", "router", "--worker", w.url,
+               "--port", str(port), "--policy", "least_load"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+
+            def up() -> bool:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                try:
+                    return httpx.get(f"{url}/health").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            eventually(up, timeout=60)
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["worker"] == "w"
+            m = Metrics(httpx.get(f"{url}/metrics").text)
+            assert m("tokenmill_router_routing_decisions_total", reason="least_load") == 1
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+    assert proc.returncode == 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "tokenmill", "router", "--worker", "localhost:1"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "http://" in bad.stderr
