@@ -7,7 +7,7 @@ import pytest
 from tokenmill.cli import build_parser, dataclass_flags
 from tokenmill.router.policy import CacheAwarePolicy, make_policy
 from tokenmill.router.radix import ApproxRadixTree
-from tokenmill.router.replicas import split_threads
+from tokenmill.router.replicas import split_cores, split_threads
 from tokenmill.router.request_info import route_info
 from tokenmill.router.routing import Router
 from tokenmill.router.workers import Ticket, WorkerPool
@@ -130,10 +130,12 @@ def test_bad_options() -> None:
         WorkerPool(["localhost:8000"])
 
 
-def test_split_threads() -> None:
+def test_split_threads_and_cores() -> None:
     assert split_threads(16, 2) == [8, 8]
     assert split_threads(7, 3) == [3, 2, 2]
     assert split_threads(1, 2) == [1, 1]
+    assert split_cores([3, 0, 1, 2, 5], [2, 2]) == [[0, 1], [2, 3]]
+    assert split_cores([0, 1, 2], [2, 2]) is None  # too few cores: nobody is pinned
 
 
 def test_replica_flags_give_the_same_configs() -> None:

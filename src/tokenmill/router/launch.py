@@ -46,7 +46,11 @@ def serve_data_parallel(
     replicas = ReplicaSet(serve_args, data_parallel_size, total)
     replicas.start()
     try:
-        replicas.wait_healthy(startup_timeout_s)
+        try:
+            replicas.wait_healthy(startup_timeout_s)
+        except RuntimeError as e:
+            logger.error("%s", e)
+            raise SystemExit(1) from e
         run_router(dataclasses.replace(config, worker=replicas.urls))
     finally:
         replicas.stop()
