@@ -140,12 +140,18 @@ class FakeWorker:
             return JSONResponse({"worker": self.name, "text": "x" * n, "usage": usage})
 
         async def events() -> AsyncIterator[bytes]:
-            for i in range(n):
-                if self.token_delay_s:
-                    await asyncio.sleep(self.token_delay_s)
-                yield f"data: {json.dumps({'worker': self.name, 'i': i})}\n\n".encode()
-            yield f"data: {json.dumps({'usage': usage})}\n\ndata: [DONE]\n\n".encode()
-            self.completed += 1
+            done = False
+            try:
+                for i in range(n):
+                    if self.token_delay_s:
+                        await asyncio.sleep(self.token_delay_s)
+                    yield f"data: {json.dumps({'worker': self.name, 'i': i})}\n\n".encode()
+                yield f"data: {json.dumps({'usage': usage})}\n\ndata: [DONE]\n\n".encode()
+                done = True
+                self.completed += 1
+            finally:
+                if not done:  # the client went away mid-stream
+                    self.aborted += 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

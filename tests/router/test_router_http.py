@@ -257,3 +257,17 @@ def test_router_command_line() -> None:
         text=True,
     )
     assert bad.returncode == 2 and "http://" in bad.stderr
+
+
+def test_a_client_gone_mid_stream_closes_the_workers_stream() -> None:
+    worker = FakeWorker("w", token_delay_s=0.1)
+    with routed([worker]) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+        body = {"prompt": "p", "max_tokens": 100, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # one event, then hang up
+        eventually(lambda: worker.aborted == 1, timeout=5)
+        assert worker.completed == 0
+        eventually(lambda: Metrics(httpx.get(f"{url}/metrics").text)(
+            "tokenmill_router_worker_outstanding_requests") == 0)  # fmt: skip

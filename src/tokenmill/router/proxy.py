@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio
 import httpx
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -175,7 +176,10 @@ async def _relay(
         ticket.worker.requests["broken"] += 1
     finally:
         ticket.finish()
-        await upstream.aclose()
+        # Shielded: on a client disconnect this runs cancelled, and the worker must still see
+        # its connection close (that aborts the request there).
+        with anyio.CancelScope(shield=True):
+            await upstream.aclose()
 
 
 def _events(chunk: bytes) -> int:
