@@ -290,7 +290,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.server.config import ServerConfig
-    from tokenmill.server.launch import serve
 
     if args.model_arg is not None:
         if args.model is not None and args.model != args.model_arg:
@@ -302,8 +301,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.data_parallel_size < 1:
         raise ValueError(f"data_parallel_size must be >= 1, got {args.data_parallel_size}")
     if args.data_parallel_size == 1:
+        from tokenmill.server.launch import serve
+
         serve(engine_cfg, server_cfg)
         return 0
+    # The front end loads no model (nor torch): the replicas do.
     from tokenmill.router.config import RouterConfig
     from tokenmill.router.launch import serve_data_parallel
 
