@@ -271,3 +271,30 @@ def test_a_client_gone_mid_stream_closes_the_workers_stream() -> None:
         assert worker.completed == 0
         eventually(lambda: Metrics(httpx.get(f"{url}/metrics").text)(
             "tokenmill_router_worker_outstanding_requests") == 0)  # fmt: skip
+
+
+def test_a_stream_dropped_after_its_headers_but_before_its_first_byte_is_retried() -> None:
+    stalling = FakeWorker("stalling", token_delay_s=60.0)  # headers now, first event never
+    fine = FakeWorker("fine")
+    with routed([stalling, fine], policy="round_robin") as (url, threads):
+
+        def kill_once_busy() -> None:
+            eventually(lambda: stalling.requests >= 2, timeout=30)
+            threads[0].kill()
+
+        killer = threading.Thread(target=kill_once_busy)
+        killer.start()
+
+        async def main() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                body = {"prompt": "p", "max_tokens": 2, "stream": True}
+                return await asyncio.gather(
+                    *(client.post("/v1/completions", json=body) for _ in range(4))
+                )
+
+        results = asyncio.run(main())
+        killer.join()
+        assert [r.status_code for r in results] == [200] * 4
+        assert all('"worker": "fine"' in r.text for r in results)
+        m = Metrics(httpx.get(f"{url}/metrics").text)
+        assert m("tokenmill_router_requests_total", worker=threads[0].url, outcome="dropped") >= 1
