@@ -20,6 +20,7 @@ def make_router(policy: str = "cache_aware", n: int = 2, **kw: float) -> Router:
         kw.get("cache_threshold", 0.5),
         int(kw.get("balance_abs_tokens", 100)),
         kw.get("balance_rel", 1.5),
+        int(kw.get("balance_abs_requests", 4)),
     )
     return Router(pool, p, ApproxRadixTree())
 
@@ -93,6 +94,24 @@ def test_overloaded_owner_falls_back_to_least_loaded() -> None:
     assert r.tree.match(text).per_tenant.keys() == {w.url for w in r.pool.workers}
 
 
+def test_an_owner_with_too_many_requests_is_overloaded_too() -> None:
+    r = make_router(balance_abs_tokens=10**9, balance_abs_requests=2)
+    text = "shared " * 100
+    held = []
+    for i in range(3):  # 3 - 0 > 2 outstanding: the owner is overloaded after these
+        d = r.route(
+            route_info("/v1/completions", {"prompt": text + str(i), "max_tokens": 1}), set()
+        )
+        assert d is not None and (i == 0 or d.reason == "prefix")
+        held.append(d)
+    spill = r.route(route_info("/v1/completions", {"prompt": text + "x", "max_tokens": 1}), set())
+    assert spill is not None and spill.reason == "overloaded"
+    assert spill.worker is not held[0].worker
+    # both hold the prefix now: the less busy owner takes the next one, as a prefix hit
+    nxt = r.route(route_info("/v1/completions", {"prompt": text + "y", "max_tokens": 1}), set())
+    assert nxt is not None and nxt.reason == "prefix" and nxt.worker is spill.worker
+
+
 def test_least_load_balances_predicted_work_not_request_counts() -> None:
     r = make_router("least_load")
     big = r.route(route_info("/v1/completions", {"prompt": "p", "max_tokens": 1000}), set())
@@ -121,7 +140,7 @@ def test_round_robin_and_exclusions() -> None:
 
 def test_bad_options() -> None:
     with pytest.raises(ValueError, match="policy"):
-        make_policy("random", 0.5, 1, 1.5)
+        make_policy("random")
     with pytest.raises(ValueError, match="balance_rel"):
         CacheAwarePolicy(balance_rel=0.5)
     with pytest.raises(ValueError, match="repeat"):

@@ -36,7 +36,11 @@ logger = logging.getLogger(__name__)
 def build_router(config: RouterConfig) -> Router:
     pool = WorkerPool(list(config.worker or []))
     policy = make_policy(
-        config.policy, config.cache_threshold, config.balance_abs_tokens, config.balance_rel
+        config.policy,
+        config.cache_threshold,
+        config.balance_abs_tokens,
+        config.balance_rel,
+        config.balance_abs_requests,
     )
     return Router(pool, policy, ApproxRadixTree(config.max_tree_chars))
 

@@ -32,8 +32,16 @@ class RouterConfig:
             "worker's by more tokens than this (and by --balance-rel) is overloaded"
         },
     )
+    balance_abs_requests: int = field(
+        default=4,
+        metadata={
+            "help": "cache_aware: a prefix owner with more outstanding requests than the "
+            "least busy worker by more than this (and by --balance-rel) is overloaded"
+        },
+    )
     balance_rel: float = field(
-        default=1.5, metadata={"help": "cache_aware: see --balance-abs-tokens (a factor)"}
+        default=1.5,
+        metadata={"help": "cache_aware: see --balance-abs-tokens/--balance-abs-requests"},
     )
     max_tree_chars: int = field(
         default=1 << 22,

@@ -1,9 +1,11 @@
 """Routing policies: which healthy worker takes a request.
 
-`cache_aware` (SGLang's router, with load counted in predicted tokens): the worker believed to
-hold the longest prefix of the request takes it when that prefix is at least `cache_threshold`
-of the text, unless it is overloaded -- its predicted work exceeds the least-loaded worker's by
-more than `balance_abs_tokens` and by more than a factor `balance_rel` -- in which case, and
+`cache_aware` (SGLang's router, with load counted in predicted tokens too): the worker believed
+to hold the longest prefix of the request takes it when that prefix is at least
+`cache_threshold` of the text, unless it is overloaded -- its predicted work exceeds the
+least-loaded worker's by more than `balance_abs_tokens` and by more than a factor
+`balance_rel`, or its outstanding requests exceed the fewest by more than
+`balance_abs_requests` and by that factor -- in which case, and
 when no worker holds enough of the prefix, the request goes to the worker with the least
 predicted work, ties going to the fewest outstanding requests, then the smallest share of the
 tree (the most room for a new prefix).
@@ -51,17 +53,24 @@ def _least_loaded(candidates: list[Worker], tree_chars: dict[str, int]) -> Worke
 
 class CacheAwarePolicy:
     def __init__(
-        self, cache_threshold: float = 0.5, balance_abs_tokens: int = 4096, balance_rel: float = 1.5
+        self,
+        cache_threshold: float = 0.5,
+        balance_abs_tokens: int = 4096,
+        balance_rel: float = 1.5,
+        balance_abs_requests: int = 4,
     ) -> None:
         if not 0.0 <= cache_threshold <= 1.0:
             raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
         if balance_abs_tokens < 0:
             raise ValueError(f"balance_abs_tokens must be >= 0, got {balance_abs_tokens}")
+        if balance_abs_requests < 0:
+            raise ValueError(f"balance_abs_requests must be >= 0, got {balance_abs_requests}")
         if balance_rel < 1.0:
             raise ValueError(f"balance_rel must be >= 1, got {balance_rel}")
         self.cache_threshold = cache_threshold
         self.balance_abs_tokens = balance_abs_tokens
         self.balance_rel = balance_rel
+        self.balance_abs_requests = balance_abs_requests
 
     def choose(
         self,
@@ -77,14 +86,22 @@ class CacheAwarePolicy:
         owner = max(owned, key=lambda w: (match.per_tenant[w.url], -w.work, -w.outstanding))
         if match.per_tenant[owner.url] < self.cache_threshold * match.length:
             return Choice(least, "no_prefix")
-        lightest = min(w.work for w in candidates)
-        overloaded = (
-            owner.work - lightest > self.balance_abs_tokens
-            and owner.work > self.balance_rel * lightest
-        )
-        if overloaded:
+        if self._overloaded(owner, candidates):
             return Choice(least, "overloaded")
         return Choice(owner, "prefix")
+
+    def _overloaded(self, owner: Worker, candidates: list[Worker]) -> bool:
+        # Spilling a prefix to a second worker costs one prefill there; from then on both hold
+        # it and the tie between them goes to the less loaded (see `owner` above).
+        lightest = min(w.work for w in candidates)
+        fewest = min(w.outstanding for w in candidates)
+        return (
+            owner.work - lightest > self.balance_abs_tokens
+            and owner.work > self.balance_rel * lightest
+        ) or (
+            owner.outstanding - fewest > self.balance_abs_requests
+            and owner.outstanding > self.balance_rel * fewest
+        )
 
 
 class LeastLoadPolicy:
@@ -115,10 +132,16 @@ class RoundRobinPolicy:
 
 
 def make_policy(
-    name: str, cache_threshold: float, balance_abs_tokens: int, balance_rel: float
+    name: str,
+    cache_threshold: float = 0.5,
+    balance_abs_tokens: int = 4096,
+    balance_rel: float = 1.5,
+    balance_abs_requests: int = 4,
 ) -> Policy:
     if name == "cache_aware":
-        return CacheAwarePolicy(cache_threshold, balance_abs_tokens, balance_rel)
+        return CacheAwarePolicy(
+            cache_threshold, balance_abs_tokens, balance_rel, balance_abs_requests
+        )
     if name == "least_load":
         return LeastLoadPolicy()
     if name == "round_robin":
