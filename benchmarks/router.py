@@ -13,6 +13,7 @@ prompt tokens served from the cache / looked up), the share of prompt tokens rep
     python benchmarks/router.py [--replicas 2] [--policies cache_aware,round_robin]
         [--systems 4] [--system-tokens 1000] [--questions 32] [--max-tokens 16]
         [--concurrency 8] [--num-threads N] [--model PATH] [--serve-arg=--flag ...]
+        [--router-option balance_abs_requests=4 ...]
         [--out benchmarks/results/router.json]
 """
 
@@ -122,6 +123,8 @@ def start_server(args: argparse.Namespace, policy: str) -> tuple[subprocess.Pope
            "--port", str(port), "--uvicorn-log-level", "warning", *args.serve_arg]  # fmt: skip
     if args.replicas > 1:  # else one plain server, no router in front
         cmd += ["--data-parallel-size", str(args.replicas), "--router-policy", policy]
+        for option in args.router_option:
+            cmd += ["--router-option", option]
     if args.num_threads:
         cmd += ["--num-threads", str(args.num_threads)]
     env = dict(os.environ, TQDM_DISABLE="1")
@@ -211,6 +214,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-threads", type=int, default=None, help="shared by all replicas")
     p.add_argument("--model", default=None, help="default: tokenmill's default model")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `serve` flag")
+    p.add_argument(
+        "--router-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a router option for the front end, e.g. balance_abs_requests=4 (repeatable)",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--out", default=None, help="results JSON")
     return p.parse_args(argv)

@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=POLICIES,
         help="how the data-parallel front end picks a replica (default: cache_aware)",
     )
+    serve.add_argument(
+        "--router-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a `tokenmill router` option for the data-parallel front end, e.g. "
+        "balance_abs_requests=8 (repeatable)",
+    )
 
     router = sub.add_parser(
         "router", help="cache-aware OpenAI-compatible proxy over tokenmill servers (--worker URL)"
@@ -306,7 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(engine_cfg, server_cfg)
         return 0
     # The front end loads no model (nor torch): the replicas do.
-    from tokenmill.router.config import RouterConfig
+    from tokenmill.router.config import RouterConfig, router_options
     from tokenmill.router.launch import serve_data_parallel
 
     replica_args = [
@@ -316,9 +324,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     router_cfg = RouterConfig(
         host=server_cfg.host,
         port=server_cfg.port,
-        policy=args.router_policy,
-        health_interval_s=2.0,
-        uvicorn_log_level=server_cfg.uvicorn_log_level,
+        **{
+            "policy": args.router_policy,
+            "health_interval_s": 2.0,
+            "uvicorn_log_level": server_cfg.uvicorn_log_level,
+            **router_options(args.router_option),
+        },
     )
     serve_data_parallel(replica_args, args.data_parallel_size, engine_cfg.num_threads, router_cfg)
     return 0

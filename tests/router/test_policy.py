@@ -20,7 +20,7 @@ def make_router(policy: str = "cache_aware", n: int = 2, **kw: float) -> Router:
         kw.get("cache_threshold", 0.5),
         int(kw.get("balance_abs_tokens", 100)),
         kw.get("balance_rel", 1.5),
-        int(kw.get("balance_abs_requests", 4)),
+        int(kw.get("balance_abs_requests", 16)),
     )
     return Router(pool, p, ApproxRadixTree())
 
@@ -175,6 +175,26 @@ def test_replica_flags_give_the_same_configs() -> None:
     assert _engine_config(again) == engine
     assert again.served_model_name == ["a", "b"] and again.api_key == "k"
     assert again.data_parallel_size == 1
+
+
+def test_router_options_under_serve() -> None:
+    from tokenmill.router.config import RouterConfig, router_options
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--router-option",
+            "balance_abs_requests=8",
+            "--router-option",
+            "cache-threshold=0.3",
+        ]
+    )
+    opts = router_options(args.router_option)
+    assert opts == {"balance_abs_requests": 8, "cache_threshold": 0.3}
+    assert RouterConfig(**opts).balance_abs_requests == 8
+    for bad in ("nonsense=1", "balance_rel", "port=1", "health_failures=x"):
+        with pytest.raises(ValueError, match="router option"):
+            router_options([bad])
 
 
 def test_router_flags_parse() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
 
 from tokenmill.router.policy import POLICIES
 
@@ -33,7 +34,7 @@ class RouterConfig:
         },
     )
     balance_abs_requests: int = field(
-        default=4,
+        default=16,
         metadata={
             "help": "cache_aware: a prefix owner with more outstanding requests than the "
             "least busy worker by more than this (and by --balance-rel) is overloaded"
@@ -75,3 +76,22 @@ class RouterConfig:
         for name in ("health_failures", "default_max_tokens", "max_tree_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def router_options(items: list[str]) -> dict[str, Any]:
+    """`NAME=VALUE` strings (`serve --router-option`) as RouterConfig keyword arguments."""
+    hints = get_type_hints(RouterConfig)
+    kinds = {f.name: hints[f.name] for f in fields(RouterConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in kinds or name in ("worker", "host", "port", "policy"):
+            settable = sorted(set(kinds) - {"worker", "host", "port", "policy"})
+            raise ValueError(f"router option must be NAME=VALUE, NAME one of {settable}: {item!r}")
+        kind = kinds[name]
+        try:
+            out[name] = kind(value) if kind in (int, float, str) else value
+        except ValueError as e:
+            raise ValueError(f"router option {name} must be {kind.__name__}: {value!r}") from e
+    return out

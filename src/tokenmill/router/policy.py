@@ -57,7 +57,7 @@ class CacheAwarePolicy:
         cache_threshold: float = 0.5,
         balance_abs_tokens: int = 4096,
         balance_rel: float = 1.5,
-        balance_abs_requests: int = 4,
+        balance_abs_requests: int = 16,
     ) -> None:
         if not 0.0 <= cache_threshold <= 1.0:
             raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
@@ -136,7 +136,7 @@ def make_policy(
     cache_threshold: float = 0.5,
     balance_abs_tokens: int = 4096,
     balance_rel: float = 1.5,
-    balance_abs_requests: int = 4,
+    balance_abs_requests: int = 16,
 ) -> Policy:
     if name == "cache_aware":
         return CacheAwarePolicy(
