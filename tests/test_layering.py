@@ -62,9 +62,10 @@ ALLOWED: dict[str, set[str]] = {
         "kernels",
     },  # fmt: skip
     "server": {"engine", "core", "sampling", "structured"},
+    "router": set(),  # an HTTP proxy over servers: no engine, no torch
 }
 APP = {"cli", "__main__", "quantize", "testing", "(package)"}  # may import anything
-NO_TORCH = {"core"}
+NO_TORCH = {"core", "router"}
 
 
 def part_of(module: str) -> str:

@@ -1,4 +1,5 @@
-"""`tokenmill generate | chat | serve | quantize`. Flags are generated from config dataclasses."""
+"""`tokenmill generate | chat | serve | router | quantize`. Flags are generated from config
+dataclasses."""
 
 from __future__ import annotations
 
@@ -64,6 +65,25 @@ def add_dataclass_flags(
             parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, type=tp, default=default, help=help_text)
+
+
+def dataclass_flags(cfg: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line flags that give `cfg` again (those of fields off their default), the
+    inverse of `add_dataclass_flags`."""
+    flags: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in skip or not f.init or value == f.default or value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                flags += [flag, str(item)]
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -136,6 +156,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_dataclass_flags(serve, EngineConfig)
     add_dataclass_flags(serve, ServerConfig)
+    from tokenmill.router.config import RouterConfig  # plain dataclass: no starlette import
+    from tokenmill.router.policy import POLICIES
+
+    serve.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="engine replicas, each a server on a private port with its share of --num-threads, "
+        "behind one router on --host/--port (default: 1)",
+    )
+    serve.add_argument(
+        "--router-policy",
+        default="cache_aware",
+        choices=POLICIES,
+        help="how the data-parallel front end picks a replica (default: cache_aware)",
+    )
+    serve.add_argument(
+        "--router-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a `tokenmill router` option for the data-parallel front end, e.g. "
+        "balance_abs_requests=8 (repeatable)",
+    )
+
+    router = sub.add_parser(
+        "router", help="cache-aware OpenAI-compatible proxy over tokenmill servers (--worker URL)"
+    )
+    add_dataclass_flags(router, RouterConfig)
 
     quant = sub.add_parser("quantize", help="calibrate and write a quantized checkpoint")
     quant.add_argument(
@@ -249,7 +298,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.server.config import ServerConfig
-    from tokenmill.server.launch import serve
 
     if args.model_arg is not None:
         if args.model is not None and args.model != args.model_arg:
@@ -257,7 +305,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model = args.model_arg
     names = {f.name for f in dataclasses.fields(ServerConfig)}
     server_cfg = ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
-    serve(_engine_config(args), server_cfg)
+    engine_cfg = _engine_config(args)
+    if args.data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size must be >= 1, got {args.data_parallel_size}")
+    if args.data_parallel_size == 1:
+        from tokenmill.server.launch import serve
+
+        serve(engine_cfg, server_cfg)
+        return 0
+    # The front end loads no model (nor torch): the replicas do.
+    from tokenmill.router.config import RouterConfig, router_options
+    from tokenmill.router.launch import serve_data_parallel
+
+    replica_args = [
+        *dataclass_flags(engine_cfg, skip=("num_threads",)),
+        *dataclass_flags(server_cfg, skip=("host", "port")),
+    ]
+    router_cfg = RouterConfig(
+        host=server_cfg.host,
+        port=server_cfg.port,
+        **{
+            "policy": args.router_policy,
+            "health_interval_s": 2.0,
+            "uvicorn_log_level": server_cfg.uvicorn_log_level,
+            **router_options(args.router_option),
+        },
+    )
+    serve_data_parallel(replica_args, args.data_parallel_size, engine_cfg.num_threads, router_cfg)
+    return 0
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from tokenmill.router.config import RouterConfig
+    from tokenmill.router.launch import run_router
+
+    names = {f.name for f in dataclasses.fields(RouterConfig)}
+    config = RouterConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if not config.worker:
+        raise ValueError("router needs at least one --worker URL")
+    run_router(config)
     return 0
 
 
@@ -275,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             "generate": cmd_generate,
             "chat": cmd_chat,
             "serve": cmd_serve,
+            "router": cmd_router,
             "quantize": cmd_quantize,
         }
         return commands[args.command](args)
