@@ -30,7 +30,6 @@ from tokenmill.engine.tp_worker import (
     join_group,
     worker_main,
 )
-from tokenmill.layers.tensor_parallel import TPGroup
 from tokenmill.models.tp_shard import check_splittable
 from tokenmill.worker.shm_broadcast import CONNECTING, FAILED, ShmBroadcast
 from tokenmill.worker.tp_runner import step_message_bytes

@@ -53,11 +53,10 @@ def take_rows(layer: Linear, ranges: RowRanges) -> list[int]:
     part sizes. The dense weight, the bias and any quantized parts are cut alike."""
     _check_method(layer)
     names: tuple[str | None, ...] = getattr(layer, "shard_names", (None,))
-    offsets = (
-        [getattr(layer, "shard_offset")(n) for n in names]
-        if names != (None,)
-        else [(0, layer.out_features)]
-    )
+    if names == (None,):
+        offsets = [(0, layer.out_features)]
+    else:
+        offsets = [layer.shard_offset(n) for n in names]  # type: ignore[attr-defined]
     keep = [
         (o0 + ranges[n][0], o0 + ranges[n][1]) for n, (o0, _) in zip(names, offsets, strict=True)
     ]

@@ -17,8 +17,8 @@ from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.attn_backends import select_backend
 from tokenmill.layers.expert_cache import ExpertCache, ExpertCacheStats
 from tokenmill.layers.linear import Linear
-from tokenmill.layers.tensor_parallel import TPGroup
 from tokenmill.layers.moe import offload_experts
+from tokenmill.layers.tensor_parallel import TPGroup
 from tokenmill.models.registry import build_model
 from tokenmill.models.tp_shard import local_kv_config, shard_model
 from tokenmill.quant.base import QuantScheme
