@@ -116,7 +116,6 @@ def test_tp2_matches_tp1_tiny_gqa(tiny_gqa: Path) -> None:
         two.engine.shutdown()
 
 
-@pytest.mark.slow
 def test_tp2_ray_matches_mp(tiny_gqa: Path) -> None:
     ray = pytest.importorskip("ray")
     mp_llm = LLM(str(tiny_gqa), dtype="float32", tensor_parallel_size=2)

@@ -48,6 +48,17 @@ class TPGroup:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def all_gather_cols(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Every rank: the ranks' column slices of x (rank r's has sizes[r] columns)
+        concatenated in rank order."""
+        width = max(sizes)
+        if x.shape[1] < width:
+            x = F.pad(x, (0, width - x.shape[1]))
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat([p[:, :n] for p, n in zip(parts, sizes, strict=True)], dim=1)
+
     def gather_cols(self, x: torch.Tensor, full: int) -> torch.Tensor:
         """Rank 0: the ranks' column slices of x concatenated (each padded to the same width
         for the collective, trimmed to `full` columns). Other ranks: x itself (unused)."""
@@ -131,6 +142,27 @@ class RowParallel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(self.linear(x).contiguous())
+
+
+class GatherParallel(nn.Module):
+    """The exact alternative to `RowParallel` for weights whose kernel quantizes its input
+    (the CPU block kernel rounds x to int8 per block of 32): a split-K partial sum rounds
+    differently from the whole dot product, and the next layer's int8 rounding can turn
+    that last-bit difference into a visible one. Here the layer gathers its whole input,
+    computes its share of the output rows over the full K (each output exactly as one rank
+    would) and gathers the outputs: two all-gathers instead of one all-reduce."""
+
+    def __init__(
+        self, linear: nn.Module, tp: TPGroup, in_sizes: list[int], out_sizes: list[int]
+    ) -> None:
+        super().__init__()
+        self.linear = linear
+        self.tp = tp
+        self.in_sizes, self.out_sizes = in_sizes, out_sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(self.tp.all_gather_cols(x, self.in_sizes))
+        return self.tp.all_gather_cols(y, self.out_sizes)
 
 
 class VocabParallelEmbedding(nn.Module):

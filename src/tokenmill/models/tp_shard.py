@@ -16,6 +16,7 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.tensor_parallel import (
+    GatherParallel,
     HeadShard,
     RowParallel,
     TensorParallelError,
@@ -26,6 +27,7 @@ from tokenmill.layers.tensor_parallel import (
     head_split,
 )
 from tokenmill.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from tokenmill.quant.block import BlockQuantMethod
 from tokenmill.quant.packing import BLOCK
 from tokenmill.quant.shard import take_cols, take_rows
 
@@ -67,20 +69,21 @@ def shard_model(model: nn.Module, tp: TPGroup) -> HeadShard:
     cfg: ModelConfig = model.config
     check_splittable(cfg, tp.world_size)
     heads = head_split(cfg.num_attention_heads, cfg.num_key_value_heads, tp.world_size)[tp.rank]
-    inter = even_split(cfg.intermediate_size, tp.world_size, _mlp_unit(cfg))[tp.rank]
+    mlp_split = even_split(cfg.intermediate_size, tp.world_size, _mlp_unit(cfg))
+    inter = mlp_split[tp.rank]
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if not isinstance(attn, LlamaAttention) or not isinstance(mlp, LlamaMLP):
             raise TensorParallelError(
                 f"tensor parallelism cannot split {type(attn).__name__} / {type(mlp).__name__}"
             )
-        _shard_attention(attn, heads, tp)
+        _shard_attention(attn, heads, tp, cfg.hidden_size)
         gate_up: MergedLinear = mlp.gate_up_proj
         sizes = take_rows(gate_up, dict.fromkeys(gate_up.shard_names, inter))
         gate_up.shard_sizes = sizes
-        down: Linear = mlp.down_proj  # type: ignore[assignment]
-        take_cols(down, inter[0], inter[1], keep_bias=tp.rank == 0)
-        mlp.down_proj = RowParallel(down, tp)  # type: ignore[assignment]
+        mlp.down_proj = _row_parallel(  # type: ignore[assignment]
+            mlp.down_proj, inter, mlp_split, cfg.hidden_size, tp
+        )
         layer.fused_decode.disable()  # the C++ layer has no all-reduce between its matmuls
     v0, v1 = even_split(cfg.vocab_size, tp.world_size)[tp.rank]
     embed = model.model.embed_tokens
@@ -91,8 +94,25 @@ def shard_model(model: nn.Module, tp: TPGroup) -> HeadShard:
     return heads
 
 
-def _shard_attention(attn: LlamaAttention, heads: HeadShard, tp: TPGroup) -> None:
+def _row_parallel(
+    linear: Linear, mine: tuple[int, int], split: list[tuple[int, int]], out: int, tp: TPGroup
+) -> nn.Module:
+    """A row-parallel layer over input columns `mine` (of `split`): RowParallel, or for
+    block-quantized weights on the CPU (whose kernel rounds its input to int8) GatherParallel,
+    which keeps the whole K and splits the output rows, so its outputs are TP=1's exactly."""
+    method = linear.quant_method
+    quantized = isinstance(method, BlockQuantMethod) and bool(method.parts)
+    if quantized and linear.weight.device.type == "cpu":
+        rows = even_split(out, tp.world_size)
+        take_rows(linear, {None: rows[tp.rank]})
+        return GatherParallel(linear, tp, [b - a for a, b in split], [b - a for a, b in rows])
+    take_cols(linear, mine[0], mine[1], keep_bias=tp.rank == 0)
+    return RowParallel(linear, tp)
+
+
+def _shard_attention(attn: LlamaAttention, heads: HeadShard, tp: TPGroup, hidden: int) -> None:
     d = attn.head_dim
+    all_heads = head_split(attn.num_heads, attn.num_kv_heads, tp.world_size)  # before the cut
     qkv = attn.qkv_proj
     q_name, k_name, v_name = qkv.shard_names
     kv = (heads.kv0 * d, heads.kv1 * d)
@@ -101,6 +121,7 @@ def _shard_attention(attn: LlamaAttention, heads: HeadShard, tp: TPGroup) -> Non
     attn.split = sizes
     attn.num_heads, attn.num_kv_heads = heads.num_heads, heads.num_kv_heads
     attn.attn.num_heads, attn.attn.num_kv_heads = heads.num_heads, heads.num_kv_heads
-    o_proj: Linear = attn.o_proj  # type: ignore[assignment]
-    take_cols(o_proj, heads.q0 * d, heads.q1 * d, keep_bias=tp.rank == 0)
-    attn.o_proj = RowParallel(o_proj, tp)  # type: ignore[assignment]
+    split = [(s.q0 * d, s.q1 * d) for s in all_heads]
+    attn.o_proj = _row_parallel(  # type: ignore[assignment]
+        attn.o_proj, (heads.q0 * d, heads.q1 * d), split, hidden, tp
+    )
