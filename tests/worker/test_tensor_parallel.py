@@ -103,9 +103,13 @@ def _greedy(llm: LLM, n: int = 8) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_tp2_matches_tp1_tiny_gqa(tiny_gqa: Path) -> None:
-    one = LLM(str(tiny_gqa), dtype="float32")
-    two = LLM(str(tiny_gqa), dtype="float32", tensor_parallel_size=2)
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_tp2_matches_tp1_tiny_gqa(tiny_gqa: Path, quantization: str | None) -> None:
+    """Dense: logits within 1e-4 (the row-parallel sums add in another order). int4 blocks:
+    the row-parallel layers gather instead (see GatherParallel): the same logits exactly."""
+    kw = dict(dtype="float32", quantization=quantization)
+    one = LLM(str(tiny_gqa), **kw)
+    two = LLM(str(tiny_gqa), tensor_parallel_size=2, **kw)
     try:
         l1, l2 = _logits_recorded(one), _logits_recorded(two)
         assert _greedy(one) == _greedy(two)
@@ -176,9 +180,13 @@ def test_unsplittable_model_is_a_clear_start_up_error(tiny_gqa: Path) -> None:
 @pytest.mark.slow
 @needs_default
 def test_tp2_default_model_greedy_tokens() -> None:
+    """The Q4_1 GGUF split by whole blocks: TP=1's logits exactly, so the same tokens."""
     one = LLM(dtype="float32")
     two = LLM(dtype="float32", tensor_parallel_size=2)
     try:
+        l1, l2 = _logits_recorded(one), _logits_recorded(two)
         assert _greedy(one, 16) == _greedy(two, 16)
+        for a, b in zip(l1, l2, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
     finally:
         two.engine.shutdown()
