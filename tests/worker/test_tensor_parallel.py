@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.config import EngineConfig
+from tokenmill.engine import tp_executor
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.engine_loop import EngineDeadError
@@ -61,6 +63,7 @@ def test_broadcast_queue_wraps_around() -> None:
         for i in range(5):  # more messages than slots: each waits for the reader's ack
             writer.publish({"step": i}, timeout_s=1.0)
             assert reader.receive(lambda: True) == {"step": i}
+        assert writer.idle_for(0) == 0.0  # ran its last message, not waiting yet
         writer.publish(1, timeout_s=1.0)
         writer.publish(2, timeout_s=1.0)
         with pytest.raises(RuntimeError, match="has not read"):
@@ -143,10 +146,30 @@ def test_tp2_ray_matches_mp(tiny_gqa: Path) -> None:
         ray.shutdown()
 
 
-def test_killed_worker_fails_health_and_requests(tiny_gqa: Path) -> None:
+def _wait_for(cond: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_hung_or_killed_worker_fails_health_and_requests(
+    tiny_gqa: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = LLMEngine(EngineConfig(model=str(tiny_gqa), dtype="float32", tensor_parallel_size=2))
     assert engine.executor is not None
     worker = engine.executor.workers[0]
+    # an idle worker that stops answering (SIGSTOP) turns health bad, and good again after
+    monkeypatch.setattr(tp_executor, "IDLE_HANG_S", 1.0)
+    assert _wait_for(lambda: engine.executor.channel.idle_for(0) > 0, 10)
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        assert _wait_for(lambda: "not responded" in (engine.health_error() or ""), 10)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert _wait_for(lambda: engine.health_error() is None, 10)
 
     async def run() -> float:
         aengine = AsyncLLMEngine(engine)

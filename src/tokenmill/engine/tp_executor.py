@@ -35,6 +35,8 @@ from tokenmill.worker.shm_broadcast import CONNECTING, FAILED, ShmBroadcast
 from tokenmill.worker.tp_runner import step_message_bytes
 
 logger = logging.getLogger(__name__)
+# An idle worker shows it is alive about every second; this long without a sign, it is hung.
+IDLE_HANG_S = 10.0
 
 
 class DistributedStartupError(RuntimeError):
@@ -149,6 +151,11 @@ class TPExecutor:
         ]
         dead = [r for r in self._dead() if self.channel.state(r - 1) != FAILED]
         errors += [f"rank {r} exited" for r in dead]
+        errors += [
+            f"rank {r + 1} has not responded for {idle:.0f}s"
+            for r in range(self.world_size - 1)
+            if (idle := self.channel.idle_for(r)) > IDLE_HANG_S
+        ]
         return "; ".join(errors)
 
     def _wait_connected(self) -> None:

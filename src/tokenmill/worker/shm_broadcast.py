@@ -6,6 +6,8 @@ the same bytes. Layout (int64 header words, then the slots):
   [0]                 stop flag (1: the writer has shut down)
   [1 + r]             reader r's last sequence number read (its ack)
   [1 + R + r]         reader r's state: 0 starting, 1 connecting, 2 ready, 3 failed
+  [1 + 2R + r]        reader r's heartbeat while it waits for a message (CLOCK_MONOTONIC ms;
+                      0 while it runs one)
   then per reader an error text area, then per slot: [seq, nbytes, payload...]
 
 A slot is written payload first, then its length, then its sequence number (aligned 8-byte
@@ -52,8 +54,8 @@ class ShmBroadcast:
         self._slots_at = header
         self._slot_size = 16 + slot_bytes
         size = header + num_slots * self._slot_size
-        if 1 + 2 * num_readers > _HEADER_WORDS:
-            raise ValueError(f"at most {(_HEADER_WORDS - 1) // 2} readers, got {num_readers}")
+        if 1 + 3 * num_readers > _HEADER_WORDS:
+            raise ValueError(f"at most {(_HEADER_WORDS - 1) // 3} readers, got {num_readers}")
         self.shm = shared_memory.SharedMemory(name=name, create=name is None, size=size)
         if name is not None and multiprocessing.parent_process() is None:
             # The writer owns (and unlinks) the segment. A process that multiprocessing spawned
@@ -94,6 +96,17 @@ class ShmBroadcast:
         raw = bytes(self.shm.buf[at : at + _ERROR_BYTES])
         return raw.split(b"\0", 1)[0].decode(errors="replace")
 
+    def idle_for(self, reader: int) -> float:
+        """Seconds since a reader waiting for a message last showed it is alive; 0 while it
+        runs one (the step's own timeouts bound that) or has not started waiting."""
+        beat = int(self._words[1 + 2 * self.num_readers + reader])
+        return max(0.0, time.monotonic() - beat / 1e3) if beat else 0.0
+
+    def _beat(self, busy: bool = False) -> None:
+        assert self.reader is not None
+        beat = 0 if busy else int(time.monotonic() * 1e3)
+        self._words[1 + 2 * self.num_readers + self.reader] = beat
+
     # -- writer ----------------------------------------------------------------------------
     def publish(self, obj: Any, timeout_s: float) -> None:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -126,6 +139,7 @@ class ShmBroadcast:
         (asked every `poll_s` while idle). Spins briefly, then sleeps in growing steps."""
         seq, slot = self._seq, self._seq % self.num_slots
         words = self._slot_words[slot]
+        self._beat()
         spins, sleep, next_check = 0, 20e-6, time.monotonic() + poll_s
         while int(words[0]) != seq:
             if self._words[0]:
@@ -138,11 +152,13 @@ class ShmBroadcast:
             if time.monotonic() > next_check:
                 if not writer_alive():
                     return None
+                self._beat()
                 next_check = time.monotonic() + poll_s
         n = int(words[1])
         at = self._slots_at + slot * self._slot_size + 16
         obj = pickle.loads(self.shm.buf[at : at + n])
         assert self.reader is not None
+        self._beat(busy=True)
         self._words[1 + self.reader] = seq
         self._seq = seq + 1
         return obj
