@@ -27,6 +27,7 @@ from tokenmill.layers.tensor_parallel import (
     head_split,
 )
 from tokenmill.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from tokenmill.models.registry import model_class
 from tokenmill.quant.block import BlockQuantMethod
 from tokenmill.quant.packing import BLOCK
 from tokenmill.quant.shard import take_cols, take_rows
@@ -39,6 +40,12 @@ def check_splittable(cfg: ModelConfig, world_size: int) -> None:
         raise TensorParallelError(
             f"tensor parallelism does not split mixture-of-experts models ({cfg.architecture}); "
             "use tensor_parallel_size 1"
+        )
+    cls = model_class(cfg.architecture)
+    if cls is None or not issubclass(cls, LlamaForCausalLM):
+        raise TensorParallelError(
+            f"tensor parallelism supports Llama-family models (Llama, Mistral, Qwen2, Qwen3, "
+            f"Phi-3), not {cfg.architecture}; use tensor_parallel_size 1"
         )
     head_split(cfg.num_attention_heads, cfg.num_key_value_heads, world_size)
     if world_size > cfg.intermediate_size // BLOCK:
