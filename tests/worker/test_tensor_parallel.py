@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from tokenmill.engine import tp_executor
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.engine_loop import EngineDeadError
+from tokenmill.engine.tp_executor import DistributedStartupError
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.tensor_parallel import TensorParallelError, even_split, head_split
 from tokenmill.quant.packing import quantize_rtn
@@ -195,9 +197,15 @@ def test_hung_or_killed_worker_fails_health_and_requests(
         engine.shutdown()
 
 
-def test_unsplittable_model_is_a_clear_start_up_error(tiny_gqa: Path) -> None:
+def test_start_up_errors_are_clear(tiny_gqa: Path) -> None:
     with pytest.raises(TensorParallelError, match="multiple of it"):
         LLM(str(tiny_gqa), dtype="float32", tensor_parallel_size=4)  # 3 KV heads over 4 ranks
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(DistributedStartupError, match=f"distributed_port {port}"):
+            LLM(str(tiny_gqa), dtype="float32", tensor_parallel_size=2, distributed_port=port)
 
 
 @pytest.mark.slow
