@@ -129,9 +129,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stops the tensor-parallel workers (nothing to do for a single-process engine)."""
-        if self.executor is not None:
+        if self.executor is not None:  # idempotent; health then reports the shutdown
             self.executor.shutdown()
-            self.executor = None
 
     # -- what the engine serves ----------------------------------------------------------------
     @functools.cached_property

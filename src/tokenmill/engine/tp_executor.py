@@ -63,6 +63,7 @@ class TPExecutor:
         self.workers: list[Any] = []
         self._refs: list[Any] = []
         self._closed = False
+        self._ray_checked, self._ray_dead = 0.0, []
         port = config.distributed_port or 0
         try:
             self.store = dist.TCPStore(
@@ -136,11 +137,15 @@ class TPExecutor:
 
     def _dead(self) -> list[int]:
         """Ranks whose process has exited (or whose Ray actor has died)."""
-        if self.backend == "ray":
-            import ray
+        if self.backend == "ray":  # asked at most twice a second: every step asks
+            now = time.monotonic()
+            if now - self._ray_checked > 0.5:
+                import ray
 
-            done, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
-            return [self._refs.index(r) + 1 for r in done]
+                done, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
+                self._ray_dead = [self._refs.index(r) + 1 for r in done]
+                self._ray_checked = now
+            return self._ray_dead
         return [i + 1 for i, p in enumerate(self.workers) if not p.is_alive()]
 
     def _failures(self) -> str:
