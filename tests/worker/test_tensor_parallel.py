@@ -103,8 +103,9 @@ def _logits_recorded(llm: LLM) -> list[torch.Tensor]:
     return seen
 
 
-def _greedy(llm: LLM, n: int = 8) -> list[list[int]]:
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=n, temperature=0))
+def _greedy(llm: LLM, n: int = 8, prompt_logprobs: int | None = None) -> list[list[int]]:
+    params = SamplingParams(max_tokens=n, temperature=0, prompt_logprobs=prompt_logprobs)
+    outs = llm.generate(PROMPTS, params)
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -117,8 +118,9 @@ def test_tp2_matches_tp1_tiny_gqa(tiny_gqa: Path, quantization: str | None) -> N
     two = LLM(str(tiny_gqa), tensor_parallel_size=2, **kw)
     try:
         l1, l2 = _logits_recorded(one), _logits_recorded(two)
-        assert _greedy(one) == _greedy(two)
-        assert len(l1) == len(l2)
+        # prompt logprobs: the workers run the LM head on the prompt rows as well
+        assert _greedy(one, prompt_logprobs=2) == _greedy(two, prompt_logprobs=2)
+        assert len(l1) == len(l2) > 8  # 8 decode steps plus the prompt rows
         for a, b in zip(l1, l2, strict=True):
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
     finally:
