@@ -223,3 +223,18 @@ def test_tp2_default_model_greedy_tokens() -> None:
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
     finally:
         two.engine.shutdown()
+
+
+@pytest.mark.slow
+def test_tp4_replicates_kv_heads(tmp_path: Path) -> None:
+    """4 ranks over 2 KV heads: each KV head on two ranks, which split its q heads."""
+    folder = make_tiny_hf_folder(tmp_path)  # 4 q heads, 2 KV heads
+    one = LLM(str(folder), dtype="float32")
+    four = LLM(str(folder), dtype="float32", tensor_parallel_size=4)
+    try:
+        l1, l4 = _logits_recorded(one), _logits_recorded(four)
+        assert _greedy(one) == _greedy(four)
+        for a, b in zip(l1, l4, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    finally:
+        four.engine.shutdown()
