@@ -54,6 +54,11 @@ class TPExecutor:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int):
         n = config.tensor_parallel_size
         check_splittable(model_config, n)
+        if dist.is_initialized():
+            raise DistributedStartupError(
+                "this process already runs a torch.distributed group (another tensor-parallel "
+                "engine?): one tensor-parallel engine per process; shut the other down first"
+            )
         if config.device.startswith("cuda") and torch.cuda.device_count() < n:
             raise DistributedStartupError(
                 f"tensor_parallel_size {n} needs {n} GPUs; {torch.cuda.device_count()} visible"
