@@ -250,7 +250,31 @@ class EngineConfig:
             "multi-row chunk, whose last bits may differ as between batch sizes"
         },
     )
-    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch"})
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads for torch (per rank; default with tensor parallelism: "
+            "the cores shared out between the ranks)"
+        },
+    )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "ranks the model is split over (Megatron-style: attention by KV head, MLP, "
+            "vocabulary); one process per rank on this host, gloo on cpu, NCCL on cuda"
+        },
+    )
+    distributed_executor_backend: str = field(
+        default="mp",
+        metadata={
+            "help": "how tensor-parallel workers start: mp (spawned processes) | ray "
+            "(actors in a placement group on one node)"
+        },
+    )
+    distributed_port: int | None = field(
+        default=None,
+        metadata={"help": "tensor parallelism: rendezvous port on 127.0.0.1 (default: a free one)"},
+    )
     allow_special_tokens_in_content: bool = field(
         default=False,
         metadata={
@@ -264,6 +288,15 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError(
+                "distributed_executor_backend must be mp or ray, got "
+                f"{self.distributed_executor_backend!r}"
+            )
+        if self.distributed_port is not None and not 0 < self.distributed_port < 65536:
+            raise ValueError(f"distributed_port must be in 1..65535, got {self.distributed_port}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens < 1:

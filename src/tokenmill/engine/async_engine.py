@@ -131,9 +131,12 @@ class AsyncLLMEngine:
 
     @property
     def is_healthy(self) -> bool:
-        """Alive and stepping: the thread runs, no step failed, and it looped recently."""
+        """Alive and stepping: the thread runs, no step failed, it looped recently, and every
+        tensor-parallel worker runs."""
         since = time.monotonic() - self._engine_thread.heartbeat
-        return self.is_running and since < self.health_timeout_s
+        return (
+            self.is_running and since < self.health_timeout_s and self.engine.health_error() is None
+        )
 
     # -- requests -------------------------------------------------------------------------------
     def check_capacity(self, n: int, num_prompts: int = 1) -> None:

@@ -22,19 +22,19 @@ from tokenmill.core.sched_types import SchedulerStats
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.engine.model_info import ModelInfo
 from tokenmill.engine.output_processor import OutputProcessor
+from tokenmill.engine.runner_setup import make_runner
 from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
 from tokenmill.layers.expert_cache import ExpertCacheStats
-from tokenmill.layers.expert_lowbit import MISS_PRECISIONS
 from tokenmill.loader.model_loader import LoadedModel, load_model, resolve_device
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.speculator import Speculator, build_proposer
-from tokenmill.worker.kv_cache import KVCacheBudget
-from tokenmill.worker.model_runner import ExpertOffload, GpuOptions, ModelRunner
+from tokenmill.worker.model_runner import ModelRunner
 
 if TYPE_CHECKING:
+    from tokenmill.engine.tp_executor import TPExecutor
     from tokenmill.structured import RequestGrammar, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -54,37 +54,11 @@ class LLMEngine:
         self.tokenizer = _load_tokenizer(loaded)
         self.dtype = loaded.dtype
         self.max_model_len = loaded.max_model_len
-        self.runner = ModelRunner(
-            self.model_config,
-            loaded.weights,
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            kv_budget=KVCacheBudget(
-                num_blocks=config.num_kv_blocks,
-                memory_gb=config.kv_cache_memory_gb,
-                gpu_memory_utilization=config.gpu_memory_utilization,
-            ),
-            block_size=config.block_size,
-            device=config.device,
-            quant=loaded.quant,
-            batch_invariant=config.batch_invariant,
-            attention_backend=config.attention_backend,
-            gpu=GpuOptions(
-                enforce_eager=config.enforce_eager,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-            ),
-            split_kv_groups=config.hybrid_kv_cache,
-            experts=None
-            if config.expert_memory_gb is None
-            else ExpertOffload(
-                config.expert_memory_gb,
-                config.expert_cache_policy,
-                config.expert_prefetch,
-                MISS_PRECISIONS.get(config.expert_miss_precision or ""),
-                config.expert_miss_threshold,
-            ),
-        )
+        self.executor: TPExecutor | None = None
+        if config.tensor_parallel_size > 1:
+            self.runner = self._start_tensor_parallel(loaded)
+        else:
+            self.runner = make_runner(config, loaded)
         self.num_blocks = self.runner.num_blocks
         self.scheduler = Scheduler(
             SchedulerConfig.from_engine_config(
@@ -127,6 +101,36 @@ class LLMEngine:
             config.block_size,
             groups,
         )
+
+    def _start_tensor_parallel(self, loaded: LoadedModel) -> ModelRunner:
+        """Starts ranks 1..N-1 and builds this process's runner as rank 0."""
+        from tokenmill.engine.tp_executor import TPExecutor
+        from tokenmill.engine.tp_worker import STEP_TIMEOUT_S
+        from tokenmill.worker.tp_runner import TPDriverRunner
+
+        executor = TPExecutor(self.config, loaded.model_config, loaded.max_model_len)
+        try:
+            runner = make_runner(self.config, loaded, cls=TPDriverRunner, tp=executor.tp)
+        except BaseException as e:
+            error = executor.startup_error(e)
+            executor.shutdown()
+            if isinstance(e, ValueError):
+                raise  # the model cannot be split: rank 0 says why as clearly as any rank
+            raise error from e
+        assert isinstance(runner, TPDriverRunner)
+        runner.attach(executor.channel, STEP_TIMEOUT_S, executor.health_error)
+        self.executor = executor
+        return runner
+
+    def health_error(self) -> str | None:
+        """None while every part of the engine runs (the tensor-parallel workers), else why
+        not. Cheap: the server's /health asks it."""
+        return None if self.executor is None else self.executor.health_error()
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (nothing to do for a single-process engine)."""
+        if self.executor is not None:  # idempotent; health then reports the shutdown
+            self.executor.shutdown()
 
     # -- what the engine serves ----------------------------------------------------------------
     @functools.cached_property

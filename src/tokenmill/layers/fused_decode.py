@@ -32,6 +32,11 @@ class FusedDecodeLayer:
         self._ops: Any = None
         self._decided = False
 
+    def disable(self) -> None:
+        """The layer always runs unfused (a tensor-parallel shard all-reduces between its
+        matmuls, which the C++ layer cannot)."""
+        self._weights, self._decided = None, True
+
     @property
     def active(self) -> bool:
         """Whether the layer's decode steps run fused (known after its first decode step)."""

@@ -36,6 +36,11 @@ _REGISTRY: dict[str, type[nn.Module]] = {
 SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)
 
 
+def model_class(architecture: str) -> type[nn.Module] | None:
+    """The class that builds `architecture` (None: unsupported)."""
+    return _REGISTRY.get(architecture)
+
+
 def build_model(
     cfg: ModelConfig, dtype: torch.dtype, max_positions: int, quant: QuantScheme = None
 ) -> nn.Module:

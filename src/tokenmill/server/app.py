@@ -117,7 +117,10 @@ def create_app(
         if engine.is_healthy:
             return JSONResponse({"status": "ok"})
         reason = "the engine loop is not running"
-        if engine.error is not None:
+        down = engine.engine.health_error()
+        if down is not None:
+            reason = down
+        elif engine.error is not None:
             reason = f"the engine loop failed: {engine.error!r}"
         elif engine.is_running:
             reason = f"the engine loop has not stepped for {engine.health_timeout_s:.0f}s"

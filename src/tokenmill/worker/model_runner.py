@@ -18,7 +18,9 @@ from tokenmill.layers.attn_backends import select_backend
 from tokenmill.layers.expert_cache import ExpertCache, ExpertCacheStats
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.moe import offload_experts
+from tokenmill.layers.tensor_parallel import TPGroup
 from tokenmill.models.registry import build_model
+from tokenmill.models.tp_shard import local_kv_config, shard_model
 from tokenmill.quant.base import QuantScheme
 from tokenmill.request import Request
 from tokenmill.sampling.rejection import verify_drafts
@@ -75,11 +77,14 @@ class ModelRunner:
         gpu: GpuOptions | None = None,
         split_kv_groups: bool = True,
         experts: ExpertOffload | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         """`split_kv_groups`: a model that mixes sliding-window and global layers gets a KV
         cache group per window (its windowed layers' blocks are released as they slide out);
         False keeps one group and one block table for every layer. `experts`: the MoE expert
-        offloading options (None: every expert resident)."""
+        offloading options (None: every expert resident). `tp`: this rank's place in a
+        tensor-parallel group (None: the whole model here); every rank builds its runner at
+        the same time, since the KV cache size is agreed between them."""
         self.model_config = model_config
         self.dtype = dtype
         self.device = device
@@ -104,6 +109,9 @@ class ModelRunner:
                 "quantized checkpoint, or another device"
             ) from e
         self.model.eval()
+        kv_config = model_config  # the heads this process's KV cache holds
+        if tp is not None:
+            kv_config = local_kv_config(model_config, shard_model(self.model, tp))
         self._process_weights(batch_invariant)
         self.expert_cache: ExpertCache | None = None
         if experts is not None:
@@ -132,10 +140,15 @@ class ModelRunner:
             [attn.sliding_window for attn in self.attn_layers], split_kv_groups
         )
         # The budget in blocks of every layer, which the groups then share out.
+        self.kv_config = kv_config
+        if tp is not None:
+            tp.startup_barrier()  # every rank loaded: the profiling forward's collectives run
         self.num_blocks = size_kv_cache(
-            kv_budget, model_config, block_size, dtype, max_model_len, device,
+            kv_budget, kv_config, block_size, dtype, max_model_len, device,
             profile=lambda: self._profile_run(gpu),
         )  # fmt: skip
+        if tp is not None:  # ranks with fewer KV heads could hold more: the smallest rules
+            self.num_blocks = tp.startup_min(self.num_blocks)
         counts = split_kv_blocks(
             self.num_blocks, self.kv_layout, block_size, gpu.max_num_seqs,
             gpu.max_num_batched_tokens,
@@ -147,7 +160,7 @@ class ModelRunner:
         # entries point at and CUDA graphs' padding rows write to. No request ever owns it.
         self.null_blocks = counts
         self.kv_caches = [
-            allocate_kv_cache(model_config, n + 1, block_size, dtype, device, len(g.layers))
+            allocate_kv_cache(kv_config, n + 1, block_size, dtype, device, len(g.layers))
             for n, g in zip(counts, self.kv_layout, strict=True)
         ]
         self._bind_cache(self.kv_caches)
@@ -160,7 +173,7 @@ class ModelRunner:
             self.expert_cache.stats = ExpertCacheStats()  # not the profiling forward's
         # Offloaded experts are looked up on the host in every step: no CUDA graphs.
         graphs_ok = self.attn_backend.cuda_graphs and self.expert_cache is None
-        if device.startswith("cuda") and graphs_ok:
+        if device.startswith("cuda") and graphs_ok and tp is None:
             self.graphs = self.decode_graphs(gpu.max_num_seqs, capture=not gpu.enforce_eager)
 
     def decode_graphs(self, max_batch: int, capture: bool) -> DecodeGraphs | None:
@@ -218,7 +231,7 @@ class ModelRunner:
             table = list(range(block, block + used))
             seqs.append(_profile_seq(n, (table,) * len(self.kv_layout)))
             block += used
-        cfg = self.model_config
+        cfg = self.kv_config
         cache = [
             allocate_kv_cache(cfg, block, self.block_size, self.dtype, self.device, len(g.layers))
             for g in self.kv_layout
@@ -239,26 +252,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         batch = self.prepare(sched.seqs)
+        return self._execute(batch, logit_plan(batch))
+
+    def _execute(self, batch: InputBatch, plan: LogitPlan) -> ModelRunnerOutput:
         hidden = self.forward(batch)  # [T, hidden]
-
-        # Rows whose logits we need: the last row of every sampling seq and the rows of its
-        # drafts, and the prompt rows of seqs that asked for prompt logprobs.
-        sample_rows: list[int] = []
-        sample_seqs: list[ScheduledSeq] = []
-        plp_spans: list[tuple[ScheduledSeq, int, int, list[int]]] = []
-        for s, start in zip(batch.seqs, batch.token_starts, strict=True):
-            if s.sample:
-                end = start + s.num_tokens
-                sample_rows.extend(range(end - 1 - s.num_draft_tokens, end))
-                sample_seqs.append(s)
-            k = s.req.sampling_params.prompt_logprobs
-            if k is not None:
-                num_prompt = s.req.num_prompt_tokens
-                n = min(s.start_pos + s.num_tokens, num_prompt - 1) - s.start_pos
-                if n > 0:
-                    targets = s.req.prompt_token_ids[s.start_pos + 1 : s.start_pos + 1 + n]
-                    plp_spans.append((s, start, n, targets))
-
+        sample_rows, sample_seqs, plp_spans = plan
         out = ModelRunnerOutput(sampled_token_ids={})
         if sample_rows:
             logits = self.model.compute_logits(hidden[sample_rows])  # [num_rows, vocab]
@@ -284,6 +282,31 @@ class ModelRunner:
             k = s.req.sampling_params.prompt_logprobs or 0
             out.prompt_logprobs[s.req.request_id] = prompt_logprobs(logits, targets, k)
         return out
+
+
+# (sample rows, their seqs, prompt-logprob spans: (seq, first row, rows, target ids))
+LogitPlan = tuple[list[int], list[ScheduledSeq], list[tuple[ScheduledSeq, int, int, list[int]]]]
+
+
+def logit_plan(batch: InputBatch) -> LogitPlan:
+    """Rows whose logits the step needs: the last row of every sampling seq and the rows of
+    its drafts, and the prompt rows of seqs that asked for prompt logprobs."""
+    sample_rows: list[int] = []
+    sample_seqs: list[ScheduledSeq] = []
+    plp_spans: list[tuple[ScheduledSeq, int, int, list[int]]] = []
+    for s, start in zip(batch.seqs, batch.token_starts, strict=True):
+        if s.sample:
+            end = start + s.num_tokens
+            sample_rows.extend(range(end - 1 - s.num_draft_tokens, end))
+            sample_seqs.append(s)
+        k = s.req.sampling_params.prompt_logprobs
+        if k is not None:
+            num_prompt = s.req.num_prompt_tokens
+            n = min(s.start_pos + s.num_tokens, num_prompt - 1) - s.start_pos
+            if n > 0:
+                targets = s.req.prompt_token_ids[s.start_pos + 1 : s.start_pos + 1 + n]
+                plp_spans.append((s, start, n, targets))
+    return sample_rows, sample_seqs, plp_spans
 
 
 def _profile_seq(num_tokens: int, block_ids: tuple[list[int], ...]) -> ScheduledSeq:

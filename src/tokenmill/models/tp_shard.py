@@ -1,0 +1,134 @@
+"""Splits a loaded Llama-family model into one rank's tensor-parallel shard, in place.
+
+Every rank loads the whole checkpoint and keeps its slices before the weights are packed for
+the kernels (`process_after_loading`): q/k/v rows of its heads (`head_split`), o_proj's matching
+input columns, a share of the MLP's intermediate rows (whole quantized blocks of 32 along
+down_proj's K) and of the vocabulary (embedding rows, LM head rows). Mixture-of-experts models
+are not split (no expert parallelism).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from tokenmill.config import ModelConfig
+from tokenmill.layers.linear import Linear, MergedLinear
+from tokenmill.layers.tensor_parallel import (
+    GatherParallel,
+    HeadShard,
+    RowParallel,
+    TensorParallelError,
+    TPGroup,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+    even_split,
+    head_split,
+)
+from tokenmill.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from tokenmill.models.registry import model_class
+from tokenmill.quant.block import BlockQuantMethod
+from tokenmill.quant.packing import BLOCK
+from tokenmill.quant.shard import take_cols, take_rows
+
+
+def check_splittable(cfg: ModelConfig, world_size: int) -> None:
+    """Raises TensorParallelError unless `cfg` splits over `world_size` ranks (before any
+    process starts)."""
+    if cfg.hf_config.get("num_experts") or cfg.hf_config.get("num_local_experts"):
+        raise TensorParallelError(
+            f"tensor parallelism does not split mixture-of-experts models ({cfg.architecture}); "
+            "use tensor_parallel_size 1"
+        )
+    cls = model_class(cfg.architecture)
+    if cls is None or not issubclass(cls, LlamaForCausalLM):
+        raise TensorParallelError(
+            f"tensor parallelism supports Llama-family models (Llama, Mistral, Qwen2, Qwen3, "
+            f"Phi-3), not {cfg.architecture}; use tensor_parallel_size 1"
+        )
+    head_split(cfg.num_attention_heads, cfg.num_key_value_heads, world_size)
+    if world_size > cfg.intermediate_size // BLOCK:
+        raise TensorParallelError(
+            f"tensor_parallel_size {world_size} exceeds the {cfg.intermediate_size // BLOCK} "
+            f"blocks of {BLOCK} of the MLP's intermediate size {cfg.intermediate_size}"
+        )
+
+
+def local_kv_config(cfg: ModelConfig, heads: HeadShard) -> ModelConfig:
+    """The config whose KV head count sizes this rank's KV cache."""
+    return dataclasses.replace(
+        cfg, num_attention_heads=heads.num_heads, num_key_value_heads=heads.num_kv_heads
+    )
+
+
+def _mlp_unit(cfg: ModelConfig) -> int:
+    return BLOCK if cfg.intermediate_size % BLOCK == 0 else 1
+
+
+def shard_model(model: nn.Module, tp: TPGroup) -> HeadShard:
+    """Cuts `model` (loaded, not yet packed) down to rank `tp.rank`'s shard; returns its
+    heads. The row-parallel layers and the embedding all-reduce, the head gathers."""
+    if not isinstance(model, LlamaForCausalLM):
+        raise TensorParallelError(
+            f"tensor parallelism supports Llama-family models, not {type(model).__name__}"
+        )
+    cfg: ModelConfig = model.config
+    check_splittable(cfg, tp.world_size)
+    heads = head_split(cfg.num_attention_heads, cfg.num_key_value_heads, tp.world_size)[tp.rank]
+    mlp_split = even_split(cfg.intermediate_size, tp.world_size, _mlp_unit(cfg))
+    inter = mlp_split[tp.rank]
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not isinstance(attn, LlamaAttention) or not isinstance(mlp, LlamaMLP):
+            raise TensorParallelError(
+                f"tensor parallelism cannot split {type(attn).__name__} / {type(mlp).__name__}"
+            )
+        _shard_attention(attn, heads, tp, cfg.hidden_size)
+        gate_up: MergedLinear = mlp.gate_up_proj
+        sizes = take_rows(gate_up, dict.fromkeys(gate_up.shard_names, inter))
+        gate_up.shard_sizes = sizes
+        mlp.down_proj = _row_parallel(  # type: ignore[assignment]
+            mlp.down_proj, inter, mlp_split, cfg.hidden_size, tp
+        )
+        layer.fused_decode.disable()  # the C++ layer has no all-reduce between its matmuls
+    v0, v1 = even_split(cfg.vocab_size, tp.world_size)[tp.rank]
+    embed = model.model.embed_tokens
+    model.model.embed_tokens = VocabParallelEmbedding(embed.weight.data, v0, v1, tp)
+    head: Linear = model.lm_head  # type: ignore[assignment]
+    take_rows(head, {None: (v0, v1)})
+    model.lm_head = VocabParallelHead(head, cfg.vocab_size, tp)  # type: ignore[assignment]
+    return heads
+
+
+def _row_parallel(
+    linear: Linear, mine: tuple[int, int], split: list[tuple[int, int]], out: int, tp: TPGroup
+) -> nn.Module:
+    """A row-parallel layer over input columns `mine` (of `split`): RowParallel, or for
+    block-quantized weights on the CPU (whose kernel rounds its input to int8) GatherParallel,
+    which keeps the whole K and splits the output rows, so its outputs are TP=1's exactly."""
+    method = linear.quant_method
+    quantized = isinstance(method, BlockQuantMethod) and bool(method.parts)
+    if quantized and linear.weight.device.type == "cpu":
+        rows = even_split(out, tp.world_size)
+        take_rows(linear, {None: rows[tp.rank]})
+        return GatherParallel(linear, tp, [b - a for a, b in split], [b - a for a, b in rows])
+    take_cols(linear, mine[0], mine[1], keep_bias=tp.rank == 0)
+    return RowParallel(linear, tp)
+
+
+def _shard_attention(attn: LlamaAttention, heads: HeadShard, tp: TPGroup, hidden: int) -> None:
+    d = attn.head_dim
+    all_heads = head_split(attn.num_heads, attn.num_kv_heads, tp.world_size)  # before the cut
+    qkv = attn.qkv_proj
+    q_name, k_name, v_name = qkv.shard_names
+    kv = (heads.kv0 * d, heads.kv1 * d)
+    sizes = take_rows(qkv, {q_name: (heads.q0 * d, heads.q1 * d), k_name: kv, v_name: kv})
+    qkv.shard_sizes = sizes
+    attn.split = sizes
+    attn.num_heads, attn.num_kv_heads = heads.num_heads, heads.num_kv_heads
+    attn.attn.num_heads, attn.attn.num_kv_heads = heads.num_heads, heads.num_kv_heads
+    split = [(s.q0 * d, s.q1 * d) for s in all_heads]
+    attn.o_proj = _row_parallel(  # type: ignore[assignment]
+        attn.o_proj, (heads.q0 * d, heads.q1 * d), split, hidden, tp
+    )
