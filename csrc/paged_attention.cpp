@@ -42,6 +42,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -596,6 +597,97 @@ void run_decode(const Problem& p, int64_t batch) {
   });
 }
 
+// Scores of a tile for a block of query rows from the tile's keys transposed, keys in the lanes.
+//
+// tile_scores leaves key i's dot product with q as 16 lanes of partial sums, lane j holding
+// the terms of the query elements at j, j + 16, ... of the vector rows (both in the fp32 lane
+// order of load_pair, or bf16 pairs 2j, 2j + 1, 2(j + 16), ... for dpbf16), chained in that
+// order, then sums the lanes in reduce16's fixed tree ((S0 + S1) + (S2 + S3)), S_L = (lane 4L +
+// lane 4L + 2) + (lane 4L + 1 + lane 4L + 3). Here the same partial sums are built for 16 keys
+// at once (keys in the lanes, the query element broadcast) and added in the same tree, so every
+// score is bit-identical to tile_scores', at about half the work: no per-key reduction, and the
+// tile's keys are read once for a pair of rows.
+//
+// kt: the tile transposed; fp32: kt[e * kTile + i] = key i's fp32 element e (lane order of
+// load_pair); dpbf16: as uint32 bf16 pairs, kt[e * kTile + i] = key i's pair e.
+inline fVec tree16_add(const fVec (&s)[4]) { return (s[0] + s[1]) + (s[2] + s[3]); }
+
+template <bool kDp, int kNV, int kRows>
+inline void block_scores(const void* const* qrows, const void* kt, int nv, float* const* out) {
+  const int chain = kDp ? nv / 2 : nv;  // vectors per row: terms per lane
+  // lane(j, a): a[r][h] = lane-j partial sums of row r against keys 16h .. 16h + 15.
+  auto lane = [&](int j, fVec (&a)[kRows][2]) {
+    if constexpr (kDp) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+      const auto* k32 = static_cast<const uint32_t*>(kt);
+      for (int r = 0; r < kRows; ++r) {
+        const auto* q8 = static_cast<const char*>(qrows[r]);  // bf16 pairs, maybe unaligned
+        for (int h = 0; h < 2; ++h) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int c = 0; c < chain; ++c) {
+            const int e = c * kVLen + j;
+            int32_t qe;
+            std::memcpy(&qe, q8 + 4 * e, 4);
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(qe),
+                                   (__m512bh)_mm512_loadu_si512(k32 + e * kTile + h * kVLen));
+          }
+          a[r][h] = acc;
+        }
+      }
+#endif
+    } else {
+      const auto* kf = static_cast<const float*>(kt);
+      for (int r = 0; r < kRows; ++r) {
+        const auto* qf = static_cast<const float*>(qrows[r]);
+        for (int h = 0; h < 2; ++h) {
+          const float* col = kf + h * kVLen;
+          fVec acc = fVec(qf[j]) * fVec::loadu(col + j * kTile);
+          for (int c = 1; c < chain; ++c) {
+            const int e = c * kVLen + j;
+            acc = at::vec::fmadd(fVec(qf[e]), fVec::loadu(col + e * kTile), acc);
+          }
+          a[r][h] = acc;
+        }
+      }
+    }
+  };
+  fVec s[kRows][2][4];
+  for (int L = 0; L < 4; ++L) {
+    fVec a0[kRows][2], a1[kRows][2];
+    lane(4 * L, a0);
+    lane(4 * L + 2, a1);
+    fVec t02[kRows][2];
+    for (int r = 0; r < kRows; ++r)
+      for (int h = 0; h < 2; ++h) t02[r][h] = a0[r][h] + a1[r][h];
+    lane(4 * L + 1, a0);
+    lane(4 * L + 3, a1);
+    for (int r = 0; r < kRows; ++r)
+      for (int h = 0; h < 2; ++h) s[r][h][L] = t02[r][h] + (a0[r][h] + a1[r][h]);
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int h = 0; h < 2; ++h) tree16_add(s[r][h]).store(out[r] + h * kVLen);
+}
+
+// The tile's keys (kv head at koff of the rows ktok) transposed for block_scores; kf as from
+// prepare_keys where the scores take fp32 keys.
+template <typename T, int kNV>
+inline void transpose_keys(const T* const* ktok, int64_t koff, const float* const* kf,
+                           int64_t D, void* kt) {
+  if constexpr (kDpScores<T, kNV>) {
+    auto* dst = static_cast<uint32_t*>(kt);
+    for (int64_t i = 0; i < kTile; ++i) {
+      const auto* src = reinterpret_cast<const uint32_t*>(ktok[i] + koff);
+      for (int64_t e = 0; e < D / 2; ++e) dst[e * kTile + i] = src[e];
+    }
+  } else {
+    auto* dst = static_cast<float*>(kt);
+    for (int64_t i = 0; i < kTile; ++i) {
+      const float* src = kf[i];
+      for (int64_t e = 0; e < D; ++e) dst[e * kTile + i] = src[e];
+    }
+  }
+}
+
 // ---- Prompt chunks: many query rows per sequence, keys shared through tiles ----------------
 //
 // Sequence s owns query rows [q_starts[s], q_starts[s + 1]) and seq_lens[s] keys; its i-th row
@@ -610,16 +702,21 @@ void run_decode(const Problem& p, int64_t batch) {
 // or launch computed it. With a sliding window a row's first key (and so its tile bounds)
 // depends on its position, so each row takes the decode kernel's per-row path instead.
 
+// Positions whose scores are computed together before their softmax and values.
+constexpr int64_t kSubBlock = 8;
+
 // Scratch of a block of query rows (positions x G heads); grows, never shrinks.
 struct BlockScratch {
-  std::vector<float> q, acc, scores, m, l, alpha, tile_sum, kbuf, partials, merge;
+  std::vector<float> q, acc, scores, m, l, alpha, tile_sum, kbuf, kt, vbuf, partials, merge;
   void ensure(int64_t rows, int64_t G, int64_t D, int64_t parts) {
     auto grow = [](std::vector<float>& v, int64_t n) {
       if (static_cast<int64_t>(v.size()) < n) v.resize(n);
     };
     grow(q, rows * D);
     grow(acc, rows * D);
-    grow(scores, G * kTile);
+    grow(scores, kSubBlock * G * kTile);
+    grow(kt, kTile * D);
+    grow(vbuf, kTile * D);
     grow(m, rows);
     grow(l, rows);
     grow(alpha, rows);
@@ -749,6 +846,54 @@ void attend_block(const Problem& p, const int64_t* q_starts, const ChunkItem& it
       }
     }
     prepare_keys<T, kNV>(ktok, koff, cnt_tile, nv, D, w.kbuf.data(), kf);
+    if constexpr (kAvx512) {
+      transpose_keys<T, kNV>(ktok, koff, kf, D, w.kt.data());
+      // Values as fp32 rows once for the block, in load_pair's lane order: pv_group then does
+      // the same operations on them as on the cache rows.
+      const float* vf[kTile];
+      for (int64_t j = 0; j < kTile; ++j) {
+        if constexpr (std::is_same_v<T, float>) {
+          vf[j] = vtok[j] + voff;
+        } else {
+          if (j < cnt_tile) load_row(vtok[j] + voff, w.vbuf.data() + j * D, nv);
+          vf[j] = w.vbuf.data() + (j < cnt_tile ? j : 0) * D;
+        }
+      }
+      for (int64_t i = a0; i < P; i += kSubBlock) {
+        const int64_t i_end = std::min(P, i + kSubBlock), r0 = i * G, r1 = i_end * G;
+        auto q_of = [&](int64_t r) -> const void* {
+          if constexpr (kDpScores<T, kNV>) {
+            return q_row(r / G) + r % G * p.q_stride_head;
+          } else {
+            return w.q.data() + r * D;
+          }
+        };
+        int64_t r = r0;
+        for (; r + 2 <= r1; r += 2) {
+          const void* qr[2] = {q_of(r), q_of(r + 1)};
+          float* so[2] = {w.scores.data() + (r - r0) * kTile,
+                          w.scores.data() + (r + 1 - r0) * kTile};
+          block_scores<kDpScores<T, kNV>, kNV, 2>(qr, w.kt.data(), nv, so);
+        }
+        if (r < r1) {
+          const void* qr[1] = {q_of(r)};
+          float* so[1] = {w.scores.data() + (r - r0) * kTile};
+          block_scores<kDpScores<T, kNV>, kNV, 1>(qr, w.kt.data(), nv, so);
+        }
+        for (int64_t ii = i; ii < i_end; ++ii) {
+          const int64_t cnt = std::min(kTile, first + ii - t0), rr = ii * G;
+          float* sc = w.scores.data() + (rr - r0) * kTile;
+          for (int64_t g = 0; g < G; ++g) {
+            softmax_tile(sc + g * kTile, cnt, p.scale, p.softcap, w.m[rr + g], w.alpha[rr + g],
+                         w.tile_sum[rr + g]);
+          }
+          finish_tile<float, kNV>(vf, 0, cnt, nv, D, G, sc, w.alpha.data() + rr,
+                                  w.tile_sum.data() + rr, w.l.data() + rr,
+                                  w.acc.data() + rr * D, nullptr, nullptr, 0, 0, 0);
+        }
+      }
+      continue;
+    }
     for (int64_t i = a0; i < P; ++i) {
       const int64_t cnt = std::min(kTile, first + i - t0), r = i * G;
       tile_scores<T, kNV>(q_row(i), p.q_stride_head, w.q.data() + r * D, G, D, ktok, koff, kf,
