@@ -610,62 +610,75 @@ void run_decode(const Problem& p, int64_t batch) {
 //
 // kt: the tile transposed; fp32: kt[e * kTile + i] = key i's fp32 element e (lane order of
 // load_pair); dpbf16: as uint32 bf16 pairs, kt[e * kTile + i] = key i's pair e.
-inline fVec tree16_add(const fVec (&s)[4]) { return (s[0] + s[1]) + (s[2] + s[3]); }
-
 template <bool kDp, int kNV, int kRows>
 inline void block_scores(const void* const* qrows, const void* kt, int nv, float* const* out) {
   const int chain = kDp ? nv / 2 : nv;  // vectors per row: terms per lane
-  // lane(j, a): a[r][h] = lane-j partial sums of row r against keys 16h .. 16h + 15.
+  // lane(j, a): a[r][h] = lane-j partial sums of row r against keys 16h .. 16h + 15; each key
+  // vector is loaded once for all rows.
   auto lane = [&](int j, fVec (&a)[kRows][2]) {
     if constexpr (kDp) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
       const auto* k32 = static_cast<const uint32_t*>(kt);
-      for (int r = 0; r < kRows; ++r) {
-        const auto* q8 = static_cast<const char*>(qrows[r]);  // bf16 pairs, maybe unaligned
-        for (int h = 0; h < 2; ++h) {
-          __m512 acc = _mm512_setzero_ps();
-          for (int c = 0; c < chain; ++c) {
-            const int e = c * kVLen + j;
-            int32_t qe;
-            std::memcpy(&qe, q8 + 4 * e, 4);
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(qe),
-                                   (__m512bh)_mm512_loadu_si512(k32 + e * kTile + h * kVLen));
-          }
-          a[r][h] = acc;
+      for (int c = 0; c < chain; ++c) {
+        const int e = c * kVLen + j;
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k32 + e * kTile);
+        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(k32 + e * kTile + kVLen);
+        for (int r = 0; r < kRows; ++r) {
+          int32_t qe;  // a bf16 pair of q (maybe unaligned)
+          std::memcpy(&qe, static_cast<const char*>(qrows[r]) + 4 * e, 4);
+          const __m512bh qb = (__m512bh)_mm512_set1_epi32(qe);
+          // dpbf16's two products are exact and commute: (k, q) rounds as (q, k) does
+          const __m512 z0 = c == 0 ? _mm512_setzero_ps() : __m512(a[r][0]);
+          const __m512 z1 = c == 0 ? _mm512_setzero_ps() : __m512(a[r][1]);
+          a[r][0] = _mm512_dpbf16_ps(z0, k0, qb);
+          a[r][1] = _mm512_dpbf16_ps(z1, k1, qb);
         }
       }
 #endif
     } else {
       const auto* kf = static_cast<const float*>(kt);
-      for (int r = 0; r < kRows; ++r) {
-        const auto* qf = static_cast<const float*>(qrows[r]);
-        for (int h = 0; h < 2; ++h) {
-          const float* col = kf + h * kVLen;
-          fVec acc = fVec(qf[j]) * fVec::loadu(col + j * kTile);
-          for (int c = 1; c < chain; ++c) {
-            const int e = c * kVLen + j;
-            acc = at::vec::fmadd(fVec(qf[e]), fVec::loadu(col + e * kTile), acc);
+      for (int c = 0; c < chain; ++c) {
+        const int e = c * kVLen + j;
+        const fVec k0 = fVec::loadu(kf + e * kTile), k1 = fVec::loadu(kf + e * kTile + kVLen);
+        for (int r = 0; r < kRows; ++r) {
+          const fVec qe(static_cast<const float*>(qrows[r])[e]);
+          if (c == 0) {
+            a[r][0] = qe * k0;
+            a[r][1] = qe * k1;
+          } else {
+            a[r][0] = at::vec::fmadd(qe, k0, a[r][0]);
+            a[r][1] = at::vec::fmadd(qe, k1, a[r][1]);
           }
-          a[r][h] = acc;
         }
       }
     }
   };
-  fVec s[kRows][2][4];
-  for (int L = 0; L < 4; ++L) {
-    fVec a0[kRows][2], a1[kRows][2];
-    lane(4 * L, a0);
-    lane(4 * L + 2, a1);
-    fVec t02[kRows][2];
-    for (int r = 0; r < kRows; ++r)
-      for (int h = 0; h < 2; ++h) t02[r][h] = a0[r][h] + a1[r][h];
-    lane(4 * L + 1, a0);
-    lane(4 * L + 3, a1);
-    for (int r = 0; r < kRows; ++r)
-      for (int h = 0; h < 2; ++h) s[r][h][L] = t02[r][h] + (a0[r][h] + a1[r][h]);
+  // reduce16's tree, built up as it goes: u[half] = S_{2 half} + S_{2 half + 1}.
+  fVec u[2][kRows][2];
+  for (int half = 0; half < 2; ++half) {
+    fVec first[kRows][2];
+    for (int L = 2 * half; L < 2 * half + 2; ++L) {
+      fVec a0[kRows][2], a1[kRows][2], t02[kRows][2];
+      lane(4 * L, a0);
+      lane(4 * L + 2, a1);
+      for (int r = 0; r < kRows; ++r)
+        for (int h = 0; h < 2; ++h) t02[r][h] = a0[r][h] + a1[r][h];
+      lane(4 * L + 1, a0);
+      lane(4 * L + 3, a1);
+      for (int r = 0; r < kRows; ++r) {
+        for (int h = 0; h < 2; ++h) {
+          const fVec sl = t02[r][h] + (a0[r][h] + a1[r][h]);
+          if (L == 2 * half) {
+            first[r][h] = sl;
+          } else {
+            u[half][r][h] = first[r][h] + sl;
+          }
+        }
+      }
+    }
   }
   for (int r = 0; r < kRows; ++r)
-    for (int h = 0; h < 2; ++h) tree16_add(s[r][h]).store(out[r] + h * kVLen);
+    for (int h = 0; h < 2; ++h) (u[0][r][h] + u[1][r][h]).store(out[r] + h * kVLen);
 }
 
 // The tile's keys (kv head at koff of the rows ktok) transposed for block_scores; kf as from
