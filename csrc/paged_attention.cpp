@@ -939,6 +939,8 @@ void attend_block(const Problem& p, const int64_t* q_starts, const ChunkItem& it
 // by reading the cache), small ones give every thread work. Never changes a result.
 constexpr int64_t kMaxBlockRows = 64;
 constexpr int64_t kMinBlockRows = 8;
+// Floats of split-row partitions a block may hold (16 MiB).
+constexpr int64_t kMaxPartialFloats = int64_t{4} << 20;
 
 template <typename T, int kNV>
 void run_chunks(const Problem& p, const int64_t* q_starts, int64_t num_seqs) {
@@ -951,8 +953,13 @@ void run_chunks(const Problem& p, const int64_t* q_starts, int64_t num_seqs) {
   }
   const int64_t threads =
       work < kMinParallelWork ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  int64_t block = kMaxBlockRows;
+  int64_t block = kMaxBlockRows, max_len = 1;
   while (block > kMinBlockRows && (rows + block - 1) / block * Hkv < 4 * threads) block /= 2;
+  for (int64_t s = 0; s < num_seqs; ++s) max_len = std::max(max_len, p.ctx_lens[s]);
+  // A block keeps every partition of each of its rows until the merge: bounded per thread.
+  const int64_t per_position =
+      p.group * ((max_len + kPartition - 1) / kPartition) * (p.head_dim + 2);
+  while (block > 1 && block * per_position > kMaxPartialFloats) block /= 2;
   std::vector<std::pair<int64_t, ChunkItem>> items;  // (cost, item)
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t nq = q_starts[s + 1] - q_starts[s], first = p.ctx_lens[s] - nq;
