@@ -3,8 +3,10 @@
 `load_cpu_attention()` JIT-builds the extension on first use (see kernels.cpp_build),
 at most once per process; None (with one warning) where it cannot be built.
 
-`paged_decode_attention` runs the kernel; `paged_prefill_attention` runs it for a short chunk of
-query tokens; `supports` tells which head_dim and dtype it takes.
+`paged_decode_attention` runs the decode kernel (one query token per row);
+`paged_chunk_attention` runs the tiled kernel for prompt chunks of several sequences at once, each
+row bit-identical to a decode row with the same keys; `paged_prefill_attention` runs the decode
+kernel once per query token of one chunk; `supports` tells which head_dim and dtype they take.
 """
 
 from __future__ import annotations
@@ -99,3 +101,43 @@ def paged_prefill_attention(
     lens = torch.arange(start_pos + 1, start_pos + n + 1, dtype=torch.int64)
     tables = block_table.expand(n, -1)
     return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window, softcap)
+
+
+def paged_chunk_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention for the query rows of S sequences packed in q [T, H, D], keys read from
+    the paged cache (each chunk's own KV already written).
+
+    Sequence s owns rows query_start_loc[s] .. query_start_loc[s + 1] - 1 (at least one) and
+    seq_lens[s] keys, so its i-th row sits at position seq_lens[s] - n_s + i. block_tables:
+    [S, max_blocks] int64; seq_lens: [S] int64; query_start_loc: [S + 1] int64 from 0 to T.
+    Other arguments as for `paged_decode_attention`. Every row's output is bit-identical to the
+    decode kernel's for a row with the same query and keys: independent of the chunking, of a
+    prefix-cache hit, of the other sequences in the call and of the thread count. Keys are
+    shared across a block of rows through tiles of 32, so long chunks cost about as much as
+    SDPA (see benchmarks/invariant_attention.py); with a sliding window each row is computed on
+    its own (decode speed per row).
+    """
+    ops = load_cpu_attention()
+    if ops is None:
+        raise RuntimeError(f"{EXT_NAME} is unavailable; use the reference attention")
+    return ops.paged_chunk_attention.default(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        float(scale),
+        window or 0,
+        float(softcap or 0.0),
+    )
