@@ -86,32 +86,3 @@ def single_allowed_token(row: torch.Tensor, vocab_size: int) -> int | None:
     if bits == 0 or bits & (bits - 1):
         return None
     return 32 * w + bits.bit_length() - 1
-
-
-_BATCH_FILL_MIN_ROWS = 4  # below this, threads cost more than they save
-_BATCH: list[xgr.BatchGrammarMatcher] = []
-
-
-def _batch_matcher() -> xgr.BatchGrammarMatcher:
-    if not _BATCH:  # one per process, made on first use (engine thread only)
-        _BATCH.append(xgr.BatchGrammarMatcher(max_threads="auto"))
-    return _BATCH[0]
-
-
-def apply_grammar_masks(logits: torch.Tensor, grammars: list[RequestGrammar | None]) -> None:
-    """Sets to -inf, in place, every logit the row's grammar does not allow next; rows without
-    a grammar are untouched. `logits` [len(grammars), vocab] float32."""
-    rows = [i for i, g in enumerate(grammars) if g is not None]
-    if not rows:
-        return
-    # Rows without a grammar keep the full mask; only the indexed rows are applied anyway.
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
-    if len(rows) < _BATCH_FILL_MIN_ROWS:
-        for i in rows:
-            grammars[i].fill_bitmask(bitmask, i)  # type: ignore[union-attr]
-    else:  # xgrammar's threads fill the rows in parallel, without the GIL
-        matchers = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
-        _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, rows)
-    if logits.device.type != "cpu":
-        bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
