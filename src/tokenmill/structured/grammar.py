@@ -70,6 +70,53 @@ class RequestGrammar:
         """Row `row` of `bitmask` gets the tokens the grammar allows next."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many leading `token_ids` the grammar accepts in turn (a draft is cut there). A
+        token that would terminate the grammar (a stop token) ends the prefix without being
+        counted: a draft never reaches past the output's end. The matcher ends where it
+        began."""
+        matcher = self.matcher
+        accepted = n = 0
+        for token_id in token_ids:
+            if not matcher.accept_token(token_id):
+                break
+            accepted += 1
+            if matcher.is_terminated():
+                break
+            n += 1
+        if accepted:
+            matcher.rollback(accepted)
+        return n
+
+    def draft_masks(self, draft: list[int]) -> list[MaskRow]:
+        """The mask at each position a draft verification samples: after the accepted tokens,
+        then after each prefix of `draft` (which `valid_prefix` has cut to tokens the grammar
+        accepts); len(draft) + 1 rows. The matcher ends where it began."""
+        matcher = self.matcher
+        vocab = self._compiled.result().tokenizer_info.vocab_size
+        masks = xgr.allocate_token_bitmask(len(draft) + 1, vocab)
+        accepted = 0
+        for j in range(len(draft) + 1):
+            matcher.fill_next_token_bitmask(masks, j)
+            if j < len(draft):
+                ok = matcher.accept_token(draft[j])
+                assert ok, "a draft the grammar rejects reached verification"
+                accepted += 1
+        if accepted:
+            matcher.rollback(accepted)
+        return [MaskRow(masks[j]) for j in range(len(draft) + 1)]
+
+
+class MaskRow:
+    """A grammar mask computed ahead (a draft position's): stands for a RequestGrammar in a
+    sampling row, which asks only `fill_bitmask`."""
+
+    def __init__(self, row: torch.Tensor) -> None:
+        self.row = row  # int32 [ceil(vocab / 32)]
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row].copy_(self.row)
+
 
 def single_allowed_token(row: torch.Tensor, vocab_size: int) -> int | None:
     """The one token id that bitmask `row` (int32 words, bit i of word w: token 32*w + i)

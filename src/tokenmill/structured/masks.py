@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import xgrammar as xgr
 
-from tokenmill.structured.grammar import RequestGrammar
+from tokenmill.structured.grammar import MaskRow, RequestGrammar
 
 _BATCH_FILL_MIN_ROWS = 4  # below this, threads cost more than they save
 _BATCH: list[xgr.BatchGrammarMatcher] = []
@@ -36,22 +36,33 @@ def _host_bitmask(num_rows: int, vocab: int) -> torch.Tensor:
     return buf
 
 
-def fill_bitmask(grammars: list[RequestGrammar], bitmask: torch.Tensor, rows: list[int]) -> None:
-    """bitmask[rows[j]] gets what grammars[j] allows next."""
-    if len(grammars) < _BATCH_FILL_MIN_ROWS:
-        for g, i in zip(grammars, rows, strict=True):
+def fill_bitmask(
+    grammars: list[RequestGrammar | MaskRow], bitmask: torch.Tensor, rows: list[int]
+) -> None:
+    """bitmask[rows[j]] gets what grammars[j] allows next (a MaskRow: its precomputed mask)."""
+    matchers, at = [], []
+    for g, i in zip(grammars, rows, strict=True):
+        if isinstance(g, MaskRow):
             g.fill_bitmask(bitmask, i)
+        else:
+            matchers.append(g.matcher)
+            at.append(i)
+    if len(matchers) < _BATCH_FILL_MIN_ROWS:
+        for m, i in zip(matchers, at, strict=True):
+            m.fill_next_token_bitmask(bitmask, i)
     else:  # xgrammar's threads fill the rows in parallel, without the GIL
-        _batch_matcher().batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask, rows)
+        _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, at)
 
 
-def apply_grammar_masks(logits: torch.Tensor, grammars: list[RequestGrammar | None]) -> None:
+def apply_grammar_masks(
+    logits: torch.Tensor, grammars: list[RequestGrammar | MaskRow | None]
+) -> None:
     """Sets to -inf, in place, every logit the row's grammar does not allow next; rows without
     a grammar are untouched. `logits` [len(grammars), vocab] float32."""
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return
-    live: list[RequestGrammar] = [grammars[i] for i in rows]  # type: ignore[misc]
+    live: list[RequestGrammar | MaskRow] = [grammars[i] for i in rows]  # type: ignore[misc]
     vocab = logits.shape[1]
     if logits.device.type == "cpu":  # xgrammar's kernel indexes logits and bitmask alike
         bitmask = _host_bitmask(logits.shape[0], vocab)
