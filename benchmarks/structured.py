@@ -17,8 +17,12 @@ Compile: a fresh StructuredOutputManager (the vocabulary's TokenizerInfo built o
 its own), then --num-schemas distinct schemas compiled cold (a cache miss each: xgrammar's own
 cache is off) and again cached (the manager's cache hit).
 
+llama.cpp side by side (`--llama-bin DIR`, see structured_llama.py): the same requests against
+`DIR/llama-server` with its `json_schema` field; a table of tokens/s per target, batch and mode,
+and each target's json/free ratio.
+
     python benchmarks/structured.py [--max-tokens 64] [--repeats 3] [--batch-invariant]
-        [--out out.json]
+        [--llama-bin DIR] [--out out.json]
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import dataclasses
 import json
 import statistics
 import time
+from pathlib import Path
 
 from common import host_info, write_results  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams, StructuredOutputsParams
+from tokenmill.loader.model_source import default_model_path
 
 ITEM = {
     "type": "object",
@@ -117,7 +123,8 @@ def bench_decode(args: argparse.Namespace, llm: LLM) -> list[dict]:
         pairs = zip(outputs["json"], outputs["json_unforced"], strict=True)
         differing = sum(a != b for a, b in pairs)
         for mode, (secs, toks, steps) in best.items():
-            row = {"batch": batch, "mode": mode, "requests": num, "seconds": secs}
+            row = {"target": "tokenmill", "batch": batch, "mode": mode, "requests": num}
+            row["seconds"] = secs
             row.update(output_tokens=toks, tok_s=toks / secs, tokens_per_request=toks / num)
             row.update(steps=steps, differing=differing if mode.startswith("json") else None)
             rows.append(row)
@@ -168,12 +175,36 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-schemas", type=int, default=20)
     ap.add_argument("--batch-invariant", action="store_true", help="the engine's option")
+    ap.add_argument("--llama-bin", default=None, help="llama.cpp's bin folder (llama-server)")
+    ap.add_argument("--llama-port", type=int, default=8323)
     ap.add_argument("--out", default="benchmarks/results/structured.json")
     args = ap.parse_args()
     llm = LLM(batch_invariant=args.batch_invariant)
     results = {"compile": bench_compile(args, llm), "decode": bench_decode(args, llm)}
+    if args.llama_bin:
+        from structured_llama import bench_llama
+
+        del llm  # the cores go to llama-server alone
+        log = Path(args.out).with_suffix(".llama-server.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        results["decode"] += bench_llama(args, str(default_model_path()), SCHEMA, messages, log)
+    print_table(results["decode"])
     results["host"] = host_info()
     write_results(args, results)
+
+
+def print_table(rows: list[dict]) -> None:
+    """tokens/s per target, batch and mode; json/free: the constrained run's speed relative to
+    the free one's (the target: >= 1 with forced runs)."""
+    tok_s = {(r["target"], r["batch"], r["mode"]): r["tok_s"] for r in rows}
+    print(f"{'target':<10} {'batch':>5} {'free':>8} {'json':>8} {'unforced':>9} {'json/free':>9}")
+    for target, batch in sorted({(t, b) for t, b, _ in tok_s}):
+        free, js = tok_s.get((target, batch, "free")), tok_s.get((target, batch, "json"))
+        unforced = tok_s.get((target, batch, "json_unforced"))
+        cells = [f"{v:8.1f}" if v else f"{'-':>8}" for v in (free, js)]
+        cells.append(f"{unforced:9.1f}" if unforced else f"{'-':>9}")
+        ratio = f"{js / free:9.2f}" if free and js else f"{'-':>9}"
+        print(f"{target:<10} {batch:>5} {' '.join(cells)} {ratio}")
 
 
 if __name__ == "__main__":
