@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from utils_default import DEFAULT_GGUF, needs_default
 from utils_triton import CUDA, interpreted  # sets TRITON_INTERPRET first
 
 xgr = pytest.importorskip("xgrammar")
@@ -58,7 +59,6 @@ def test_sampler_masks_cuda_logits_like_cpu_logits() -> None:
     from tokenmill.engine.tokenizer import Tokenizer
     from tokenmill.sampling_params import StructuredOutputsParams
     from tokenmill.structured import StructuredOutputManager, apply_grammar_masks, tokenizer_info
-    from utils_default import DEFAULT_GGUF
 
     tok = Tokenizer.from_gguf(DEFAULT_GGUF)
     m = StructuredOutputManager(
@@ -76,5 +76,39 @@ def test_sampler_masks_cuda_logits_like_cpu_logits() -> None:
         apply_grammar_masks(on_cpu, grammars)
         apply_grammar_masks(on_gpu, grammars)
         assert torch.equal(on_gpu.cpu(), on_cpu) and torch.equal(on_cpu[1], logits[1])
+    finally:
+        m.close()
+
+
+@needs_default
+def test_masks_kept_from_forced_tokens_equal_fresh_fills() -> None:
+    """forced_tokens' first fill stands in for the next step's fill only while no token has been
+    accepted since; along a walk through a JSON schema, every mask equals a fresh matcher's."""
+    from tokenmill.engine.tokenizer import Tokenizer
+    from tokenmill.sampling_params import StructuredOutputsParams
+    from tokenmill.structured import StructuredOutputManager, tokenizer_info
+    from tokenmill.structured.masks import apply_grammar_masks
+
+    tok = Tokenizer.from_gguf(DEFAULT_GGUF)
+    vocab = tok.vocab_size
+    m = StructuredOutputManager(lambda: tokenizer_info(tok.backend, tok.eos_token_ids, vocab))
+    try:
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        spec = StructuredOutputsParams(json=schema)
+        g, fresh = m.new_grammar(spec), m.new_grammar(spec)
+        gen = torch.Generator().manual_seed(0)
+        kept = 0
+        for _ in range(12):
+            if g.is_terminated():
+                break
+            forced = g.forced_tokens(4)
+            kept += g.kept_mask() is not None
+            logits = torch.randn(2, vocab, generator=gen)
+            apply_grammar_masks(logits, [g, fresh])  # row 0 may use the kept mask
+            assert torch.equal(torch.isinf(logits[0]), torch.isinf(logits[1]))
+            token = forced[0] if forced else int(logits[0].argmax())
+            assert g.accept_token(token) and fresh.accept_token(token)
+            assert g.kept_mask() is None  # a token was accepted since
+        assert kept > 0
     finally:
         m.close()

@@ -16,6 +16,11 @@ class RequestGrammar:
         self._compiled = compiled
         self._matcher: xgr.GrammarMatcher | None = None
         self._one_row: torch.Tensor | None = None  # forced_tokens' bitmask, made on first use
+        self._num_accepted = 0
+        # The mask after `_next_at` accepted tokens, kept from forced_tokens' first fill: when
+        # nothing was forced it is the very mask the next step's sampling needs.
+        self._next_row: torch.Tensor | None = None
+        self._next_at = -1
 
     @property
     def ready(self) -> bool:
@@ -38,7 +43,9 @@ class RequestGrammar:
         return self._matcher
 
     def accept_token(self, token_id: int) -> bool:
-        return self.matcher.accept_token(token_id)
+        ok = self.matcher.accept_token(token_id)
+        self._num_accepted += ok
+        return ok
 
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
@@ -58,6 +65,8 @@ class RequestGrammar:
         forced: list[int] = []
         while len(forced) < max_n and not matcher.is_terminated():
             matcher.fill_next_token_bitmask(self._one_row, 0)
+            if not forced:
+                self._keep_next_row(self._one_row[0])
             token_id = single_allowed_token(self._one_row[0], vocab)
             if token_id is None or not matcher.accept_token(token_id):
                 break
@@ -68,7 +77,22 @@ class RequestGrammar:
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Row `row` of `bitmask` gets the tokens the grammar allows next."""
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+        kept = self.kept_mask()
+        if kept is not None:
+            bitmask[row].copy_(kept)
+        else:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def kept_mask(self) -> torch.Tensor | None:
+        """The mask for the next token if forced_tokens already filled it (else None)."""
+        return self._next_row if self._next_at == self._num_accepted else None
+
+    def _keep_next_row(self, row: torch.Tensor) -> None:
+        if self._next_row is None:
+            self._next_row = row.clone()
+        else:
+            self._next_row.copy_(row)
+        self._next_at = self._num_accepted
 
     def valid_prefix(self, token_ids: list[int]) -> int:
         """How many leading `token_ids` the grammar accepts in turn (a draft is cut there). A

@@ -42,8 +42,9 @@ def fill_bitmask(
     """bitmask[rows[j]] gets what grammars[j] allows next (a MaskRow: its precomputed mask)."""
     matchers, at = [], []
     for g, i in zip(grammars, rows, strict=True):
-        if isinstance(g, MaskRow):
-            g.fill_bitmask(bitmask, i)
+        kept = g.row if isinstance(g, MaskRow) else g.kept_mask()
+        if kept is not None:  # computed ahead: a draft position's, or forced_tokens' last fill
+            bitmask[i].copy_(kept)
         else:
             matchers.append(g.matcher)
             at.append(i)
