@@ -93,7 +93,11 @@ def test_constrained_greedy_identical_with_drafts(
     assert cuts[0] > 0  # constrained requests drafted
 
 
-def test_constrained_drafts_with_preemption(make_llm, tiny_model, workload, reference) -> None:
+@pytest.mark.parametrize("max_forced", [0, pytest.param(8, marks=pytest.mark.slow)])
+def test_constrained_drafts_with_preemption(
+    make_llm, tiny_model, workload, reference, monkeypatch, max_forced: int
+) -> None:
+    """Also with forced runs: a step may append drafts' accepted tokens, then forced ones."""
     prompts, params = workload
     prompts, params = prompts * 2, params * 2
     # 6 blocks of 16 tokens for 8 requests of up to 57 tokens: requests must be preempted.
@@ -103,9 +107,20 @@ def test_constrained_drafts_with_preemption(make_llm, tiny_model, workload, refe
         speculative_draft_cost=0.0,
         num_kv_blocks=6,
         max_model_len=64,
+        max_forced_tokens=max_forced,
         **_engine_kwargs(),
     )
+    forced = [0]
+    original = RequestGrammar.forced_tokens
+
+    def counting(self: RequestGrammar, max_n: int) -> list[int]:
+        tokens = original(self, max_n)
+        forced[0] += len(tokens)
+        return tokens
+
+    monkeypatch.setattr(RequestGrammar, "forced_tokens", counting)
     assert _tokens(llm, prompts, params) == reference * 2
+    assert (forced[0] > 0) == (max_forced > 0)
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
 
