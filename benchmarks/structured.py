@@ -181,13 +181,16 @@ def main() -> None:
     ap.add_argument("--llama-bin", default=None, help="llama.cpp's bin folder (llama-server)")
     ap.add_argument("--llama-port", type=int, default=8323)
     ap.add_argument("--out", default="benchmarks/results/structured.json")
+    ap.add_argument("--no-tokenmill", action="store_true", help="llama-server's runs only")
     args = ap.parse_args()
-    llm = LLM(batch_invariant=args.batch_invariant)
-    results = {"compile": bench_compile(args, llm), "decode": bench_decode(args, llm)}
+    results: dict = {"decode": []}
+    if not args.no_tokenmill:
+        llm = LLM(batch_invariant=args.batch_invariant)
+        results = {"compile": bench_compile(args, llm), "decode": bench_decode(args, llm)}
+        del llm  # the cores go to llama-server alone
     if args.llama_bin:
         from structured_llama import bench_llama
 
-        del llm  # the cores go to llama-server alone
         log = Path(args.out).with_suffix(".llama-server.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         results["decode"] += bench_llama(args, str(default_model_path()), SCHEMA, messages, log)
@@ -212,3 +215,7 @@ def print_table(rows: list[dict]) -> None:
         if free and js and "tok_per_cpu_s" in js:
             cpu = f"{js['tok_per_cpu_s'] / free['tok_per_cpu_s']:.2f}"
         print(f"{target:<10} {batch:>5} {' '.join(cells)} {ratio} {cpu:>6}")
+
+
+if __name__ == "__main__":
+    main()
