@@ -17,8 +17,12 @@ Compile: a fresh StructuredOutputManager (the vocabulary's TokenizerInfo built o
 its own), then --num-schemas distinct schemas compiled cold (a cache miss each: xgrammar's own
 cache is off) and again cached (the manager's cache hit).
 
+llama.cpp side by side (`--llama-bin DIR`, see structured_llama.py): the same requests against
+`DIR/llama-server` with its `json_schema` field; a table of tokens/s per target, batch and mode,
+and each target's json/free ratio.
+
     python benchmarks/structured.py [--max-tokens 64] [--repeats 3] [--batch-invariant]
-        [--out out.json]
+        [--llama-bin DIR] [--out out.json]
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import dataclasses
 import json
 import statistics
 import time
+from pathlib import Path
 
 from common import host_info, write_results  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams, StructuredOutputsParams
+from tokenmill.loader.model_source import default_model_path
 
 ITEM = {
     "type": "object",
@@ -61,9 +67,11 @@ def messages(i: int) -> list[dict]:
 
 def run(
     llm: LLM, batch: int, num: int, params: SamplingParams, max_forced: int
-) -> tuple[float, list[list[int]], int]:
-    """(seconds, each request's output tokens, engine steps) for `num` requests, `batch` at a
-    time, with at most `max_forced` forced tokens per step."""
+) -> tuple[float, list[list[int]], int, float]:
+    """(seconds, each request's output tokens, engine steps, CPU seconds of this process) for
+    `num` requests, `batch` at a time, with at most `max_forced` forced tokens per step. CPU
+    time counts the work done whatever else loads the host (a rough guide where wall time is
+    spread by other processes)."""
     sched = llm.engine.scheduler
     # The scheduler reads this per step; switching it on one engine keeps weights and kernels
     # the same for both modes.
@@ -76,7 +84,7 @@ def run(
         return schedule(*a, **kw)
 
     sched.schedule = counting_schedule  # type: ignore[method-assign]
-    t0, tokens = time.perf_counter(), []
+    t0, c0, tokens = time.perf_counter(), time.process_time(), []
     try:
         for start in range(0, num, batch):
             convs = [messages(i) for i in range(start, min(num, start + batch))]
@@ -84,7 +92,7 @@ def run(
             tokens += [list(o.outputs[0].token_ids) for o in outs]
     finally:
         del sched.schedule  # the class's method again
-    return time.perf_counter() - t0, tokens, steps[0]
+    return time.perf_counter() - t0, tokens, steps[0], time.process_time() - c0
 
 
 def bench_decode(args: argparse.Namespace, llm: LLM) -> list[dict]:
@@ -105,21 +113,23 @@ def bench_decode(args: argparse.Namespace, llm: LLM) -> list[dict]:
     run(llm, 16, 16, json_params, max_forced)  # warm-up: kernels, the vocabulary, the grammar
     rows = []
     for batch, num in ((1, args.num_single), (16, 16)):
-        best: dict[str, tuple[float, int, int]] = {}
+        best: dict[str, tuple[float, int, int, float]] = {}
         outputs: dict[str, list[list[int]]] = {}
         for _ in range(args.repeats):
             for mode, (params, forced) in modes.items():
-                secs, toks, steps = run(llm, batch, num, params, forced)
+                secs, toks, steps, cpu = run(llm, batch, num, params, forced)
                 outputs[mode] = toks
                 n = sum(map(len, toks))
                 if mode not in best or n / secs > best[mode][1] / best[mode][0]:
-                    best[mode] = (secs, n, steps)
+                    best[mode] = (secs, n, steps, cpu)
         pairs = zip(outputs["json"], outputs["json_unforced"], strict=True)
         differing = sum(a != b for a, b in pairs)
-        for mode, (secs, toks, steps) in best.items():
-            row = {"batch": batch, "mode": mode, "requests": num, "seconds": secs}
+        for mode, (secs, toks, steps, cpu) in best.items():
+            row = {"target": "tokenmill", "batch": batch, "mode": mode, "requests": num}
+            row["seconds"] = secs
             row.update(output_tokens=toks, tok_s=toks / secs, tokens_per_request=toks / num)
             row.update(steps=steps, differing=differing if mode.startswith("json") else None)
+            row.update(cpu_seconds=cpu, tok_per_cpu_s=toks / cpu)
             rows.append(row)
             print(json.dumps(row))
     return rows
@@ -168,12 +178,43 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-schemas", type=int, default=20)
     ap.add_argument("--batch-invariant", action="store_true", help="the engine's option")
+    ap.add_argument("--llama-bin", default=None, help="llama.cpp's bin folder (llama-server)")
+    ap.add_argument("--llama-port", type=int, default=8323)
     ap.add_argument("--out", default="benchmarks/results/structured.json")
+    ap.add_argument("--no-tokenmill", action="store_true", help="llama-server's runs only")
     args = ap.parse_args()
-    llm = LLM(batch_invariant=args.batch_invariant)
-    results = {"compile": bench_compile(args, llm), "decode": bench_decode(args, llm)}
+    results: dict = {"decode": []}
+    if not args.no_tokenmill:
+        llm = LLM(batch_invariant=args.batch_invariant)
+        results = {"compile": bench_compile(args, llm), "decode": bench_decode(args, llm)}
+        del llm  # the cores go to llama-server alone
+    if args.llama_bin:
+        from structured_llama import bench_llama
+
+        log = Path(args.out).with_suffix(".llama-server.log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        results["decode"] += bench_llama(args, str(default_model_path()), SCHEMA, messages, log)
+    print_table(results["decode"])
     results["host"] = host_info()
     write_results(args, results)
+
+
+def print_table(rows: list[dict]) -> None:
+    """tokens/s per target, batch and mode; json/free: the constrained run's speed relative to
+    the free one's (the target: >= 1 with forced runs), by wall time and, for tokenmill, by
+    this process's CPU time."""
+    by = {(r["target"], r["batch"], r["mode"]): r for r in rows}
+    print(f"{'target':<10} {'batch':>5} {'free':>8} {'json':>8} {'unforced':>9} {'json/free':>9}"
+          f" {'(cpu)':>6}")  # fmt: skip
+    for target, batch in sorted({(t, b) for t, b, _ in by}):
+        free, js, unf = (by.get((target, batch, m)) for m in ("free", "json", "json_unforced"))
+        cells = [f"{r['tok_s']:8.1f}" if r else f"{'-':>8}" for r in (free, js)]
+        cells.append(f"{unf['tok_s']:9.1f}" if unf else f"{'-':>9}")
+        ratio = f"{js['tok_s'] / free['tok_s']:9.2f}" if free and js else f"{'-':>9}"
+        cpu = "-"
+        if free and js and "tok_per_cpu_s" in js:
+            cpu = f"{js['tok_per_cpu_s'] / free['tok_per_cpu_s']:.2f}"
+        print(f"{target:<10} {batch:>5} {' '.join(cells)} {ratio} {cpu:>6}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tokenmill"
 TYPES = {"errors", "config", "sampling_params", "request", "outputs", "version", "data"}
 
 # What each part may import besides itself and TYPES. Read bottom-up: core is pure Python;
-# structured compiles grammars and masks tokens (xgrammar); kernels bind the C++ and Triton
+# structured compiles grammars and masks tokens (xgrammar); tools plans tool calls and reads them
+# back out of text (pure Python); kernels bind the C++ and Triton
 # code; quant stores and multiplies weights; layers build models; loader reads checkpoints
 # into (name, tensor) streams; worker runs the model for a step; spec_decode drives a proposer
 # (a draft model has its own worker); engine ties them; server speaks HTTP; the rest are entry
@@ -35,7 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "layers": {"quant", "kernels"},
     "models": {"layers", "quant", "kernels"},
     "loader": {"models", "quant", "kernels"},
-    "structured": set(),
+    "structured": {"kernels"},
+    "tools": {"structured"},
     "sampling": {"core", "structured"},
     "worker": {"core", "sampling", "structured", "models", "layers", "quant", "kernels"},
     "spec_decode": {
@@ -50,6 +52,7 @@ ALLOWED: dict[str, set[str]] = {
         "kernels",
     },  # fmt: skip
     "engine": {
+        "tools",
         "core",
         "sampling",
         "structured",
@@ -61,7 +64,7 @@ ALLOWED: dict[str, set[str]] = {
         "quant",
         "kernels",
     },  # fmt: skip
-    "server": {"engine", "core", "sampling", "structured"},
+    "server": {"engine", "core", "sampling", "structured", "tools"},
     "router": set(),  # an HTTP proxy over servers: no engine, no torch
 }
 APP = {"cli", "__main__", "quantize", "testing", "(package)"}  # may import anything

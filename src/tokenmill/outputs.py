@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -25,6 +26,11 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
+    # LLM.chat with tools: the text without its tool calls (None when only calls), and the calls
+    # read out of it, OpenAI-shaped ({"id", "type": "function", "function": {"name",
+    # "arguments"}}); both None without tools.
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

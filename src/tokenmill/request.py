@@ -30,6 +30,11 @@ class GrammarState(Protocol):
         """The grammar accepted a stop token: the output is complete."""
         ...
 
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many leading `token_ids` (a draft) the grammar accepts in turn, stopping before
+        one that would terminate it. Does not advance the grammar."""
+        ...
+
     def forced_tokens(self, max_n: int) -> list[int]:
         """Up to `max_n` tokens that follow the accepted ones because the mask allows exactly
         one token at each of their positions. Does not advance the grammar: the caller accepts

@@ -47,7 +47,7 @@ def _in_range(v: object, lo: float, hi: float) -> bool:
 
 
 MAX_CHOICES = 1024  # structured_outputs.choice: at most this many alternatives
-STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,11 @@ class StructuredOutputsParams:
 
     json: a JSON Schema (a dict, or its JSON text); regex: a regular expression the whole output
     matches; choice: the output is one of these strings; grammar: an EBNF grammar (GBNF style,
-    `root ::= ...`); json_object: any JSON object. Whether a schema, regex or grammar compiles
+    `root ::= ...`; llama.cpp's GBNF too); json_object: any JSON object; structural_tag: xgrammar's
+    structural tag (free text in which a trigger starts a tagged region, e.g. a JSON-Schema
+    constrained tool call between begin and end strings), as a dict or its JSON text, either
+    `{"structures": [{"begin", "schema", "end"}], "triggers": [...]}` or
+    `{"type": "structural_tag", "format": {...}}`. Whether a schema, regex or grammar compiles
     is the engine's check (it needs the tokenizer); the shape of the spec is checked here.
     """
 
@@ -65,6 +69,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+    structural_tag: dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         param = "structured_outputs"
@@ -101,6 +106,21 @@ class StructuredOutputsParams:
             if not all(isinstance(x, str) and x for x in c):
                 raise InvalidRequestError(f"{param}.choice must hold non-empty strings", param)
             object.__setattr__(self, "choice", list(c))
+        if self.structural_tag is not None:
+            tag = self.structural_tag
+            if isinstance(tag, str):
+                try:
+                    tag = json.loads(tag)
+                except ValueError as e:
+                    raise InvalidRequestError(
+                        f"{param}.structural_tag is not valid JSON: {e}", param
+                    ) from e
+            if not isinstance(tag, dict):
+                raise InvalidRequestError(f"{param}.structural_tag must be a JSON object", param)
+            try:
+                self.key()
+            except (TypeError, ValueError) as e:
+                raise InvalidRequestError(f"{param}.structural_tag is not JSON: {e}", param) from e
         if not isinstance(self.json_object, bool):
             raise InvalidRequestError(f"{param}.json_object must be a boolean", param)
 
@@ -111,9 +131,10 @@ class StructuredOutputsParams:
     def key(self) -> tuple[str, str]:
         """A hashable identity: equal keys compile to the same grammar."""
         kind = self.kind
-        if kind == "json":
-            schema = json.loads(self.json) if isinstance(self.json, str) else self.json
-            return kind, json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        if kind in ("json", "structural_tag"):
+            v = getattr(self, kind)
+            obj = json.loads(v) if isinstance(v, str) else v
+            return kind, json.dumps(obj, sort_keys=True, separators=(",", ":"))
         if kind == "choice":
             return kind, json.dumps(self.choice)
         if kind == "json_object":

@@ -87,6 +87,29 @@ def test_structured_outputs_extra_on_completions_and_chat(server: Server) -> Non
     assert content(chat(server, structured_outputs={"choice": choices})) in choices
     grammar = 'root ::= "A" | "B"'
     assert content(chat(server, structured_outputs={"grammar": grammar})) in ("A", "B")
+    gbnf = 'root ::= "n=" num\nnum ::= [1-9] digit\ndigit ::= | [0-9]'  # llama.cpp's empty alt
+    assert re.fullmatch(
+        "n=[1-9][0-9]?", content(chat(server, structured_outputs={"grammar": gbnf}))
+    )
+
+
+def test_structural_tag_constrains_the_tagged_region(server: Server) -> None:
+    """The prompt asks for the tag; whatever the model writes, a region it opens holds JSON of
+    the schema up to the end string."""
+    tool = {
+        "begin": "<call>",
+        "schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+        "end": "</call>",
+    }
+    fmt = {"type": "structural_tag", "structures": [tool], "triggers": ["<call>"]}
+    body = {"messages": [{"role": "user", "content": "Write <call> then JSON."}], "max_tokens": 60}
+    for r in (
+        chat(server, **body, response_format=fmt),
+        chat(server, **body, structured_outputs={"structural_tag": json.dumps(fmt)}),
+    ):
+        text = content(r)
+        for region in re.findall(r"<call>(.*?)</call>", text, re.S):
+            assert isinstance(json.loads(region)["n"], int), text
 
 
 def test_structured_stream_matches_non_stream(server: Server) -> None:
@@ -123,6 +146,21 @@ def test_structured_stream_matches_non_stream(server: Server) -> None:
         ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", 'Rule "x"'),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "one of"),
         ({"structured_outputs": {"json": "{oops"}}, "structured_outputs", "not valid JSON"),
+        (
+            {"structured_outputs": {"structural_tag": {"structures": [], "triggers": []}}},
+            "structured_outputs",
+            "triggers",
+        ),
+        (
+            {"response_format": {"type": "structural_tag", "structures": []}},
+            "response_format",
+            "needs `format`",
+        ),
+        (
+            {"structured_outputs": {"grammar": "root ::= <[5]>"}},
+            "structured_outputs",
+            "token references",
+        ),
         (
             {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
             "response_format",

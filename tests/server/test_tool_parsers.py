@@ -11,7 +11,7 @@ import pytest
 from tokenmill.engine.chat_template import compile_chat_template, render_chat_template
 from tokenmill.server.protocol import ChatCompletionRequest
 from tokenmill.server.serving_tools import ToolCallStream, plan_tools, template_inputs
-from tokenmill.server.tool_parsers import HermesParser, Llama3JsonParser, read_forced
+from tokenmill.tools.parsers import HermesParser, Llama3JsonParser, read_forced
 
 NAMES = {"get_weather", "add"}
 WEATHER = {

@@ -24,6 +24,11 @@ def template_variables(source: str) -> frozenset[str]:
     return frozenset(jinja2.meta.find_undeclared_variables(_jinja_env().parse(source)))
 
 
+def reads_tools(template: str | None) -> bool:
+    """Whether the chat template renders a `tools` variable itself."""
+    return template is not None and "tools" in template_variables(template)
+
+
 def render_chat_template(
     template: jinja2.Template,
     messages: list[dict[str, Any]],

@@ -9,10 +9,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.chat_template import reads_tools
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.engine.tokenizer import Tokenizer
+from tokenmill.errors import InvalidRequestError
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.tools.choice import Tool, check_tool_schemas
+from tokenmill.tools.plan import ToolCallStream, plan_tools, template_inputs
 
 PromptType = str | list[int] | dict[str, Any]
 Conversation = list[dict[str, Any]]
@@ -40,15 +44,7 @@ class LLM:
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         prompt_list = _as_prompt_list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = (
-            [sampling_params] * len(prompt_list)
-            if isinstance(sampling_params, SamplingParams)
-            else list(sampling_params)
-        )
-        if len(params) != len(prompt_list):
-            raise ValueError(f"got {len(params)} sampling_params for {len(prompt_list)} prompts")
+        params = _per_prompt(sampling_params, len(prompt_list))
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
         return self._run(prompt_list, params, use_tqdm, priority)
@@ -59,20 +55,49 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
+        tool_call_parser: str = "hermes",
     ) -> list[RequestOutput]:
+        """Chat completions for one conversation or several. `tools` (OpenAI's JSON) and
+        `tool_choice` ("none", "auto", "required" or {"type": "function", "function":
+        {"name"}}) work as on the server's chat completions: the tools reach the prompt
+        (the template's own rendering, else a system section), a forced choice constrains the
+        output to calls, and each output's `tool_calls` and `content` hold the calls read
+        back out of the text (`tool_call_parser` reads them for "auto")."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tool_defs = [Tool.from_json(t, i) for i, t in enumerate(tools or [])]
+        plan = plan_tools(tool_defs or None, tool_choice, parallel_tool_calls, tool_call_parser)
+        check_tool_schemas(plan.tools)
+        params = _per_prompt(sampling_params, len(conversations))
+        forced = plan.structured()
+        if forced is not None:
+            if any(p.structured_outputs is not None for p in params):
+                raise InvalidRequestError(
+                    "a forced tool_choice and structured_outputs cannot both constrain the output",
+                    "tool_choice",
+                )
+            params = [dataclasses.replace(p, structured_outputs=forced) for p in params]
         tok = self.engine.tokenizer
+        native = reads_tools(tok.chat_template)
         # special-token text in the messages stays text (unless allow_special_tokens_in_content)
         allow = self.engine.config.allow_special_tokens_in_content
-        prompts = [
-            {
-                "prompt_token_ids": tok.encode_chat(
-                    conv, add_generation_prompt, allow_special_in_content=allow
-                )
-            }
-            for conv in conversations
-        ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        prompts: list[PromptType] = []
+        for conv in conversations:
+            conv_in, tool_list = template_inputs(plan, list(conv), native)
+            ids = tok.encode_chat(
+                conv_in, add_generation_prompt, allow_special_in_content=allow, tools=tool_list
+            )
+            prompts.append({"prompt_token_ids": ids})
+        outs = self.generate(prompts, params, use_tqdm=use_tqdm)
+        if plan.mode != "none":
+            for out in outs:
+                for c in out.outputs:
+                    c.content, calls = ToolCallStream(plan).final(c.text)
+                    c.tool_calls = calls
+        return outs
 
     def _run(
         self,
@@ -114,6 +139,19 @@ class LLM:
                 if rid not in results:
                     engine.abort_request(rid)
         return [results[rid] for rid in ids]
+
+
+def _per_prompt(
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None, num: int
+) -> list[SamplingParams]:
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * num
+    params = list(sampling_params)
+    if len(params) != num:
+        raise ValueError(f"got {len(params)} sampling_params for {num} prompts")
+    return params
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

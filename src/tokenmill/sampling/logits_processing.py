@@ -52,7 +52,7 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     x = logits.to(torch.float32, copy=True).contiguous()
     flat, dev = x.view(-1), x.device
     if constrained:
-        from tokenmill.structured.grammar import apply_grammar_masks  # xgrammar: only if used
+        from tokenmill.structured.masks import apply_grammar_masks  # xgrammar: only if used
 
         apply_grammar_masks(x, grammars)
     if bias_at:

@@ -27,14 +27,20 @@ from tokenmill.sampling.sampler import Sampler, SamplingRow
 def expand_rows(rows: list[SamplingRow], drafts: list[list[int]]) -> list[SamplingRow]:
     """One sampling row per verified position: row j of a request sees drafts[:j] as output.
 
-    Penalties, min_tokens and the seeded draw then depend on the position exactly as in plain
-    decoding, where those drafts would already be output tokens.
+    Penalties, min_tokens, the seeded draw and a grammar's mask then depend on the position
+    exactly as in plain decoding, where those drafts would already be output tokens: a
+    constrained row gets the mask after each draft prefix, computed here by walking its matcher
+    over the draft and back (the drafts are ones the grammar accepts; see Speculator.propose).
     """
     out: list[SamplingRow] = []
     for row, draft in zip(rows, drafts, strict=True):
-        # A grammar's mask holds for the position after output_token_ids only: constrained
-        # requests never draft (see Speculator.propose).
-        assert row.grammar is None or not draft, "drafts for a constrained request"
+        if row.grammar is not None and draft:
+            masks = row.grammar.draft_masks(draft)
+            out.extend(
+                replace(row, output_token_ids=row.output_token_ids + draft[:j], grammar=m)
+                for j, m in enumerate(masks)
+            )
+            continue
         out.append(row)
         for j in range(1, len(draft) + 1):
             out.append(replace(row, output_token_ids=row.output_token_ids + draft[:j]))

@@ -34,7 +34,7 @@ from tokenmill.sampling.logprobs import prompt_logprobs, top_logprobs
 from tokenmill.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from tokenmill.structured.grammar import RequestGrammar
+    from tokenmill.structured.grammar import MaskRow, RequestGrammar
 
 __all__ = ["Sampler", "SamplingRow", "prompt_logprobs"]
 
@@ -51,7 +51,8 @@ class SamplingRow:
     output_token_ids: list[int]  # generated so far, before this step's token
     eos_token_ids: frozenset[int] = frozenset()
     # Structured output: the request's grammar, which has accepted output_token_ids exactly.
-    grammar: RequestGrammar | None = None
+    # A MaskRow instead: a draft position's mask, computed ahead (sampling/rejection.py).
+    grammar: RequestGrammar | MaskRow | None = None
 
 
 class Sampler:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenmill.server.tool_parsers import TOOL_PARSERS
+from tokenmill.tools.parsers import TOOL_PARSERS
 
 
 @dataclass(frozen=True)

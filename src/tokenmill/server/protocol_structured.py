@@ -24,6 +24,9 @@ class StructuredOutputsRequest(RequestModel):
     choice: list[StrictStr] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
     grammar: StrictStr | None = Field(None, description="an EBNF grammar with a `root` rule")
     json_object: StrictBool | None = Field(None, description="any JSON object")
+    structural_tag: dict[str, Any] | StrictStr | None = Field(
+        None, description="xgrammar's structural tag (triggered begin/schema/end regions)"
+    )
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -34,6 +37,7 @@ class StructuredOutputsRequest(RequestModel):
             choice=self.choice,
             grammar=self.grammar,
             json_object=bool(self.json_object),
+            structural_tag=self.structural_tag,
         )
 
 
@@ -49,14 +53,32 @@ class JsonSchemaFormat(RequestModel):
 class ResponseFormat(RequestModel):
     """OpenAI's chat `response_format`."""
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    # type structural_tag (vLLM's forms): `structures` with `triggers`, or xgrammar's `format`.
+    structures: list[dict[str, Any]] | None = None
+    triggers: list[StrictStr] | None = None
+    format: dict[str, Any] | None = None
 
     def params(self) -> StructuredOutputsParams | None:
         if self.type == "text":
             return None
         if self.type == "json_object":
             return StructuredOutputsParams(json_object=True)
+        if self.type == "structural_tag":
+            if self.format is not None:
+                return StructuredOutputsParams(
+                    structural_tag={"type": "structural_tag", "format": self.format}
+                )
+            if self.structures is None or self.triggers is None:
+                raise InvalidRequestError(
+                    "response_format of type structural_tag needs `format`, or `structures` "
+                    "and `triggers`",
+                    "response_format",
+                )
+            return StructuredOutputsParams(
+                structural_tag={"structures": self.structures, "triggers": self.triggers}
+            )
         if self.json_schema is None:
             raise InvalidRequestError(
                 "response_format.json_schema is required when type is json_schema",

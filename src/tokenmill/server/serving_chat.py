@@ -27,7 +27,7 @@ from tokenmill.server.serving_common import (
     usage,
 )
 from tokenmill.server.serving_tools import ToolCallStream, ToolPlan, plan_tools, template_inputs
-from tokenmill.structured import check_json_schema
+from tokenmill.tools.choice import check_tool_schemas
 
 
 def render_chat(
@@ -64,15 +64,8 @@ async def _check_tool_schemas(ctx: ServerContext, req: ChatCompletionRequest) ->
     """400 naming the tool whose parameters schema is not one we can enforce (whatever the
     tool_choice), checked off the event loop; a forced choice compiles them again, against the
     vocabulary, later."""
-    params = [(i, t.function.parameters) for i, t in enumerate(req.tools or [])]
-    params = [(i, p) for i, p in params if p is not None]
-    if params:
-
-        def check() -> None:
-            for i, p in params:
-                check_json_schema(p, f"tools[{i}].function.parameters")
-
-        await ctx.preprocessor.run(check, "tools")
+    if any(t.function.parameters is not None for t in req.tools or []):
+        await ctx.preprocessor.run(lambda: check_tool_schemas(req.tools), "tools")
 
 
 def _tool_finish(finish: str | None) -> str | None:

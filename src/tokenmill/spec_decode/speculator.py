@@ -81,9 +81,7 @@ class Speculator:
         reqs: list[Request] = []
         caps: list[int] = []
         for req in decoding:
-            # Constrained requests never draft: a draft would need the grammar's mask at each
-            # draft position (a matcher advanced and rolled back per draft), not done yet.
-            if not req.sampling_params.use_speculation or req.grammar is not None:
+            if not req.sampling_params.use_speculation:
                 continue
             # A step emits up to drafts + 1 tokens: never draft past max_tokens or the context.
             cap = min(
@@ -98,11 +96,16 @@ class Speculator:
         if not reqs:
             return {}
         drafts = self.proposer.propose(reqs, caps)
-        return {
-            req.request_id: list(draft[:cap])
-            for req, cap, draft in zip(reqs, caps, drafts, strict=True)
-            if draft
-        }
+        out: dict[str, list[int]] = {}
+        for req, cap, draft in zip(reqs, caps, drafts, strict=True):
+            draft = list(draft[:cap])
+            if draft and req.grammar is not None:
+                # Tokens the grammar rejects could never be accepted (the mask bans them): cut
+                # the draft before the first one, so verification rows are all worth computing.
+                del draft[req.grammar.valid_prefix(draft) :]
+            if draft:
+                out[req.request_id] = draft
+        return out
 
     def finish(self, req_ids: Iterable[str]) -> None:
         self.proposer.finish(req_ids)

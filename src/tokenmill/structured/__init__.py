@@ -2,8 +2,9 @@
 matcher per request, and the token masks the sampler applies. Token-level only: the model runner
 sees a mask, never text."""
 
-from tokenmill.structured.grammar import RequestGrammar, apply_grammar_masks
+from tokenmill.structured.grammar import RequestGrammar
 from tokenmill.structured.manager import StructuredOutputManager, check_compiled, check_json_schema
+from tokenmill.structured.masks import apply_grammar_masks
 from tokenmill.structured.vocab import tokenizer_info
 
 __all__ = [

@@ -16,6 +16,11 @@ class RequestGrammar:
         self._compiled = compiled
         self._matcher: xgr.GrammarMatcher | None = None
         self._one_row: torch.Tensor | None = None  # forced_tokens' bitmask, made on first use
+        self._num_accepted = 0
+        # The mask after `_next_at` accepted tokens, kept from forced_tokens' first fill: when
+        # nothing was forced it is the very mask the next step's sampling needs.
+        self._next_row: torch.Tensor | None = None
+        self._next_at = -1
 
     @property
     def ready(self) -> bool:
@@ -38,7 +43,9 @@ class RequestGrammar:
         return self._matcher
 
     def accept_token(self, token_id: int) -> bool:
-        return self.matcher.accept_token(token_id)
+        ok = self.matcher.accept_token(token_id)
+        self._num_accepted += ok
+        return ok
 
     def is_terminated(self) -> bool:
         return self.matcher.is_terminated()
@@ -58,6 +65,8 @@ class RequestGrammar:
         forced: list[int] = []
         while len(forced) < max_n and not matcher.is_terminated():
             matcher.fill_next_token_bitmask(self._one_row, 0)
+            if not forced:
+                self._keep_next_row(self._one_row[0])
             token_id = single_allowed_token(self._one_row[0], vocab)
             if token_id is None or not matcher.accept_token(token_id):
                 break
@@ -68,7 +77,69 @@ class RequestGrammar:
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Row `row` of `bitmask` gets the tokens the grammar allows next."""
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+        kept = self.kept_mask()
+        if kept is not None:
+            bitmask[row].copy_(kept)
+        else:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def kept_mask(self) -> torch.Tensor | None:
+        """The mask for the next token if forced_tokens already filled it (else None)."""
+        return self._next_row if self._next_at == self._num_accepted else None
+
+    def _keep_next_row(self, row: torch.Tensor) -> None:
+        if self._next_row is None:
+            self._next_row = row.clone()
+        else:
+            self._next_row.copy_(row)
+        self._next_at = self._num_accepted
+
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many leading `token_ids` the grammar accepts in turn (a draft is cut there). A
+        token that would terminate the grammar (a stop token) ends the prefix without being
+        counted: a draft never reaches past the output's end. The matcher ends where it
+        began."""
+        matcher = self.matcher
+        accepted = n = 0
+        for token_id in token_ids:
+            if not matcher.accept_token(token_id):
+                break
+            accepted += 1
+            if matcher.is_terminated():
+                break
+            n += 1
+        if accepted:
+            matcher.rollback(accepted)
+        return n
+
+    def draft_masks(self, draft: list[int]) -> list[MaskRow]:
+        """The mask at each position a draft verification samples: after the accepted tokens,
+        then after each prefix of `draft` (which `valid_prefix` has cut to tokens the grammar
+        accepts); len(draft) + 1 rows. The matcher ends where it began."""
+        matcher = self.matcher
+        vocab = self._compiled.result().tokenizer_info.vocab_size
+        masks = xgr.allocate_token_bitmask(len(draft) + 1, vocab)
+        accepted = 0
+        for j in range(len(draft) + 1):
+            matcher.fill_next_token_bitmask(masks, j)
+            if j < len(draft):
+                ok = matcher.accept_token(draft[j])
+                assert ok, "a draft the grammar rejects reached verification"
+                accepted += 1
+        if accepted:
+            matcher.rollback(accepted)
+        return [MaskRow(masks[j]) for j in range(len(draft) + 1)]
+
+
+class MaskRow:
+    """A grammar mask computed ahead (a draft position's): stands for a RequestGrammar in a
+    sampling row, which asks only `fill_bitmask`."""
+
+    def __init__(self, row: torch.Tensor) -> None:
+        self.row = row  # int32 [ceil(vocab / 32)]
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row].copy_(self.row)
 
 
 def single_allowed_token(row: torch.Tensor, vocab_size: int) -> int | None:
@@ -86,32 +157,3 @@ def single_allowed_token(row: torch.Tensor, vocab_size: int) -> int | None:
     if bits == 0 or bits & (bits - 1):
         return None
     return 32 * w + bits.bit_length() - 1
-
-
-_BATCH_FILL_MIN_ROWS = 4  # below this, threads cost more than they save
-_BATCH: list[xgr.BatchGrammarMatcher] = []
-
-
-def _batch_matcher() -> xgr.BatchGrammarMatcher:
-    if not _BATCH:  # one per process, made on first use (engine thread only)
-        _BATCH.append(xgr.BatchGrammarMatcher(max_threads="auto"))
-    return _BATCH[0]
-
-
-def apply_grammar_masks(logits: torch.Tensor, grammars: list[RequestGrammar | None]) -> None:
-    """Sets to -inf, in place, every logit the row's grammar does not allow next; rows without
-    a grammar are untouched. `logits` [len(grammars), vocab] float32."""
-    rows = [i for i, g in enumerate(grammars) if g is not None]
-    if not rows:
-        return
-    # Rows without a grammar keep the full mask; only the indexed rows are applied anyway.
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
-    if len(rows) < _BATCH_FILL_MIN_ROWS:
-        for i in rows:
-            grammars[i].fill_bitmask(bitmask, i)  # type: ignore[union-attr]
-    else:  # xgrammar's threads fill the rows in parallel, without the GIL
-        matchers = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
-        _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, rows)
-    if logits.device.type != "cpu":
-        bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)

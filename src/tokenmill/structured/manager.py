@@ -20,6 +20,7 @@ import xgrammar as xgr
 
 from tokenmill.errors import InvalidRequestError
 from tokenmill.sampling_params import StructuredOutputsParams
+from tokenmill.structured.gbnf import gbnf_to_ebnf
 from tokenmill.structured.grammar import RequestGrammar
 
 DEFAULT_MAX_CACHED = 128  # compiled grammars kept (a large schema's can take megabytes)
@@ -27,6 +28,7 @@ PARAM = "structured_outputs"
 # xgrammar's messages start with "[time] /path/file.cc:line: "; the rest names the problem.
 _LOG_PREFIX = re.compile(r"^\s*\[[^\]]*\]\s*\S+:\d+:\s*")
 _MAX_MESSAGE = 500
+_PYDANTIC_LINK = re.compile(r"\s*For further information visit \S+")
 
 
 class StructuredOutputManager:
@@ -108,8 +110,10 @@ class StructuredOutputManager:
                 return compiler.compile_regex(spec.regex)  # type: ignore[arg-type]
             if kind == "choice":
                 return compiler.compile_grammar(choice_grammar(spec.choice or []))
-            return compiler.compile_grammar(spec.grammar)  # type: ignore[arg-type]
-        except (RuntimeError, ValueError) as e:
+            if kind == "structural_tag":
+                return compiler.compile_structural_tag(structural_tag(spec.key()[1]))
+            return compiler.compile_grammar(gbnf_to_ebnf(spec.grammar))  # type: ignore[arg-type]
+        except (RuntimeError, ValueError, TypeError) as e:
             raise InvalidRequestError(
                 f"{PARAM}.{kind} is invalid: {clean_message(e)}", PARAM
             ) from None
@@ -134,6 +138,22 @@ def check_json_schema(schema: dict[str, object] | bool, param: str) -> None:
         raise InvalidRequestError(f"{param} is invalid: {clean_message(e)}", param) from None
 
 
+def structural_tag(text: str) -> xgr.StructuralTag:
+    """xgrammar's structural tag from its JSON: vLLM's legacy form (`structures` of begin,
+    schema, end, with `triggers`) or xgrammar's (`{"type": "structural_tag", "format": ...}`)."""
+    obj = json.loads(text)
+    if "structures" not in obj:
+        return xgr.StructuralTag.from_json(obj)
+    structures, triggers = obj.get("structures"), obj.get("triggers")
+    if not isinstance(structures, list) or not isinstance(triggers, list) or not triggers:
+        raise ValueError("`structures` must be a list and `triggers` a non-empty list of strings")
+    items = [xgr.StructuralTagItem.model_validate(s) for s in structures]
+    for item in items:
+        if not any(item.begin.startswith(t) for t in triggers):
+            raise ValueError(f"begin {item.begin!r} starts with none of the triggers")
+    return xgr.StructuralTag.from_legacy_structural_tag(items, triggers)
+
+
 def choice_grammar(choices: list[str]) -> str:
     """EBNF for "exactly one of `choices`". JSON string escapes are EBNF string escapes."""
     alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -141,5 +161,5 @@ def choice_grammar(choices: list[str]) -> str:
 
 
 def clean_message(e: BaseException) -> str:
-    msg = _LOG_PREFIX.sub("", str(e)).strip()
+    msg = _PYDANTIC_LINK.sub("", _LOG_PREFIX.sub("", str(e))).strip()
     return msg if len(msg) <= _MAX_MESSAGE else msg[:_MAX_MESSAGE] + "..."

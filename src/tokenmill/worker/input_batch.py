@@ -30,6 +30,21 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
+MAX_RUN_ROWS = 64  # a longer run of output tokens (a recompute) is computed as a chunk
+
+
+def _decode_rows(s: ScheduledSeq) -> bool:
+    if s.num_tokens == 1 or s.num_draft_tokens:
+        return True
+    req = s.req
+    return (
+        s.sample
+        and req.grammar is not None
+        and s.start_pos >= req.num_prompt_tokens
+        and s.num_tokens <= MAX_RUN_ROWS
+    )
+
+
 def build_input_batch(
     seqs: list[ScheduledSeq], block_size: int, device: str, backend: AttentionBackend
 ) -> InputBatch:
@@ -39,8 +54,12 @@ def build_input_batch(
     # attends to start_pos + i + 1 keys, its own KV being written before attention. So each
     # verified token is computed exactly like a plain decode row (bit-identical with the C++
     # kernel), and all of them share the decode batch's one attention call per layer.
-    decodes = [s for s in seqs if s.num_tokens == 1 or s.num_draft_tokens]
-    prefills = [s for s in seqs if s.num_tokens > 1 and not s.num_draft_tokens]
+    # A forced run (a constrained request's sampled token and the tokens its grammar forced
+    # after it: output tokens only) runs as decode rows too, like a verify seq whose drafts
+    # need no verification: the step keeps the decode path (one attention call, the fused
+    # layer on a CPU), and each forced token's KV is computed as a decode row computes it.
+    decodes = [s for s in seqs if _decode_rows(s)]
+    prefills = [s for s in seqs if not _decode_rows(s)]
     ordered = decodes + prefills
     num_groups = len(ordered[0].block_ids) if ordered else 1
     input_ids: list[int] = []
