@@ -6,10 +6,10 @@ carry a schema (a list of up to 12 line items, each a bounded name, a quantity a
 "free" requests have none and run to the same max_tokens (EOS ignored), so both modes decode the
 same kind of step. "json" runs with forced runs (the engine's default: tokens the grammar allows
 alone are appended unsampled), "json_unforced" with them off (max_forced_tokens=0), on the same
-engine; "differing" counts the requests whose tokens differ between the two (none with
---batch-invariant; without it a forced chunk's matmuls have more rows than a decode's, and the
-last bits, hence near-tie argmaxes, may differ as they do between batch sizes). Batch 1 runs
-the requests one at a time, batch 16 all at once. The modes take turns and the best of
+engine; "differing" counts the requests whose tokens differ between the two (none with batch
+invariance, the default; with --no-batch-invariant a forced run's matmuls have more rows than a
+decode's, and the last bits, hence near-tie argmaxes, may differ as between batch sizes).
+Batch 1 runs the requests one at a time, batch 16 all at once. The modes take turns and the best of
 --repeats runs counts (other processes' load hits all alike). Reported: output tokens/s, tokens
 per request, and engine steps.
 
@@ -21,7 +21,7 @@ llama.cpp side by side (`--llama-bin DIR`, see structured_llama.py): the same re
 `DIR/llama-server` with its `json_schema` field; a table of tokens/s per target, batch and mode,
 and each target's json/free ratio.
 
-    python benchmarks/structured.py [--max-tokens 64] [--repeats 3] [--batch-invariant]
+    python benchmarks/structured.py [--max-tokens 64] [--repeats 3] [--no-batch-invariant]
         [--llama-bin DIR] [--out out.json]
 """
 
@@ -177,7 +177,12 @@ def main() -> None:
     ap.add_argument("--num-single", type=int, default=4, help="requests run at batch 1")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-schemas", type=int, default=20)
-    ap.add_argument("--batch-invariant", action="store_true", help="the engine's option")
+    ap.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's option (default on, as in the engine)",
+    )
     ap.add_argument("--llama-bin", default=None, help="llama.cpp's bin folder (llama-server)")
     ap.add_argument("--llama-port", type=int, default=8323)
     ap.add_argument("--out", default="benchmarks/results/structured.json")

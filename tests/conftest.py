@@ -56,8 +56,12 @@ def default_llm_fp32():
     """One fp32 engine on the default model, shared across tests (loading takes seconds)."""
     key = ("fp32",)
     if key not in _DEFAULT_LLMS:
-        _DEFAULT_LLMS[key] = LLM(
-            dtype="float32", quantization="none", batch_invariant=True, kv_cache_memory_gb=0.5
+        _DEFAULT_LLMS[key] = LLM(  # forced runs off: token-by-token masked decoding
+            dtype="float32",
+            quantization="none",
+            batch_invariant=True,
+            kv_cache_memory_gb=0.5,
+            max_forced_tokens=0,
         )
     llm = _DEFAULT_LLMS[key]
     yield llm

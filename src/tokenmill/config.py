@@ -242,12 +242,12 @@ class EngineConfig:
         default=1000, metadata={"help": "suffix: finished outputs kept in the global tree"}
     )
     max_forced_tokens: int = field(
-        default=0,
+        default=16,
         metadata={
             "help": "structured output: most tokens appended per step, unsampled, where the "
             "grammar allows exactly one token (0: off). Token-identical to decoding them one "
-            "at a time with batch_invariant; without it the forced tokens' KV comes from a "
-            "multi-row chunk, whose last bits may differ as between batch sizes"
+            "at a time with batch_invariant (the default); without it the forced tokens' KV "
+            "comes from more rows, whose last bits may differ as between batch sizes"
         },
     )
     num_threads: int | None = field(

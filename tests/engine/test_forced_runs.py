@@ -55,7 +55,7 @@ def forced_llm():
 
 @pytest.fixture
 def reference_llm(default_llm_fp32):
-    """Forced runs are off by default: token-by-token masked decoding."""
+    """The shared engine has forced runs off: token-by-token masked decoding."""
     assert default_llm_fp32.engine.scheduler.config.max_forced_tokens == 0
     return default_llm_fp32
 
