@@ -32,9 +32,9 @@ class StepShape:
         return cls(sched.num_batched_tokens, len(sched.seqs), ctx)
 
 
-# The default model (135M, Q4_1) on a 2-core CPU, roughly: ~16 ms per step, ~0.9 ms per token
-# (prefill), ~0.6 ms per decode sequence, ~0.5 ms per 1000 context positions.
-DEFAULT_COEFFS = (0.016, 0.0009, 0.0006, 0.0005)
+# The default model (135M, Q4_1) on a 2-core CPU, roughly (a busy host; quiet ones are faster):
+# ~6 ms per step, ~1.5 ms per token and per sequence, ~2 ms per 1000 context positions.
+DEFAULT_COEFFS = (0.006, 0.0015, 0.0015, 0.002)
 
 
 class StepCostModel:
