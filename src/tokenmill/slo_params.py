@@ -43,8 +43,7 @@ class SloParams:
                 continue
             if not _is_number(v) or not 0.0 < v <= MAX_SLO_MS:
                 raise InvalidRequestError(
-                    f"slo.{name} must be a number in (0, {MAX_SLO_MS:.0f}] milliseconds, "
-                    f"got {v!r}",
+                    f"slo.{name} must be a number in (0, {MAX_SLO_MS:.0f}] milliseconds, got {v!r}",
                     "slo",
                 )
             object.__setattr__(self, name, float(v))
@@ -107,3 +106,18 @@ def to_slo(value: SloParams | dict[str, Any] | None) -> SloParams | None:
 
 def to_workflow(value: WorkflowParams | dict[str, Any] | None) -> WorkflowParams | None:
     return _from(WorkflowParams, value, "workflow")
+
+
+def targets_met(
+    slo: SloParams, ttft: float | None, tpot: float | None, e2e: float, finished: bool = True
+) -> dict[str, bool]:
+    """Which targets a request met, by target name (ttft, tpot, deadline); times in seconds.
+    An aborted request (not `finished`) met none; a single output token has no TPOT to miss."""
+    met: dict[str, bool] = {}
+    if slo.ttft_ms is not None:
+        met["ttft"] = finished and ttft is not None and ttft * 1000.0 <= slo.ttft_ms
+    if slo.tpot_ms is not None:
+        met["tpot"] = finished and (tpot is None or tpot * 1000.0 <= slo.tpot_ms)
+    if slo.deadline_ms is not None:
+        met["deadline"] = finished and e2e * 1000.0 <= slo.deadline_ms
+    return met

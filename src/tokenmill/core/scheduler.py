@@ -26,6 +26,7 @@ from tokenmill.core.sched_types import (
     SchedulerOutput,
     SchedulerStats,
 )
+from tokenmill.core.slo_admission import SloAdmission
 from tokenmill.core.slo_step import UrgentRoom, make_room
 from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.core.step_model import StepCostModel, StepShape
@@ -257,9 +258,14 @@ class Scheduler:
         kv = self.kv_cache_manager
         admitted: list[Request] = []
         admission = self.admission.start_round(self.waiting, self.running)
+        guard = None
+        if self.config.policy == "slo":
+            guard = SloAdmission(self.slo, self.running, self._key)
         for req in admission.reqs:
             if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                 break
+            if guard is not None and not guard.allows(req):
+                break  # it would make a more urgent request late; so would everyone after it
             if req.grammar is not None and not req.grammar.ready:
                 continue  # its grammar is still compiling: the others go ahead meanwhile
             if not self._siblings_ready(req):
@@ -282,6 +288,8 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             admitted.append(req)
             admission.admit(req)
+            if guard is not None:
+                guard.admit(req)
             seqs.append(self._make_seq(req, num_new, block_ids))
             budget -= num_new
         admission.close()

@@ -53,9 +53,9 @@ def make_room(sched: Scheduler) -> UrgentRoom:
         computed_ids, num_cached = kv.get_computed_blocks(req)
         need = req.num_tokens - num_cached
 
-        def fits(req: Request = req, need: int = need) -> bool:
+        def fits(req: Request = req, need: int = need, ids=computed_ids, hit=num_cached) -> bool:  # noqa: ANN001
             return len(sched.running) < sched.config.max_num_seqs and kv.can_allocate(
-                req, need, computed_ids, num_cached
+                req, need, ids, hit
             )
 
         while not fits() and sched.running:

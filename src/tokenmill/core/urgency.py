@@ -108,6 +108,12 @@ class SloTracker:
         after = max(0, req.max_tokens - req.num_output_tokens - 1)
         return first, first + after * self.step_time
 
+    def remaining_steps(self, req: Request) -> int:
+        """Steps the request still needs: its pending chunks, then one per token."""
+        pending = max(1, req.num_tokens - req.num_computed_tokens)
+        after = max(0, req.max_tokens - req.num_output_tokens - 1)
+        return math.ceil(pending / self.budget) + after
+
     def latest_start(self, req: Request, st: SloState) -> float:
         """The latest time the request's remaining work may start and still meet its tightest
         target (inf without one)."""

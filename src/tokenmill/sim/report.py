@@ -15,7 +15,7 @@ class Report:
     deadline_attainment: float  # workflows (and single requests with a deadline) on time
     ttft_attainment: float  # requests with a TTFT target that met it
     tpot_attainment: float
-    slo_attainment: float  # requests meeting every target they carry (workflow stages: its deadline)
+    slo_attainment: float  # requests meeting every target they carry (a stage: its deadline)
     p95_workflow_latency: float
     goodput: float  # requests meeting their SLOs per second of makespan
     workflow_goodput: float  # workflows meeting their deadline per second
@@ -83,12 +83,14 @@ def summarize(outcomes: Iterable[Outcome], makespan: float) -> Report:
         end = max((s.finish or 0.0) for s in stages)
         wf_latency.append(end - start if done else float("inf"))
         wf_met.append(expected and done and deadline is not None and end - start <= deadline / 1e3)
-    single_deadline = [m["deadline"] for o, m in zip(outs, mets, strict=True)
-                       if "deadline" in m and not o.rec.workflow]
+    single_deadline = [
+        m["deadline"]
+        for o, m in zip(outs, mets, strict=True)
+        if "deadline" in m and not o.rec.workflow
+    ]
     deadline_met = wf_met + single_deadline
     span = max(makespan, 1e-9)
     req_ok = [bool(m) and all(m.values()) for m in mets if m]
-    finite_lat = [x for x in wf_latency]
     return Report(
         num_requests=len(outs),
         num_workflows=len(workflows),
@@ -96,7 +98,7 @@ def summarize(outcomes: Iterable[Outcome], makespan: float) -> Report:
         ttft_attainment=_frac([m["ttft"] for m in mets if "ttft" in m]),
         tpot_attainment=_frac([m["tpot"] for m in mets if "tpot" in m]),
         slo_attainment=_frac(req_ok),
-        p95_workflow_latency=p95(finite_lat),
+        p95_workflow_latency=p95(wf_latency),
         goodput=sum(req_ok) / span,
         workflow_goodput=sum(wf_met) / span,
         num_hopeless=sum(o.hopeless for o in outs),

@@ -94,7 +94,6 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
             events.append((rec.arrival, seq, rec, rec.arrival))
             seq += 1
     heapq.heapify(events)
-    wf_start: dict[str, float] = {}
     outcomes: dict[str, Outcome] = {}
     live: dict[str, Outcome] = {}
     num_steps = 0
@@ -129,7 +128,8 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
                 continue
             live[rec.id] = o
         if not sched.has_unfinished_requests():
-            clock.now = events[0][0]
+            if events:
+                clock.now = events[0][0]
             continue
         out = sched.schedule()
         if out.is_empty:  # nothing can run until something arrives

@@ -72,7 +72,7 @@ def check_trace(records: Iterable[TraceRecord]) -> None:
 def save_trace(records: Iterable[TraceRecord], path: str | Path) -> None:
     with open(path, "w") as f:
         for r in records:
-            d = {k: v for k, v in asdict(r).items() if v not in (None, [], 0, 0.0) or k == "arrival"}
+            d = {k: v for k, v in asdict(r).items() if v not in (None, [], 0) or k == "arrival"}
             d.update(id=r.id, prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens)
             f.write(json.dumps(d) + "\n")
 
