@@ -43,7 +43,7 @@ class StepCostModel:
         prior: tuple[float, float, float, float] = DEFAULT_COEFFS,
         *,
         window: int = 512,
-        ridge: float = 4.0,
+        ridge: float = 0.5,
         fit_every: int = 16,
     ) -> None:
         self.prior = prior
