@@ -27,7 +27,7 @@ from tokenmill.core.sched_types import (
     SchedulerStats,
 )
 from tokenmill.core.slo_admission import SloAdmission
-from tokenmill.core.slo_step import UrgentRoom, make_room
+from tokenmill.core.slo_step import URGENT_STEPS, UrgentRoom, deferred, make_room
 from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.core.urgency import SloTracker
@@ -76,6 +76,7 @@ class Scheduler:
         self.step_cost = step_cost or StepCostModel()
         self.slo = SloTracker(self.step_cost, config.max_num_batched_tokens, clock)
         self._slo_keys: dict[str, tuple] = {}  # slo policy: this step's keys
+        self._last_shape: StepShape | None = None  # of the last step measured
         if config.policy == "slo":
             self._key = self._slo_key
         else:
@@ -190,6 +191,9 @@ class Scheduler:
             # when the budget is short.
             num_pending = req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens
             num_new = min(num_pending, budget)
+            if room.defer and req.request_id in room.defer:
+                i += 1  # slack to spare: sits this step out, keeping its KV
+                continue
             if room.reserve and num_pending > 1 and self._key(req) > room.key:
                 num_new = min(num_new, budget - room.reserve)  # an urgent prompt goes first
                 if num_new <= 0:
@@ -231,9 +235,11 @@ class Scheduler:
         """slo policy: fresh keys at this step's time, the running list in their order, then
         room for requests about to miss their TTFT (see core/slo_step.py)."""
         self._slo_keys.clear()
-        self.slo.begin_step(self.running)
+        self.slo.begin_step(self.running, self._last_shape)
         self.running.sort(key=self._key)
-        return make_room(self)
+        room = make_room(self)
+        room.defer = deferred(self)
+        return room
 
     def _slo_key(self, req: Request) -> tuple:
         key = self._slo_keys.get(req.request_id)
@@ -252,7 +258,8 @@ class Scheduler:
 
     def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
         """Feeds a measured step time to the step-cost model behind the slack estimates."""
-        self.step_cost.observe(StepShape.of(sched_out), seconds)
+        self._last_shape = StepShape.of(sched_out)
+        self.step_cost.observe(self._last_shape, seconds)
 
     def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
         kv = self.kv_cache_manager
@@ -260,7 +267,8 @@ class Scheduler:
         admission = self.admission.start_round(self.waiting, self.running)
         guard = None
         if self.config.policy == "slo":
-            guard = SloAdmission(self.slo, self.running, self._key)
+            urgent = URGENT_STEPS * self.slo.step_time
+            guard = SloAdmission(self.slo, self.running, self._key, urgent)
         for req in admission.reqs:
             if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                 break

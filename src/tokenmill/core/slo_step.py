@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 
 URGENT_STEPS = 4  # slack under this many decode steps: about to miss
 MAX_URGENT = 4  # at most this many urgent requests handled per step (bounds the work)
+# Deferral: past the MIN_BATCH most urgent running requests, one whose slack exceeds
+# DEFER_RATIO times its remaining work sits this step out (it keeps its KV). On a CPU every
+# sequence in a step slows the step, so the urgent ones finish sooner; MIN_BATCH keeps the
+# step's fixed cost shared.
+MIN_BATCH = 8
+DEFER_RATIO = 1.0
 
 
 @dataclass
@@ -29,6 +35,22 @@ class UrgentRoom:
     preempted: list[str] = field(default_factory=list)
     reserve: int = 0  # budget held back from less urgent prompt chunks
     key: tuple | None = None  # the least urgent request the reserve is for
+    defer: set[str] = field(default_factory=set)  # running requests that sit this step out
+
+
+def deferred(sched: Scheduler) -> set[str]:
+    """The running requests (sorted by urgency) with slack to spare beyond the first MIN_BATCH."""
+    tracker = sched.slo
+    out: set[str] = set()
+    for req in sched.running[MIN_BATCH:]:
+        key = sched._key(req)
+        if key[0] or key[1] == INF:
+            out.add(req.request_id)  # hopeless or without targets: only spare capacity
+            continue
+        work = tracker.remaining_work(req)[1]
+        if key[1] - tracker.now > DEFER_RATIO * work:
+            out.add(req.request_id)
+    return out
 
 
 def make_room(sched: Scheduler) -> UrgentRoom:

@@ -54,6 +54,9 @@ class StepCostModel:
         self._obs: collections.deque[tuple[tuple[float, ...], float]] = collections.deque(
             maxlen=window
         )
+        self._xx = [[0.0] * 4 for _ in range(4)]
+        self._xt = [0.0] * 4
+        self._abs = [0.0] * 4
         self._since_fit = 0
 
     @property
@@ -66,28 +69,38 @@ class StepCostModel:
     def observe(self, shape: StepShape, seconds: float) -> None:
         if shape.tokens < 1 or not math.isfinite(seconds) or seconds <= 0.0:
             return
-        self._obs.append((shape.features(), seconds))
+        x = shape.features()
+        if len(self._obs) == self.window:  # the oldest leaves the window and the sums
+            self._accumulate(*self._obs[0], -1.0)
+        self._obs.append((x, seconds))
+        self._accumulate(x, seconds, 1.0)
         self._since_fit += 1
         if self._since_fit >= self.fit_every:
             self.refit()
 
+    def _accumulate(self, x: tuple[float, ...], t: float, sign: float) -> None:
+        """Running sums over the window: X^T W X, X^T W t and sum |x| / t, so a refit is O(1).
+        The weight 1 / t^2 fits relative errors: a long prefill step (or one the host's load
+        stretched) does not outweigh the many short decode steps whose time slack is made of."""
+        w = sign / (t * t)
+        for i in range(4):
+            self._xt[i] += w * x[i] * t
+            self._abs[i] += sign * abs(x[i]) / t
+            row = self._xx[i]
+            for j in range(4):
+                row[j] += w * x[i] * x[j]
+
     def refit(self) -> None:
-        """Ridge regression towards the prior: minimise sum (x.c - t)^2 + ridge * sum
+        """Ridge regression towards the prior: minimise sum ((x.c - t) / t)^2 + ridge * sum
         ((c_i - p_i) * s_i)^2, each coefficient scaled by the typical size of its feature."""
         self._since_fit = 0
-        if not self._obs:
+        n_obs = len(self._obs)
+        if not n_obs:
             return
-        n = 4
-        scale = [max(1e-9, sum(abs(x[i]) for x, _ in self._obs) / len(self._obs)) for i in range(n)]
-        ata = [[0.0] * n for _ in range(n)]
-        atb = [0.0] * n
-        for x, t in self._obs:
-            for i in range(n):
-                atb[i] += x[i] * t
-                for j in range(n):
-                    ata[i][j] += x[i] * x[j]
-        for i in range(n):
-            w = self.ridge * scale[i] ** 2
+        ata = [row[:] for row in self._xx]
+        atb = self._xt[:]
+        for i in range(4):
+            w = self.ridge * max(1e-9, self._abs[i] / n_obs) ** 2
             ata[i][i] += w
             atb[i] += w * self.prior[i]
         sol = _solve(ata, atb)

@@ -86,27 +86,30 @@ class SloTracker:
         if st is not None and st.first_token is None and req.num_output_tokens:
             st.first_token = self.clock()
 
-    def observe_step(self, shape: StepShape, seconds: float) -> None:
-        self.cost.observe(shape, seconds)
-
-    def begin_step(self, running: Iterable[Request]) -> None:
-        """Fixes `now` and the current decode step time for this step's decisions."""
+    def begin_step(self, running: Iterable[Request], last: StepShape | None = None) -> None:
+        """Fixes `now` and the current decode step time for this step's decisions: that of the
+        last step's decode rows (deferred requests are not in it), else of all running ones."""
         self.now = self.clock()
-        n = ctx = 0
-        for r in running:
-            n += 1
-            ctx += r.num_computed_tokens
-        n = max(n, 1)
-        self.step_time = self.cost.predict(StepShape(n, n, ctx))
+        if last is None or last.seqs == 0:
+            n = ctx = 0
+            for r in running:
+                n += 1
+                ctx += r.num_computed_tokens
+            last = StepShape(max(n, 1), max(n, 1), ctx)
+        self.step_time = self.cost.predict(StepShape(last.seqs, last.seqs, last.context))
 
     # ------------------------------------------------------------------ predictions
-    def remaining_work(self, req: Request) -> tuple[float, float]:
-        """(seconds to the next sampled token, seconds to the end), at the current load."""
+    def remaining_work(self, req: Request, alone: bool = False) -> tuple[float, float]:
+        """(seconds to the next sampled token, seconds to the end), at the current load, or
+        (`alone`) in steps of this request only: the least it can take."""
         pending = max(1, req.num_tokens - req.num_computed_tokens)
+        step = self.step_time
+        if alone:
+            step = min(step, self.cost.predict(StepShape(1, 1, req.num_tokens)))
         per_token = self.cost.coeffs[1]
-        first = math.ceil(pending / self.budget) * self.step_time + (pending - 1) * per_token
+        first = math.ceil(pending / self.budget) * step + (pending - 1) * per_token
         after = max(0, req.max_tokens - req.num_output_tokens - 1)
-        return first, first + after * self.step_time
+        return first, first + after * step
 
     def remaining_steps(self, req: Request) -> int:
         """Steps the request still needs: its pending chunks, then one per token."""
@@ -129,31 +132,30 @@ class SloTracker:
         return lst
 
     def is_hopeless(self, req: Request, st: SloState) -> bool:
-        """No order of service meets its targets any more (sticky: counted once)."""
-        if st.hopeless:
-            return True
-        if self.miss_reason(req, st) is None:
-            return False
-        st.hopeless = req.slo_hopeless = True
-        self.num_hopeless += 1
-        return True
+        """Not even served alone from now on would it meet its targets. Checked afresh each
+        step (estimates move); counted once."""
+        hopeless = self.miss_reason(req, st) is not None
+        if hopeless and not st.hopeless:
+            self.num_hopeless += 1
+        st.hopeless = req.slo_hopeless = hopeless or req.slo_hopeless
+        return hopeless
 
     def miss_reason(self, req: Request, st: SloState) -> str | None:
-        """Why the request cannot meet a target even if served first, or None."""
-        to_first, to_end = self.remaining_work(req)
+        """Why the request cannot meet a target even if served alone, or None."""
+        to_first, to_end = self.remaining_work(req, alone=True)
         now = self.now
         if st.first_token is None and now + to_first > st.ttft_deadline:
             left = (st.ttft_deadline - now) * 1000.0
             return (
-                f"slo.ttft_ms cannot be met: the first token needs ~{to_first * 1000.0:.0f} ms "
-                f"at the current load, {max(left, 0.0):.0f} ms are left"
+                f"slo.ttft_ms cannot be met: the first token needs at least "
+                f"~{to_first * 1000.0:.0f} ms, {max(left, 0.0):.0f} ms are left"
             )
         if now + to_end + st.rest_work > st.deadline:
             left = (st.deadline - now) * 1000.0
             need = (to_end + st.rest_work) * 1000.0
             return (
-                f"slo.deadline_ms cannot be met: ~{need:.0f} ms of work remain (this stage and "
-                f"the ones after it) at the current load, {max(left, 0.0):.0f} ms are left"
+                f"slo.deadline_ms cannot be met: at least ~{need:.0f} ms of work remain (this "
+                f"stage and the ones after it), {max(left, 0.0):.0f} ms are left"
             )
         return None
 
