@@ -4,12 +4,12 @@ tokens that do not depend on the scheduling policy (tiny model; the default mode
 from __future__ import annotations
 
 import pytest
-from utils_default import needs_default
-from utils_tiny import make_tiny_hf_folder
 
 from tokenmill import LLM, SamplingParams
 from tokenmill.errors import InvalidRequestError
 from tokenmill.slo_params import SloHopelessError, SloParams, WorkflowParams, targets_met
+from utils_default import needs_default
+from utils_tiny import make_tiny_hf_folder
 
 
 @pytest.mark.parametrize(
@@ -124,5 +124,7 @@ def test_default_model_tokens_do_not_depend_on_the_policy() -> None:
             scheduling_policy=policy,
             max_num_seqs=2,
         )
-        outs[policy] = [r.outputs[0].token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
+        outs[policy] = [
+            r.outputs[0].token_ids for r in llm.generate(prompts, params, use_tqdm=False)
+        ]
     assert outs["fcfs"] == outs["slo"]

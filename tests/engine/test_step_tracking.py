@@ -9,12 +9,12 @@ import random
 import statistics
 
 import pytest
-from utils_default import needs_default
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.engine.engine import LLMEngine
 from tokenmill.sampling_params import SamplingParams
+from utils_default import needs_default
 
 pytestmark = [pytest.mark.slow, needs_default]
 

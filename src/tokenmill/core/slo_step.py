@@ -26,7 +26,7 @@ MAX_URGENT = 4  # at most this many urgent requests handled per step (bounds the
 # DEFER_RATIO times its remaining work sits this step out (it keeps its KV). On a CPU every
 # sequence in a step slows the step, so the urgent ones finish sooner; MIN_BATCH keeps the
 # step's fixed cost shared.
-MIN_BATCH = 8
+MIN_BATCH = 4
 DEFER_RATIO = 1.0
 
 

@@ -26,6 +26,10 @@ from tokenmill.request import Request
 
 INF = math.inf
 _EMA = 0.2  # weight of a new observation in a stage index's average work
+# How a stage is charged its share of the workflow's deadline: "proportional" (its predicted
+# work over its own plus the remaining stages') or "latest" (the deadline less the remaining
+# stages' work: HEXGEN-Text2SQL's slack).
+DEADLINE_SPLIT = "proportional"
 
 
 @dataclass
@@ -70,8 +74,11 @@ class SloTracker:
                 st.rest_work = self._rest_work(wf.stage, wf.remaining_stages, work)
                 prev = self._stage_work.get(wf.stage)
                 self._stage_work[wf.stage] = work if prev is None else prev + _EMA * (work - prev)
-                share = work / (work + st.rest_work) if st.rest_work > 0 else 1.0
-                st.stage_deadline = arrival + slo.deadline_ms / 1000.0 * share
+                if DEADLINE_SPLIT == "latest":
+                    st.stage_deadline = st.deadline - st.rest_work
+                else:
+                    share = work / (work + st.rest_work) if st.rest_work > 0 else 1.0
+                    st.stage_deadline = arrival + slo.deadline_ms / 1000.0 * share
         self.states[req.request_id] = st
         return st
 
