@@ -120,7 +120,7 @@ def test_default_model_tokens_do_not_depend_on_the_policy() -> None:
             dtype="float32",
             quantization="none",
             batch_invariant=True,
-            kv_cache_memory_gb=0.25,
+            kv_cache_memory_gb=0.5,
             scheduling_policy=policy,
             max_num_seqs=2,
         )

@@ -19,8 +19,8 @@ class Report:
     p95_workflow_latency: float
     goodput: float  # requests meeting their SLOs per second of makespan
     workflow_goodput: float  # workflows meeting their deadline per second
-    num_hopeless: int
-    num_rejected: int
+    num_hopeless: int  # found unable to meet their SLO (slo policy), or rejected
+    num_rejected: int  # refused as hopeless, or stages never sent: their deadline had passed
     makespan: float
 
     def lines(self) -> list[str]:
