@@ -10,14 +10,13 @@ learns from measured ones in the engine.
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass, field
 
 from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.sched_types import ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
 from tokenmill.core.step_model import DEFAULT_COEFFS, StepCostModel, StepShape
-from tokenmill.request import Request
+from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sim.trace import TraceRecord, prompt_ids
 
@@ -122,7 +121,7 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
                 continue
             sched.add_request(req)
             if config.reject_hopeless and sched.unattainable(rec.id) is not None:
-                sched.finish_request(rec.id, _aborted())
+                sched.finish_request(rec.id, RequestStatus.FINISHED_ABORTED)
                 o.rejected = o.hopeless = True
                 finish(o)
                 continue
@@ -157,12 +156,6 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
     return SimResult(outcomes, clock.now, num_steps, log)
 
 
-def _aborted():  # noqa: ANN202 - RequestStatus, imported late to keep this module's header short
-    from tokenmill.request import RequestStatus
-
-    return RequestStatus.FINISHED_ABORTED
-
-
 def _request(rec: TraceRecord, release: float, wf_start: float) -> Request | None:
     slo = dict(rec.slo) if rec.slo else None
     if slo and "deadline_ms" in slo:
@@ -180,7 +173,3 @@ def _request(rec: TraceRecord, release: float, wf_start: float) -> Request | Non
         max_tokens=rec.output_tokens,
         arrival_time=release,
     )
-
-
-def is_finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
