@@ -19,7 +19,16 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tokenmill"
 
 # The plain data types every layer shares: configs, request and output records, errors, and
 # the package data (the calibration text).
-TYPES = {"errors", "config", "sampling_params", "request", "outputs", "version", "data"}
+TYPES = {
+    "errors",
+    "config",
+    "sampling_params",
+    "slo_params",
+    "request",
+    "outputs",
+    "version",
+    "data",
+}
 
 # What each part may import besides itself and TYPES. Read bottom-up: core is pure Python;
 # structured compiles grammars and masks tokens (xgrammar); tools plans tool calls and reads them
@@ -66,6 +75,7 @@ ALLOWED: dict[str, set[str]] = {
     },  # fmt: skip
     "server": {"engine", "core", "sampling", "structured", "tools"},
     "router": set(),  # an HTTP proxy over servers: no engine, no torch
+    "sim": {"core"},  # the scheduler simulator: the real scheduler on simulated time
 }
 APP = {"cli", "__main__", "quantize", "testing", "(package)"}  # may import anything
 NO_TORCH = {"core", "router"}

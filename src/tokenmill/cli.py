@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--window", type=int, default=512, help="tokens per calibration pass")
     quant.add_argument("--sparsity", type=float, default=0.0045, help="outlier fraction")
     quant.add_argument("--out", required=True, help="output folder")
+
+    from tokenmill.sim.cli import add_parsers as add_sim_parsers
+
+    add_sim_parsers(sub)
     return parser
 
 
@@ -354,6 +358,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tokenmill.sim import cli as sim_cli
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -363,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             "serve": cmd_serve,
             "router": cmd_router,
             "quantize": cmd_quantize,
+            "simulate": sim_cli.cmd_simulate,
+            "make-trace": sim_cli.cmd_make_trace,
         }
         return commands[args.command](args)
     except ValueError as e:  # user errors: bad flags, bad model, bad request

@@ -182,7 +182,17 @@ class EngineConfig:
     max_num_seqs: int = field(default=128, metadata={"help": "most requests running at once"})
     scheduling_policy: str = field(
         default="fcfs",
-        metadata={"help": "fcfs | priority (lower priority value runs first, then arrival)"},
+        metadata={
+            "help": "fcfs | priority (lower priority value runs first, then arrival) | slo "
+            "(least slack to the request's SLO deadlines first; see docs/architecture.md)"
+        },
+    )
+    slo_reject_hopeless: bool = field(
+        default=False,
+        metadata={
+            "help": "scheduling policy slo: refuse (429) a request that cannot meet its SLO even "
+            "if served first, instead of serving it after the others"
+        },
     )
     enable_prefix_caching: bool = field(
         default=True,
@@ -327,9 +337,9 @@ class EngineConfig:
             raise ValueError(
                 f"cache_aware_max_waiting must be >= 0, got {self.cache_aware_max_waiting}"
             )
-        if self.scheduling_policy not in ("fcfs", "priority"):
+        if self.scheduling_policy not in ("fcfs", "priority", "slo"):
             raise ValueError(
-                f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}"
+                f"scheduling_policy must be fcfs, priority or slo, got {self.scheduling_policy!r}"
             )
         if self.speculative not in (None, "suffix", "ngram", "draft"):
             raise ValueError(

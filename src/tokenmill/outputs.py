@@ -46,3 +46,6 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # Requests with an slo: {"hopeless": bool} -- true when the slo policy found it could no
+    # longer meet its targets and served it after those that could.
+    slo: dict[str, bool] | None = None

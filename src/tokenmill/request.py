@@ -95,6 +95,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    slo_hopeless: bool = False  # slo policy: found unable to meet its targets (see core/urgency)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenmill.errors import InvalidRequestError
+from tokenmill.slo_params import SloParams, WorkflowParams, to_slo, to_workflow
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as in OpenAI's API
@@ -170,6 +171,10 @@ class SamplingParams:
     # Constrained decoding (see structured/); such a request never drafts speculative tokens.
     structured_outputs: StructuredOutputsParams | None = None
     priority_hint: int = field(default=0, repr=False)  # unused; priority is per request
+    # Latency targets and workflow membership (see slo_params.py); dicts are accepted. They
+    # change only when tokens are computed (scheduling policy slo), never which tokens.
+    slo: SloParams | None = None
+    workflow: WorkflowParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -180,6 +185,8 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self.slo = to_slo(self.slo)
+        self.workflow = to_workflow(self.workflow)
         self.validate()
 
     def validate(self) -> None:

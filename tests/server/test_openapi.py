@@ -37,7 +37,8 @@ def test_statuses_and_bodies(doc: dict[str, Any]) -> None:
     ops = operations(doc)
     for path in ("/v1/completions", "/v1/chat/completions"):
         responses = ops["POST", path]["responses"]
-        assert set(responses) == {"200", "400", "404", "413", "500", "503"}
+        # 429: a request that cannot meet its slo (--slo-reject-hopeless)
+        assert set(responses) == {"200", "400", "404", "413", "429", "500", "503"}
         assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
         assert "Retry-After" in responses["503"]["headers"]
     # the tokenizer pool's deadline answers 503 + Retry-After when a request mostly waited

@@ -90,7 +90,12 @@ class CacheAwareAdmission:
     def start_round(self, waiting: Iterable[Request], running: Iterable[Request]) -> AdmissionRound:
         """The order to try `waiting` (given in policy order) in this step."""
         policy_order = list(waiting)
-        cache_aware = self.kv.enable_prefix_caching and 0 < len(policy_order) <= self.max_waiting
+        # The slo policy's order is its point: cache hits never reorder it.
+        cache_aware = (
+            self.policy != "slo"
+            and self.kv.enable_prefix_caching
+            and 0 < len(policy_order) <= self.max_waiting
+        )
         if not cache_aware:
             self.num_passed_over.clear()  # policy order: nobody is passed over
             return AdmissionRound(policy_order, policy_order, self, None)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from tokenmill.request import Request
 
-POLICIES = ("fcfs", "priority")
+POLICIES = ("fcfs", "priority", "slo")
 
 RequestKey = Callable[[Request], tuple]
 
@@ -24,6 +24,8 @@ def make_key(policy: str, arrival_seq: dict[str, int]) -> RequestKey:
         return lambda r: (r.arrival_time, arrival_seq[r.request_id])
     if policy == "priority":
         return lambda r: (r.priority, r.arrival_time, arrival_seq[r.request_id])
+    if policy == "slo":
+        raise ValueError("the slo policy's key depends on time: see core/urgency.py")
     raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
 
 
@@ -80,5 +82,32 @@ class SortedQueue:
         return len(self._items)
 
 
+class SlackQueue:
+    """Sorted when read: the slo policy's keys change from step to step (slack, hopelessness),
+    so the order is taken afresh at each iteration with the key of the moment."""
+
+    def __init__(self, key: RequestKey) -> None:
+        self._key = key
+        self._items: list[Request] = []
+
+    def add(self, req: Request) -> None:
+        self._items.append(req)
+
+    def add_preempted(self, req: Request) -> None:
+        self._items.append(req)
+
+    def remove(self, req: Request) -> None:
+        self._items.remove(req)
+
+    def __iter__(self) -> Iterator[Request]:
+        self._items.sort(key=self._key)
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def make_waiting_queue(policy: str, key: RequestKey) -> WaitingQueue:
+    if policy == "slo":
+        return SlackQueue(key)
     return FCFSQueue() if policy == "fcfs" else SortedQueue(key)

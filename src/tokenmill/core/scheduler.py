@@ -11,7 +11,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from tokenmill.core.admission import CacheAwareAdmission
 from tokenmill.core.kv_cache_manager import BlockTables, KVCacheManager
@@ -25,7 +26,11 @@ from tokenmill.core.sched_types import (
     SchedulerOutput,
     SchedulerStats,
 )
+from tokenmill.core.slo_admission import SloAdmission
+from tokenmill.core.slo_step import URGENT_STEPS, UrgentRoom, deferred, make_room
 from tokenmill.core.spec_stats import SpecDecodeStats
+from tokenmill.core.step_model import StepCostModel, StepShape
+from tokenmill.core.urgency import SloTracker
 from tokenmill.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -34,7 +39,15 @@ __all__ = ["Scheduler", "SchedulerConfig"]
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        step_cost: StepCostModel | None = None,
+    ) -> None:
+        """`clock`: the time deadlines are measured on (the simulator's is simulated);
+        `step_cost`: the model of step times that predicts remaining work (fitted online)."""
         self.config = config
         self.kv_cache_manager = KVCacheManager(
             config.kv_groups,
@@ -60,7 +73,14 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._arrival_seq: dict[str, int] = {}
         self._next_seq = 0
-        self._key = make_key(config.policy, self._arrival_seq)
+        self.step_cost = step_cost or StepCostModel()
+        self.slo = SloTracker(self.step_cost, config.max_num_batched_tokens, clock)
+        self._slo_keys: dict[str, tuple] = {}  # slo policy: this step's keys
+        self._last_shape: StepShape | None = None  # of the last step measured
+        if config.policy == "slo":
+            self._key = self._slo_key
+        else:
+            self._key = make_key(config.policy, self._arrival_seq)
         self.waiting = make_waiting_queue(config.policy, self._key)
         self.running: list[Request] = []  # sorted by policy key: the last one is preempted first
         self._first_siblings: dict[str, Request] = {}  # parent_id -> sample_index 0
@@ -81,6 +101,7 @@ class Scheduler:
         self._next_seq += 1
         if req.parent_id is not None and req.sample_index == 0:
             self._first_siblings[req.parent_id] = req
+        self.slo.add(req)
         self.waiting.add(req)
 
     def finish_request(
@@ -109,6 +130,7 @@ class Scheduler:
         self.kv_cache_manager.free(req)
         del self.requests[req.request_id]
         del self._arrival_seq[req.request_id]
+        self.slo.pop(req.request_id)
         if req.parent_id is not None and self._first_siblings.get(req.parent_id) is req:
             del self._first_siblings[req.parent_id]
         self._finished_req_ids.append(req.request_id)
@@ -159,6 +181,7 @@ class Scheduler:
                 req.spec_token_ids = list(draft or ())
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
+        room = self._begin_slo_step() if self.config.policy == "slo" else UrgentRoom()
         preempted: list[str] = []
 
         i = 0
@@ -168,6 +191,14 @@ class Scheduler:
             # when the budget is short.
             num_pending = req.num_tokens + len(req.spec_token_ids) - req.num_computed_tokens
             num_new = min(num_pending, budget)
+            if room.defer and req.request_id in room.defer:
+                i += 1  # slack to spare: sits this step out, keeping its KV
+                continue
+            if room.reserve and num_pending > 1 and self._key(req) > room.key:
+                num_new = min(num_new, budget - room.reserve)  # an urgent prompt goes first
+                if num_new <= 0:
+                    i += 1
+                    continue
             assert num_new > 0, f"running request {req.request_id} has nothing to compute"
             block_ids = self.kv_cache_manager.allocate_slots(req, num_new)
             if block_ids is None and req.spec_token_ids:
@@ -196,17 +227,53 @@ class Scheduler:
         return SchedulerOutput(
             seqs=seqs,
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
-            preempted_req_ids=preempted,
+            preempted_req_ids=room.preempted + preempted,
             finished_req_ids=finished,
         )
+
+    def _begin_slo_step(self) -> UrgentRoom:
+        """slo policy: fresh keys at this step's time, the running list in their order, then
+        room for requests about to miss their TTFT (see core/slo_step.py)."""
+        self._slo_keys.clear()
+        self.slo.begin_step(self.running, self._last_shape)
+        self.running.sort(key=self._key)
+        room = make_room(self)
+        room.defer = deferred(self)
+        return room
+
+    def _slo_key(self, req: Request) -> tuple:
+        key = self._slo_keys.get(req.request_id)
+        if key is None:
+            key = self.slo.key(req, self._arrival_seq[req.request_id])
+            self._slo_keys[req.request_id] = key
+        return key
+
+    def unattainable(self, req_id: str) -> str | None:
+        """Why a queued request cannot meet its SLO even if served first (None if it can)."""
+        req, st = self.requests[req_id], self.slo.states.get(req_id)
+        if st is None:
+            return None
+        self.slo.begin_step([*self.running, req])
+        return self.slo.miss_reason(req, st)
+
+    def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
+        """Feeds a measured step time to the step-cost model behind the slack estimates."""
+        self._last_shape = StepShape.of(sched_out)
+        self.step_cost.observe(self._last_shape, seconds)
 
     def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
         kv = self.kv_cache_manager
         admitted: list[Request] = []
         admission = self.admission.start_round(self.waiting, self.running)
+        guard = None
+        if self.config.policy == "slo":
+            urgent = URGENT_STEPS * self.slo.step_time
+            guard = SloAdmission(self.slo, self.running, self._key, urgent)
         for req in admission.reqs:
             if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                 break
+            if guard is not None and not guard.allows(req):
+                break  # it would make a more urgent request late; so would everyone after it
             if req.grammar is not None and not req.grammar.ready:
                 continue  # its grammar is still compiling: the others go ahead meanwhile
             if not self._siblings_ready(req):
@@ -229,6 +296,8 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             admitted.append(req)
             admission.admit(req)
+            if guard is not None:
+                guard.admit(req)
             seqs.append(self._make_seq(req, num_new, block_ids))
             budget -= num_new
         admission.close()
@@ -290,6 +359,8 @@ class Scheduler:
                 self.config.max_forced_tokens,
             )
             self.kv_cache_manager.cache_blocks(req, req.num_computed_tokens)
+            if new_ids and self.slo.states:
+                self.slo.on_output(req)
             if req.is_finished:
                 self.running.remove(req)
                 self._release(req)

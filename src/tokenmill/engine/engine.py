@@ -30,6 +30,7 @@ from tokenmill.loader.model_loader import LoadedModel, load_model, resolve_devic
 from tokenmill.outputs import RequestOutput
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.slo_params import SloHopelessError
 from tokenmill.spec_decode.speculator import Speculator, build_proposer
 from tokenmill.worker.model_runner import ModelRunner
 
@@ -87,6 +88,7 @@ class LLMEngine:
         self._structured_lock = threading.Lock()
         self._compiling: dict[str, RequestGrammar] = {}  # request id -> a grammar not yet ready
         self._ids = itertools.count()
+        self.num_slo_rejected = 0  # refused by --slo-reject-hopeless
         groups = ", ".join(
             f"{len(layout.layers)} layers x {spec.num_blocks} blocks"
             + ("" if spec.sliding_window is None else f" (window {spec.sliding_window})")
@@ -254,10 +256,19 @@ class LLMEngine:
         self.outputs.add(prompt_text, reqs, request_id)
         for req in reqs:
             self.scheduler.add_request(req)
+        if self.config.slo_reject_hopeless and self.config.scheduling_policy == "slo":
+            self._reject_if_hopeless(request_id, reqs[0].request_id)
         grammar = reqs[0].grammar
         if grammar is not None and not grammar.ready:  # samples share one compiled grammar
             self._compiling[request_id] = grammar  # type: ignore[assignment]
         return request_id
+
+    def _reject_if_hopeless(self, request_id: str, first_id: str) -> None:
+        reason = self.scheduler.unattainable(first_id)
+        if reason is not None:
+            self.abort_request(request_id)
+            self.num_slo_rejected += 1
+            raise SloHopelessError(reason, "slo")
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         state = self.outputs.states.get(request_id)
@@ -295,6 +306,8 @@ class LLMEngine:
         outputs, stopped = self.outputs.process(core_outputs)
         for req_id in stopped:
             self.scheduler.finish_request(req_id, RequestStatus.FINISHED_STOPPED)
+        # The whole step, as the SLO slack estimates and the simulator count it.
+        self.scheduler.observe_step(sched, time.perf_counter() - t0)
         if self.speculator is not None:  # the whole step: what an accepted draft token saves
             self.speculator.observe_step(sched, time.perf_counter() - t0)
         return outputs

@@ -30,6 +30,7 @@ from tokenmill.engine.stats import (
 )
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.slo_params import SloHopelessError
 
 logger = logging.getLogger(__name__)
 
@@ -172,11 +173,13 @@ class EngineLoop:
             except Exception as e:
                 for rid in added:  # drop every request of the batch, and any partial state
                     self.engine.abort_request(rid)
+                if isinstance(e, SloHopelessError):
+                    self.stats_listener.on_slo_rejected()
                 self._post(_resolve, fut, None, e)
                 return
             for rid, _ in batch:
                 num_prompt = self.engine.num_prompt_tokens(rid)
-                self._timings[rid] = RequestTiming(arrival, num_prompt)
+                self._timings[rid] = RequestTiming(arrival, num_prompt, slo=params.slo)
                 self.stats_listener.on_tokens(num_prompt, 0)
             self._post(_resolve, fut, None, None)
         elif kind == "abort":

@@ -43,6 +43,9 @@ class RequestState:
             finished=self.finished,
             num_cached_tokens=self.samples[0].req.num_cached_tokens,
             metrics=dict(self.metrics),
+            slo=None
+            if self.samples[0].req.sampling_params.slo is None
+            else {"hopeless": any(s.req.slo_hopeless for s in self.samples)},
         )
 
 

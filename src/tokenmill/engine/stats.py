@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tokenmill.core.sched_types import SchedulerStats
 from tokenmill.layers.expert_cache import ExpertCacheStats
 from tokenmill.outputs import RequestOutput
+from tokenmill.slo_params import SloParams
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class RequestStats:
     e2e_latency: float
     time_to_first_token: float | None
     time_per_output_token: float | None
+    slo: SloParams | None = None
+    slo_hopeless: bool = False  # the slo policy found it could not meet its targets
 
 
 class StatsListener:
@@ -69,6 +72,9 @@ class StatsListener:
     def on_finished(self, stats: RequestStats) -> None:
         """A request finished (stop, length or abort)."""
 
+    def on_slo_rejected(self) -> None:
+        """A request was refused because it could not meet its SLO (--slo-reject-hopeless)."""
+
 
 @dataclass
 class RequestTiming:
@@ -78,6 +84,7 @@ class RequestTiming:
     num_prompt_tokens: int
     first_token: float | None = None
     num_generated: int = 0
+    slo: SloParams | None = None
 
 
 def request_stats(out: RequestOutput, timing: RequestTiming, now: float) -> RequestStats:
@@ -95,6 +102,8 @@ def request_stats(out: RequestOutput, timing: RequestTiming, now: float) -> Requ
         e2e_latency=now - timing.arrival,
         time_to_first_token=ttft,
         time_per_output_token=tpot,
+        slo=timing.slo,
+        slo_hopeless=bool(out.slo and out.slo.get("hopeless")),
     )
 
 

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import EngineDeadError, QueueFullError
 from tokenmill.errors import InvalidRequestError
+from tokenmill.slo_params import SloHopelessError
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ _TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     503: "server_error",
 }
 
@@ -82,6 +84,8 @@ def to_api_error(exc: BaseException) -> APIError:
     """Maps engine and validation exceptions to the status the client should see."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, SloHopelessError):  # retrying later, or with a looser slo, may succeed
+        return APIError(429, str(exc), exc.param, exc.code)
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), exc.param, exc.code)
     if isinstance(exc, QueueFullError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -17,6 +17,7 @@ from tokenmill.engine.async_engine import (
     RequestStats,
     StatsListener,
 )
+from tokenmill.slo_params import targets_met
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -78,6 +79,47 @@ class ServerMetrics(StatsListener):
             buckets=(1, 4, 16, 64, 256, 1024, 2048, 4096, 8192),
             registry=reg,
         )
+        # SLOs, per class (the targets a request carries: "ttft", "ttft+tpot", "deadline", ...).
+        # Goodput is rate(tokenmill_slo_met_total): requests per second that met every target.
+        cls = labels + ["slo_class"]
+        self.slo_requests = Counter(
+            "tokenmill_slo_requests", "Finished requests that carried an SLO.", cls, registry=reg
+        )
+        self.slo_met = Counter(
+            "tokenmill_slo_met",
+            "Finished requests that met every target of their SLO (goodput: its rate).",
+            cls,
+            registry=reg,
+        )
+        self.slo_attainment = Gauge(
+            "tokenmill_slo_attainment",
+            "Fraction of finished requests with an SLO that met all of it.",
+            cls,
+            registry=reg,
+        )
+        self.slo_missed = Counter(
+            "tokenmill_slo_missed",
+            "Targets missed, by target: ttft, tpot, deadline (missed deadlines are 'deadline').",
+            labels + ["target"],
+            registry=reg,
+        )
+        self.slo_hopeless = Counter(
+            "tokenmill_slo_hopeless",
+            "Finished requests the slo policy found unable to meet their SLO (served last).",
+            labels,
+            registry=reg,
+        )
+        self.slo_rejected = Counter(
+            "tokenmill_slo_hopeless_rejected",
+            "Requests refused (429) because they could not meet their SLO.",
+            labels,
+            registry=reg,
+        )
+        self._slo_counts: dict[str, list[int]] = {}  # class -> [met, all]
+        for target in ("ttft", "tpot", "deadline"):
+            self.slo_missed.labels(model_name, target)
+        self.slo_hopeless.labels(model_name)
+        self.slo_rejected.labels(model_name)
         # export every series from the start (zeros), so scrapes before traffic see them too
         for reason in ("stop", "length", "abort"):
             self.requests.labels(model_name, reason)
@@ -108,6 +150,33 @@ class ServerMetrics(StatsListener):
             self.tpot.labels(m).observe(stats.time_per_output_token)
         self.prompt_len.labels(m).observe(stats.num_prompt_tokens)
         self.generation_len.labels(m).observe(stats.num_generation_tokens)
+        if stats.slo is not None:
+            self._on_slo(stats)
+
+    def _on_slo(self, stats: RequestStats) -> None:
+        m, slo = self.model_name, stats.slo
+        assert slo is not None
+        finished = "abort" not in stats.finish_reasons
+        met = targets_met(
+            slo, stats.time_to_first_token, stats.time_per_output_token, stats.e2e_latency, finished
+        )
+        cls = slo.slo_class
+        ok = all(met.values())
+        self.slo_requests.labels(m, cls).inc()
+        counts = self._slo_counts.setdefault(cls, [0, 0])
+        counts[1] += 1
+        if ok:
+            self.slo_met.labels(m, cls).inc()
+            counts[0] += 1
+        self.slo_attainment.labels(m, cls).set(counts[0] / counts[1])
+        for target, hit in met.items():
+            if not hit:
+                self.slo_missed.labels(m, target).inc()
+        if stats.slo_hopeless:
+            self.slo_hopeless.labels(m).inc()
+
+    def on_slo_rejected(self) -> None:
+        self.slo_rejected.labels(self.model_name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

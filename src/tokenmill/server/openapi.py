@@ -46,10 +46,11 @@ _ERRORS = {
     401: "Missing or wrong API key (`Authorization: Bearer <key>`)",
     404: "The model is not served here",
     413: "The request body is over the server's size limit",
+    429: "The request cannot meet its `slo` even if served first (--slo-reject-hopeless)",
     500: "Internal error, or the engine loop has failed",
     503: "Overloaded: too many sequences are pending; retry after Retry-After seconds",
 }
-_GENERATE = (400, 404, 413, 500, 503)
+_GENERATE = (400, 404, 413, 429, 500, 503)
 
 
 def _events(chunk: type[BaseModel]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from tokenmill.sampling_params import (
     StructuredOutputsParams,
 )
 from tokenmill.server.protocol_base import RequestModel, TokenCount, TokenId
+from tokenmill.server.protocol_slo import SloRequest, WorkflowRequest
 from tokenmill.server.protocol_structured import StructuredOutputsRequest
 
 MAX_N = 128  # most samples per prompt
@@ -108,6 +109,8 @@ class SamplingFields(RequestModel):
     priority: Annotated[StrictInt, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX)] = 0
     cache_salt: StrictStr | None = None
     structured_outputs: StructuredOutputsRequest | None = None
+    slo: SloRequest | None = None
+    workflow: WorkflowRequest | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -155,6 +158,8 @@ class SamplingFields(RequestModel):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            slo=None if self.slo is None else self.slo.params(),
+            workflow=None if self.workflow is None else self.workflow.params(),
             **kw,
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Doc(BaseModel):
@@ -51,6 +51,15 @@ class CompletionChoice(_Doc):
     stop_reason: int | str | None
 
 
+class SloOutcome(_Doc):
+    """Present when the request carried an `slo`."""
+
+    hopeless: bool = Field(
+        description="the slo scheduling policy found it could no longer meet its SLO and served "
+        "it after the requests that could"
+    )
+
+
 class CompletionResponse(_Doc):
     id: str
     object: Literal["text_completion"]
@@ -58,6 +67,7 @@ class CompletionResponse(_Doc):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    slo: SloOutcome | None = None
 
 
 class TopLogprob(_Doc):
@@ -94,6 +104,7 @@ class ChatCompletionResponse(_Doc):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    slo: SloOutcome | None = None
 
 
 class CompletionChunk(_Doc):

@@ -185,6 +185,8 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
         "choices": result,
         "usage": usage(len(prompt_ids), num_completion, out.num_cached_tokens),
     }
+    if out.slo is not None:  # whether the scheduler found it unable to meet its slo
+        body["slo"] = out.slo
     return JSONResponse(body)
 
 

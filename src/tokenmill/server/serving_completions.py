@@ -164,6 +164,9 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext) -> Respo
     result.sort(key=lambda d: d["index"])
     num_cached = sum(out.num_cached_tokens for out in outs)
     body = {**head, "choices": result, "usage": usage(num_prompt, num_completion, num_cached)}
+    slos = [out.slo for out in outs if out.slo is not None]
+    if slos:  # requests with an slo: whether the scheduler found them unable to meet it
+        body["slo"] = {"hopeless": any(s["hopeless"] for s in slos)}
     return JSONResponse(body)
 
 

@@ -1,0 +1,128 @@
+"""What a scheduler step costs, predicted from its shape and fitted online from measured steps.
+
+A step's time is modelled as t = a + b * tokens + c * seqs + d * context / 1000: a fixed cost
+(launch, sampling set-up), a cost per token through the weights (GEMMs: the SplitFuse budget),
+a cost per sequence (sampling, bookkeeping) and attention over the KV each sequence reads. The
+coefficients are a ridge least-squares fit over the last `window` measured steps, pulled towards
+the prior so that a few steps of one shape cannot produce nonsense (a single batch size gives
+no information about c, for example). Pure Python: the scheduler and the simulator use it.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+from tokenmill.core.sched_types import SchedulerOutput
+
+
+@dataclass(frozen=True)
+class StepShape:
+    tokens: int  # tokens run through the model (the budget used)
+    seqs: int  # sequences in the step
+    context: int  # KV positions read, summed over sequences
+
+    def features(self) -> tuple[float, float, float, float]:
+        return (1.0, float(self.tokens), float(self.seqs), self.context / 1000.0)
+
+    @classmethod
+    def of(cls, sched: SchedulerOutput) -> StepShape:
+        ctx = sum(s.start_pos + s.num_tokens for s in sched.seqs)
+        return cls(sched.num_batched_tokens, len(sched.seqs), ctx)
+
+
+# The default model (135M, Q4_1) on a 2-core CPU, roughly (a busy host; quiet ones are faster):
+# ~6 ms per step, ~1.5 ms per token and per sequence, ~2 ms per 1000 context positions.
+DEFAULT_COEFFS = (0.006, 0.0015, 0.0015, 0.002)
+
+
+class StepCostModel:
+    def __init__(
+        self,
+        prior: tuple[float, float, float, float] = DEFAULT_COEFFS,
+        *,
+        window: int = 512,
+        ridge: float = 0.5,
+        fit_every: int = 16,
+    ) -> None:
+        self.prior = prior
+        self.coeffs = prior
+        self.window = window
+        self.ridge = ridge  # weight of the prior, in steps' worth of evidence
+        self.fit_every = fit_every
+        self._obs: collections.deque[tuple[tuple[float, ...], float]] = collections.deque(
+            maxlen=window
+        )
+        self._xx = [[0.0] * 4 for _ in range(4)]
+        self._xt = [0.0] * 4
+        self._abs = [0.0] * 4
+        self._since_fit = 0
+
+    @property
+    def num_observed(self) -> int:
+        return len(self._obs)
+
+    def predict(self, shape: StepShape) -> float:
+        return max(1e-6, sum(c * x for c, x in zip(self.coeffs, shape.features(), strict=True)))
+
+    def observe(self, shape: StepShape, seconds: float) -> None:
+        if shape.tokens < 1 or not math.isfinite(seconds) or seconds <= 0.0:
+            return
+        x = shape.features()
+        if len(self._obs) == self.window:  # the oldest leaves the window and the sums
+            self._accumulate(*self._obs[0], -1.0)
+        self._obs.append((x, seconds))
+        self._accumulate(x, seconds, 1.0)
+        self._since_fit += 1
+        if self._since_fit >= self.fit_every:
+            self.refit()
+
+    def _accumulate(self, x: tuple[float, ...], t: float, sign: float) -> None:
+        """Running sums over the window: X^T W X, X^T W t and sum |x| / t, so a refit is O(1).
+        The weight 1 / t^2 fits relative errors: a long prefill step (or one the host's load
+        stretched) does not outweigh the many short decode steps whose time slack is made of."""
+        w = sign / (t * t)
+        for i in range(4):
+            self._xt[i] += w * x[i] * t
+            self._abs[i] += sign * abs(x[i]) / t
+            row = self._xx[i]
+            for j in range(4):
+                row[j] += w * x[i] * x[j]
+
+    def refit(self) -> None:
+        """Ridge regression towards the prior: minimise sum ((x.c - t) / t)^2 + ridge * sum
+        ((c_i - p_i) * s_i)^2, each coefficient scaled by the typical size of its feature."""
+        self._since_fit = 0
+        n_obs = len(self._obs)
+        if not n_obs:
+            return
+        ata = [row[:] for row in self._xx]
+        atb = self._xt[:]
+        for i in range(4):
+            w = self.ridge * max(1e-9, self._abs[i] / n_obs) ** 2
+            ata[i][i] += w
+            atb[i] += w * self.prior[i]
+        sol = _solve(ata, atb)
+        if sol is not None:
+            # Negative per-unit costs are noise: clamp them, keep the fixed cost positive.
+            self.coeffs = (max(sol[0], 1e-6), *(max(v, 0.0) for v in sol[1:]))
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None if singular."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[piv][col]) < 1e-18:
+            return None
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for k in range(col, n + 1):
+                m[r][k] -= f * m[col][k]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x

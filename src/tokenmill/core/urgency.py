@@ -1,0 +1,178 @@
+"""Deadlines, predicted remaining work and slack of requests that carry SLOs.
+
+Every request with an `slo` gets absolute targets when it is added: a TTFT deadline, a mean
+TPOT target and a deadline. A workflow stage (`workflow.remaining_stages > 0`) is charged its
+share of the workflow's remaining deadline, in proportion to its predicted work against that of
+the stages still to come (each stage index's work is an online average over the requests seen).
+
+Remaining work comes from the step-cost model at the current load: a decode step of the running
+batch takes T; a pending chunk of p tokens takes ceil(p / budget) steps plus p tokens' marginal
+cost. A request's latest start time (LST) is its tightest target minus the work still needed to
+meet it; slack = LST - now. Least slack first is earliest LST first, so the order does not
+depend on `now` within a step. A request whose slack is negative however it is served is
+hopeless: the slo policy serves it after every request that can still make it.
+
+The clock is injected (the simulator runs on simulated time). Pure Python.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from tokenmill.core.step_model import StepCostModel, StepShape
+from tokenmill.request import Request
+
+INF = math.inf
+_EMA = 0.2  # weight of a new observation in a stage index's average work
+# How a stage is charged its share of the workflow's deadline: "proportional" (its predicted
+# work over its own plus the remaining stages') or "latest" (the deadline less the remaining
+# stages' work: HEXGEN-Text2SQL's slack).
+DEADLINE_SPLIT = "proportional"
+
+
+@dataclass
+class SloState:
+    ttft_deadline: float = INF
+    tpot_s: float | None = None
+    deadline: float = INF  # the whole request's (workflow's) deadline
+    stage_deadline: float = INF  # this stage's share of it
+    rest_work: float = 0.0  # predicted work of the dependent stages after this one
+    first_token: float | None = None
+    hopeless: bool = False
+
+
+class SloTracker:
+    def __init__(self, cost: StepCostModel, budget: int, clock: Callable[[], float]) -> None:
+        self.cost = cost
+        self.budget = budget
+        self.clock = clock
+        self.states: dict[str, SloState] = {}
+        self.now = clock()
+        self.step_time = cost.predict(StepShape(1, 1, 0))
+        self._stage_work: dict[int, float] = {}
+        self.num_hopeless = 0  # requests found hopeless (each counted once)
+
+    # ------------------------------------------------------------------ lifecycle
+    def add(self, req: Request) -> SloState | None:
+        slo = req.sampling_params.slo
+        if slo is None:
+            return None
+        now = self.clock()
+        st = SloState()
+        arrival = min(req.arrival_time, now)
+        if slo.ttft_ms is not None:
+            st.ttft_deadline = arrival + slo.ttft_ms / 1000.0
+        if slo.tpot_ms is not None:
+            st.tpot_s = slo.tpot_ms / 1000.0
+        if slo.deadline_ms is not None:
+            st.deadline = st.stage_deadline = arrival + slo.deadline_ms / 1000.0
+            wf = req.sampling_params.workflow
+            if wf is not None:
+                work = self.remaining_work(req)[1]
+                st.rest_work = self._rest_work(wf.stage, wf.remaining_stages, work)
+                prev = self._stage_work.get(wf.stage)
+                self._stage_work[wf.stage] = work if prev is None else prev + _EMA * (work - prev)
+                if DEADLINE_SPLIT == "latest":
+                    st.stage_deadline = st.deadline - st.rest_work
+                else:
+                    share = work / (work + st.rest_work) if st.rest_work > 0 else 1.0
+                    st.stage_deadline = arrival + slo.deadline_ms / 1000.0 * share
+        self.states[req.request_id] = st
+        return st
+
+    def _rest_work(self, stage: int, remaining: int, this_work: float) -> float:
+        return sum(self._stage_work.get(stage + k, this_work) for k in range(1, remaining + 1))
+
+    def pop(self, req_id: str) -> SloState | None:
+        return self.states.pop(req_id, None)
+
+    def on_output(self, req: Request) -> None:
+        st = self.states.get(req.request_id)
+        if st is not None and st.first_token is None and req.num_output_tokens:
+            st.first_token = self.clock()
+
+    def begin_step(self, running: Iterable[Request], last: StepShape | None = None) -> None:
+        """Fixes `now` and the current decode step time for this step's decisions: that of the
+        last step's decode rows (deferred requests are not in it), else of all running ones."""
+        self.now = self.clock()
+        if last is None or last.seqs == 0:
+            n = ctx = 0
+            for r in running:
+                n += 1
+                ctx += r.num_computed_tokens
+            last = StepShape(max(n, 1), max(n, 1), ctx)
+        self.step_time = self.cost.predict(StepShape(last.seqs, last.seqs, last.context))
+
+    # ------------------------------------------------------------------ predictions
+    def remaining_work(self, req: Request, alone: bool = False) -> tuple[float, float]:
+        """(seconds to the next sampled token, seconds to the end), at the current load, or
+        (`alone`) in steps of this request only: the least it can take."""
+        pending = max(1, req.num_tokens - req.num_computed_tokens)
+        step = self.step_time
+        if alone:
+            step = min(step, self.cost.predict(StepShape(1, 1, req.num_tokens)))
+        per_token = self.cost.coeffs[1]
+        first = math.ceil(pending / self.budget) * step + (pending - 1) * per_token
+        after = max(0, req.max_tokens - req.num_output_tokens - 1)
+        return first, first + after * step
+
+    def remaining_steps(self, req: Request) -> int:
+        """Steps the request still needs: its pending chunks, then one per token."""
+        pending = max(1, req.num_tokens - req.num_computed_tokens)
+        after = max(0, req.max_tokens - req.num_output_tokens - 1)
+        return math.ceil(pending / self.budget) + after
+
+    def latest_start(self, req: Request, st: SloState) -> float:
+        """The latest time the request's remaining work may start and still meet its tightest
+        target (inf without one)."""
+        to_first, to_end = self.remaining_work(req)
+        lst = INF
+        if st.first_token is None and st.ttft_deadline < INF:
+            lst = st.ttft_deadline - to_first
+        if st.stage_deadline < INF:
+            lst = min(lst, st.stage_deadline - to_end)
+        if st.tpot_s is not None and st.first_token is not None:
+            # Mean TPOT: the last token is due tpot * (max_tokens - 1) after the first.
+            lst = min(lst, st.first_token + st.tpot_s * max(0, req.max_tokens - 1) - to_end)
+        return lst
+
+    def is_hopeless(self, req: Request, st: SloState) -> bool:
+        """Not even served alone from now on would it meet its targets. Checked afresh each
+        step (estimates move); counted once."""
+        hopeless = self.miss_reason(req, st) is not None
+        if hopeless and not st.hopeless:
+            self.num_hopeless += 1
+        st.hopeless = req.slo_hopeless = hopeless or req.slo_hopeless
+        return hopeless
+
+    def miss_reason(self, req: Request, st: SloState) -> str | None:
+        """Why the request cannot meet a target even if served alone, or None."""
+        to_first, to_end = self.remaining_work(req, alone=True)
+        now = self.now
+        if st.first_token is None and now + to_first > st.ttft_deadline:
+            left = (st.ttft_deadline - now) * 1000.0
+            return (
+                f"slo.ttft_ms cannot be met: the first token needs at least "
+                f"~{to_first * 1000.0:.0f} ms, {max(left, 0.0):.0f} ms are left"
+            )
+        if now + to_end + st.rest_work > st.deadline:
+            left = (st.deadline - now) * 1000.0
+            need = (to_end + st.rest_work) * 1000.0
+            return (
+                f"slo.deadline_ms cannot be met: at least ~{need:.0f} ms of work remain (this "
+                f"stage and the ones after it), {max(left, 0.0):.0f} ms are left"
+            )
+        return None
+
+    def key(self, req: Request, arrival_seq: int) -> tuple:
+        st = self.states.get(req.request_id)
+        if st is None:
+            return (False, INF, req.arrival_time, arrival_seq)
+        hopeless = self.is_hopeless(req, st)
+        return (hopeless, self.latest_start(req, st), req.arrival_time, arrival_seq)
+
+    def slack(self, req: Request) -> float:
+        st = self.states.get(req.request_id)
+        return INF if st is None else self.latest_start(req, st) - self.now

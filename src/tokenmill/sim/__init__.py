@@ -1,0 +1,1 @@
+"""Scheduler simulation: replay request traces through the real scheduler on simulated time."""
