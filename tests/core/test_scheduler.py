@@ -43,6 +43,7 @@ def test_config_comes_from_the_validated_engine_config() -> None:
         enable_prefix_caching=False,
         policy="priority",
         cache_aware_max_waiting=0,
+        max_forced_tokens=16,  # the engine's default, carried over
     )
     with pytest.raises(AssertionError):
         make_sched(max_num_seqs=0)
