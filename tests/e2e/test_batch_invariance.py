@@ -2,9 +2,10 @@
 token budget (chunked prefill) and under a tiny KV cache (preemption), greedy and seeded.
 
 Two weight paths: the default model's GGUF blocks as stored (the row-independent C++ kernels, the
-configuration the server runs) with 32 requests, and weights dequantized to fp32 (dense matmuls
-in fixed row tiles) with 20 requests of fewer tokens: still more decode rows than one tile, since
-a batch-1 step of that path computes a whole tile and is the slowest thing in the suite."""
+configuration the server runs) with 32 requests, and weights dequantized to fp32 (dense matmuls:
+the row-independent kernel, or fixed row tiles where this CPU lacks it) with 20 requests of fewer
+tokens: still more decode rows than one tile, since a batch-1 step on tiles computes a whole tile
+and is the slowest thing in the suite."""
 
 from __future__ import annotations
 

@@ -33,8 +33,8 @@ def onednn_uses_amx() -> bool:
     kernel once a matmul has tens of rows; elsewhere it runs the same vdpbf16ps as ours."""
     if not {"amx_bf16", "amx_tile"} <= cpu_flags():
         return False
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    return not cap or "AMX" in cap.upper() or cap.upper() == "ALL"
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    return cap in ("", "ALL", "DEFAULT") or "AMX" in cap
 
 
 def dense_supported(dtype: torch.dtype) -> bool:

@@ -82,6 +82,7 @@ class UnquantizedMethod:
         if x.device.type == "cpu" and x.dtype == w.dtype and invariant_kernel(w.dtype):
             if getattr(self, "invariant_weight", None) is None:
                 self.invariant_weight = pack_dense(w)
+                layer.packed_weight = None  # oneDNN's copy: unused from now on
             return dense_linear(x, self.invariant_weight, layer.bias, layer.out_features)
         num_rows = x.shape[0]  # x: [num_rows, in]
         pad = -num_rows % INVARIANT_TILE
