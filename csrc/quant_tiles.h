@@ -102,6 +102,9 @@ inline void tile_kernel(const uint8_t* rec0, int64_t nb, const int8_t* xq, int64
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kWBytes)));
     const __m512 mo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kWBytes + 32)));
+    // Unrolled so that the MR accumulators stay in registers (rolled, GCC kept them on the
+    // stack: a load and a store per row and block; ~5-10% at 512 rows).
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const int8_t* xb = xq + i * K + b * kBlock;
       // Independent accumulator chains: a single chain of 8 dot products waits on vpdpbusd's

@@ -4,9 +4,9 @@ off and with speculative decoding on and off, greedy and seeded.
 
 Two weight paths: the default engine on the default model (its GGUF blocks as stored, bf16 where
 the CPU has it: the configuration the server runs, with no option set) with 32 requests, and
-weights dequantized to fp32 (dense matmuls in fixed row tiles) with 20 requests of fewer tokens:
-still more decode rows than one tile, since a batch-1 step of that path computes a whole tile and
-is the slowest thing in the suite."""
+weights dequantized to fp32 (dense matmuls: the row-independent kernel, or fixed row tiles where
+this CPU lacks it) with 20 requests of fewer tokens: still more decode rows than one tile, since
+a batch-1 step on tiles computes a whole tile and is the slowest thing in the suite."""
 
 from __future__ import annotations
 

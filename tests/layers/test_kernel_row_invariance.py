@@ -25,6 +25,7 @@ from cpu_kernel_utils import gguf_tensor, make_case
 
 from tokenmill.kernels.cpp_build import BUILD_FLAGS
 from tokenmill.kernels.cpu_attention import load_cpu_attention, paged_decode_attention
+from tokenmill.kernels.cpu_dense import dense_linear, dense_supported, pack_dense
 from tokenmill.kernels.cpu_fused import load_cpu_fused
 from tokenmill.kernels.cpu_lut import kernel_lut, load_cpu_lut, lut_linear
 from tokenmill.kernels.cpu_quant import grouped_quant_linear, load_cpu_quant, quant_linear
@@ -122,6 +123,18 @@ def test_quant_linear(fmt: str, k: int, dtype: torch.dtype) -> None:
     packed = pack_tiles(bw)
     x = torch.randn(POOL, k, generator=torch.Generator().manual_seed(k)).to(dtype)
     assert_rows_invariant(lambda idx: quant_linear(x[idx], packed, n, bw.bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [13, 96])  # odd K (a half bfloat16 pair); 48 pairs
+def test_dense_linear(k: int, dtype: torch.dtype) -> None:
+    if not dense_supported(dtype):
+        pytest.skip(f"no row-independent {dtype} kernel on this CPU")
+    n, g = 70, torch.Generator().manual_seed(k)  # a 4-tile block, then a partial tile
+    w, bias = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    packed = pack_dense(w)
+    x = torch.randn(POOL, k, generator=g).to(dtype)
+    assert_rows_invariant(lambda idx: dense_linear(x[idx], packed, bias, n))
 
 
 @needs_quant
@@ -305,7 +318,7 @@ def test_rows_invariant_when_built_for_another_cpu() -> None:
         "import sys, pytest\n"
         "import tokenmill.kernels.build as kb, tokenmill.kernels.cpp_build as b\n"
         f"b.BUILD_FLAGS = (*b.BUILD_FLAGS, {tuning!r})\n"
-        "kb.build_all()\n"  # the four builds side by side, before the tests load them
+        "kb.build_all()\n"  # the builds side by side, before the tests load them
         f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'not slow', {str(here)!r}]))"
     )
     build_dir = Path(root) / f"tokenmill-tuned-{tuning.removeprefix('-mtune=')}"

@@ -11,6 +11,7 @@ from tokenmill.kernels.cpu_quant import grouped_quant_linear, load_cpu_quant, qu
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.layers.moe_grouped import grouped_experts
+from tokenmill.quant import block as quant_block
 from tokenmill.quant.packing import pack_tiles, quantize_rtn
 
 pytestmark = pytest.mark.skipif(load_cpu_quant() is None, reason="no quantized CPU kernel here")
@@ -76,9 +77,11 @@ def test_grouped_experts_equal_the_loop(dtype: torch.dtype, bits: int) -> None:
         assert torch.equal(grouped, loop)
 
 
-def test_grouped_leaves_large_bf16_batches_to_the_loop() -> None:
-    """Past DENSE_ABOVE_ROWS rows for one expert a bfloat16 layer multiplies densely (outside
-    batch-invariant mode): the grouped kernel declines and the loop runs, as before."""
+def test_grouped_leaves_large_bf16_batches_to_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past DENSE_ABOVE_ROWS rows for one expert a bfloat16 layer multiplies densely where
+    oneDNN has AMX (forced here; outside batch-invariant mode): the grouped kernel declines
+    and the loop runs, as before."""
+    monkeypatch.setattr(quant_block, "onednn_uses_amx", lambda: True)
     block = quantized_block(torch.bfloat16)
     x = torch.randn(600, 64).bfloat16()
     with torch.inference_mode():

@@ -121,9 +121,13 @@ def test_dequantize_packed_bit_exact(bits: int, n: int, k: int) -> None:
 
 
 @needs_kernel
-def test_large_batches_take_the_dense_path() -> None:
+def test_large_batches_take_the_dense_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where oneDNN has AMX (forced here), default mode dequantizes large bfloat16 batches."""
     from tokenmill.layers.linear import Linear
+    from tokenmill.quant import block
     from tokenmill.quant.block import DENSE_ABOVE_ROWS
+
+    monkeypatch.setattr(block, "onednn_uses_amx", lambda: True)
 
     torch.manual_seed(0)
     layer = Linear(64, 40, bias=True, dtype=torch.bfloat16, quant="blocks")
@@ -139,3 +143,23 @@ def test_large_batches_take_the_dense_path() -> None:
     assert (small.float() - dense[:3].float()).abs().max() < 0.05 * dense.float().abs().max()
     layer.batch_invariant = True  # rows must not depend on the batch: always the kernel
     assert torch.equal(layer(x)[:3], small)
+
+
+@needs_kernel
+def test_large_batches_stay_on_the_kernel_without_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where oneDNN has no AMX (forced here) the kernel serves every row count in default mode
+    too, so it computes what batch-invariant mode does."""
+    from tokenmill.layers.linear import Linear
+    from tokenmill.quant import block
+
+    monkeypatch.setattr(block, "onednn_uses_amx", lambda: False)
+    torch.manual_seed(0)
+    layer = Linear(64, 40, bias=True, dtype=torch.bfloat16, quant="blocks")
+    layer.weight.data.zero_()
+    layer.bias.data.normal_()
+    layer.load_quantized(quantize_rtn(torch.randn(40, 64), 4))
+    layer.quant_method.process_after_loading(layer)
+    x = torch.randn(block.DENSE_ABOVE_ROWS + 5, 64).bfloat16()
+    default = layer(x)
+    layer.batch_invariant = True
+    assert torch.equal(layer(x), default)

@@ -10,13 +10,14 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from tokenmill.kernels.cpu_attention import load_cpu_attention
+from tokenmill.kernels.cpu_dense import load_cpu_dense
 from tokenmill.kernels.cpu_fused import load_cpu_fused
 from tokenmill.kernels.cpu_lut import load_cpu_lut
 from tokenmill.kernels.cpu_quant import load_cpu_quant
 
 
 def _loaders() -> tuple[Callable[[], Any | None], ...]:
-    return (load_cpu_attention, load_cpu_quant, load_cpu_lut, load_cpu_fused)
+    return (load_cpu_attention, load_cpu_quant, load_cpu_lut, load_cpu_fused, load_cpu_dense)
 
 
 def _build_one(index: int) -> bool:

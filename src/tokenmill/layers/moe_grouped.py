@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tokenmill.kernels.cpu_fused import fused_ops
 from tokenmill.kernels.cpu_quant import load_cpu_quant
-from tokenmill.quant.block import DENSE_ABOVE_ROWS
+from tokenmill.quant.block import dense_above_rows
 
 if TYPE_CHECKING:
     from tokenmill.layers.linear import Linear
@@ -71,10 +71,11 @@ def grouped_experts(experts: Experts, rows: torch.Tensor, counts: list[int]) -> 
     if ops is None or not active:
         return None
     first = experts[active[0]]
-    # Above DENSE_ABOVE_ROWS bfloat16 rows a quantized layer multiplies densely (see
+    # Above dense_above_rows() bfloat16 rows a quantized layer multiplies densely (see
     # kernel_or_dense): the loop takes those batches, so the two paths agree.
+    limit = dense_above_rows()
     dense_above = rows.dtype == torch.bfloat16 and not first.down_proj.batch_invariant
-    if dense_above and max(counts) > DENSE_ABOVE_ROWS:
+    if dense_above and limit is not None and max(counts) > limit:
         return None
     gate_up, down = [], []
     for e in active:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from tokenmill.kernels.cpu_dense import onednn_uses_amx
 from tokenmill.kernels.cpu_quant import (
     dequantize_packed,
     load_cpu_quant,
@@ -45,7 +46,17 @@ logger = logging.getLogger(__name__)
 # matmul once each weight is reused this often (measured crossover ~96 rows on the 2-core
 # host: 64 rows 72 vs 91 ms, 128 rows 139 vs 100 ms, 512 rows 516 vs 196 ms for SmolLM2's
 # decoder). Never in batch-invariant mode, where a row must not depend on the batch size.
+# Only where oneDNN runs bfloat16 on AMX (see dense_above_rows).
 DENSE_ABOVE_ROWS = 96
+
+
+def dense_above_rows() -> int | None:
+    """The row count above which default mode dequantizes (None: never). Without AMX,
+    oneDNN's bfloat16 matmul runs vdpbf16ps, half the multiply-adds per instruction of the
+    kernel's vpdpbusd, and the int8 kernel is faster at every row count (measured with oneDNN
+    capped at AVX512_CORE_BF16 on the Xeon: 3x at 96 rows, 3-7x at 512 rows), so every row
+    count takes the kernel and default mode computes what batch-invariant mode does."""
+    return DENSE_ABOVE_ROWS if onednn_uses_amx() else None
 
 
 @functools.cache
@@ -140,7 +151,7 @@ class BlockQuantMethod:
         return kernel_or_dense(
             layer,
             x,
-            DENSE_ABOVE_ROWS,
+            dense_above_rows(),
             lambda x: quant_linear(x, packed, n, bits),
             lambda: dequantize_packed(packed, n, bits),
         )
@@ -149,14 +160,19 @@ class BlockQuantMethod:
 def kernel_or_dense(
     layer: Linear,
     x: torch.Tensor,
-    dense_above_rows: int,
+    dense_above_rows: int | None,
     kernel: Callable[[torch.Tensor], torch.Tensor],
     dequantize: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
     """A quantized layer's matmul: `kernel(x)` (float32 or bfloat16 x, y in x's dtype), or, for
-    more than `dense_above_rows` bfloat16 rows outside batch-invariant mode, oneDNN's bf16
-    matmul on the `dequantize()`d weight."""
-    if x.dtype == torch.bfloat16 and x.shape[0] > dense_above_rows and not layer.batch_invariant:
+    more than `dense_above_rows` (None: no limit) bfloat16 rows outside batch-invariant mode,
+    oneDNN's bf16 matmul on the `dequantize()`d weight."""
+    if (
+        dense_above_rows is not None
+        and x.dtype == torch.bfloat16
+        and x.shape[0] > dense_above_rows
+        and not layer.batch_invariant
+    ):
         return F.linear(x, dequantize(), layer.bias)
     if x.dtype not in (torch.float32, torch.bfloat16):
         x = x.float()

@@ -1,4 +1,10 @@
-"""The dense method: weights in the compute dtype, multiplied by oneDNN / cuBLAS."""
+"""The dense method: weights in the compute dtype, multiplied by oneDNN / cuBLAS.
+
+In batch-invariant mode a row must not depend on the rows beside it. On CPUs the
+row-independent kernel (kernels.cpu_dense) serves float32 weights, and bfloat16 ones where
+oneDNN has no AMX (there both run vdpbf16ps, and ours needs no padding at decode); with AMX,
+oneDNN on fixed tiles of INVARIANT_TILE rows is faster from ~8 rows on.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill.kernels.cpu_dense import dense_linear, dense_supported, onednn_uses_amx, pack_dense
 
 if TYPE_CHECKING:
     from tokenmill.layers.linear import Linear
@@ -31,6 +39,13 @@ def _can_prepack(weight: torch.Tensor) -> bool:
     )
 
 
+def invariant_kernel(dtype: torch.dtype) -> bool:
+    """Whether batch-invariant mode multiplies weights of `dtype` with kernels.cpu_dense."""
+    if dtype == torch.bfloat16 and onednn_uses_amx():
+        return False
+    return dtype in (torch.float32, torch.bfloat16) and dense_supported(dtype)
+
+
 class UnquantizedMethod:
     """Dense weights in the compute dtype; on CPUs, bf16/fp16 weights are pre-packed for oneDNN."""
 
@@ -42,6 +57,7 @@ class UnquantizedMethod:
 
     def process_after_loading(self, layer: Linear) -> None:
         layer.packed_weight = None
+        self.invariant_weight: torch.Tensor | None = None  # packed on first invariant call
         if _can_prepack(layer.weight):
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, _PACK_HINT_ROWS)
@@ -62,6 +78,12 @@ class UnquantizedMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if not layer.batch_invariant:
             return self._matmul(layer, x)
+        w = layer.weight
+        if x.device.type == "cpu" and x.dtype == w.dtype and invariant_kernel(w.dtype):
+            if getattr(self, "invariant_weight", None) is None:
+                self.invariant_weight = pack_dense(w)
+                layer.packed_weight = None  # oneDNN's copy: unused from now on
+            return dense_linear(x, self.invariant_weight, layer.bias, layer.out_features)
         num_rows = x.shape[0]  # x: [num_rows, in]
         pad = -num_rows % INVARIANT_TILE
         if pad:
