@@ -87,7 +87,12 @@ def moe_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_moe_tp")
     return {
         arch: make_tiny_hf_folder(root, arch)
-        for arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM")
+        for arch in (
+            "MixtralForCausalLM",
+            "Qwen2MoeForCausalLM",
+            "Qwen3MoeForCausalLM",
+            "OlmoeForCausalLM",
+        )
     }
 
 
@@ -109,22 +114,40 @@ def _greedy(llm: LLM, n: int = 8) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
-def test_tp2_expert_parallel_matches_tp1(moe_folders: dict[str, Path], arch: str) -> None:
-    """Attention split by KV head, experts shared out: logits within 1e-4 of TP=1 (the
-    attention's row-parallel sums add in another order), the same greedy tokens. Qwen2-MoE
-    adds a replicated shared expert, q/k/v biases and a dense (split) MLP layer."""
-    kw = dict(dtype="float32")
+@pytest.mark.parametrize(
+    ("arch", "quantization"),
+    [
+        ("MixtralForCausalLM", None),
+        ("MixtralForCausalLM", "int4"),
+        ("Qwen2MoeForCausalLM", None),
+        ("Qwen3MoeForCausalLM", None),
+    ],
+)
+def test_tp2_expert_parallel_matches_tp1(
+    moe_folders: dict[str, Path], arch: str, quantization: str | None
+) -> None:
+    """Attention split by KV head, experts shared out: dense fp32 logits within 1e-4 of TP=1
+    (the attention's row-parallel sums add in another order), int4 blocks (o_proj gathers,
+    experts whole, top-2 partials summed exactly) bit for bit; the same greedy tokens.
+    Qwen2-MoE adds a replicated shared expert, q/k/v biases and a dense (split) MLP layer;
+    Qwen3-MoE per-head q/k norms."""
+    kw = dict(dtype="float32", quantization=quantization)
     one = LLM(str(moe_folders[arch]), **kw)
     two = LLM(str(moe_folders[arch]), tensor_parallel_size=2, enable_expert_parallel=True, **kw)
     try:
         blocks = [m for m in two.engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
         assert blocks and all(len(b.experts) == 4 for b in blocks)  # rank 0: experts 0..3
+        if quantization is not None:  # whole experts, still in their blocks
+            down = blocks[0].experts[3].down_proj
+            assert down.quant_method.describe(down) == "int4"
         l1, l2 = _logits_recorded(one), _logits_recorded(two)
         assert _greedy(one) == _greedy(two)
         assert len(l1) == len(l2) == 8
         for a, b in zip(l1, l2, strict=True):
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+            if quantization is None:
+                torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+            else:
+                assert torch.equal(b, a)
     finally:
         two.engine.shutdown()
 

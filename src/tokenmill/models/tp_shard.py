@@ -36,7 +36,6 @@ from tokenmill.quant.block import BlockQuantMethod
 from tokenmill.quant.packing import BLOCK
 from tokenmill.quant.shard import take_cols, take_rows
 
-
 _MOE_TP_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
