@@ -271,7 +271,8 @@ class EngineConfig:
         default=1,
         metadata={
             "help": "ranks the model is split over (Megatron-style: attention by KV head, MLP, "
-            "vocabulary); one process per rank on this host, gloo on cpu, NCCL on cuda"
+            "vocabulary; MoE experts with --enable-expert-parallel); one process per rank on "
+            "this host, gloo on cpu, NCCL on cuda"
         },
     )
     enable_expert_parallel: bool = field(
