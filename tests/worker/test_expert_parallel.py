@@ -68,6 +68,11 @@ def test_ranks_keep_their_experts_and_partials_sum_exactly(quant: str | None) ->
             assert block.shared_expert is not None  # replicated
             if quant is None:  # the dense stacks hold this rank's experts only
                 assert block.experts.gate_up_proj.shape[0] == 4
+                storages = {
+                    t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [*block.experts.parameters(), *block.experts.buffers()]
+                }
+                assert sum(storages.values()) == 4 * (2 * 32 * 64 + 64 * 32) * 4  # fp32 bytes
                 own = block.experts[1].gate_up_proj.weight
                 assert own.data_ptr() == block.experts.gate_up_proj[1].data_ptr()
                 assert torch.equal(own, whole.experts[4 * rank + 1].gate_up_proj.weight)
