@@ -3,8 +3,6 @@ tensor-parallel worker alike (so all ranks build the same runner)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from tokenmill.config import EngineConfig
 from tokenmill.layers.expert_lowbit import MISS_PRECISIONS
 from tokenmill.layers.tensor_parallel import TPGroup
@@ -20,8 +18,6 @@ def make_runner(
     cls: type[ModelRunner] = ModelRunner,
     tp: TPGroup | None = None,
 ) -> ModelRunner:
-    if tp is not None:
-        tp = dataclasses.replace(tp, expert_parallel=config.enable_expert_parallel)
     return cls(
         loaded.model_config,
         loaded.weights,

@@ -93,7 +93,9 @@ class TPExecutor:
         try:
             self._start(args)
             self._wait_connected()
-            self.tp = join_group(0, n, config.device, self.store, STEP_TIMEOUT_S)
+            self.tp = join_group(
+                0, n, config.device, self.store, STEP_TIMEOUT_S, config.enable_expert_parallel
+            )
         except BaseException:
             self.shutdown()
             raise
