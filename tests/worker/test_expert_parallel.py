@@ -87,6 +87,23 @@ def test_ranks_keep_their_experts_and_partials_sum_exactly(quant: str | None) ->
     assert torch.equal(partials[0] + partials[1], expected)
 
 
+def test_top4_partials_sum_closely() -> None:
+    """Top-4 routing: a token's outputs can sit on both ranks two by two, so the ranks' sum
+    associates differently from TP=1's ascending sum; it stays within the last bits."""
+    loaded = _loaded_block(None, shared=False)
+    loaded.top_k = 4
+    whole = _packed(copy.deepcopy(loaded))
+    x = torch.randn(29, 64)
+    with torch.inference_mode():
+        weights, ids = whole.routing(x)
+        total = torch.zeros_like(x)
+        for rank in range(2):
+            block = copy.deepcopy(loaded)
+            shard = shard_experts(block, TPGroup(rank, 2))
+            total += _packed(block).experts(x, weights, shard.local_ids(ids))
+        torch.testing.assert_close(total, whole.experts(x, weights, ids), atol=1e-6, rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def moe_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_moe_tp")
@@ -179,3 +196,21 @@ def test_unsupported_combinations_fail_at_start(
         EngineConfig(enable_expert_parallel=True)
     with pytest.raises(ValueError, match="expert_memory_gb"):
         EngineConfig(tensor_parallel_size=2, enable_expert_parallel=True, expert_memory_gb=1.0)
+
+
+@pytest.mark.slow
+def test_tp4_expert_parallel_matches_tp1(moe_folders: dict[str, Path]) -> None:
+    """4 ranks: 2 experts each, each KV head on two ranks; top-2 partials still sum exactly,
+    the attention's row-parallel sums within 1e-4."""
+    folder = str(moe_folders["MixtralForCausalLM"])
+    one = LLM(folder, dtype="float32")
+    four = LLM(folder, dtype="float32", tensor_parallel_size=4, enable_expert_parallel=True)
+    try:
+        blocks = [m for m in four.engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
+        assert all(len(b.experts) == 2 for b in blocks)
+        l1, l4 = _logits_recorded(one), _logits_recorded(four)
+        assert _greedy(one) == _greedy(four)
+        for a, b in zip(l1, l4, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    finally:
+        four.engine.shutdown()

@@ -11,9 +11,10 @@ ranks combines them before the (replicated) shared expert is added. An all-to-al
 pays where tokens are sharded across ranks (data parallelism), which tensor parallelism is not.
 
 Exactness: a token's top-k outputs are summed per rank in ascending expert order, then across
-ranks. With top-2 routing over 2 ranks this is TP=1's sum bit for bit (each rank's partial is
-0, one output or both outputs' sum, and x + 0 and a + b are exact whatever the order); with more
-slots or ranks the association can differ in the last bit.
+ranks. With top-2 routing (Mixtral) this is TP=1's sum bit for bit at any rank count: at most
+two partials are non-zero (one output each, or one holding both outputs' sum), and x + 0 and
+a + b are exact whatever the order. With top-k > 2 a token's outputs can split into groups
+whose sums associate differently from TP=1's ascending sum: the last bits can differ.
 """
 
 from __future__ import annotations
