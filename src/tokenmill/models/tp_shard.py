@@ -12,6 +12,7 @@ the whole projection would need the ranks' sums of squares, so it is refused.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from torch import nn
 
@@ -35,6 +36,8 @@ from tokenmill.models.registry import model_class
 from tokenmill.quant.block import BlockQuantMethod
 from tokenmill.quant.packing import BLOCK
 from tokenmill.quant.shard import take_cols, take_rows
+
+logger = logging.getLogger(__name__)
 
 _MOE_TP_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
@@ -109,6 +112,7 @@ def shard_model(model: nn.Module, tp: TPGroup) -> HeadShard:
     cfg: ModelConfig = model.config
     check_splittable(cfg, tp.world_size, tp.expert_parallel)
     heads = head_split(cfg.num_attention_heads, cfg.num_key_value_heads, tp.world_size)[tp.rank]
+    experts: tuple[int, int, int] | None = None
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         norm = getattr(attn, "q_norm", None)  # per head (Qwen3) splits; over all heads not
@@ -117,7 +121,8 @@ def shard_model(model: nn.Module, tp: TPGroup) -> HeadShard:
             raise TensorParallelError(f"tensor parallelism cannot split {type(attn).__name__}")
         _shard_attention(attn, heads, tp, cfg.hidden_size)
         if isinstance(mlp, SparseMoeBlock):
-            shard_experts(mlp, tp)  # the router and any shared expert stay whole
+            shard = shard_experts(mlp, tp)  # the router and any shared expert stay whole
+            experts = (shard.start, shard.end, shard.num_experts)
         elif isinstance(mlp, LlamaMLP):
             _shard_mlp(mlp, cfg, tp)
         else:
@@ -125,6 +130,8 @@ def shard_model(model: nn.Module, tp: TPGroup) -> HeadShard:
         fused = getattr(layer, "fused_decode", None)  # MoE layers have none
         if fused is not None:
             fused.disable()  # the C++ layer has no all-reduce between its matmuls
+    if experts is not None:
+        logger.info("rank %d: experts [%d, %d) of %d in each MoE layer", tp.rank, *experts)
     v0, v1 = even_split(cfg.vocab_size, tp.world_size)[tp.rank]
     embed = model.model.embed_tokens
     model.model.embed_tokens = VocabParallelEmbedding(embed.weight.data, v0, v1, tp)
