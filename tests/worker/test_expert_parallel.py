@@ -85,6 +85,9 @@ def test_ranks_keep_their_experts_and_partials_sum_exactly(quant: str | None) ->
             partials.append(block.experts(x, weights, shard.local_ids(ids)))
         assert ids.min() < 4 <= ids.max()  # tokens routed to both ranks' experts
     assert torch.equal(partials[0] + partials[1], expected)
+    with torch.inference_mode():  # a step with no token for rank 1's experts: zeros
+        ids = torch.tensor([[0, 3]] * 5)
+        assert not block.experts(x[:5], weights[:5], shard.local_ids(ids)).any()
 
 
 def test_top4_partials_sum_closely() -> None:

@@ -132,6 +132,8 @@ class Experts(nn.ModuleList):
         pair_weights = weights.flatten()[pairs].unsqueeze(-1)  # [pairs, 1]
         rows = x[tokens]  # [pairs, hidden]
         out = torch.zeros_like(x)
+        if others and pairs.numel() == 0:  # no token for this rank's experts this step
+            return out
         y = None
         if cache is None and self.use_triton:
             y = triton_experts(self, rows, counts)
