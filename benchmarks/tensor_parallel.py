@@ -9,6 +9,11 @@ TP=2), so the share is an upper bound on pure transfer time.
 
     python benchmarks/tensor_parallel.py [--tp 1 2] [--decode-len 64] [--batch 8]
         [--prefill-len 512] [--backend mp|ray] [--out benchmarks/results/tensor_parallel.json]
+        [--model PATH [--tokenizer PATH]] [--enable-expert-parallel]
+
+`--model` times another model (default: the default model); an MoE model (Mixtral, Qwen-MoE)
+needs `--enable-expert-parallel` at TP > 1, whose per-layer all-reduce of the partial expert
+outputs counts as communication.
 """
 
 from __future__ import annotations
@@ -57,8 +62,11 @@ def _instrument(llm: LLM) -> tuple[_Clock, _Clock]:
 
 def bench(args: argparse.Namespace, tp: int) -> dict:
     kw: dict[str, Any] = dict(dtype=args.dtype, tensor_parallel_size=tp)
+    if args.model:
+        kw.update(model=args.model, tokenizer=args.tokenizer)
     if tp > 1:
         kw["distributed_executor_backend"] = args.backend
+        kw["enable_expert_parallel"] = args.enable_expert_parallel
     llm = LLM(**kw)
     try:
         tok = llm.get_tokenizer()
@@ -83,6 +91,7 @@ def bench(args: argparse.Namespace, tp: int) -> dict:
         prefill = len(long_prompt) / run([long_prompt], 1)
         return {
             "tensor_parallel_size": tp,
+            "expert_parallel": tp > 1 and args.enable_expert_parallel,
             "dtype": str(llm.engine.dtype),
             "single_stream_decode_tok_s": single,
             "batched_decode_tok_s": batched,
@@ -105,6 +114,9 @@ def main() -> None:
     ap.add_argument("--decode-len", type=int, default=64)
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--out", default="benchmarks/results/tensor_parallel.json")
+    ap.add_argument("--model", default=None, help="default: the default model")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--enable-expert-parallel", action="store_true")
     args = ap.parse_args()
     results = [bench(args, tp) for tp in args.tp]
     for r in results:

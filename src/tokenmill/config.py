@@ -271,7 +271,16 @@ class EngineConfig:
         default=1,
         metadata={
             "help": "ranks the model is split over (Megatron-style: attention by KV head, MLP, "
-            "vocabulary); one process per rank on this host, gloo on cpu, NCCL on cuda"
+            "vocabulary; MoE experts with --enable-expert-parallel); one process per rank on "
+            "this host, gloo on cpu, NCCL on cuda"
+        },
+    )
+    enable_expert_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "tensor parallelism of a mixture-of-experts model: each rank keeps whole "
+            "experts (an even share of each layer's), the router and shared experts replicated; "
+            "the ranks' partial MoE outputs are summed with one all-reduce"
         },
     )
     distributed_executor_backend: str = field(
@@ -300,6 +309,16 @@ class EngineConfig:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
+            raise ValueError(
+                "enable_expert_parallel shares the experts out over tensor-parallel ranks: it "
+                f"needs tensor_parallel_size >= 2, got {self.tensor_parallel_size}"
+            )
+        if self.expert_memory_gb is not None and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "expert_memory_gb (expert offloading) is not supported with "
+                f"tensor_parallel_size {self.tensor_parallel_size}; use one of the two"
+            )
         if self.distributed_executor_backend not in ("mp", "ray"):
             raise ValueError(
                 "distributed_executor_backend must be mp or ray, got "

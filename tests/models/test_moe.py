@@ -1,8 +1,9 @@
 """Mixture-of-experts families (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) on tiny random-weight
 models (fp32) against transformers: logits through the paged cache with chunked prompts, GGUF
 files written from the same weights (F32, and Q8_0 / Q4_0 / Q4_1 experts kept in their blocks),
-greedy tokens through `LLM` and the engine's invariances. The fused MoE layer is checked against
-its dense all-experts reference and for batch invariance."""
+greedy tokens through `LLM`, the engine's invariances and a Q4_0 GGUF at TP=2 with expert
+parallelism. The fused MoE layer is checked against its dense all-experts reference and for
+batch invariance."""
 
 from __future__ import annotations
 
@@ -405,3 +406,47 @@ def test_int8_at_load_quantizes_experts(folders, make_llm) -> None:
     # under any rounding: compare each position's whole logit vector instead.
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
     assert cos.min().item() > 0.99, cos
+
+
+def test_gguf_q4_0_expert_parallel_matches_tp1(tmp_path: Path, folders) -> None:
+    """Tiny Mixtral as a Q4_0 GGUF at TP=2 with expert parallelism: each rank keeps 4 whole
+    experts in their blocks (views of the stacked tensors); the logits are TP=1's bit for
+    bit (o_proj gathers, top-2 partials over 2 ranks sum exactly) and so are the tokens."""
+    from tokenmill import LLM, SamplingParams
+
+    folder = folders["MixtralForCausalLM"]
+    cfg = transformers.AutoConfig.from_pretrained(str(folder))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    q4 = gguf.GGMLQuantizationType.Q4_0
+    path = write_moe_gguf(tmp_path / "mixtral-q4_0.gguf", cfg, hf.state_dict(), q4)
+    kw: dict[str, Any] = dict(model=str(path), tokenizer=str(folder), dtype="float32")
+    one = LLM(**kw)
+    two = LLM(**kw, tensor_parallel_size=2, enable_expert_parallel=True)
+    try:
+        moe = two.engine.runner.model.model.layers[0].mlp
+        assert len(moe.experts) == 4
+        down = moe.experts[3].down_proj
+        assert down.quant_method.describe(down) == "Q4_0"
+        seen: list[list[torch.Tensor]] = [[], []]
+
+        def recording(inner: Any, out: list[torch.Tensor]) -> Any:
+            def record(hidden: torch.Tensor) -> torch.Tensor:
+                out.append(inner(hidden))
+                return out[-1]
+
+            return record
+
+        for llm, out in zip((one, two), seen, strict=True):
+            model = llm.engine.runner.model
+            model.compute_logits = recording(model.compute_logits, out)
+        params = SamplingParams(max_tokens=6, temperature=0)
+        prompts = ["The capital of France is", "1, 2, 3,"]
+        tokens = [
+            [o.outputs[0].token_ids for o in llm.generate(prompts, params)] for llm in (one, two)
+        ]
+        assert tokens[0] == tokens[1]
+        assert len(seen[0]) == len(seen[1]) == 6
+        for a, b in zip(*seen, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        two.engine.shutdown()

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM, SamplingParams, StructuredOutputsParams
 from tokenmill.config import EngineConfig
+from tokenmill.core.sched_types import ScheduledSeq
 from tokenmill.engine import tp_executor
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.engine.engine import LLMEngine
@@ -25,6 +26,7 @@ from tokenmill.layers.linear import Linear
 from tokenmill.layers.tensor_parallel import TensorParallelError, even_split, head_split
 from tokenmill.quant.packing import quantize_rtn
 from tokenmill.quant.shard import ShardError, take_cols
+from tokenmill.worker import input_batch
 from tokenmill.worker.shm_broadcast import ShmBroadcast
 from utils_default import needs_default
 from utils_tiny import make_tiny_hf_folder
@@ -123,6 +125,32 @@ def test_tp2_matches_tp1_tiny_gqa(tiny_gqa: Path, quantization: str | None) -> N
         assert len(l1) == len(l2) > 8  # 8 decode steps plus the prompt rows
         for a, b in zip(l1, l2, strict=True):
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+    finally:
+        two.engine.shutdown()
+
+
+def test_tp2_forced_runs_match_tp1(tiny_gqa: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A constrained request's forced run is laid out as decode rows on rank 0; the workers
+    learn that from the step message (they have no request), so every rank orders the rows
+    alike and the tokens are TP=1's."""
+    runs = []  # rank 0's forced runs (several tokens as decode rows)
+    decode_rows = input_batch._decode_rows
+
+    def counted(seq: ScheduledSeq) -> bool:
+        rows = decode_rows(seq)
+        runs.extend([seq.num_tokens] if rows and seq.num_tokens > 1 else [])
+        return rows
+
+    monkeypatch.setattr(input_batch, "_decode_rows", counted)
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {"name": {"enum": [
+        "Washington state", "Wellington city"]}}, "required": ["name"]})  # fmt: skip
+    params = SamplingParams(max_tokens=24, temperature=0, structured_outputs=spec)
+    one = LLM(str(tiny_gqa), dtype="float32", max_forced_tokens=16)
+    two = LLM(str(tiny_gqa), dtype="float32", max_forced_tokens=16, tensor_parallel_size=2)
+    try:
+        expected = [o.outputs[0].token_ids for o in one.generate(PROMPTS, params)]
+        assert [o.outputs[0].token_ids for o in two.generate(PROMPTS, params)] == expected
+        assert runs  # forced runs really ran
     finally:
         two.engine.shutdown()
 

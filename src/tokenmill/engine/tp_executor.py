@@ -53,7 +53,7 @@ def threads_per_rank(config: EngineConfig) -> int:
 class TPExecutor:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int):
         n = config.tensor_parallel_size
-        check_splittable(model_config, n)
+        check_splittable(model_config, n, config.enable_expert_parallel)
         if dist.is_initialized():
             raise DistributedStartupError(
                 "this process already runs a torch.distributed group (another tensor-parallel "
@@ -93,7 +93,9 @@ class TPExecutor:
         try:
             self._start(args)
             self._wait_connected()
-            self.tp = join_group(0, n, config.device, self.store, STEP_TIMEOUT_S)
+            self.tp = join_group(
+                0, n, config.device, self.store, STEP_TIMEOUT_S, config.enable_expert_parallel
+            )
         except BaseException:
             self.shutdown()
             raise

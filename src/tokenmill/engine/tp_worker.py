@@ -34,7 +34,12 @@ class WorkerArgs:
 
 
 def join_group(
-    rank: int, world_size: int, device: str, store: dist.Store, step_timeout_s: float
+    rank: int,
+    world_size: int,
+    device: str,
+    store: dist.Store,
+    step_timeout_s: float,
+    expert_parallel: bool = False,
 ) -> TPGroup:
     """Joins the default (gloo, start-up timeout) group through `store`, then the group of
     the step collectives: NCCL on CUDA, gloo on the CPU, with the step timeout."""
@@ -50,7 +55,7 @@ def join_group(
     group = dist.new_group(
         list(range(world_size)), timeout=timedelta(seconds=step_timeout_s), backend=backend
     )
-    return TPGroup(rank, world_size, group)
+    return TPGroup(rank, world_size, group, expert_parallel)
 
 
 def worker_main(args: WorkerArgs) -> None:
@@ -76,7 +81,10 @@ def worker_main(args: WorkerArgs) -> None:
             "127.0.0.1", args.port, args.world_size, is_master=False,
             timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
         )  # fmt: skip
-        tp = join_group(args.rank, args.world_size, config.device, store, STEP_TIMEOUT_S)
+        tp = join_group(
+            args.rank, args.world_size, config.device, store, STEP_TIMEOUT_S,
+            config.enable_expert_parallel,
+        )  # fmt: skip
         runner = make_runner(config, load_model(config), tp=tp)
     except BaseException as e:
         channel.set_state(reader, FAILED, f"rank {args.rank}: {type(e).__name__}: {e}")

@@ -18,6 +18,8 @@ experts, large bfloat16 batches on the CPU, other quant methods).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,9 @@ from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.moe_grouped import combine, grouped_experts, silu_mul
 from tokenmill.layers.moe_triton import triton_experts
 from tokenmill.quant.base import QuantScheme
+
+if TYPE_CHECKING:
+    from tokenmill.layers.expert_parallel import ExpertShard
 
 
 class SwiGLU(nn.Module):
@@ -116,21 +121,29 @@ class Experts(nn.ModuleList):
             return self.every_expert(x, weights, ids)  # no host sync inside a CUDA graph
         top_k = ids.shape[1]
         flat = ids.flatten()  # [T k]: pair j is token j // k
-        # Stable: within an expert, pairs keep their token order.
+        # Stable: within an expert, pairs keep their token order. Under expert parallelism
+        # the pairs of other ranks' experts carry the id len(self) (`expert_parallel`): they
+        # sort last and are dropped here.
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=len(self)).tolist()
-        tokens = order // top_k  # [T k], grouped by expert
-        pair_weights = weights.flatten()[order].unsqueeze(-1)  # [T k, 1]
-        rows = x[tokens]  # [T k, hidden]
+        counts = torch.bincount(flat, minlength=len(self) + 1).tolist()
+        others = counts.pop(len(self))
+        pairs = order[: order.numel() - others]
+        tokens = pairs // top_k  # grouped by expert
+        pair_weights = weights.flatten()[pairs].unsqueeze(-1)  # [pairs, 1]
+        rows = x[tokens]  # [pairs, hidden]
         out = torch.zeros_like(x)
+        if others and pairs.numel() == 0:  # no token for this rank's experts this step
+            return out
+        y = None
         if cache is None and self.use_triton:
             y = triton_experts(self, rows, counts)
-            if y is not None:
-                return combine(out, (y * pair_weights).to(out.dtype), order, top_k)
-        if cache is None and self.grouped:
+        if y is None and cache is None and self.grouped:
             y = grouped_experts(self, rows, counts)
-            if y is not None:
-                return combine(out, (y * pair_weights).to(out.dtype), order, top_k)
+        if y is not None:
+            contrib = (y * pair_weights).to(out.dtype)
+            if others:  # zero rows for the other ranks' pairs: adding them changes no bit
+                contrib = torch.cat([contrib, contrib.new_zeros(others, contrib.shape[1])])
+            return combine(out, contrib, order, top_k)
         top = [1.0] * len(self)  # each expert's largest routing weight, for mixed precision
         if cache is not None:
             cache.begin_layer(self.layer_id, [e for e, n in enumerate(counts) if n], x.shape[0])
@@ -170,8 +183,10 @@ class Experts(nn.ModuleList):
         gate_up = torch.einsum("th,eoh->eto", x, self.gate_up_proj)  # [E, T, 2 I]
         gate, up = gate_up.chunk(2, dim=-1)
         y = torch.einsum("eti,ehi->eth", F.silu(gate) * up, self.down_proj)  # [E, T, hidden]
-        dense = torch.zeros(x.shape[0], len(self), dtype=weights.dtype, device=x.device)
-        dense.scatter_(1, ids, weights)  # [T, E]
+        # One more column for the id of other ranks' experts (`expert_parallel`), dropped.
+        dense = torch.zeros(x.shape[0], len(self) + 1, dtype=weights.dtype, device=x.device)
+        dense.scatter_(1, ids, weights)
+        dense = dense[:, : len(self)]  # [T, E]
         return torch.einsum("te,eth->th", dense.to(y.dtype), y)
 
 
@@ -210,6 +225,9 @@ class SparseMoeBlock(nn.Module):
         # Layer-level prefetch (set by `offload_experts`): the next MoE layer, whose router
         # this layer runs on its own input to predict the next layer's experts.
         self.prefetch_next: SparseMoeBlock | None = None
+        # Expert parallelism (layers/expert_parallel.py): this rank's share of the experts;
+        # the partial outputs are summed over the ranks before the shared expert is added.
+        self.expert_parallel: ExpertShard | None = None
 
     def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
@@ -225,8 +243,13 @@ class SparseMoeBlock(nn.Module):
             # The residual stream drifts little from one layer to the next, so the next router
             # on this layer's input mostly picks the experts it will pick on its own.
             predicted = route(nxt.gate(x), nxt.top_k, nxt.renormalize)[1]
+        ep = self.expert_parallel
+        if ep is not None:  # other ranks' experts -> len(self.experts), which Experts drops
+            ids = ep.local_ids(ids)
         experts = self.experts.reference if dense_reference else self.experts
         out = experts(x, weights, ids)
+        if ep is not None:
+            out = ep.tp.all_reduce(out.contiguous())
         cache = self.experts.cache
         if predicted is not None and nxt is not None and cache is not None:
             # Loaded after this layer's experts ran: on a CPU the copy is synchronous, and done

@@ -28,11 +28,13 @@ class TensorParallelError(ValueError):
 @dataclass
 class TPGroup:
     """This rank's place in the tensor-parallel group; `group` carries the step collectives
-    (its timeout bounds how long a step waits for a dead or hung rank)."""
+    (its timeout bounds how long a step waits for a dead or hung rank). `expert_parallel`:
+    MoE layers keep whole experts per rank (layers/expert_parallel.py)."""
 
     rank: int
     world_size: int
     group: Any = None
+    expert_parallel: bool = False
 
     def startup_barrier(self) -> None:
         """Waits for every rank on the default group (start-up's longer timeout)."""

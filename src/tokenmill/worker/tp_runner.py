@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,9 +23,19 @@ from tokenmill.worker.shm_broadcast import ShmBroadcast
 
 logger = logging.getLogger(__name__)
 
-# A step's message: ([(token_ids, start_pos, block_ids, sample, num_draft_tokens)],
-# sample rows, [(first row, rows)] of prompt-logprob spans); None stops the workers.
+# A step's message: ([(token_ids, start_pos, block_ids, sample, num_draft_tokens, constrained,
+# num_prompt_tokens)], sample rows, [(first row, rows)] of prompt-logprob spans); None stops
+# the workers.
 StepMessage = tuple[list[tuple[Any, ...]], list[int], list[tuple[int, int]]]
+
+
+@dataclass(frozen=True)
+class _RequestView:
+    """What `build_input_batch` reads of a request (whether a seq is a constrained request's
+    forced run, laid out as decode rows), so that a worker orders the rows as rank 0 does."""
+
+    grammar: bool | None
+    num_prompt_tokens: int
 
 
 def step_message_bytes(max_tokens: int, max_seqs: int, num_groups: int, max_blocks: int) -> int:
@@ -63,9 +74,10 @@ class TPDriverRunner(ModelRunner):
         batch = self.prepare(sched.seqs)
         plan = logit_plan(batch)
         seqs = [
-            (s.token_ids, s.start_pos, s.block_ids, s.sample, s.num_draft_tokens)
+            (s.token_ids, s.start_pos, s.block_ids, s.sample, s.num_draft_tokens,
+             s.req.grammar is not None, s.req.num_prompt_tokens)
             for s in sched.seqs
-        ]
+        ]  # fmt: skip
         spans = [(start, n) for _, start, n, _ in plan[2]]
         self.channel.publish((seqs, plan[0], spans), self.step_timeout_s)
         return self._execute(batch, plan)
@@ -82,9 +94,12 @@ def run_worker_steps(
             return
         seq_tuples, sample_rows, spans = msg
         seqs = [
-            ScheduledSeq(None, toks, start, tables, sample, drafts)  # type: ignore[arg-type]
-            for toks, start, tables, sample, drafts in seq_tuples
-        ]
+            ScheduledSeq(
+                _RequestView(True if constrained else None, n_prompt),  # type: ignore[arg-type]
+                toks, start, tables, sample, drafts,
+            )
+            for toks, start, tables, sample, drafts, constrained, n_prompt in seq_tuples
+        ]  # fmt: skip
         batch = runner.prepare(seqs)
         hidden = runner.forward(batch)
         if sample_rows:
