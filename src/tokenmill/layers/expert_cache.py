@@ -34,6 +34,7 @@ from torch import nn
 from tokenmill.layers.expert_lowbit import copy_bytes, low_bit_copy
 from tokenmill.layers.expert_policy import Key, make_policy
 from tokenmill.layers.linear import Linear
+from tokenmill.quant.unquantized import UnquantizedMethod
 
 TensorRef = tuple[object, str]  # (owner, attribute): a tensor an expert's matmuls read
 
@@ -74,7 +75,14 @@ def get_ref(ref: TensorRef) -> torch.Tensor:
 
 
 def needs_repack(expert: nn.Module) -> list[Linear]:
-    return [m for m in expert.modules() if isinstance(m, Linear) and m.packed_weight is not None]
+    """Dense linears: what their method derives from the weight (oneDNN's prepacked copy, the
+    batch-invariant kernel's packed copy) goes stale when a load overwrites the weight, so
+    `process_after_loading` runs again after every load."""
+    return [
+        m
+        for m in expert.modules()
+        if isinstance(m, Linear) and isinstance(m.quant_method, UnquantizedMethod)
+    ]
 
 
 def _set_ref(ref: TensorRef, value: torch.Tensor) -> None:
@@ -190,7 +198,9 @@ class ExpertCache:
         for _ in range(num_slots):
             # Share the template's tensors while cloning (no copy), then give the clone its own.
             shared = [get_ref(r) for r in expert_tensor_refs(template)]
-            shared += [lin.packed_weight for lin in needs_repack(template)]  # opaque: no copy
+            shared += [  # opaque: no copy
+                lin.packed_weight for lin in needs_repack(template) if lin.packed_weight is not None
+            ]
             memo: dict[int, object] = {id(t): t for t in shared}
             slot = copy.deepcopy(template, memo)
             _fresh_tensors(slot, self.device, pin=False)

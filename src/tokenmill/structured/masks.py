@@ -8,6 +8,8 @@ tokens; without triton, a torch expansion of the bits does the same in a few ops
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import xgrammar as xgr
 
@@ -15,7 +17,9 @@ from tokenmill.structured.grammar import MaskRow, RequestGrammar
 
 _BATCH_FILL_MIN_ROWS = 4  # below this, threads cost more than they save
 _BATCH: list[xgr.BatchGrammarMatcher] = []
-_BUFFERS: dict[int, torch.Tensor] = {}  # host bitmask by vocabulary size, grown as needed
+# Host bitmasks by vocabulary size, grown as needed; per thread, as each engine samples on its
+# own thread (two engines in one process never share one).
+_BUFFERS = threading.local()
 _BIT = torch.arange(32, dtype=torch.int32)
 
 
@@ -29,10 +33,14 @@ def _host_bitmask(num_rows: int, vocab: int) -> torch.Tensor:
     """A reused host bitmask with at least `num_rows` rows. Reuse is safe: every row used is
     filled whole before it is read, and a device copy of it completes before the next fill
     (the step's sampled tokens reach the host in between)."""
-    buf = _BUFFERS.get(vocab)
+    buffers: dict[int, torch.Tensor] = _BUFFERS.__dict__.setdefault("by_vocab", {})
+    buf = buffers.get(vocab)
     if buf is None or buf.shape[0] < num_rows:
-        buf = xgr.allocate_token_bitmask(max(num_rows, 8), vocab)
-        _BUFFERS[vocab] = buf
+        # A normal tensor even when first needed under inference_mode (the engine samples there),
+        # so that later fills outside it may write it too.
+        with torch.inference_mode(False):
+            buf = xgr.allocate_token_bitmask(max(num_rows, 8), vocab)
+        buffers[vocab] = buf
     return buf
 
 
