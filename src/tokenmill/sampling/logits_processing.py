@@ -19,15 +19,18 @@ if TYPE_CHECKING:
     from tokenmill.sampling.sampler import SamplingRow
 
 
-def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """float32 logits after bias, min_tokens and penalties; may alias `logits` if none apply."""
+def process_logits(
+    logits: torch.Tensor, rows: list[SamplingRow], unmasked: frozenset[int] = frozenset()
+) -> torch.Tensor:
+    """float32 logits after bias, min_tokens and penalties; may alias `logits` if none apply.
+    Rows in `unmasked` skip their grammar's mask (the caller checks their token instead)."""
     vocab = logits.shape[1]
     bias_at: list[int] = []  # flat indices into the [n, vocab] logits
     bias: list[float] = []
     banned: list[int] = []
     rep_rows: list[int] = []
     pen_rows: list[int] = []
-    grammars = [r.grammar for r in rows]
+    grammars = [None if i in unmasked else r.grammar for i, r in enumerate(rows)]
     constrained = any(g is not None for g in grammars)
     for i, r in enumerate(rows):
         p, base = r.params, i * vocab

@@ -67,8 +67,12 @@ class Sampler:
             raise ValueError(f"{n} rows of logits for {len(rows)} sampling rows")
         if n == 0:
             return [], []
-        x = process_logits(logits, rows)  # [n, vocab] float32
         greedy = [i for i, r in enumerate(rows) if r.params.temperature < _SAMPLING_EPS]
+        # Greedy constrained rows: the argmax of the unmasked logits, kept when the grammar
+        # allows it (a mask only removes candidates, and every processing step keeps -inf at
+        # -inf, so it is then the masked argmax too); only the rest fill and apply a mask.
+        lazy = frozenset(i for i in greedy if rows[i].grammar is not None)
+        x = process_logits(logits, rows, lazy)  # [n, vocab] float32
         if len(greedy) == n:
             tokens = block_argmax(x).tolist()
         else:
@@ -78,6 +82,8 @@ class Sampler:
                 out[row_index(greedy, x.device)] = block_argmax(take_rows(x, greedy))
             out[row_index(drawn, x.device)] = sample(take_rows(x, drawn), [rows[i] for i in drawn])
             tokens = out.tolist()
+        if lazy:
+            _mask_rejected_argmax(x, rows, sorted(lazy), tokens)
 
         logprobs: list[TopLogprobs | None] = [None] * n
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
@@ -87,3 +93,19 @@ class Sampler:
             for i, top in zip(want, top_logprobs(lp, [tokens[i] for i in want], ks), strict=True):
                 logprobs[i] = top
         return tokens, logprobs
+
+
+def _mask_rejected_argmax(
+    x: torch.Tensor, rows: list[SamplingRow], lazy: list[int], tokens: list[int]
+) -> None:
+    """For each greedy constrained row whose unmasked argmax its grammar rejects, the argmax
+    over what the grammar allows (its mask filled and applied to that row alone)."""
+    redo = [i for i in lazy if not rows[i].grammar.allows(tokens[i])]  # type: ignore[union-attr]
+    if not redo:
+        return
+    from tokenmill.structured.masks import apply_grammar_masks  # xgrammar: only if used
+
+    sub = take_rows(x, redo).to(torch.float32, copy=True)
+    apply_grammar_masks(sub, [rows[i].grammar for i in redo])
+    for i, token in zip(redo, block_argmax(sub).tolist(), strict=True):
+        tokens[i] = token

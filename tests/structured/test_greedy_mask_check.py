@@ -1,0 +1,69 @@
+"""Greedy constrained rows check the unmasked argmax against the grammar and fill a mask only
+when it is rejected: the token must be the argmax over the masked logits either way, for a
+live grammar (matcher step) and for a draft position's precomputed mask (MaskRow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils_default import DEFAULT_GGUF, needs_default
+
+xgr = pytest.importorskip("xgrammar")
+
+
+def masked_argmax(logits: torch.Tensor, grammar) -> int:
+    """The reference: a full mask applied, then argmax."""
+    vocab = logits.shape[1]
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    grammar.fill_bitmask(bitmask, 0)
+    out = logits.clone()
+    xgr.apply_token_bitmask_inplace(out, bitmask)
+    return int(out.argmax())
+
+
+@needs_default
+def test_greedy_rows_equal_the_masked_argmax() -> None:
+    from tokenmill.engine.tokenizer import Tokenizer
+    from tokenmill.sampling.sampler import Sampler, SamplingRow
+    from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
+    from tokenmill.structured import StructuredOutputManager, tokenizer_info
+
+    tok = Tokenizer.from_gguf(DEFAULT_GGUF)
+    vocab = tok.vocab_size
+    m = StructuredOutputManager(lambda: tokenizer_info(tok.backend, tok.eos_token_ids, vocab))
+    try:
+        schema = {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+            "required": ["name", "n"],
+        }
+        g = m.new_grammar(StructuredOutputsParams(json=schema))
+        g.future.result()
+        sampler = Sampler()
+        params = SamplingParams(temperature=0.0, max_tokens=64)
+        gen = torch.Generator().manual_seed(0)
+        checked = {"allowed": 0, "rejected": 0}
+        while not g.is_terminated() and sum(checked.values()) < 40:
+            logits = torch.randn(2, vocab, generator=gen)
+            raw = int(logits[0].argmax())
+            if sum(checked.values()) % 2:  # make the raw argmax an allowed token half the time
+                bitmask = xgr.allocate_token_bitmask(1, vocab)
+                g.fill_bitmask(bitmask, 0)
+                allowed = [t for t in range(vocab) if (int(bitmask[0, t >> 5]) >> (t & 31)) & 1]
+                logits[0, allowed[len(allowed) // 2]] = logits[0].max() + 1.0
+                raw = int(logits[0].argmax())
+            want = masked_argmax(logits[:1], g)
+            draft_row = g.draft_masks([])[0]  # a MaskRow for the same position
+            row = SamplingRow(params=params, seed=0, prompt_token_ids=[1], output_token_ids=[])
+            rows = [
+                SamplingRow(**{**vars(row), "grammar": g}),
+                SamplingRow(**{**vars(row), "grammar": draft_row}),
+            ]
+            tokens, _ = sampler(torch.cat([logits[:1], logits[:1]]), rows)
+            assert tokens == [want, want]
+            checked["allowed" if raw == want else "rejected"] += 1
+            assert g.accept_token(want)
+        assert checked["allowed"] > 0 and checked["rejected"] > 0, checked
+    finally:
+        m.close()
