@@ -67,8 +67,9 @@ def messages(i: int) -> list[dict]:
 
 def run(
     llm: LLM, batch: int, num: int, params: SamplingParams, max_forced: int
-) -> tuple[float, list[list[int]], int, float]:
-    """(seconds, each request's output tokens, engine steps, CPU seconds of this process) for
+) -> tuple[float, list[list[int]], int, float, list[tuple[str, str | None]]]:
+    """(seconds, each request's output tokens, engine steps, CPU seconds of this process, each
+    request's text and finish reason) for
     `num` requests, `batch` at a time, with at most `max_forced` forced tokens per step. CPU
     time counts the work done whatever else loads the host (a rough guide where wall time is
     spread by other processes)."""
@@ -84,15 +85,32 @@ def run(
         return schedule(*a, **kw)
 
     sched.schedule = counting_schedule  # type: ignore[method-assign]
-    t0, c0, tokens = time.perf_counter(), time.process_time(), []
+    t0, c0, tokens, texts = time.perf_counter(), time.process_time(), [], []
     try:
         for start in range(0, num, batch):
             convs = [messages(i) for i in range(start, min(num, start + batch))]
             outs = llm.chat(convs, params, use_tqdm=False)
             tokens += [list(o.outputs[0].token_ids) for o in outs]
+            texts += [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
     finally:
         del sched.schedule  # the class's method again
-    return time.perf_counter() - t0, tokens, steps[0], time.process_time() - c0
+    return time.perf_counter() - t0, tokens, steps[0], time.process_time() - c0, texts
+
+
+def validity(texts: list[tuple[str, str | None]]) -> tuple[int, int]:
+    """(outputs that ended by the grammar and parse and validate against SCHEMA, outputs that
+    ended by the grammar); an output cut by max_tokens is incomplete, not invalid."""
+    import jsonschema
+
+    done = [text for text, reason in texts if reason == "stop"]
+    valid = 0
+    for text in done:
+        try:
+            jsonschema.validate(json.loads(text), SCHEMA)
+        except (ValueError, jsonschema.ValidationError):
+            continue
+        valid += 1
+    return valid, len(done)
 
 
 def bench_decode(args: argparse.Namespace, llm: LLM) -> list[dict]:
@@ -115,9 +133,10 @@ def bench_decode(args: argparse.Namespace, llm: LLM) -> list[dict]:
     for batch, num in ((1, args.num_single), (16, 16)):
         best: dict[str, tuple[float, int, int, float]] = {}
         outputs: dict[str, list[list[int]]] = {}
+        texts: dict[str, list[tuple[str, str | None]]] = {}
         for _ in range(args.repeats):
             for mode, (params, forced) in modes.items():
-                secs, toks, steps, cpu = run(llm, batch, num, params, forced)
+                secs, toks, steps, cpu, texts[mode] = run(llm, batch, num, params, forced)
                 outputs[mode] = toks
                 n = sum(map(len, toks))
                 if mode not in best or n / secs > best[mode][1] / best[mode][0]:
@@ -132,6 +151,15 @@ def bench_decode(args: argparse.Namespace, llm: LLM) -> list[dict]:
             row.update(cpu_seconds=cpu, tok_per_cpu_s=toks / cpu)
             rows.append(row)
             print(json.dumps(row))
+    # Validity: the same 16 requests with room to finish (at --max-tokens most are cut short).
+    long_params = dataclasses.replace(json_params, max_tokens=args.validity_max_tokens)
+    _, toks, _, _, done = run(llm, 16, 16, long_params, max_forced)
+    valid, complete = validity(done)
+    row = {"target": "tokenmill", "batch": 16, "mode": "validity", "requests": 16}
+    row["complete"] = complete
+    row.update(valid=valid, max_tokens=args.validity_max_tokens, output_tokens=sum(map(len, toks)))
+    rows.append(row)
+    print(json.dumps(row))
     return rows
 
 
@@ -177,6 +205,9 @@ def main() -> None:
     ap.add_argument("--num-single", type=int, default=4, help="requests run at batch 1")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-schemas", type=int, default=20)
+    ap.add_argument(
+        "--validity-max-tokens", type=int, default=512, help="room for the validity pass"
+    )
     ap.add_argument(
         "--batch-invariant",
         action=argparse.BooleanOptionalAction,
