@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, StrictBool, StrictStr
 
 from tokenmill.server.protocol_base import RequestModel
-from tokenmill.tools.choice import NAME_PATTERN
+from tokenmill.tools.choice import NAME_PATTERN, Function
 
 
 class FunctionDef(RequestModel):
@@ -22,15 +22,13 @@ class FunctionDef(RequestModel):
     strict: StrictBool | None = None
 
     def schema(self) -> dict[str, Any]:
-        """The arguments' schema; none given means any object (as OpenAI does)."""
-        return self.parameters if self.parameters is not None else {"type": "object"}
+        return self._spec().schema()
 
     def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name}
-        if self.description is not None:
-            out["description"] = self.description
-        out["parameters"] = self.schema()
-        return out
+        return self._spec().as_json()
+
+    def _spec(self) -> Function:  # the offline API's definition: one place for both
+        return Function(self.name, self.description, self.parameters)
 
 
 class ToolDef(RequestModel):
