@@ -22,6 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tokenmill"
 TYPES = {
     "errors",
     "config",
+    "config_checks",
     "sampling_params",
     "slo_params",
     "request",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# The attention backends by name (layers/attn_backends); "auto" picks by device.
-ATTENTION_BACKENDS = ("auto", "cpu", "sdpa", "triton", "unified-ref")
+from tokenmill.config_checks import ATTENTION_BACKENDS, check_engine_config
+
+__all__ = ["ATTENTION_BACKENDS", "EngineConfig", "ModelConfig"]
 
 
 @dataclass(frozen=True)
@@ -305,104 +306,4 @@ class EngineConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "passed to transformers"})
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
-            raise ValueError(
-                "enable_expert_parallel shares the experts out over tensor-parallel ranks: it "
-                f"needs tensor_parallel_size >= 2, got {self.tensor_parallel_size}"
-            )
-        if self.expert_memory_gb is not None and self.tensor_parallel_size > 1:
-            raise ValueError(
-                "expert_memory_gb (expert offloading) is not supported with "
-                f"tensor_parallel_size {self.tensor_parallel_size}; use one of the two"
-            )
-        if self.distributed_executor_backend not in ("mp", "ray"):
-            raise ValueError(
-                "distributed_executor_backend must be mp or ray, got "
-                f"{self.distributed_executor_backend!r}"
-            )
-        if self.distributed_port is not None and not 0 < self.distributed_port < 65536:
-            raise ValueError(f"distributed_port must be in 1..65535, got {self.distributed_port}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
-            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.expert_memory_gb is not None and self.expert_memory_gb <= 0:
-            raise ValueError(f"expert_memory_gb must be > 0, got {self.expert_memory_gb}")
-        if self.expert_cache_policy not in ("lru", "hobbit"):
-            raise ValueError(
-                f"expert_cache_policy must be lru or hobbit, got {self.expert_cache_policy!r}"
-            )
-        if self.expert_miss_precision not in (None, "int4", "int2"):
-            raise ValueError(
-                f"expert_miss_precision must be int4 or int2, got {self.expert_miss_precision!r}"
-            )
-        if self.expert_miss_precision is not None and self.expert_memory_gb is None:
-            raise ValueError("expert_miss_precision needs expert_memory_gb (expert offloading)")
-        if not 0.0 < self.expert_miss_threshold <= 1.0:
-            raise ValueError(
-                f"expert_miss_threshold must be in (0, 1], got {self.expert_miss_threshold}"
-            )
-        if self.cache_aware_max_waiting < 0:
-            raise ValueError(
-                f"cache_aware_max_waiting must be >= 0, got {self.cache_aware_max_waiting}"
-            )
-        if self.scheduling_policy not in ("fcfs", "priority", "slo"):
-            raise ValueError(
-                f"scheduling_policy must be fcfs, priority or slo, got {self.scheduling_policy!r}"
-            )
-        if self.speculative not in (None, "suffix", "ngram", "draft"):
-            raise ValueError(
-                f"speculative must be suffix, ngram or draft; got {self.speculative!r}"
-            )
-        if self.speculative == "draft" and not self.speculative_model:
-            raise ValueError("speculative='draft' needs speculative_model (a draft model path)")
-        if not 0.0 <= self.speculative_draft_cost < 1.0:
-            raise ValueError(
-                f"speculative_draft_cost must be in [0, 1), got {self.speculative_draft_cost}"
-            )
-        if self.max_forced_tokens < 0:
-            raise ValueError(f"max_forced_tokens must be >= 0, got {self.max_forced_tokens}")
-        if self.num_speculative_tokens < 1:
-            raise ValueError(
-                f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}"
-            )
-        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ValueError(
-                "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
-                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
-            )
-        if self.suffix_max_depth < 1 or self.suffix_max_cached_requests < 0:
-            raise ValueError(
-                "need suffix_max_depth >= 1 and suffix_max_cached_requests >= 0, got "
-                f"{self.suffix_max_depth} and {self.suffix_max_cached_requests}"
-            )
-        if self.quantization not in (None, "none", "int8", "int4", "squeezellm"):
-            raise ValueError(
-                f"quantization must be none, int8, int4 or squeezellm (or unset: as the "
-                f"checkpoint stores the weights); got {self.quantization!r}"
-            )
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                "attention_backend must be auto, cpu, sdpa, triton or unified-ref; got "
-                f"{self.attention_backend!r}"
-            )
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
-            raise ValueError(
-                f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}"
-            )
+        check_engine_config(self)
