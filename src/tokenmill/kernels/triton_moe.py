@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmill.kernels.triton_quant import _dot  # acc + a @ b in float32, one definition
+
 BLOCK = 32  # weights per quantization block along K
 
 
@@ -44,17 +46,6 @@ class MoeWeights:
         """(E, N, K)."""
         e, n = self.w.shape[:2]
         return e, n, self.w.shape[2] * (2 if self.bits == 4 else 1)
-
-
-@triton.jit
-def _dot(a, b, acc, FP32_DOT: tl.constexpr):
-    """acc + a @ b in float32 (see triton_quant._dot: IEEE fp32 for fp32 x, and for bf16 under
-    the interpreter, whose tl.dot takes bf16 tiles as raw integers)."""
-    if FP32_DOT:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 @triton.jit
