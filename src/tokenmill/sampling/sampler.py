@@ -105,7 +105,9 @@ def _mask_rejected_argmax(
         return
     from tokenmill.structured.masks import apply_grammar_masks  # xgrammar: only if used
 
-    sub = take_rows(x, redo).to(torch.float32, copy=True)
+    sub = take_rows(x, redo)  # masked in place: a copy unless x is only these rows
+    if sub is x:  # x may be the raw logits, which logprobs still read
+        sub = x.clone()
     apply_grammar_masks(sub, [rows[i].grammar for i in redo])
     for i, token in zip(redo, block_argmax(sub).tolist(), strict=True):
         tokens[i] = token
