@@ -78,7 +78,7 @@ ALLOWED: dict[str, set[str]] = {
     "router": set(),  # an HTTP proxy over servers: no engine, no torch
     "sim": {"core"},  # the scheduler simulator: the real scheduler on simulated time
 }
-APP = {"cli", "__main__", "quantize", "testing", "(package)"}  # may import anything
+APP = {"cli", "cli_flags", "cli_commands", "__main__", "quantize", "testing", "(package)"}
 NO_TORCH = {"core", "router"}
 
 

@@ -99,14 +99,15 @@ def test_no_prompts_is_an_error() -> None:
 
 
 def test_prefix_caching_flags() -> None:
-    from tokenmill.cli import _engine_config, build_parser
+    from tokenmill.cli import build_parser
+    from tokenmill.cli_flags import engine_config_of
 
     parser = build_parser()
     for command in ("generate", "chat", "serve"):
         args = ["x"] if command == "generate" else []
-        assert _engine_config(parser.parse_args([command, *args])).enable_prefix_caching
+        assert engine_config_of(parser.parse_args([command, *args])).enable_prefix_caching
         for off in ("--no-prefix-caching", "--no-enable-prefix-caching"):
-            cfg = _engine_config(parser.parse_args([command, *args, off]))
+            cfg = engine_config_of(parser.parse_args([command, *args, off]))
             assert cfg.enable_prefix_caching is False
-    cfg = _engine_config(parser.parse_args(["serve", "--cache-aware-max-waiting", "0"]))
+    cfg = engine_config_of(parser.parse_args(["serve", "--cache-aware-max-waiting", "0"]))
     assert cfg.cache_aware_max_waiting == 0

@@ -5,7 +5,6 @@ schema, "auto" and "none" behave as on the server, and bad tools or choices rais
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import jsonschema
 import pytest
@@ -13,28 +12,8 @@ import pytest
 from tokenmill import SamplingParams, StructuredOutputsParams
 from tokenmill.errors import InvalidRequestError
 from tokenmill.tools.choice import Tool, resolve_tool_choice
+from utils_tools import CHAT, SCHEMAS, TOOLS
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-ADD = {
-    "type": "object",
-    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-    "required": ["a", "b"],
-    "additionalProperties": False,
-}
-TOOLS: list[Any] = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "add", "parameters": ADD}},
-]
-SCHEMAS = {"get_weather": WEATHER, "add": ADD}
-CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=60)
 
 

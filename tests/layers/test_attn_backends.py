@@ -37,6 +37,16 @@ def make_step(g: torch.Generator) -> tuple[AttentionBatch, list[tuple[int, list[
     return AttentionBatch(decodes, chunks, block_size=BLOCK, device="cpu"), rows
 
 
+def step_inputs(seed: int) -> tuple[AttentionBatch, list, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`make_step`'s batch and rows, random k and v caches, and random queries for its rows."""
+    g = torch.Generator().manual_seed(seed)
+    batch, rows = make_step(g)
+    k_cache = torch.randn(41, BLOCK, H_KV, D, generator=g)
+    v_cache = torch.randn(41, BLOCK, H_KV, D, generator=g)
+    q = torch.randn(len(rows), H, D, generator=g)
+    return batch, rows, q, k_cache, v_cache
+
+
 def reference(q, k_cache, v_cache, rows, scale, window=None, softcap=None) -> torch.Tensor:
     """Row i (at position num_keys - 1) over its keys, in float64; a window keeps the last
     `window` keys, a cap squashes the scores with tanh."""
@@ -65,11 +75,7 @@ BACKENDS = [
 
 @pytest.mark.parametrize("make_backend", BACKENDS)
 def test_backend_matches_the_reference(make_backend) -> None:
-    g = torch.Generator().manual_seed(0)
-    batch, rows = make_step(g)
-    k_cache = torch.randn(41, BLOCK, H_KV, D, generator=g)
-    v_cache = torch.randn(41, BLOCK, H_KV, D, generator=g)
-    q = torch.randn(len(rows), H, D, generator=g)
+    batch, rows, q, k_cache, v_cache = step_inputs(0)
     backend = make_backend()
     meta = backend.build_metadata(batch)
     scale = 1 / math.sqrt(D)
@@ -88,11 +94,7 @@ def test_backend_matches_the_reference(make_backend) -> None:
 def test_window_and_softcap_match_the_reference(make_backend, window, softcap) -> None:
     """The same step with a sliding window shorter than most rows (1: each query sees itself
     only) and with soft-capped scores; a large scale so that the cap changes the result."""
-    g = torch.Generator().manual_seed(3)
-    batch, rows = make_step(g)
-    k_cache = torch.randn(41, BLOCK, H_KV, D, generator=g)
-    v_cache = torch.randn(41, BLOCK, H_KV, D, generator=g)
-    q = torch.randn(len(rows), H, D, generator=g)
+    batch, rows, q, k_cache, v_cache = step_inputs(3)
     backend = make_backend()
     meta = backend.build_metadata(batch)
     scale = 0.5

@@ -21,11 +21,11 @@ from tokenmill.loader.gguf import read_gguf
 from tokenmill.models.registry import SUPPORTED_ARCHITECTURES, build_model
 from tokenmill.testing.parity import (
     assert_logits_close,
+    assert_prefill_matches_hf,
     bind_kv_cache,
     engine_prefill_logits,
     greedy_tokens,
     hf_greedy,
-    hf_logits,
     prefill_logits,
 )
 from utils_tiny import make_tiny_hf_folder
@@ -131,10 +131,7 @@ def tables(n: int) -> list[list[int]]:
 def test_logits_match_transformers(name: str, chunk: int) -> None:
     cfg, hf = make_hf(name)
     model = load_ours(cfg.to_dict(), hf.state_dict().items())
-    prompts = random_prompts()
-    ours = prefill_logits(model, prompts, tables(len(prompts)), BLOCK, chunk=chunk)
-    for p, got in zip(prompts, ours, strict=True):
-        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+    assert_prefill_matches_hf(model, hf, random_prompts(), BLOCK, chunk=chunk)
 
 
 def test_phi3_loads_fused_weights_as_stored() -> None:
@@ -225,10 +222,7 @@ def test_gguf_f32_matches_transformers(tmp_path: Path, name: str) -> None:
     else:
         assert "model.layers.0.self_attn.q_norm.weight" in names
     model = load_ours(got_cfg, f.iter_tensors())
-    prompts = random_prompts()
-    ours = prefill_logits(model, prompts, tables(len(prompts)), BLOCK, chunk=5)
-    for p, got in zip(prompts, ours, strict=True):
-        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+    assert_prefill_matches_hf(model, hf, random_prompts(), BLOCK, chunk=5)
 
 
 @pytest.mark.parametrize("name", ["qwen3", "phi3"])

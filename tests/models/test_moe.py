@@ -23,9 +23,8 @@ from tokenmill.models.registry import SUPPORTED_ARCHITECTURES
 from tokenmill.quant.packing import quantize_rtn
 from tokenmill.testing.parity import (
     assert_logits_close,
+    assert_prefill_matches_hf,
     engine_prefill_logits,
-    hf_logits,
-    prefill_logits,
 )
 from utils_tiny import MOE_TINY, make_tiny_hf_folder, perturb_moe
 
@@ -74,10 +73,7 @@ def make_hf(name: str) -> tuple[Any, Any]:
 def test_logits_match_transformers(name: str, chunk: int) -> None:
     cfg, hf = make_hf(name)
     model = load_ours(cfg.to_dict(), hf.state_dict().items())
-    prompts = random_prompts()
-    ours = prefill_logits(model, prompts, tables(len(prompts)), BLOCK, chunk=chunk)
-    for p, got in zip(prompts, ours, strict=True):
-        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+    assert_prefill_matches_hf(model, hf, random_prompts(), BLOCK, chunk=chunk)
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -305,10 +301,7 @@ def test_gguf_f32_matches_transformers(tmp_path: Path, name: str) -> None:
     names = {n for n, _ in f.iter_tensors()}
     assert "model.layers.0.mlp.experts.7.down_proj.weight" in names or name.endswith("step2")
     model = load_ours(got_cfg, f.iter_tensors())
-    prompts = random_prompts()
-    ours = prefill_logits(model, prompts, tables(len(prompts)), BLOCK, chunk=5)
-    for p, got in zip(prompts, ours, strict=True):
-        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+    assert_prefill_matches_hf(model, hf, random_prompts(), BLOCK, chunk=5)
 
 
 def test_gguf_legacy_per_expert_tensors(tmp_path: Path) -> None:
@@ -319,10 +312,7 @@ def test_gguf_legacy_per_expert_tensors(tmp_path: Path) -> None:
         "blk.1.ffn_down_exps.weight"
     )
     model = load_ours(f.hf_config(), f.iter_tensors())
-    prompts = random_prompts()
-    ours = prefill_logits(model, prompts, tables(len(prompts)), BLOCK, chunk=5)
-    for p, got in zip(prompts, ours, strict=True):
-        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+    assert_prefill_matches_hf(model, hf, random_prompts(), BLOCK, chunk=5)
 
 
 @pytest.mark.parametrize(("name", "qtype"), [("qwen2moe", "Q8_0"), ("mixtral", "Q4_0"),

@@ -12,10 +12,9 @@ from tokenmill.layers.attn_backends.sdpa import SdpaBackend
 from tokenmill.layers.attn_backends.unified import UnifiedRefBackend
 from tokenmill.models.registry import build_model
 from tokenmill.testing.parity import (
-    assert_logits_close,
+    assert_prefill_matches_hf,
     bind_kv_cache,
     hf_logits,
-    prefill_logits,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -133,10 +132,7 @@ def test_logits_match_transformers(name: str, chunk: int) -> None:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (23, 7, 40)]
     # all prompts together, `chunk` tokens of each per step, each in 16 blocks of its own
-    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
-    ours = prefill_logits(model, prompts, tables, BLOCK, chunk=chunk)
-    for p, got in zip(prompts, ours, strict=True):
-        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+    assert_prefill_matches_hf(model, hf, prompts, BLOCK, chunk)
 
 
 WINDOWED = {
@@ -170,11 +166,7 @@ def test_sliding_window_logits_match_transformers(name: str, chunk: int, backend
     bind_kv_cache(model, mcfg, BLOCK, SdpaBackend() if backend == "sdpa" else UnifiedRefBackend())
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (30, 9, 26)]
-    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
-    ours = prefill_logits(model, prompts, tables, BLOCK, chunk=chunk)
-    for p, got in zip(prompts, ours, strict=True):
-        expected = hf_logits(hf, p)
-        assert_logits_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert_prefill_matches_hf(model, hf, prompts, BLOCK, chunk)
     # the window really cut something: without it the last position's logits differ
     full = getattr(transformers, cfg_cls)(**TINY)
     full.architectures = [model_cls]
@@ -235,7 +227,4 @@ def test_partial_rotary_logits_match_transformers_phi3(
     hf, model = make_phi3(partial, rope_type, torch.float32)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (23, 7, 40)]
-    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
-    ours = prefill_logits(model, prompts, tables, BLOCK, chunk=chunk)
-    for p, got in zip(prompts, ours, strict=True):
-        assert_logits_close(got, hf_logits(hf, p), atol=1e-4, rtol=1e-4)
+    assert_prefill_matches_hf(model, hf, prompts, BLOCK, chunk)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenmill.cli import build_parser, dataclass_flags
+from tokenmill.cli import build_parser
+from tokenmill.cli_flags import dataclass_flags
 from tokenmill.router.policy import CacheAwarePolicy, make_policy
 from tokenmill.router.radix import ApproxRadixTree
 from tokenmill.router.replicas import split_cores, split_threads
@@ -158,7 +159,7 @@ def test_split_threads_and_cores() -> None:
 
 
 def test_replica_flags_give_the_same_configs() -> None:
-    from tokenmill.cli import _engine_config
+    from tokenmill.cli_flags import engine_config_of
     from tokenmill.server.config import ServerConfig
 
     argv = ["serve", "--dtype", "float32", "--max-num-seqs", "4", "--no-prefix-caching",
@@ -168,11 +169,11 @@ def test_replica_flags_give_the_same_configs() -> None:
     assert args.data_parallel_size == 2 and args.router_policy == "cache_aware"
     names = {"api_key", "served_model_name"}
     server = ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
-    engine = _engine_config(args)
+    engine = engine_config_of(args)
     again = build_parser().parse_args(
         ["serve", *dataclass_flags(engine), *dataclass_flags(server, skip=("port",))]
     )
-    assert _engine_config(again) == engine
+    assert engine_config_of(again) == engine
     assert again.served_model_name == ["a", "b"] and again.api_key == "k"
     assert again.data_parallel_size == 1
 

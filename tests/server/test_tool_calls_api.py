@@ -14,36 +14,9 @@ import openai
 import pytest
 from server_utils import Server, check_error
 
-pytestmark = pytest.mark.slow  # a server over the default model
+from utils_tools import CHAT, SCHEMAS, TOOLS
 
-WEATHER_PARAMS = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-ADD_PARAMS = {
-    "type": "object",
-    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-    "required": ["a", "b"],
-    "additionalProperties": False,
-}
-TOOLS: list[Any] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": WEATHER_PARAMS,
-        },
-    },
-    {"type": "function", "function": {"name": "add", "parameters": ADD_PARAMS}},
-]
-SCHEMAS = {"get_weather": WEATHER_PARAMS, "add": ADD_PARAMS}
-CHAT: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+pytestmark = pytest.mark.slow  # a server over the default model
 
 
 @pytest.fixture(scope="module")

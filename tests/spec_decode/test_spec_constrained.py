@@ -5,14 +5,10 @@ verified, and the matcher ends every run in step with the output."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
+from spec_utils import OracleProposer, engine_kwargs, reference_tokens, tokens, use_oracle
 
 from tokenmill import SamplingParams, StructuredOutputsParams
-from tokenmill.request import Request
-from tokenmill.spec_decode.proposer import Proposer
-from tokenmill.spec_decode.speculator import Speculator
 from tokenmill.structured.grammar import RequestGrammar
 from utils_tiny import make_tiny_hf_folder
 
@@ -44,21 +40,9 @@ def workload() -> tuple[list[list[int]], list[SamplingParams]]:
     return prompts, params
 
 
-def _engine_kwargs(**kw):
-    return dict(dtype="float32", batch_invariant=True, **kw)
-
-
-def _tokens(llm, prompts, params) -> list[list[int]]:
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model, workload) -> list[list[int]]:
-    from tokenmill import LLM
-
-    prompts, params = workload
-    return _tokens(LLM(model=tiny_model, **_engine_kwargs()), prompts, params)
+    return reference_tokens(tiny_model, *workload)
 
 
 @pytest.fixture
@@ -83,11 +67,11 @@ def test_constrained_greedy_identical_with_drafts(
 ) -> None:
     prompts, params = workload
     llm = make_llm(
-        model=tiny_model, speculative=proposer, speculative_draft_cost=0.0, **_engine_kwargs()
+        model=tiny_model, speculative=proposer, speculative_draft_cost=0.0, **engine_kwargs()
     )
-    alone = [_tokens(llm, [p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
+    alone = [tokens(llm, [p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
     assert alone == reference
-    assert _tokens(llm, prompts, params) == reference
+    assert tokens(llm, prompts, params) == reference
     stats = llm.engine.scheduler.spec_stats
     assert stats.num_accepted_tokens > 0
     assert cuts[0] > 0  # constrained requests drafted
@@ -108,53 +92,39 @@ def test_constrained_drafts_with_preemption(
         num_kv_blocks=6,
         max_model_len=64,
         max_forced_tokens=max_forced,
-        **_engine_kwargs(),
+        **engine_kwargs(),
     )
     forced = [0]
     original = RequestGrammar.forced_tokens
 
     def counting(self: RequestGrammar, max_n: int) -> list[int]:
-        tokens = original(self, max_n)
-        forced[0] += len(tokens)
-        return tokens
+        ids = original(self, max_n)
+        forced[0] += len(ids)
+        return ids
 
     monkeypatch.setattr(RequestGrammar, "forced_tokens", counting)
-    assert _tokens(llm, prompts, params) == reference * 2
+    assert tokens(llm, prompts, params) == reference * 2
     assert (forced[0] > 0) == (max_forced > 0)
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
 
 
-class OracleProposer(Proposer):
-    """Drafts the known continuation, corrupted at random: with a token no grammar here allows
-    (cut before verification) or with another token of the same output (often one the grammar
+class GrammarBreakingOracle(OracleProposer):
+    """The known continuation, corrupted at random: with a token no grammar here allows (cut
+    before verification) or with another token of the same output (often one the grammar
     allows, then rejected by verification)."""
 
-    def __init__(self, continuations: dict[tuple[int, ...], list[int]]) -> None:
-        self.continuations = continuations
-        self.rng = random.Random(0)
-
-    def propose(self, reqs: list[Request], max_drafts: list[int]) -> list[list[int]]:
-        out = []
-        for req, k in zip(reqs, max_drafts, strict=True):
-            full = self.continuations[tuple(req.prompt_token_ids)]
-            rest = full[req.num_output_tokens :]
-            draft = []
-            for t in rest[:k]:
-                r = self.rng.random()
-                draft.append(7 if r < 0.1 else self.rng.choice(full) if r < 0.2 else t)
-            out.append(draft)
-        return out
+    def corrupt(self, token: int, full: list[int]) -> int:
+        r = self.rng.random()
+        return 7 if r < 0.1 else self.rng.choice(full) if r < 0.2 else token
 
 
 def test_drafts_the_grammar_rejects_are_cut(make_llm, tiny_model, workload, reference, cuts):
     prompts, params = workload
-    llm = make_llm(model=tiny_model, speculative="ngram", **_engine_kwargs())
-    engine = llm.engine
-    oracle = OracleProposer({tuple(p): r for p, r in zip(prompts, reference, strict=True)})
-    engine.speculator = Speculator(oracle, 6, engine.scheduler.max_model_len)
-    assert _tokens(llm, prompts, params) == reference
-    stats = engine.scheduler.spec_stats
+    llm = make_llm(model=tiny_model, speculative="ngram", **engine_kwargs())
+    use_oracle(llm, GrammarBreakingOracle, prompts, reference)
+    assert tokens(llm, prompts, params) == reference
+    stats = llm.engine.scheduler.spec_stats
     assert 0.3 < stats.acceptance_rate < 1.0 and stats.mean_tokens_per_step > 1.5
     assert 0 < cuts[1] < cuts[0]  # some drafts were cut, not all of them
 

@@ -12,9 +12,9 @@ import random
 from collections import Counter
 
 import pytest
+from spec_utils import OracleProposer, engine_kwargs, reference_tokens, tokens, use_oracle
 
 from tokenmill import SamplingParams
-from tokenmill.request import Request
 from tokenmill.spec_decode.proposer import Proposer
 from tokenmill.spec_decode.speculator import Speculator
 from utils_tiny import make_tiny_hf_folder
@@ -53,10 +53,6 @@ def workload():
     return prompts, params
 
 
-def _engine_kwargs(**kw):
-    return dict(dtype="float32", batch_invariant=True, **kw)
-
-
 def _spec_kwargs(proposer: str, tiny_model: str) -> dict:
     # Every draft the proposer has gets verified: the draft budget (which fits a row's cost to
     # measured step times, and on a tiny model finds drafts not worth it at batch 8) has its
@@ -67,30 +63,21 @@ def _spec_kwargs(proposer: str, tiny_model: str) -> dict:
     return kw
 
 
-def _tokens(llm, prompts, params) -> list[list[int]]:
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_model, workload):
-    from tokenmill import LLM
-
-    prompts, params = workload
-    llm = LLM(model=tiny_model, **_engine_kwargs())
-    return _tokens(llm, prompts, params)
+    return reference_tokens(tiny_model, *workload)
 
 
 @pytest.mark.parametrize("proposer", PROPOSER_PARAMS)
 def test_identical_alone_and_twice(make_llm, tiny_model, workload, reference, proposer) -> None:
     prompts, params = workload
-    llm = make_llm(model=tiny_model, **_spec_kwargs(proposer, tiny_model), **_engine_kwargs())
-    alone = [_tokens(llm, [p], [sp])[0] for p, sp in zip(prompts[:4], params[:4], strict=True)]
+    llm = make_llm(model=tiny_model, **_spec_kwargs(proposer, tiny_model), **engine_kwargs())
+    alone = [tokens(llm, [p], [sp])[0] for p, sp in zip(prompts[:4], params[:4], strict=True)]
     assert alone == reference[:4]
     stats = llm.engine.scheduler.spec_stats
     first_accepted = stats.num_accepted_tokens
     # Again, all together: the suffix proposer now also drafts from its global tree of outputs.
-    assert _tokens(llm, prompts, params) == reference
+    assert tokens(llm, prompts, params) == reference
     assert stats.num_accepted_tokens > first_accepted > 0
     assert stats.mean_tokens_per_step > 1.0
 
@@ -102,8 +89,8 @@ def test_identical_with_chunked_prefill_and_preemption(
 ) -> None:
     prompts, params = workload
     spec = _spec_kwargs(proposer, tiny_model)
-    chunked = make_llm(model=tiny_model, max_num_batched_tokens=24, **spec, **_engine_kwargs())
-    assert _tokens(chunked, prompts, params) == reference
+    chunked = make_llm(model=tiny_model, max_num_batched_tokens=24, **spec, **engine_kwargs())
+    assert tokens(chunked, prompts, params) == reference
     assert chunked.engine.scheduler.spec_stats.num_accepted_tokens > 0
 
     # 12 blocks of 16 tokens for 8 requests of up to 114 tokens: requests must be preempted.
@@ -112,9 +99,9 @@ def test_identical_with_chunked_prefill_and_preemption(
         **spec,
         num_kv_blocks=12,
         max_model_len=160,
-        **_engine_kwargs(),
+        **engine_kwargs(),
     )
-    assert _tokens(small, prompts, params) == reference
+    assert tokens(small, prompts, params) == reference
     assert small.engine.scheduler.num_preemptions > 0
     assert small.engine.scheduler.spec_stats.num_accepted_tokens > 0
 
@@ -125,39 +112,29 @@ def test_draft_model_with_other_weights(make_llm, tiny_model, workload, referenc
     prompts, params = workload
     other = str(make_tiny_hf_folder(tmp_path / "other", "Qwen2ForCausalLM", vocab_size=512))
     llm = make_llm(
-        model=tiny_model, speculative="draft", speculative_model=other, **_engine_kwargs()
+        model=tiny_model, speculative="draft", speculative_model=other, **engine_kwargs()
     )
-    assert _tokens(llm, prompts, params) == reference
+    assert tokens(llm, prompts, params) == reference
     stats = llm.engine.scheduler.spec_stats
     assert stats.num_drafted_tokens > stats.num_accepted_tokens
     wrong = str(make_tiny_hf_folder(tmp_path / "wrong", vocab_size=600))
     with pytest.raises(ValueError, match="vocabulary"):
-        make_llm(model=tiny_model, speculative="draft", speculative_model=wrong, **_engine_kwargs())
+        make_llm(model=tiny_model, speculative="draft", speculative_model=wrong, **engine_kwargs())
 
 
-class OracleProposer(Proposer):
-    """Drafts the known continuation, corrupted at random: long accepted runs and rejections."""
+class NoisyOracle(OracleProposer):
+    """The known continuation, corrupted at random: long accepted runs and rejections."""
 
-    def __init__(self, continuations: dict[tuple[int, ...], list[int]]) -> None:
-        self.continuations = continuations
-        self.rng = random.Random(0)
-
-    def propose(self, reqs: list[Request], max_drafts: list[int]) -> list[list[int]]:
-        out = []
-        for req, k in zip(reqs, max_drafts, strict=True):
-            rest = self.continuations[tuple(req.prompt_token_ids)][req.num_output_tokens :]
-            out.append([t if self.rng.random() < 0.9 else 7 for t in rest[:k]])
-        return out
+    def corrupt(self, token: int, full: list[int]) -> int:
+        return token if self.rng.random() < 0.9 else 7
 
 
 def test_long_accepted_runs_stops_and_opt_out(make_llm, tiny_model, workload, reference) -> None:
     prompts, params = workload
-    llm = make_llm(model=tiny_model, speculative="ngram", **_engine_kwargs())
-    engine = llm.engine
-    oracle = OracleProposer({tuple(p): r for p, r in zip(prompts, reference, strict=True)})
-    engine.speculator = Speculator(oracle, 6, engine.scheduler.max_model_len)
-    assert _tokens(llm, prompts, params) == reference
-    stats = engine.scheduler.spec_stats
+    llm = make_llm(model=tiny_model, speculative="ngram", **engine_kwargs())
+    use_oracle(llm, NoisyOracle, prompts, reference)
+    assert tokens(llm, prompts, params) == reference
+    stats = llm.engine.scheduler.spec_stats
     assert 0.5 < stats.acceptance_rate < 1.0 and stats.mean_tokens_per_step > 2.0
 
     # A stop token inside an accepted run ends the request right there.
@@ -169,7 +146,7 @@ def test_long_accepted_runs_stops_and_opt_out(make_llm, tiny_model, workload, re
         ignore_eos=True,
         stop_token_ids=[reference[greedy][stop_at]],
     )
-    got = _tokens(llm, [prompts[greedy]], [sp])[0]
+    got = tokens(llm, [prompts[greedy]], [sp])[0]
     first = reference[greedy].index(reference[greedy][stop_at])
     assert got == reference[greedy][: first + 1]
 
@@ -179,7 +156,7 @@ def test_long_accepted_runs_stops_and_opt_out(make_llm, tiny_model, workload, re
         SamplingParams(**{**vars(p), "use_speculation": False})
         for p in params  # same params otherwise
     ]
-    assert _tokens(llm, prompts, off) == reference
+    assert tokens(llm, prompts, off) == reference
     assert stats.num_drafted_tokens == before
 
 
@@ -188,7 +165,7 @@ def test_first_tokens_follow_the_model_distribution(make_llm, tiny_model) -> Non
     """Seeded requests with temperature > 0 and top-k 4, drafts verified at the second token:
     the empirical (first, second) token frequencies match the model's probabilities, read back
     from the returned logprobs (the top-4 of the raw distribution, renormalized = top-k 4)."""
-    llm = make_llm(model=tiny_model, speculative="ngram", **_engine_kwargs())
+    llm = make_llm(model=tiny_model, speculative="ngram", **engine_kwargs())
     prompt = [300, 301, 302, 303]
     probe = llm.generate(
         [prompt], SamplingParams(max_tokens=2, temperature=0.0, logprobs=8), use_tqdm=False

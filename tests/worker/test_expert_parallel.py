@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tp_utils import assert_matches_tp1
 
-from tokenmill import LLM, SamplingParams
+from tokenmill import LLM
 from tokenmill.config import EngineConfig
 from tokenmill.layers.expert_parallel import shard_experts
 from tokenmill.layers.linear import Linear
@@ -19,8 +20,6 @@ from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.layers.tensor_parallel import TensorParallelError, TPGroup
 from tokenmill.quant.packing import quantize_rtn
 from utils_tiny import make_tiny_hf_folder
-
-PROMPTS = ["Hello there, my name is", "The capital of France is", "1, 2, 3, 4,"]
 
 
 def _loaded_block(quant: str | None, shared: bool) -> SparseMoeBlock:
@@ -121,24 +120,6 @@ def moe_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _logits_recorded(llm: LLM) -> list[torch.Tensor]:
-    model = llm.engine.runner.model
-    inner, seen = model.compute_logits, []
-
-    def record(hidden: torch.Tensor) -> torch.Tensor:
-        out = inner(hidden)
-        seen.append(out.clone())
-        return out
-
-    model.compute_logits = record
-    return seen
-
-
-def _greedy(llm: LLM, n: int = 8) -> list[list[int]]:
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=n, temperature=0))
-    return [o.outputs[0].token_ids for o in outs]
-
-
 @pytest.mark.parametrize(
     ("arch", "quantization"),
     [
@@ -165,14 +146,8 @@ def test_tp2_expert_parallel_matches_tp1(
         if quantization is not None:  # whole experts, still in their blocks
             down = blocks[0].experts[3].down_proj
             assert down.quant_method.describe(down) == "int4"
-        l1, l2 = _logits_recorded(one), _logits_recorded(two)
-        assert _greedy(one) == _greedy(two)
-        assert len(l1) == len(l2) == 8
-        for a, b in zip(l1, l2, strict=True):
-            if quantization is None:
-                torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
-            else:
-                assert torch.equal(b, a)
+        steps = assert_matches_tp1(one, two, exact=quantization is not None)
+        assert steps == 8
     finally:
         two.engine.shutdown()
 
@@ -211,9 +186,6 @@ def test_tp4_expert_parallel_matches_tp1(moe_folders: dict[str, Path]) -> None:
     try:
         blocks = [m for m in four.engine.runner.model.modules() if isinstance(m, SparseMoeBlock)]
         assert all(len(b.experts) == 2 for b in blocks)
-        l1, l4 = _logits_recorded(one), _logits_recorded(four)
-        assert _greedy(one) == _greedy(four)
-        for a, b in zip(l1, l4, strict=True):
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+        assert_matches_tp1(one, four)
     finally:
         four.engine.shutdown()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tp_utils import PROMPTS, assert_matches_tp1, greedy
 
 from tokenmill import LLM, SamplingParams, StructuredOutputsParams
 from tokenmill.config import EngineConfig
@@ -30,8 +31,6 @@ from tokenmill.worker import input_batch
 from tokenmill.worker.shm_broadcast import ShmBroadcast
 from utils_default import needs_default
 from utils_tiny import make_tiny_hf_folder
-
-PROMPTS = ["Hello there, my name is", "The capital of France is", "1, 2, 3, 4,"]
 
 
 def test_head_split_uneven_and_replicated() -> None:
@@ -91,26 +90,6 @@ def tiny_gqa(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def _logits_recorded(llm: LLM) -> list[torch.Tensor]:
-    """Wraps rank 0's compute_logits: every logits tensor the steps compute, in order."""
-    model = llm.engine.runner.model
-    inner, seen = model.compute_logits, []
-
-    def record(hidden: torch.Tensor) -> torch.Tensor:
-        out = inner(hidden)
-        seen.append(out.clone())
-        return out
-
-    model.compute_logits = record
-    return seen
-
-
-def _greedy(llm: LLM, n: int = 8, prompt_logprobs: int | None = None) -> list[list[int]]:
-    params = SamplingParams(max_tokens=n, temperature=0, prompt_logprobs=prompt_logprobs)
-    outs = llm.generate(PROMPTS, params)
-    return [o.outputs[0].token_ids for o in outs]
-
-
 @pytest.mark.parametrize("quantization", [None, "int4"])
 def test_tp2_matches_tp1_tiny_gqa(tiny_gqa: Path, quantization: str | None) -> None:
     """Dense: logits within 1e-4 (the row-parallel sums add in another order). int4 blocks:
@@ -119,12 +98,9 @@ def test_tp2_matches_tp1_tiny_gqa(tiny_gqa: Path, quantization: str | None) -> N
     one = LLM(str(tiny_gqa), **kw)
     two = LLM(str(tiny_gqa), tensor_parallel_size=2, **kw)
     try:
-        l1, l2 = _logits_recorded(one), _logits_recorded(two)
         # prompt logprobs: the workers run the LM head on the prompt rows as well
-        assert _greedy(one, prompt_logprobs=2) == _greedy(two, prompt_logprobs=2)
-        assert len(l1) == len(l2) > 8  # 8 decode steps plus the prompt rows
-        for a, b in zip(l1, l2, strict=True):
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+        steps = assert_matches_tp1(one, two, prompt_logprobs=2)
+        assert steps > 8  # 8 decode steps plus the prompt rows
     finally:
         two.engine.shutdown()
 
@@ -159,7 +135,7 @@ def test_tp2_ray_matches_mp(tiny_gqa: Path) -> None:
     ray = pytest.importorskip("ray")
     mp_llm = LLM(str(tiny_gqa), dtype="float32", tensor_parallel_size=2)
     try:
-        expected = _greedy(mp_llm)
+        expected = greedy(mp_llm)
     finally:
         mp_llm.engine.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)
@@ -171,7 +147,7 @@ def test_tp2_ray_matches_mp(tiny_gqa: Path) -> None:
             distributed_executor_backend="ray",
         )
         try:
-            assert _greedy(ray_llm) == expected
+            assert greedy(ray_llm) == expected
         finally:
             ray_llm.engine.shutdown()
     finally:
@@ -245,10 +221,7 @@ def test_tp2_default_model_greedy_tokens() -> None:
     one = LLM(dtype="float32")
     two = LLM(dtype="float32", tensor_parallel_size=2)
     try:
-        l1, l2 = _logits_recorded(one), _logits_recorded(two)
-        assert _greedy(one, 16) == _greedy(two, 16)
-        for a, b in zip(l1, l2, strict=True):
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+        assert_matches_tp1(one, two, 16)
     finally:
         two.engine.shutdown()
 
@@ -260,9 +233,6 @@ def test_tp4_replicates_kv_heads(tmp_path: Path) -> None:
     one = LLM(str(folder), dtype="float32")
     four = LLM(str(folder), dtype="float32", tensor_parallel_size=4)
     try:
-        l1, l4 = _logits_recorded(one), _logits_recorded(four)
-        assert _greedy(one) == _greedy(four)
-        for a, b in zip(l1, l4, strict=True):
-            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+        assert_matches_tp1(one, four)
     finally:
         four.engine.shutdown()

@@ -20,10 +20,9 @@ from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.core.sched_config import SchedulerConfig
 from tokenmill.core.sched_types import SchedulerStats
 from tokenmill.core.scheduler import Scheduler
+from tokenmill.engine.engine_setup import kv_cache_summary, load_tokenizer, start_runner
 from tokenmill.engine.model_info import ModelInfo
 from tokenmill.engine.output_processor import OutputProcessor
-from tokenmill.engine.runner_setup import make_runner
-from tokenmill.engine.tokenizer import Tokenizer
 from tokenmill.errors import InvalidRequestError
 from tokenmill.layers.expert_cache import ExpertCacheStats
 from tokenmill.loader.model_loader import LoadedModel, load_model, resolve_device
@@ -32,7 +31,6 @@ from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.slo_params import SloHopelessError
 from tokenmill.spec_decode.speculator import Speculator, build_proposer
-from tokenmill.worker.model_runner import ModelRunner
 
 if TYPE_CHECKING:
     from tokenmill.engine.tp_executor import TPExecutor
@@ -52,14 +50,11 @@ class LLMEngine:
         loaded: LoadedModel = load_model(config)
         self.model_name = loaded.name
         self.model_config: ModelConfig = loaded.model_config
-        self.tokenizer = _load_tokenizer(loaded)
+        self.tokenizer = load_tokenizer(loaded)
         self.dtype = loaded.dtype
         self.max_model_len = loaded.max_model_len
-        self.executor: TPExecutor | None = None
-        if config.tensor_parallel_size > 1:
-            self.runner = self._start_tensor_parallel(loaded)
-        else:
-            self.runner = make_runner(config, loaded)
+        self.executor: TPExecutor | None  # the tensor-parallel ranks 1..N-1, if any
+        self.runner, self.executor = start_runner(config, loaded)
         self.num_blocks = self.runner.num_blocks
         self.scheduler = Scheduler(
             SchedulerConfig.from_engine_config(
@@ -89,11 +84,6 @@ class LLMEngine:
         self._compiling: dict[str, RequestGrammar] = {}  # request id -> a grammar not yet ready
         self._ids = itertools.count()
         self.num_slo_rejected = 0  # refused by --slo-reject-hopeless
-        groups = ", ".join(
-            f"{len(layout.layers)} layers x {spec.num_blocks} blocks"
-            + ("" if spec.sliding_window is None else f" (window {spec.sliding_window})")
-            for layout, spec in zip(self.runner.kv_layout, self.runner.kv_groups, strict=True)
-        )
         logger.info(
             "loaded %s (%s, %s) in %.1fs; KV cache of %d-token blocks: %s",
             self.model_name,
@@ -101,28 +91,8 @@ class LLMEngine:
             self.dtype,
             time.perf_counter() - t0,
             config.block_size,
-            groups,
+            kv_cache_summary(self.runner),
         )
-
-    def _start_tensor_parallel(self, loaded: LoadedModel) -> ModelRunner:
-        """Starts ranks 1..N-1 and builds this process's runner as rank 0."""
-        from tokenmill.engine.tp_executor import TPExecutor
-        from tokenmill.engine.tp_worker import STEP_TIMEOUT_S
-        from tokenmill.worker.tp_runner import TPDriverRunner
-
-        executor = TPExecutor(self.config, loaded.model_config, loaded.max_model_len)
-        try:
-            runner = make_runner(self.config, loaded, cls=TPDriverRunner, tp=executor.tp)
-        except BaseException as e:
-            error = executor.startup_error(e)
-            executor.shutdown()
-            if isinstance(e, ValueError):
-                raise  # the model cannot be split: rank 0 says why as clearly as any rank
-            raise error from e
-        assert isinstance(runner, TPDriverRunner)
-        runner.attach(executor.channel, STEP_TIMEOUT_S, executor.health_error)
-        self.executor = executor
-        return runner
 
     def health_error(self) -> str | None:
         """None while every part of the engine runs (the tensor-parallel workers), else why
@@ -326,11 +296,3 @@ class LLMEngine:
                 if out is not None:
                     outputs.append(out)
         return outputs
-
-
-def _load_tokenizer(loaded: LoadedModel) -> Tokenizer:
-    """The tokenizer the loader points at: a named one, else the GGUF file's own vocabulary."""
-    if loaded.tokenizer_path is not None:
-        return Tokenizer.from_pretrained(loaded.tokenizer_path)
-    assert loaded.gguf is not None
-    return Tokenizer.from_gguf(loaded.gguf)

@@ -5,7 +5,8 @@ Our side runs the model's own forward over the paged KV cache and keeps the logi
 prompt position (the engine itself only computes the positions it samples): `prefill_logits`
 for a bare model with its cache attached, `engine_prefill_logits` for an `LLM`'s model and
 cache. The transformers side (`hf_logits`, `hf_greedy`, `hf_model_from_gguf`) imports
-transformers lazily: it is a test dependency. `logits_diff` and `assert_logits_close` compare.
+transformers lazily: it is a test dependency. `logits_diff`, `assert_logits_close` and
+`assert_prefill_matches_hf` compare.
 """
 
 from __future__ import annotations
@@ -189,3 +190,18 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, *, atol: float, r
     torch.testing.assert_close(
         ours, ref, atol=atol, rtol=rtol, msg=lambda m: f"{m}\n{logits_diff(ours, ref)}"
     )
+
+
+def assert_prefill_matches_hf(
+    model: torch.nn.Module,
+    hf_model: Any,
+    prompts: Sequence[Sequence[int]],
+    block_size: int,
+    chunk: int | None = None,
+) -> None:
+    """`prefill_logits` of `model` (prompt i in the 16 blocks from 16 i on) within 1e-4 of
+    `hf_logits` of `hf_model` at every position of every prompt."""
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
+    ours = prefill_logits(model, prompts, tables, block_size, chunk=chunk)
+    for p, got in zip(prompts, ours, strict=True):
+        assert_logits_close(got, hf_logits(hf_model, p), atol=1e-4, rtol=1e-4)
