@@ -67,3 +67,40 @@ def test_greedy_rows_equal_the_masked_argmax() -> None:
         assert checked["allowed"] > 0 and checked["rejected"] > 0, checked
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("vocab", [96, 1000, 49152])
+def test_masked_argmax_equals_the_masked_kernel(vocab: int) -> None:
+    """masked_argmax (allowed ids gathered from a sparse mask's words, xgrammar's kernel for a
+    dense one) gives what the full mask then argmax gives: first maximum on ties, padding bits
+    past the vocabulary ignored, the logits left untouched."""
+    from tokenmill.structured.grammar import MaskRow
+    from tokenmill.structured.masks import masked_argmax
+
+    gen = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32
+    masks = []
+    for density in (1, 3, 40, 0.02, 0.5, 0.999):  # allowed ids: a count or a fraction
+        n = density if isinstance(density, int) else max(1, int(density * vocab))
+        ids = torch.randperm(vocab, generator=gen)[:n]
+        bits = torch.zeros(words * 32, dtype=torch.int64)
+        bits[ids] = 1
+        masks.append(bits)
+    pad = torch.zeros(words * 32, dtype=torch.int64)  # one allowed id and every padding bit
+    pad[vocab // 2] = 1
+    pad[vocab:] = 1
+    masks.append(pad)
+    rows = []
+    for bits in masks:
+        packed = (bits.view(words, 32) << torch.arange(32)).sum(1)
+        rows.append(MaskRow(packed.to(torch.int64).remainder(2**32).to(torch.int32), vocab))
+    # Integer-valued logits: many ties among allowed ids.
+    logits = torch.randint(0, 4, (len(rows) + 1, vocab), generator=gen).float()
+    before = logits.clone()
+    at = list(range(1, len(rows) + 1))  # the row order in logits need not be the mask order
+    got = masked_argmax(logits, at, rows)
+    assert torch.equal(logits, before)
+    for j, (r, row) in enumerate(zip(at, rows, strict=True)):
+        want = logits[r : r + 1].clone()
+        xgr.apply_token_bitmask_inplace(want, row.row.unsqueeze(0), vocab_size=vocab)
+        assert got[j] == int(want.argmax()), (j, got[j])

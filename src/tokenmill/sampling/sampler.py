@@ -99,15 +99,12 @@ def _mask_rejected_argmax(
     x: torch.Tensor, rows: list[SamplingRow], lazy: list[int], tokens: list[int]
 ) -> None:
     """For each greedy constrained row whose unmasked argmax its grammar rejects, the argmax
-    over what the grammar allows (its mask filled and applied to that row alone)."""
+    over what the grammar allows (from its mask, for those rows alone)."""
     redo = [i for i in lazy if not rows[i].grammar.allows(tokens[i])]  # type: ignore[union-attr]
     if not redo:
         return
-    from tokenmill.structured.masks import apply_grammar_masks  # xgrammar: only if used
+    from tokenmill.structured.masks import masked_argmax  # xgrammar: only if used
 
-    sub = take_rows(x, redo)  # masked in place: a copy unless x is only these rows
-    if sub is x:  # x may be the raw logits, which logprobs still read
-        sub = x.clone()
-    apply_grammar_masks(sub, [rows[i].grammar for i in redo])
-    for i, token in zip(redo, block_argmax(sub).tolist(), strict=True):
+    grammars = [rows[i].grammar for i in redo]
+    for i, token in zip(redo, masked_argmax(x, redo, grammars), strict=True):  # type: ignore[arg-type]
         tokens[i] = token

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
@@ -15,11 +16,17 @@ class RequestGrammar:
     def __init__(self, compiled: Future[xgr.CompiledGrammar]) -> None:
         self._compiled = compiled
         self._matcher: xgr.GrammarMatcher | None = None
-        self._one_row: torch.Tensor | None = None  # forced_tokens' bitmask, made on first use
+        # forced_tokens' two bitmask rows (made on first use) and their numpy views: each call
+        # fills row `_flip` first and keeps it, later fills of that call go to the other row.
+        self._rows: torch.Tensor | None = None
+        self._rows_np: np.ndarray | None = None
+        self._flip = 0
         self._num_accepted = 0
         # The mask after `_next_at` accepted tokens, kept from forced_tokens' first fill: when
-        # nothing was forced it is the very mask the next step's sampling needs.
+        # nothing was forced it is the very mask the next step's sampling needs. A view of one
+        # of `_rows`, valid until the next forced_tokens call.
         self._next_row: torch.Tensor | None = None
+        self._next_np: np.ndarray | None = None
         self._next_at = -1
 
     @property
@@ -60,17 +67,23 @@ class RequestGrammar:
         if max_n <= 0 or matcher.is_terminated():
             return []
         vocab = self._compiled.result().tokenizer_info.vocab_size
-        if self._one_row is None:
-            self._one_row = xgr.allocate_token_bitmask(1, vocab)
+        if self._rows is None:
+            self._rows = xgr.allocate_token_bitmask(2, vocab)
+            self._rows_np = self._rows.numpy()
+        first, later = self._flip, 1 - self._flip
+        self._flip = later
         forced: list[int] = []
+        row = first
         while len(forced) < max_n and not matcher.is_terminated():
-            matcher.fill_next_token_bitmask(self._one_row, 0)
-            if not forced:
-                self._keep_next_row(self._one_row[0])
-            token_id = single_allowed_token(self._one_row[0], vocab)
+            matcher.fill_next_token_bitmask(self._rows, row)
+            if not forced:  # the next sampling step's mask, unless a token is forced
+                self._next_row, self._next_np = self._rows[row], self._rows_np[row]
+                self._next_at = self._num_accepted
+            token_id = single_allowed_token(self._rows_np[row], vocab)
             if token_id is None or not matcher.accept_token(token_id):
                 break
             forced.append(token_id)
+            row = later
         if forced:
             matcher.rollback(len(forced))
         return forced
@@ -78,10 +91,10 @@ class RequestGrammar:
     def allows(self, token_id: int) -> bool:
         """Whether the grammar accepts `token_id` next: one step of the matcher, rolled back
         (far cheaper than filling a whole mask). The matcher ends where it began."""
-        kept = self.kept_mask()
-        if kept is not None:
-            return mask_allows(kept, token_id, self._compiled.result().tokenizer_info.vocab_size)
-        if not 0 <= token_id < self._compiled.result().tokenizer_info.vocab_size:
+        vocab = self._compiled.result().tokenizer_info.vocab_size
+        if self._next_np is not None and self._next_at == self._num_accepted:  # the kept mask
+            return mask_allows(self._next_np, token_id, vocab)
+        if not 0 <= token_id < vocab:
             return False
         matcher = self.matcher
         if matcher.is_terminated() or not matcher.accept_token(token_id):
@@ -100,13 +113,6 @@ class RequestGrammar:
     def kept_mask(self) -> torch.Tensor | None:
         """The mask for the next token if forced_tokens already filled it (else None)."""
         return self._next_row if self._next_at == self._num_accepted else None
-
-    def _keep_next_row(self, row: torch.Tensor) -> None:
-        if self._next_row is None:
-            self._next_row = row.clone()
-        else:
-            self._next_row.copy_(row)
-        self._next_at = self._num_accepted
 
     def valid_prefix(self, token_ids: list[int]) -> int:
         """How many leading `token_ids` the grammar accepts in turn (a draft is cut there). A
@@ -160,23 +166,28 @@ class MaskRow:
         bitmask[row].copy_(self.row)
 
 
-def mask_allows(row: torch.Tensor, token_id: int, vocab_size: int) -> bool:
+# Both helpers below read a bitmask row through numpy: a per-element read or count there costs a
+# fraction of a microsecond, a torch op several, and they run for every constrained row each step.
+
+
+def mask_allows(row: torch.Tensor | np.ndarray, token_id: int, vocab_size: int) -> bool:
     """Whether bitmask `row` (int32 words, bit i of word w: token 32*w + i) allows `token_id`;
     ids past `vocab_size` (the last word's padding bits, padded logits) never are."""
     if not 0 <= token_id < vocab_size:
         return False
-    return bool((int(row[token_id >> 5]) >> (token_id & 31)) & 1)
+    words = row.numpy() if isinstance(row, torch.Tensor) else row
+    return bool((int(words[token_id >> 5]) >> (token_id & 31)) & 1)
 
 
-def single_allowed_token(row: torch.Tensor, vocab_size: int) -> int | None:
+def single_allowed_token(row: torch.Tensor | np.ndarray, vocab_size: int) -> int | None:
     """The one token id that bitmask `row` (int32 words, bit i of word w: token 32*w + i)
     allows among the first `vocab_size` ids; None when it allows none or several. Bits past
     `vocab_size` in the last word are padding and never count."""
-    nonzero = torch.nonzero(row).flatten()
-    if nonzero.numel() != 1:
+    words = row.numpy() if isinstance(row, torch.Tensor) else row
+    if np.count_nonzero(words) != 1:
         return None
-    w = int(nonzero[0])
-    bits = int(row[w]) & 0xFFFFFFFF  # as unsigned: bit 31 makes the int32 negative
+    w = int(np.flatnonzero(words)[0])
+    bits = int(words[w]) & 0xFFFFFFFF  # as unsigned: bit 31 makes the int32 negative
     tail = vocab_size - 32 * w
     if tail < 32:
         bits &= (1 << tail) - 1 if tail > 0 else 0
