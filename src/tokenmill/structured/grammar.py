@@ -16,6 +16,7 @@ class RequestGrammar:
     def __init__(self, compiled: Future[xgr.CompiledGrammar]) -> None:
         self._compiled = compiled
         self._matcher: xgr.GrammarMatcher | None = None
+        self._vocab = 0  # the tokenizer's vocabulary size, read once with the matcher
         # forced_tokens' two bitmask rows (made on first use) and their numpy views: each call
         # fills row `_flip` first and keeps it, later fills of that call go to the other row.
         self._rows: torch.Tensor | None = None
@@ -46,7 +47,9 @@ class RequestGrammar:
     def matcher(self) -> xgr.GrammarMatcher:
         if self._matcher is None:
             # Raises if compilation failed; the engine drops such requests before scheduling.
-            self._matcher = xgr.GrammarMatcher(self._compiled.result())
+            compiled = self._compiled.result()
+            self._matcher = xgr.GrammarMatcher(compiled)
+            self._vocab = compiled.tokenizer_info.vocab_size
         return self._matcher
 
     def accept_token(self, token_id: int) -> bool:
@@ -66,7 +69,7 @@ class RequestGrammar:
         matcher = self.matcher
         if max_n <= 0 or matcher.is_terminated():
             return []
-        vocab = self._compiled.result().tokenizer_info.vocab_size
+        vocab = self._vocab
         if self._rows is None:
             self._rows = xgr.allocate_token_bitmask(2, vocab)
             self._rows_np = self._rows.numpy()
@@ -91,12 +94,12 @@ class RequestGrammar:
     def allows(self, token_id: int) -> bool:
         """Whether the grammar accepts `token_id` next: one step of the matcher, rolled back
         (far cheaper than filling a whole mask). The matcher ends where it began."""
-        vocab = self._compiled.result().tokenizer_info.vocab_size
+        matcher = self.matcher  # made first: it reads the vocabulary size
+        vocab = self._vocab
         if self._next_np is not None and self._next_at == self._num_accepted:  # the kept mask
             return mask_allows(self._next_np, token_id, vocab)
         if not 0 <= token_id < vocab:
             return False
-        matcher = self.matcher
         if matcher.is_terminated() or not matcher.accept_token(token_id):
             return False
         matcher.rollback(1)
@@ -137,7 +140,7 @@ class RequestGrammar:
         then after each prefix of `draft` (which `valid_prefix` has cut to tokens the grammar
         accepts); len(draft) + 1 rows. The matcher ends where it began."""
         matcher = self.matcher
-        vocab = self._compiled.result().tokenizer_info.vocab_size
+        vocab = self._vocab
         masks = xgr.allocate_token_bitmask(len(draft) + 1, vocab)
         accepted = 0
         for j in range(len(draft) + 1):
