@@ -71,9 +71,9 @@ def test_greedy_rows_equal_the_masked_argmax() -> None:
 
 @pytest.mark.parametrize("vocab", [96, 1000, 49152])
 def test_masked_argmax_equals_the_masked_kernel(vocab: int) -> None:
-    """masked_argmax (allowed ids gathered from a sparse mask's words, xgrammar's kernel for a
-    dense one) gives what the full mask then argmax gives: first maximum on ties, padding bits
-    past the vocabulary ignored, the logits left untouched."""
+    """masked_argmax gives what the full mask then argmax gives, for masks from one allowed id
+    to nearly all: first maximum on ties, padding bits past the vocabulary ignored, the logits
+    left untouched."""
     from tokenmill.structured.grammar import MaskRow
     from tokenmill.structured.masks import masked_argmax
 
