@@ -85,6 +85,7 @@ class Experts(nn.ModuleList):
         quant: QuantScheme,
     ) -> None:
         super().__init__()
+        self.quant = quant
         inter = intermediate_size
         gate_up = down = None
         if quant is None:

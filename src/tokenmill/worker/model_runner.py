@@ -16,6 +16,7 @@ from tokenmill.kernels.cpu_fused import load_cpu_fused
 from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.attn_backends import select_backend
 from tokenmill.layers.expert_cache import ExpertCache, ExpertCacheStats
+from tokenmill.layers.expert_source import map_experts
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.moe import offload_experts
 from tokenmill.layers.tensor_parallel import TPGroup
@@ -102,6 +103,8 @@ class ModelRunner:
         try:
             with torch.device(device):  # parameters allocated where they will live
                 self.model = build_model(model_config, dtype, max_model_len, quant)
+            if experts is not None:  # left in the checkpoint's memory map until a slot loads
+                map_experts(self.model)
             self.model.load_weights(weights)
         except torch.OutOfMemoryError as e:
             raise ModelLoadError(
