@@ -101,9 +101,9 @@ def mapped_ranges(path: Path) -> list[tuple[int, int]]:
     return ranges
 
 
-def assert_experts_mapped(model: torch.nn.Module, path: Path) -> None:
-    """Every expert's source part is a view inside `path`'s mapping (not a copy)."""
-    ranges = mapped_ranges(path)
+def assert_experts_mapped(model: torch.nn.Module, *paths: Path) -> None:
+    """Every expert's source part is a view inside the mapping of one of `paths`."""
+    ranges = [r for path in paths for r in mapped_ranges(path)]
     assert ranges
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     assert blocks and all(b.experts.gate_up_proj is None for b in blocks)  # no dense stack
@@ -202,3 +202,17 @@ def test_tiles_written_in_place_equal_the_loader_packing(qtype: str) -> None:
         assert torch.equal(got, want)
     assert not fits_tiles(got, part(16), 8, bits)  # not on a tile boundary
     assert not fits_tiles(got, part(16), 0, 12 - bits)  # other bits
+
+
+def test_safetensors_experts_are_views_of_the_files(tmp_path, make_llm) -> None:
+    """An HF folder: `safe_open` maps the shards, and the experts stay views of them."""
+    pytest.importorskip("transformers")
+    from utils_tiny import make_tiny_hf_folder
+
+    folder = make_tiny_hf_folder(tmp_path, "MixtralForCausalLM", sharded=True)
+    llm = make_llm(model=str(folder), expert_memory_gb=1e-4, **BASE)
+    cache = llm.engine.runner.expert_cache
+    assert cache is not None and cache.mapped
+    greedy_tokens(llm, PROMPTS[:1], 2)  # loads some experts into slots
+    cache.check()
+    assert_experts_mapped(llm.engine.runner.model, *sorted(folder.glob("*.safetensors")))
