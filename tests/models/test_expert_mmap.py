@@ -216,3 +216,19 @@ def test_safetensors_experts_are_views_of_the_files(tmp_path, make_llm) -> None:
     greedy_tokens(llm, PROMPTS[:1], 2)  # loads some experts into slots
     cache.check()
     assert_experts_mapped(llm.engine.runner.model, *sorted(folder.glob("*.safetensors")))
+
+
+def test_experts_converted_at_load_are_processed_once(tmp_path, make_llm) -> None:
+    """int4 at load: the experts are in RAM anyway (round-to-nearest blocks, no view of the
+    file), so the cache processes each once and copies its tiles on a miss; same tokens."""
+    pytest.importorskip("transformers")
+    from utils_tiny import make_tiny_hf_folder
+
+    folder = make_tiny_hf_folder(tmp_path, "MixtralForCausalLM")
+    want = greedy_tokens(make_llm(model=str(folder), quantization="int4", **BASE), PROMPTS, 6)
+    llm = make_llm(model=str(folder), quantization="int4", expert_memory_gb=1e-4, **BASE)
+    cache = llm.engine.runner.expert_cache
+    assert cache is not None and not cache.mapped and cache.num_slots >= 1
+    assert greedy_tokens(llm, PROMPTS, 6) == want
+    assert cache.stats.misses > 0
+    cache.check()

@@ -38,7 +38,13 @@ from torch import nn
 
 from tokenmill.layers.expert_lowbit import copy_bytes, low_bit_copy
 from tokenmill.layers.expert_policy import Key, make_policy
-from tokenmill.layers.expert_source import fill_slot, is_mapped, materialise, source_signature
+from tokenmill.layers.expert_source import (
+    fill_slot,
+    is_converted,
+    is_mapped,
+    materialise,
+    source_signature,
+)
 from tokenmill.layers.linear import Linear
 from tokenmill.quant.unquantized import UnquantizedMethod
 
@@ -172,6 +178,10 @@ class ExpertCache:
         self.miss_threshold = miss_threshold
         self.layers = layers
         self.budget_bytes = budget_bytes
+        for experts in layers:  # in RAM already: processed once, as resident experts are
+            for e, expert in enumerate(experts):
+                if is_mapped(expert) and is_converted(expert):
+                    experts[e] = materialise(expert, self.device)
         self.mapped = is_mapped(layers[0][0])
         if self.mapped:  # slots are built from the source, as the loader builds an expert
             signature = source_signature(layers[0][0])

@@ -18,6 +18,8 @@ A slot load (layers/expert_cache.py) writes an expert into a slot's tensors from
 - otherwise `materialise`: a fresh module loaded and processed as the loader would (the Triton
   layout on CUDA, SqueezeLLM tables, a dense fallback), whose tensors the cache copies.
 Either way a slot holds the bytes a resident expert holds, so offloading changes no token.
+Experts the loader converted (`is_converted`) are in RAM anyway: the cache materialises each
+once at start and copies them as it copies experts given processed.
 """
 
 from __future__ import annotations
@@ -94,6 +96,16 @@ def map_experts(model: nn.Module) -> int:
 
 def is_mapped(expert: nn.Module) -> bool:
     return all(isinstance(m.quant_method, MappedSource) for m in expert_linears(expert))
+
+
+def is_converted(expert: nn.Module) -> bool:
+    """Whether the loader converted a part of `expert` (int8 / int4 at load, SqueezeLLM
+    tables): it is in RAM anyway, as no view of the file."""
+    return any(
+        not isinstance(p, torch.Tensor | QuantizedTensor)
+        for m in expert_linears(expert)
+        for p in m.quant_method.parts.values()
+    )
 
 
 def _shards(lin: Linear) -> tuple[str, ...]:
