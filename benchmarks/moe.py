@@ -65,7 +65,7 @@ import torch
 from common import hf_generate, host_info, make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.layers.expert_cache import expert_tensor_refs, get_ref
+from tokenmill.layers.expert_tensors import expert_tensor_refs, get_ref
 from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.loader.model_source import default_model_path
 
