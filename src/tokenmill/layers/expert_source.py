@@ -7,8 +7,8 @@ experts as views of the file's memory map where they can: GGUF blocks in their b
 (Q4_0 / Q4_1 / Q8_0) and float tensors in their stored dtype (GGUF F32 / F16 / BF16,
 safetensors, whose `safe_open` maps the file). The pages are read when an expert is loaded into
 an expert-cache slot, and a CPU host's page cache may drop them again: a model whose experts
-exceed RAM loads and runs. Experts converted at load (int8 / int4 round-to-nearest, GGUF formats
-without a kernel that are dequantized) are held in RAM as converted.
+exceed RAM loads and runs. Experts converted at load (int8 / int4 round-to-nearest, GGUF
+blocks dequantized with quantization none, SqueezeLLM tables) are held in RAM as converted.
 
 A slot load (layers/expert_cache.py) writes an expert into a slot's tensors from its source:
 - `fill_slot`: in place, where the layout allows: dense weights copied into the slot's weight
