@@ -18,8 +18,9 @@ mixed-precision misses under `--miss-threshold`) runs the same measurements and 
 expert cache's hit rate, bytes loaded per token, low-precision hits and prefetch accuracy, and
 for the mixed-precision ones the perplexity change against the lossless model on the
 repository's evaluation text (`--ppl-tokens`, scored `--ppl-chunk` tokens a pass). On a CPU host the
-"slow" store and the pool are both host memory: a miss costs a memcpy of the expert, not a
-PCIe transfer, so this measures the mechanism's overhead, not a GPU's offloading speed. The
+"slow" store is the checkpoint's memory map and the pool host memory: a miss costs reading the
+expert's pages (from the page cache once they were read) into the slot's layout, not a PCIe
+transfer, so this measures the mechanism's overhead, not a GPU's offloading speed. The
 offloaded experts stay in the checkpoint's memory map: each run reports its memory after the
 load and over the runs (`memory`: peak RSS, which counts the file's pages the runs touched,
 private RssAnon, file-backed RssFile that the kernel can drop), the resident run's included.
