@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenmill.quant.packing import BLOCK, GGUF_FORMATS, TILE_ROWS, QuantizedTensor, _fp16
+from tokenmill.quant.packing import BLOCK, GGUF_FORMATS, TILE_ROWS, QuantizedTensor
 
 
 def fits_tiles(packed: torch.Tensor, qt: QuantizedTensor, row0: int, bits: int) -> bool:
@@ -39,27 +39,29 @@ def fill_tiles(packed: torch.Tensor, qt: QuantizedTensor, row0: int, bits: int) 
     size, _ = GGUF_FORMATS[qt.qtype]
     rows, cols = qt.shape
     nb = cols // BLOCK
-    quads = BLOCK * bits // 8 // 4  # 4-byte groups of a row's block in the tile
-    wbytes = TILE_ROWS * quads * 4
-    blocks = qt.blocks.reshape(rows, nb, size)
-    start = 4 if qt.qtype == "Q4_1" else 2
+    # Every block (18, 20 or 34 bytes) and field is 2-byte aligned: read as 16-bit words.
+    words = qt.blocks.reshape(rows, nb * size).view(torch.int16).reshape(rows, nb, size // 2)
+    start = 2 if qt.qtype == "Q4_1" else 1  # the words of q after d (and m)
+    qwords = BLOCK * bits // 8 // 2
+    wbytes = TILE_ROWS * BLOCK * bits // 8
     full, rem = divmod(rows, TILE_ROWS)
     t0 = row0 // TILE_ROWS
     for first, num_tiles, n in ((0, full, TILE_ROWS), (full * TILE_ROWS, int(rem > 0), rem)):
         if num_tiles == 0:
             continue
-        src = blocks[first : first + num_tiles * n]  # [tiles * n, nb, size]
+        src = words[first : first + num_tiles * n]  # [tiles * n, nb, size / 2]
         tiles = packed[t0 + first // TILE_ROWS : t0 + first // TILE_ROWS + num_tiles]
-        # Gathered contiguous first, so the transposing copy moves 4-byte words, not bytes.
-        q = src[..., start : start + quads * 4].contiguous()
+        # Gathered contiguous first, so the transposing copy moves 4-byte words.
+        q = src[..., start : start + qwords].contiguous()
         if qt.qtype == "Q8_0":
-            q ^= 0x80
-        q = q.view(torch.int32).reshape(num_tiles, n, nb, quads)
-        weights = tiles[..., :wbytes].view(torch.int32).view(num_tiles, nb, quads, TILE_ROWS)
+            q ^= -0x7F80  # 0x8080: each byte XOR 0x80
+        q = q.view(torch.int32).reshape(num_tiles, n, nb, qwords // 2)
+        weights = tiles[..., :wbytes].view(torch.int32)
+        weights = weights.view(num_tiles, nb, qwords // 2, TILE_ROWS)
         weights[..., :n].copy_(q.permute(0, 2, 3, 1))
-        d = _fp16(src, 0)  # [tiles * n, nb]
+        d = src[..., 0].view(torch.float16)  # [tiles * n, nb]
         if qt.qtype == "Q4_1":
-            m = _fp16(src, 2)
+            m = src[..., 1].view(torch.float16)
         else:
             m = (d.float() * (-128.0 if qt.qtype == "Q8_0" else -8.0)).half()
         for offset, x in ((wbytes, d), (wbytes + 2 * TILE_ROWS, m)):
