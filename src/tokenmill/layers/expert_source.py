@@ -1,8 +1,8 @@
 """Offloaded experts' weights left in the checkpoint: memory-mapped, read only when loaded.
 
-With expert offloading the runner calls `map_experts` on the model before loading: every
-expert linear layer's method becomes a `MappedSource`, which keeps the checkpoint tensors the
-loader hands it (no placeholder is allocated, nothing is copied or converted). The loaders give
+With expert offloading the runner builds the model inside `mapped_experts()`: every expert
+linear layer's method is a `MappedSource` (`map_experts`), which keeps the checkpoint tensors
+the loader hands it (no placeholder is allocated, nothing is copied or converted). The loaders give
 experts as views of the file's memory map where they can: GGUF blocks in their block layout
 (Q4_0 / Q4_1 / Q8_0) and float tensors in their stored dtype (GGUF F32 / F16 / BF16,
 safetensors, whose `safe_open` maps the file). The pages are read when an expert is loaded into
@@ -24,6 +24,9 @@ once at start and copies them as it copies experts given processed.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -78,9 +81,28 @@ def expert_linears(expert: nn.Module) -> list[Linear]:
     return [m for m in expert.modules() if isinstance(m, Linear)]
 
 
+_BUILD_MAPPED: contextvars.ContextVar[bool] = contextvars.ContextVar("mapped", default=False)
+
+
+@contextlib.contextmanager
+def mapped_experts(enabled: bool = True) -> Iterator[None]:
+    """MoE layers built inside build their experts as mapped sources (`map_experts`) from the
+    start, their placeholders on the meta device: nothing of them is allocated on the compute
+    device, however many experts there are."""
+    token = _BUILD_MAPPED.set(enabled)
+    try:
+        yield
+    finally:
+        _BUILD_MAPPED.reset(token)
+
+
+def building_mapped() -> bool:
+    return _BUILD_MAPPED.get()
+
+
 def map_experts(model: nn.Module) -> int:
-    """Turns every MoE layer's experts of `model` (not yet loaded) into mapped sources and
-    frees their placeholders; returns the number of MoE layers."""
+    """Turns every MoE layer's experts in `model` (an `Experts` or a module holding some; not
+    yet loaded) into mapped sources and frees their placeholders; returns how many layers."""
     from tokenmill.layers.moe import Experts  # moe imports the cache, which imports this
 
     layers = [m for m in model.modules() if isinstance(m, Experts)]
