@@ -20,7 +20,7 @@ from tokenmill.layers.expert_source import MappedSource, expert_linears
 from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.loader.model_loader import load_model
 from tokenmill.loader.model_source import default_model_path
-from tokenmill.quant.gguf_tiles import fill_tiles, fits_tiles
+from tokenmill.quant.gguf_tiles import fill_tiles, fill_tiles_torch, fits_tiles
 from tokenmill.quant.packing import GGUF_FORMATS, QuantizedTensor, cat_rows, pack_tiles
 from tokenmill.testing.parity import greedy_tokens
 
@@ -193,13 +193,14 @@ def test_tiles_written_in_place_equal_the_loader_packing(qtype: str) -> None:
     for rows in [(32, 32), (16, 40), (48,)]:
         parts = [part(r) for r in rows]
         want = pack_tiles(cat_rows([p.unpack() for p in parts]))
-        got = torch.zeros_like(want)
-        row0 = 0
-        for p in parts:
-            assert fits_tiles(got, p, row0, bits)
-            fill_tiles(got, p, row0, bits)
-            row0 += p.shape[0]
-        assert torch.equal(got, want)
+        for fill in (fill_tiles, fill_tiles_torch):  # the C++ loop where built, the torch ops
+            got = torch.zeros_like(want)
+            row0 = 0
+            for p in parts:
+                assert fits_tiles(got, p, row0, bits)
+                fill(got, p, row0, bits)
+                row0 += p.shape[0]
+            assert torch.equal(got, want), fill
     assert not fits_tiles(got, part(16), 8, bits)  # not on a tile boundary
     assert not fits_tiles(got, part(16), 0, 12 - bits)  # other bits
 

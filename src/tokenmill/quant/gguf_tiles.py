@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenmill.kernels.cpu_quant import fill_gguf_tiles
 from tokenmill.quant.packing import BLOCK, GGUF_FORMATS, TILE_ROWS, QuantizedTensor
 
 
@@ -36,6 +37,14 @@ def fill_tiles(packed: torch.Tensor, qt: QuantizedTensor, row0: int, bits: int) 
     """Writes `qt`'s rows into rows [row0, row0 + rows) of `packed` (see `fits_tiles`); the
     padding rows of a partial last tile are left as they are (zeros, from `pack_tiles`)."""
     assert fits_tiles(packed, qt, row0, bits)
+    blocks = qt.blocks.reshape(qt.shape[0], -1)
+    if blocks.is_contiguous() and fill_gguf_tiles(packed, blocks, qt.qtype, row0):
+        return  # the C++ loop: one pass, no temporaries
+    fill_tiles_torch(packed, qt, row0, bits)
+
+
+def fill_tiles_torch(packed: torch.Tensor, qt: QuantizedTensor, row0: int, bits: int) -> None:
+    """`fill_tiles` in torch ops (the reference, and where the C++ extension is not built)."""
     size, _ = GGUF_FORMATS[qt.qtype]
     rows, cols = qt.shape
     nb = cols // BLOCK
