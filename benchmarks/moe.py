@@ -18,8 +18,12 @@ mixed-precision misses under `--miss-threshold`) runs the same measurements and 
 expert cache's hit rate, bytes loaded per token, low-precision hits and prefetch accuracy, and
 for the mixed-precision ones the perplexity change against the lossless model on the
 repository's evaluation text (`--ppl-tokens`, scored `--ppl-chunk` tokens a pass). On a CPU host the
-"slow" store and the pool are both host memory: a miss costs a memcpy of the expert, not a
-PCIe transfer, so this measures the mechanism's overhead, not a GPU's offloading speed.
+"slow" store is the checkpoint's memory map and the pool host memory: a miss costs reading the
+expert's pages (from the page cache once they were read) into the slot's layout, not a PCIe
+transfer, so this measures the mechanism's overhead, not a GPU's offloading speed. The
+offloaded experts stay in the checkpoint's memory map: each run reports its memory after the
+load and over the runs (`memory`: peak RSS, which counts the file's pages the runs touched,
+private RssAnon, file-backed RssFile that the kernel can drop), the resident run's included.
 
     python benchmarks/moe.py --quantization int4 --skip-hf --expert-fractions 0.5 0.25
 
@@ -50,7 +54,6 @@ copies take 3 bits a weight).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shutil
 import tempfile
@@ -63,7 +66,7 @@ import torch
 from common import hf_generate, host_info, make_prompts  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.layers.expert_cache import expert_tensor_refs, get_ref
+from tokenmill.layers.expert_tensors import expert_tensor_refs, get_ref
 from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.loader.model_source import default_model_path
 
@@ -113,11 +116,13 @@ def bench_tokenmill(
 ) -> dict:
     """`loop`: the experts run one by one (the grouped quantized kernel off); `probe(model)`:
     more measurements on the loaded model, kept under "probe"."""
-    gc.collect()  # the previous runs' engines (reference cycles): one model in memory at a time
+    # The previous runs' engines (reference cycles) go: one model in memory at a time.
+    moe_offload.reset_memory_peak()
     llm = LLM(
         model=str(folder), dtype=args.dtype, quantization=quant, kv_cache_memory_gb=0.5,
         max_num_seqs=args.batch, **offload,
     )  # fmt: skip
+    loaded = moe_offload.memory_figures()
     for m in llm.engine.runner.model.modules():
         if isinstance(m, SparseMoeBlock):
             m.experts.grouped = not loop
@@ -149,6 +154,9 @@ def bench_tokenmill(
         "decode_reps_tok_s": rates,
         f"batch{args.batch}_tok_s": num_out / elapsed,
     }
+    # Memory: after the load, and the peak over the load and the runs.
+    result["memory_loaded"] = loaded
+    result["memory"] = moe_offload.memory_figures()
     if probe is not None:
         result["probe"] = probe(llm.engine.runner.model)
     cache = llm.engine.runner.expert_cache

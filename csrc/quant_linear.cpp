@@ -4,6 +4,7 @@
 // quant_linear(x [M, K] float32/bfloat16, packed [T, K/32, rec] uint8, n, bits) -> y [M, n]
 // grouped_quant_linear(x [M, K], packed[G], counts[G], n, bits) -> y [M, n]: row group g (the
 //   next counts[g] rows) times packed[g], the matmul of every active expert of a MoE layer
+// fill_gguf_tiles(packed, blocks, fmt, rows, row0): GGUF blocks written into packed's rows
 //
 // Packed layout (built by tokenmill/layers/quantization/packing.py): output rows are grouped in
 // tiles of 16; for each (tile, block of 32 columns) one record holds the 16 x 32 weights as
@@ -210,16 +211,71 @@ at::Tensor grouped_quant_linear(const at::Tensor& x, at::TensorList packed, at::
 #endif
 }
 
+// GGUF blocks (fmt 0: Q4_0, 1: Q4_1, 2: Q8_0; blocks [rows, nb * block bytes] uint8) written
+// into rows row0 .. row0 + rows of packed (row0 a multiple of 16), in place: the record's
+// weight bytes are the GGUF quant bytes rearranged (a 4-bit byte 4j + c already holds elements
+// 4j + c and 16 + 4j + c; Q8_0's int8 + 128 is the byte XOR 0x80), d is copied, and m is
+// Q4_1's or -8 d / -128 d rounded to fp16 as torch rounds it (the products are exact). What
+// quant/gguf_tiles.py does with torch ops, for an offloaded expert's slot load.
+void fill_gguf_tiles(at::Tensor packed, const at::Tensor& blocks, int64_t fmt, int64_t rows,
+                     int64_t row0) {
+  TORCH_CHECK(fmt >= 0 && fmt <= 2, "fill_gguf_tiles: unknown format ", fmt);
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte,
+              "fill_gguf_tiles: packed must be contiguous uint8 [tiles, nb, record]");
+  const int64_t nb = packed.size(1), record = packed.size(2);
+  const int64_t size = fmt == 0 ? 18 : fmt == 1 ? 20 : 34;
+  const int64_t qoff = fmt == 1 ? 4 : 2, qbytes = fmt == 2 ? 32 : 16;
+  const int64_t wbytes = kRows * qbytes;
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                  blocks.numel() == rows * nb * size,
+              "fill_gguf_tiles: blocks must be contiguous uint8 of rows x nb blocks");
+  TORCH_CHECK(record == wbytes + 4 * kRows && row0 % kRows == 0 &&
+                  row0 + rows <= packed.size(0) * kRows,
+              "fill_gguf_tiles: rows do not fit the packed layout");
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  const float scale = fmt == 2 ? -128.0f : -8.0f;
+  const int64_t tiles = (rows + kRows - 1) / kRows, t0 = row0 / kRows;
+  // Record by record (each written whole, by one thread), its rows read from 16 block rows.
+  at::parallel_for(0, tiles, 16, [&](int64_t tile0, int64_t tile1) {
+    for (int64_t t = tile0; t < tile1; ++t) {
+      const int64_t nrows = std::min(kRows, rows - t * kRows);
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* rec = dst + ((t0 + t) * nb + b) * record;
+        for (int64_t tr = 0; tr < nrows; ++tr) {
+          const uint8_t* s = src + ((t * kRows + tr) * nb + b) * size;
+          for (int64_t j = 0; j < qbytes / 4; ++j) {
+            uint32_t w;
+            std::memcpy(&w, s + qoff + 4 * j, 4);
+            if (fmt == 2) w ^= 0x80808080u;
+            std::memcpy(rec + (j * kRows + tr) * 4, &w, 4);
+          }
+          c10::Half d, m;
+          std::memcpy(&d, s, 2);
+          if (fmt == 1)
+            std::memcpy(&m, s + 2, 2);
+          else
+            m = c10::Half(static_cast<float>(d) * scale);
+          std::memcpy(rec + wbytes + 2 * tr, &d, 2);
+          std::memcpy(rec + wbytes + 2 * kRows + 2 * tr, &m, 2);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenmill_cpu_quant, m) {
   m.def("quant_linear(Tensor x, Tensor packed, int n, int bits) -> Tensor");
   m.def("dequantize_packed(Tensor packed, int n, int bits) -> Tensor");
   m.def("grouped_quant_linear(Tensor x, Tensor[] packed, int[] counts, int n, int bits) -> Tensor");
+  m.def("fill_gguf_tiles(Tensor(a!) packed, Tensor blocks, int fmt, int rows, int row0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu_quant, CPU, m) {
   m.impl("quant_linear", &quant_linear);
   m.impl("dequantize_packed", &dequantize_packed);
   m.impl("grouped_quant_linear", &grouped_quant_linear);
+  m.impl("fill_gguf_tiles", &fill_gguf_tiles);
 }

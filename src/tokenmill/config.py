@@ -129,8 +129,8 @@ class EngineConfig:
         default=None,
         metadata={
             "help": "MoE expert offloading: GiB of expert weights kept on the compute device, "
-            "as a fixed pool of slots; the others stay in host memory and a miss loads one "
-            "(output unchanged; default: every expert resident)"
+            "as a fixed pool of slots; the others stay in the checkpoint's memory map (read "
+            "when used) and a miss loads one (output unchanged; default: every expert resident)"
         },
     )
     expert_cache_policy: str = field(

@@ -55,3 +55,17 @@ def grouped_quant_linear(
     if ops is None:
         raise RuntimeError(f"{EXT_NAME} is unavailable")
     return ops.grouped_quant_linear.default(x.contiguous(), packed, counts, n, bits)
+
+
+GGUF_FORMAT_CODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+
+
+def fill_gguf_tiles(packed: torch.Tensor, blocks: torch.Tensor, qtype: str, row0: int) -> bool:
+    """Writes GGUF blocks (uint8 [rows, nb * block bytes], contiguous) into rows row0 ..
+    of `packed` (quant/gguf_tiles.py's checks done by the caller); False where the extension
+    is unavailable."""
+    ops = load_cpu_quant()
+    if ops is None:
+        return False
+    ops.fill_gguf_tiles.default(packed, blocks, GGUF_FORMAT_CODES[qtype], blocks.shape[0], row0)
+    return True

@@ -1,12 +1,17 @@
 """Expert offloading: at most a budget of bytes of expert weights in fast memory, as a fixed pool
 of slots; every expert's weights stay in slow storage and a miss copies them into a slot.
 
-"Fast" is the compute device, "slow" a host store: on a CPU host the experts' own tensors as the
-loader left them (memory-mapped or copied from the checkpoint), on an accelerator pinned host
-copies made at attach time. A slot is a clone of one expert module (same quant method, same
-tensor shapes) whose tensors live on the compute device; loading an expert copies its tensors
-byte for byte into the slot's (quantized experts stay in their packed block form), so a slot
-holding expert e computes exactly what expert e computes: offloading never changes a token.
+"Fast" is the compute device, "slow" the checkpoint: experts loaded with `map_experts` (as the
+runner loads them) are mapped sources (layers/expert_source.py), views of the file's memory map
+that are read only when a slot loads them, so on a CPU host only the pool and the pages in use
+take RAM, and a model larger than RAM runs. A slot is an expert module (same quant method, same
+tensor shapes) whose tensors live on the compute device; a load writes the expert's checkpoint
+bytes into them in the kernels' layout (GGUF blocks into the quantized kernel's tiles) and packs
+again what the kernels derive from them (`needs_repack`), as the loader would have: a slot
+holding expert e computes exactly what a resident expert e computes, so offloading never
+changes a token. Experts given already processed (tests, tools) are the slow store as they
+are, or pinned host copies of them on an accelerator, and a load copies their tensors byte for
+byte.
 
 Invariants: a key (MoE layer, expert) is in at most one slot; the pool's bytes are
 `num_slots * expert_bytes` <= the budget, fixed at construction (nothing is allocated later);
@@ -24,7 +29,6 @@ expert. Without `miss_bits` every lookup is served at full precision, as above.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,83 +37,20 @@ from torch import nn
 
 from tokenmill.layers.expert_lowbit import copy_bytes, low_bit_copy
 from tokenmill.layers.expert_policy import Key, make_policy
-from tokenmill.layers.linear import Linear
-from tokenmill.quant.unquantized import UnquantizedMethod
-
-TensorRef = tuple[object, str]  # (owner, attribute): a tensor an expert's matmuls read
-
-
-def expert_tensor_refs(expert: nn.Module) -> list[TensorRef]:
-    """Every tensor an expert's linear layers read, in a fixed order (module order, then name),
-    so two clones of one expert list matching tensors: the layer's parameters, and the quant
-    method's tensors (its packed blocks, its tuple or dataclass of kernel tensors). oneDNN's
-    prepacked dense weight is not listed: it is opaque (no copy_), and is packed again from the
-    copied weight after a load (`needs_repack`)."""
-    refs: list[TensorRef] = []
-    for lin in expert.modules():
-        if not isinstance(lin, Linear):
-            continue
-        refs += [(lin._parameters, n) for n, p in sorted(lin._parameters.items()) if p is not None]
-        method = lin.quant_method
-        for name, value in sorted(vars(method).items()):
-            if isinstance(value, torch.Tensor):
-                refs.append((method, name))
-            elif isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
-                refs += [(value, str(i)) for i in range(len(value))]
-            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-                refs += [
-                    (value, f.name)
-                    for f in dataclasses.fields(value)
-                    if isinstance(getattr(value, f.name), torch.Tensor)
-                ]
-    return refs
-
-
-def get_ref(ref: TensorRef) -> torch.Tensor:
-    owner, name = ref
-    if isinstance(owner, dict):
-        return owner[name]
-    if isinstance(owner, tuple):
-        return owner[int(name)]
-    return getattr(owner, name)
-
-
-def needs_repack(expert: nn.Module) -> list[Linear]:
-    """Dense linears: what their method derives from the weight (oneDNN's prepacked copy, the
-    batch-invariant kernel's packed copy) goes stale when a load overwrites the weight, so
-    `process_after_loading` runs again after every load."""
-    return [
-        m
-        for m in expert.modules()
-        if isinstance(m, Linear) and isinstance(m.quant_method, UnquantizedMethod)
-    ]
-
-
-def _set_ref(ref: TensorRef, value: torch.Tensor) -> None:
-    owner, name = ref
-    if isinstance(owner, dict):
-        owner[name] = nn.Parameter(value, requires_grad=False)
-    else:
-        setattr(owner, name, value)  # tuples are rebuilt by `_fresh_tensors`
-
-
-def _fresh_tensors(expert: nn.Module, device: torch.device, pin: bool) -> None:
-    """Replaces, in place in `expert`'s modules, every listed tensor with a new one on `device`
-    holding the same bytes (pinned host memory when `pin`)."""
-    for lin in expert.modules():
-        if not isinstance(lin, Linear):
-            continue
-        for name, value in vars(lin.quant_method).items():
-            if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
-                setattr(lin.quant_method, name, tuple(_moved(t, device, pin) for t in value))
-    for ref in expert_tensor_refs(expert):
-        if not isinstance(ref[0], tuple):
-            _set_ref(ref, _moved(get_ref(ref), device, pin))
-
-
-def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
-    return out.copy_(t.detach())
+from tokenmill.layers.expert_source import (
+    fill_slot,
+    is_converted,
+    is_mapped,
+    materialise,
+    source_signature,
+)
+from tokenmill.layers.expert_tensors import (
+    TensorRef,
+    expert_tensor_refs,
+    fresh_tensors,
+    get_ref,
+    needs_repack,
+)
 
 
 @dataclass
@@ -166,13 +107,26 @@ class ExpertCache:
         self.miss_threshold = miss_threshold
         self.layers = layers
         self.budget_bytes = budget_bytes
-        template = layers[0][0]
-        shapes = [(get_ref(r).shape, get_ref(r).dtype) for r in expert_tensor_refs(template)]
-        for experts in layers:
-            for expert in experts:
-                got = [(get_ref(r).shape, get_ref(r).dtype) for r in expert_tensor_refs(expert)]
-                if got != shapes:
-                    raise ValueError("expert offloading needs experts of one shape in all layers")
+        for experts in layers:  # in RAM already: processed once, as resident experts are
+            for e, expert in enumerate(experts):
+                if is_mapped(expert) and is_converted(expert):
+                    experts[e] = materialise(expert, self.device)
+        self.mapped = is_mapped(layers[0][0])
+        if self.mapped:  # slots are built from the source, as the loader builds an expert
+            signature = source_signature(layers[0][0])
+            if any(source_signature(e) != signature for experts in layers for e in experts):
+                raise ValueError("expert offloading needs experts of one shape in all layers")
+            template = materialise(layers[0][0], self.device)
+        else:
+            template = layers[0][0]
+            shapes = [(get_ref(r).shape, get_ref(r).dtype) for r in expert_tensor_refs(template)]
+            for experts in layers:
+                for expert in experts:
+                    got = [(get_ref(r).shape, get_ref(r).dtype) for r in expert_tensor_refs(expert)]
+                    if got != shapes:
+                        raise ValueError(
+                            "expert offloading needs experts of one shape in all layers"
+                        )
         self.expert_bytes = sum(
             get_ref(r).numel() * get_ref(r).element_size() for r in expert_tensor_refs(template)
         )
@@ -183,17 +137,25 @@ class ExpertCache:
                 f"an expert memory budget of {budget_bytes} bytes holds no expert "
                 f"({self.expert_bytes} bytes each)"
             )
-        # Built from the experts where they are now (before they move to pinned host memory).
+        # Built from the experts where they are now (before they move to pinned host memory);
+        # from mapped sources, this reads every expert once at start.
         self.low_precision: list[list[nn.Module]] | None = None
         if miss_bits is not None:
             self.low_precision = [
-                [low_bit_copy(expert, miss_bits, self.device) for expert in experts]
+                [
+                    low_bit_copy(
+                        materialise(expert, self.device) if self.mapped else expert,
+                        miss_bits,
+                        self.device,
+                    )
+                    for expert in experts
+                ]
                 for experts in layers
             ]
-        if self.device.type != "cpu":  # slow storage: pinned host copies
+        if self.device.type != "cpu" and not self.mapped:  # slow storage: pinned host copies
             for experts in layers:
                 for expert in experts:
-                    _fresh_tensors(expert, torch.device("cpu"), pin=True)
+                    fresh_tensors(expert, torch.device("cpu"), pin=True)
         self.slots: list[nn.Module] = []
         for _ in range(num_slots):
             # Share the template's tensors while cloning (no copy), then give the clone its own.
@@ -203,7 +165,7 @@ class ExpertCache:
             ]
             memo: dict[int, object] = {id(t): t for t in shared}
             slot = copy.deepcopy(template, memo)
-            _fresh_tensors(slot, self.device, pin=False)
+            fresh_tensors(slot, self.device, pin=False)
             self.slots.append(slot)
         self._slot_refs = [expert_tensor_refs(s) for s in self.slots]
         self._repack = [needs_repack(s) for s in self.slots]
@@ -286,12 +248,21 @@ class ExpertCache:
         slot = self._free_slot(keep, required)
         if slot is None:
             return None
-        src = self._src_refs.get(key)
-        if src is None:  # listed once per expert: walking the modules on every miss costs
-            src = self._src_refs[key] = expert_tensor_refs(self.layers[key[0]][key[1]])
+        expert = self.layers[key[0]][key[1]]
         with torch.no_grad():
-            for s, d in zip(src, self._slot_refs[slot], strict=True):
-                get_ref(d).copy_(get_ref(s), non_blocking=True)
+            if self.mapped:
+                if not fill_slot(expert, self.slots[slot]):
+                    scratch = materialise(expert, self.device)
+                    for s, d in zip(
+                        expert_tensor_refs(scratch), self._slot_refs[slot], strict=True
+                    ):
+                        get_ref(d).copy_(get_ref(s))
+            else:
+                src = self._src_refs.get(key)
+                if src is None:  # listed once per expert: walking the modules on every miss
+                    src = self._src_refs[key] = expert_tensor_refs(expert)
+                for s, d in zip(src, self._slot_refs[slot], strict=True):
+                    get_ref(d).copy_(get_ref(s), non_blocking=True)
             for lin in self._repack[slot]:
                 lin.quant_method.process_after_loading(lin)
         self.stats.bytes_loaded += self.expert_bytes

@@ -18,6 +18,7 @@ experts, large bfloat16 batches on the CPU, other quant methods).
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.layers.expert_cache import ExpertCache
+from tokenmill.layers.expert_source import building_mapped, map_experts
 from tokenmill.layers.linear import Linear, MergedLinear
 from tokenmill.layers.moe_grouped import combine, grouped_experts, silu_mul
 from tokenmill.layers.moe_triton import triton_experts
@@ -85,21 +87,26 @@ class Experts(nn.ModuleList):
         quant: QuantScheme,
     ) -> None:
         super().__init__()
+        self.quant = quant
         inter = intermediate_size
         gate_up = down = None
-        if quant is None:
-            gate_up = torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype)
-            down = torch.empty(num_experts, hidden_size, inter, dtype=dtype)
-        # Buffers, not parameters: the per-expert views are the parameters the loader fills.
-        self.register_buffer("gate_up_proj", gate_up, persistent=False)
-        self.register_buffer("down_proj", down, persistent=False)
-        for e in range(num_experts):
-            expert = SwiGLU(hidden_size, inter, dtype, quant)
-            if self.gate_up_proj is not None and self.down_proj is not None:
-                view = nn.Parameter(self.gate_up_proj[e], requires_grad=False)
-                expert.gate_up_proj.weight = view
-                expert.down_proj.weight = nn.Parameter(self.down_proj[e], requires_grad=False)
-            self.append(expert)
+        mapped = building_mapped()  # offloaded: placeholders on meta, dropped by map_experts
+        with torch.device("meta") if mapped else contextlib.nullcontext():
+            if quant is None:
+                gate_up = torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype)
+                down = torch.empty(num_experts, hidden_size, inter, dtype=dtype)
+            # Buffers, not parameters: the per-expert views are the parameters the loader fills.
+            self.register_buffer("gate_up_proj", gate_up, persistent=False)
+            self.register_buffer("down_proj", down, persistent=False)
+            for e in range(num_experts):
+                expert = SwiGLU(hidden_size, inter, dtype, quant)
+                if self.gate_up_proj is not None and self.down_proj is not None:
+                    view = nn.Parameter(self.gate_up_proj[e], requires_grad=False)
+                    expert.gate_up_proj.weight = view
+                    expert.down_proj.weight = nn.Parameter(self.down_proj[e], requires_grad=False)
+                self.append(expert)
+        if mapped:
+            map_experts(self)
         # Set by `offload_experts`: the slot cache that holds this layer's experts when they
         # are offloaded, and this layer's index among the model's MoE layers.
         self.cache: ExpertCache | None = None

@@ -209,11 +209,16 @@ class GGUFFile:
             raise ModelLoadError(f"GGUF file {self.path}: cannot read tensor {gguf_name!r}") from e
 
     def iter_tensors(
-        self, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
+        self,
+        dtype: torch.dtype = torch.float32,
+        keep_quantized: bool = False,
+        map_experts: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """(HF name, tensor) pairs in file order, in HF layout: dequantized to `dtype`, or with
         `keep_quantized` Q4_0/Q4_1/Q8_0 matrices as QuantizedTensor (their raw blocks). A 3-D
-        tensor of stacked experts comes as one matrix per expert, `experts.{e}.` in its name."""
+        tensor of stacked experts comes as one matrix per expert, `experts.{e}.` in its name.
+        `map_experts` (offloading): expert weights as views of the file's memory map, unread,
+        blocks as stored and float tensors in their stored dtype (others still converted)."""
         arch = checked_architecture(self)
         cfg = self.hf_config()
         permute = arch in _PERMUTED_ARCHS
@@ -224,11 +229,15 @@ class GGUFFile:
                 continue
             t = self._tensors[gguf_name]
             if len(t.shape) == 3:
-                yield from self._per_expert(name, t, dtype, keep_quantized)
+                yield from self._per_expert(name, t, dtype, keep_quantized, map_experts)
                 continue
             w: torch.Tensor | QuantizedTensor
+            mapped = map_experts and ".experts." in name  # an older file's per-expert matrix
+            stored = _stored_view(t) if mapped else None
             if keep_quantized and t.tensor_type.name in GGUF_FORMATS and len(t.shape) == 2:
-                w = self._read_blocks(t)
+                w = self._read_blocks(t, copy=not mapped)
+            elif stored is not None:
+                w = stored
             elif norm_plus_one and name.endswith("norm.weight"):
                 # subtract in fp32, then round once to dtype
                 w = (self.read_tensor(gguf_name, torch.float32) - 1.0).to(dtype)
@@ -241,10 +250,17 @@ class GGUFFile:
             yield name, w
 
     def _per_expert(
-        self, name: str, t: ReaderTensor, dtype: torch.dtype, keep_quantized: bool
+        self,
+        name: str,
+        t: ReaderTensor,
+        dtype: torch.dtype,
+        keep_quantized: bool,
+        mapped: bool,
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         """A stacked expert tensor [E, rows, cols] as E matrices named `...experts.{e}.proj`:
-        quantized ones as views of one copy of the blocks (each expert's rows are contiguous)."""
+        quantized ones as views of one copy of the blocks (each expert's rows are contiguous),
+        or with `mapped` of the file's memory map itself, as float tensors of a stored float
+        type are."""
         prefix, _, rest = name.rpartition(".experts.")  # rest: "gate_proj.weight"
         if not prefix:
             raise ModelLoadError(f"GGUF file {self.path}: unexpected 3-D tensor {t.name!r}")
@@ -254,23 +270,39 @@ class GGUFFile:
             data = torch.from_numpy(t.data)
             if data.numel() != num_experts * rows * cols // 32 * size:
                 raise ModelLoadError(f"GGUF file {self.path}: tensor {t.name!r} is truncated")
-            blocks = data.reshape(num_experts, rows, -1).clone()  # own memory, as _read_blocks
+            blocks = data.reshape(num_experts, rows, -1)
+            if not mapped:
+                blocks = blocks.clone()  # own memory, as _read_blocks
             for e in range(num_experts):
                 qt = QuantizedTensor(t.tensor_type.name, blocks[e], (rows, cols))
                 yield f"{prefix}.experts.{e}.{rest}", qt
             return
-        w = self.read_tensor(t.name, dtype)  # [E, rows, cols]
+        stored = _stored_view(t) if mapped else None
+        w = self.read_tensor(t.name, dtype) if stored is None else stored  # [E, rows, cols]
         for e in range(num_experts):
             yield f"{prefix}.experts.{e}.{rest}", w[e]
 
-    def _read_blocks(self, t: ReaderTensor) -> QuantizedTensor:
+    def _read_blocks(self, t: ReaderTensor, copy: bool = True) -> QuantizedTensor:
         cols, rows = (int(d) for d in t.shape.tolist())
         size, _ = GGUF_FORMATS[t.tensor_type.name]
-        data = torch.from_numpy(t.data)  # a read-only view of the memory-mapped file
+        data = torch.from_numpy(t.data)  # a view of the memory-mapped file (copy-on-write)
         if data.numel() != rows * cols // 32 * size:
             raise ModelLoadError(f"GGUF file {self.path}: tensor {t.name!r} is truncated")
-        blocks = data.reshape(rows, -1).clone()  # own memory: the file may be closed later
+        blocks = data.reshape(rows, -1)
+        if copy:
+            blocks = blocks.clone()  # own memory, the file's pages not kept
         return QuantizedTensor(t.tensor_type.name, blocks, (rows, cols))
+
+
+def _stored_view(t: ReaderTensor) -> torch.Tensor | None:
+    """A float tensor as stored (F32 / F16 / BF16), in HF shape order: a view of the file's
+    memory map (the view keeps the map open); None for other types."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    data = torch.from_numpy(t.data)
+    name = t.tensor_type.name
+    if name == "BF16":
+        return data.reshape(-1).view(torch.bfloat16).reshape(shape)
+    return data.reshape(shape) if name in ("F32", "F16") else None
 
 
 def _field_value(field: ReaderField) -> Any:

@@ -82,6 +82,8 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def load_model(config: EngineConfig) -> LoadedModel:
     source = resolve_model(config.model)
     dtype = resolve_dtype(config.dtype, config.device)
+    # Offloaded experts stay in the checkpoint's memory map, as stored (expert_source.py).
+    map_experts = config.expert_memory_gb is not None
     if source.kind == "gguf":
         from tokenmill.loader.gguf import read_gguf
 
@@ -90,7 +92,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
         if config.quantization == "squeezellm":
             raise ModelLoadError(_not_squeezellm(source.path))
         # Unset quantization = as stored: Q4_0/Q4_1/Q8_0 blocks reach the kernels as they are.
-        weights = gguf.iter_tensors(dtype, keep_quantized=config.quantization is None)
+        weights = gguf.iter_tensors(
+            dtype, keep_quantized=config.quantization is None, map_experts=map_experts
+        )
         quant: QuantScheme = "blocks" if config.quantization is None else None
     else:
         from tokenmill.loader.safetensors import iter_safetensors
@@ -98,7 +102,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
         gguf = None
         hf_config = read_hf_config(source.path)
-        weights = iter_safetensors(source.path, dtype)
+        weights = iter_safetensors(source.path, dtype, map_experts)
         quant = None
         sq_bits = squeezellm_bits(hf_config)  # a `tokenmill quantize` checkpoint
         if sq_bits is None and config.quantization == "squeezellm":

@@ -29,13 +29,19 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(
+    folder: Path, dtype: torch.dtype, map_experts: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in `dtype`. `safe_open` maps the file, so a tensor already in `dtype` is
+    a view of the map; with `map_experts`, expert weights come in their stored dtype, views
+    left unread for offloading (layers/expert_source.py), converted when a slot loads them."""
     from safetensors import SafetensorError, safe_open
 
     for file in safetensors_files(folder):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    yield name, f.get_tensor(name).to(dtype)
+                    t = f.get_tensor(name)
+                    yield name, t if map_experts and ".experts." in name else t.to(dtype)
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ModelLoadError(f"{file}: corrupt or truncated safetensors file ({e})") from e

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from tokenmill.config import ModelConfig
+from tokenmill.errors import ModelLoadError
+from tokenmill.layers.expert_source import MappedSource
 from tokenmill.layers.forward_context import ForwardContext
 from tokenmill.layers.moe import SparseMoeBlock
 from tokenmill.layers.norm import RMSNorm
@@ -28,6 +30,7 @@ from tokenmill.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from tokenmill.quant.base import QuantScheme
 
 _STACKED = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)")
+_EXPERT_WEIGHT = re.compile(r"(.*\.mlp\.experts\.\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
 
 class MoeDecoderLayer(LlamaDecoderLayer):
@@ -132,6 +135,8 @@ class MoeForCausalLM(LlamaForCausalLM):
     def _per_expert(self, weights: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
         for name, tensor in weights:
             name = self.checkpoint_name(name)
+            if self._keep_mapped(name, tensor):
+                continue
             m = _STACKED.fullmatch(name)
             if m is None:
                 gate_row = name.endswith("shared_expert_gate.weight")
@@ -142,9 +147,36 @@ class MoeForCausalLM(LlamaForCausalLM):
             prefix, kind = m.groups()
             if kind == "down_proj":  # [E, hidden, I]
                 for e in range(tensor.shape[0]):
-                    yield f"{prefix}.{e}.down_proj.weight", tensor[e]
+                    name = f"{prefix}.{e}.down_proj.weight"
+                    if not self._keep_mapped(name, tensor[e]):
+                        yield name, tensor[e]
             else:  # [E, 2 I, hidden]: gate rows, then up rows
                 for e in range(tensor.shape[0]):
                     gate, up = tensor[e].chunk(2, dim=0)
-                    yield f"{prefix}.{e}.gate_proj.weight", gate
-                    yield f"{prefix}.{e}.up_proj.weight", up
+                    for name, part in ((f"{prefix}.{e}.gate_proj.weight", gate),
+                                       (f"{prefix}.{e}.up_proj.weight", up)):  # fmt: skip
+                        if not self._keep_mapped(name, part):
+                            yield name, part
+
+    def _keep_mapped(self, name: str, tensor: Any) -> bool:
+        """Hands an expert's weight to its mapped source (layers/expert_source.py), as given
+        (a view of the checkpoint's map: not copied, not converted); False for any other."""
+        m = _EXPERT_WEIGHT.fullmatch(name)
+        if m is None:
+            return False
+        prefix, proj = m.groups()
+        expert = self.get_submodule(prefix)
+        lin, shard = (
+            (expert.down_proj, None) if proj == "down_proj" else (expert.gate_up_proj, proj)
+        )
+        if not isinstance(lin.quant_method, MappedSource):
+            return False
+        start, end = (0, lin.out_features) if shard is None else lin.shard_offset(shard)
+        rows = end - start
+        if tuple(tensor.shape) != (rows, lin.in_features):
+            raise ModelLoadError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                f"{(rows, lin.in_features)}"
+            )
+        lin.load_quantized(tensor, shard)
+        return True

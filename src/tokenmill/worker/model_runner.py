@@ -16,6 +16,7 @@ from tokenmill.kernels.cpu_fused import load_cpu_fused
 from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.attn_backends import select_backend
 from tokenmill.layers.expert_cache import ExpertCache, ExpertCacheStats
+from tokenmill.layers.expert_source import mapped_experts
 from tokenmill.layers.linear import Linear
 from tokenmill.layers.moe import offload_experts
 from tokenmill.layers.tensor_parallel import TPGroup
@@ -100,7 +101,9 @@ class ModelRunner:
             batch_invariant=batch_invariant,
         )
         try:
-            with torch.device(device):  # parameters allocated where they will live
+            # Parameters allocated where they will live; offloaded experts left in the
+            # checkpoint's memory map until a slot loads them.
+            with torch.device(device), mapped_experts(experts is not None):
                 self.model = build_model(model_config, dtype, max_model_len, quant)
             self.model.load_weights(weights)
         except torch.OutOfMemoryError as e:
