@@ -20,7 +20,7 @@ class RequestGrammar:
         # forced_tokens' two bitmask rows (made on first use) and their numpy views: each call
         # fills row `_flip` first and keeps it, later fills of that call go to the other row.
         self._rows: torch.Tensor | None = None
-        self._rows_np: np.ndarray | None = None
+        self._row_views: tuple[tuple[torch.Tensor, np.ndarray], ...] = ()  # made once: ~us each
         self._flip = 0
         self._num_accepted = 0
         # The mask after `_next_at` accepted tokens, kept from forced_tokens' first fill: when
@@ -72,7 +72,7 @@ class RequestGrammar:
         vocab = self._vocab
         if self._rows is None:
             self._rows = xgr.allocate_token_bitmask(2, vocab)
-            self._rows_np = self._rows.numpy()
+            self._row_views = tuple((self._rows[i], self._rows.numpy()[i]) for i in range(2))
         first, later = self._flip, 1 - self._flip
         self._flip = later
         forced: list[int] = []
@@ -80,9 +80,9 @@ class RequestGrammar:
         while len(forced) < max_n and not matcher.is_terminated():
             matcher.fill_next_token_bitmask(self._rows, row)
             if not forced:  # the next sampling step's mask, unless a token is forced
-                self._next_row, self._next_np = self._rows[row], self._rows_np[row]
+                self._next_row, self._next_np = self._row_views[row]
                 self._next_at = self._num_accepted
-            token_id = single_allowed_token(self._rows_np[row], vocab)
+            token_id = single_allowed_token(self._row_views[row][1], vocab)
             if token_id is None or not matcher.accept_token(token_id):
                 break
             forced.append(token_id)
