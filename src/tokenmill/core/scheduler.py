@@ -26,11 +26,9 @@ from tokenmill.core.sched_types import (
     SchedulerOutput,
     SchedulerStats,
 )
-from tokenmill.core.slo_admission import SloAdmission
-from tokenmill.core.slo_step import URGENT_STEPS, UrgentRoom, deferred, make_room
+from tokenmill.core.slo_step import SloStep, UrgentRoom
 from tokenmill.core.spec_stats import SpecDecodeStats
-from tokenmill.core.step_model import StepCostModel, StepShape
-from tokenmill.core.urgency import SloTracker
+from tokenmill.core.step_model import StepCostModel
 from tokenmill.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -74,11 +72,10 @@ class Scheduler:
         self._arrival_seq: dict[str, int] = {}
         self._next_seq = 0
         self.step_cost = step_cost or StepCostModel()
-        self.slo = SloTracker(self.step_cost, config.max_num_batched_tokens, clock)
-        self._slo_keys: dict[str, tuple] = {}  # slo policy: this step's keys
-        self._last_shape: StepShape | None = None  # of the last step measured
+        self._slo = SloStep(config, clock, self.step_cost, self._arrival_seq)
+        self.slo = self._slo.tracker  # targets and slack (kept under every policy: metrics)
         if config.policy == "slo":
-            self._key = self._slo_key
+            self._key = self._slo.key
         else:
             self._key = make_key(config.policy, self._arrival_seq)
         self.waiting = make_waiting_queue(config.policy, self._key)
@@ -181,7 +178,7 @@ class Scheduler:
                 req.spec_token_ids = list(draft or ())
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
-        room = self._begin_slo_step() if self.config.policy == "slo" else UrgentRoom()
+        room = self._slo.begin(self) if self.config.policy == "slo" else UrgentRoom()
         preempted: list[str] = []
 
         i = 0
@@ -231,44 +228,19 @@ class Scheduler:
             finished_req_ids=finished,
         )
 
-    def _begin_slo_step(self) -> UrgentRoom:
-        """slo policy: fresh keys at this step's time, the running list in their order, then
-        room for requests about to miss their TTFT (see core/slo_step.py)."""
-        self._slo_keys.clear()
-        self.slo.begin_step(self.running, self._last_shape)
-        self.running.sort(key=self._key)
-        room = make_room(self)
-        room.defer = deferred(self)
-        return room
-
-    def _slo_key(self, req: Request) -> tuple:
-        key = self._slo_keys.get(req.request_id)
-        if key is None:
-            key = self.slo.key(req, self._arrival_seq[req.request_id])
-            self._slo_keys[req.request_id] = key
-        return key
-
     def unattainable(self, req_id: str) -> str | None:
         """Why a queued request cannot meet its SLO even if served first (None if it can)."""
-        req, st = self.requests[req_id], self.slo.states.get(req_id)
-        if st is None:
-            return None
-        self.slo.begin_step([*self.running, req])
-        return self.slo.miss_reason(req, st)
+        return self._slo.unattainable(self.requests[req_id], self.running)
 
     def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
         """Feeds a measured step time to the step-cost model behind the slack estimates."""
-        self._last_shape = StepShape.of(sched_out)
-        self.step_cost.observe(self._last_shape, seconds)
+        self._slo.observe(sched_out, seconds)
 
     def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
         kv = self.kv_cache_manager
         admitted: list[Request] = []
         admission = self.admission.start_round(self.waiting, self.running)
-        guard = None
-        if self.config.policy == "slo":
-            urgent = URGENT_STEPS * self.slo.step_time
-            guard = SloAdmission(self.slo, self.running, self._key, urgent)
+        guard = self._slo.admission_guard(self.running) if self.config.policy == "slo" else None
         for req in admission.reqs:
             if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                 break

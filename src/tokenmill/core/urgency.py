@@ -21,15 +21,12 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.request import Request
 
 INF = math.inf
 _EMA = 0.2  # weight of a new observation in a stage index's average work
-# How a stage is charged its share of the workflow's deadline: "proportional" (its predicted
-# work over its own plus the remaining stages') or "latest" (the deadline less the remaining
-# stages' work: HEXGEN-Text2SQL's slack).
-DEADLINE_SPLIT = "proportional"
 
 
 @dataclass
@@ -44,10 +41,17 @@ class SloState:
 
 
 class SloTracker:
-    def __init__(self, cost: StepCostModel, budget: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        cost: StepCostModel,
+        budget: int,
+        clock: Callable[[], float],
+        knobs: SloKnobs | None = None,
+    ) -> None:
         self.cost = cost
         self.budget = budget
         self.clock = clock
+        self.knobs = knobs or SloKnobs()
         self.states: dict[str, SloState] = {}
         self.now = clock()
         self.step_time = cost.predict(StepShape(1, 1, 0))
@@ -74,7 +78,7 @@ class SloTracker:
                 st.rest_work = self._rest_work(wf.stage, wf.remaining_stages, work)
                 prev = self._stage_work.get(wf.stage)
                 self._stage_work[wf.stage] = work if prev is None else prev + _EMA * (work - prev)
-                if DEADLINE_SPLIT == "latest":
+                if self.knobs.deadline_split == "latest":
                     st.stage_deadline = st.deadline - st.rest_work
                 else:
                     share = work / (work + st.rest_work) if st.rest_work > 0 else 1.0
@@ -109,14 +113,16 @@ class SloTracker:
     def remaining_work(self, req: Request, alone: bool = False) -> tuple[float, float]:
         """(seconds to the next sampled token, seconds to the end), at the current load, or
         (`alone`) in steps of this request only: the least it can take."""
-        pending = max(1, req.num_tokens - req.num_computed_tokens)
+        pending = req.num_tokens - req.num_computed_tokens
+        if pending < 1:
+            pending = 1
         step = self.step_time
+        a, b, c, d = self.cost.coeffs
         if alone:
-            step = min(step, self.cost.predict(StepShape(1, 1, req.num_tokens)))
-        per_token = self.cost.coeffs[1]
-        first = math.ceil(pending / self.budget) * step + (pending - 1) * per_token
-        after = max(0, req.max_tokens - req.num_output_tokens - 1)
-        return first, first + after * step
+            step = min(step, max(1e-6, a + b + c + d * req.num_tokens / 1000.0))
+        first = -(-pending // self.budget) * step + (pending - 1) * b
+        after = req.max_tokens - len(req.output_token_ids) - 1
+        return first, first + after * step if after > 0 else first
 
     def remaining_steps(self, req: Request) -> int:
         """Steps the request still needs: its pending chunks, then one per token."""
@@ -141,14 +147,19 @@ class SloTracker:
     def is_hopeless(self, req: Request, st: SloState) -> bool:
         """Not even served alone from now on would it meet its targets. Checked afresh each
         step (estimates move); counted once."""
-        hopeless = self.miss_reason(req, st) is not None
+        to_first, to_end = self.remaining_work(req, alone=True)
+        now = self.now
+        hopeless = (st.first_token is None and now + to_first > st.ttft_deadline) or (
+            now + to_end + st.rest_work > st.deadline
+        )
         if hopeless and not st.hopeless:
             self.num_hopeless += 1
         st.hopeless = req.slo_hopeless = hopeless or req.slo_hopeless
         return hopeless
 
     def miss_reason(self, req: Request, st: SloState) -> str | None:
-        """Why the request cannot meet a target even if served alone, or None."""
+        """Why the request cannot meet a target even if served alone, or None (the same test
+        as `is_hopeless`, with the reason in words)."""
         to_first, to_end = self.remaining_work(req, alone=True)
         now = self.now
         if st.first_token is None and now + to_first > st.ttft_deadline:
