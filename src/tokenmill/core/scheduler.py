@@ -98,7 +98,10 @@ class Scheduler:
         self._next_seq += 1
         if req.parent_id is not None and req.sample_index == 0:
             self._first_siblings[req.parent_id] = req
-        self.slo.add(req)
+        cached = 0
+        if self.config.policy == "slo" and req.sampling_params.slo is not None:
+            cached = self.kv_cache_manager.get_computed_blocks(req)[1]  # the work it saves
+        self.slo.add(req, cached)
         self.waiting.add(req)
 
     def finish_request(
@@ -191,6 +194,8 @@ class Scheduler:
             if room.defer and req.request_id in room.defer:
                 i += 1  # slack to spare: sits this step out, keeping its KV
                 continue
+            if room.chunk_cap and num_pending > 1:
+                num_new = min(num_new, room.chunk_cap.get(req.request_id, num_new))
             if room.reserve and num_pending > 1 and self._key(req) > room.key:
                 num_new = min(num_new, budget - room.reserve)  # an urgent prompt goes first
                 if num_new <= 0:
@@ -240,7 +245,9 @@ class Scheduler:
         kv = self.kv_cache_manager
         admitted: list[Request] = []
         admission = self.admission.start_round(self.waiting, self.running)
-        guard = self._slo.admission_guard(self.running) if self.config.policy == "slo" else None
+        guard = None
+        if self.config.policy == "slo" and self.config.slo_knobs.guard:
+            guard = self._slo.admission_guard(self.running)
         for req in admission.reqs:
             if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                 break

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from tokenmill.core.sched_config import SchedulerConfig
 from tokenmill.core.sched_types import SchedulerOutput
 from tokenmill.core.slo_admission import SloAdmission
+from tokenmill.core.slo_shed import doomed
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.core.urgency import INF, SloTracker
 
@@ -37,6 +38,8 @@ class UrgentRoom:
     reserve: int = 0  # budget held back from less urgent prompt chunks
     key: tuple | None = None  # the least urgent request the reserve is for
     defer: set[str] = field(default_factory=set)  # running requests that sit this step out
+    # Prompt-chunk caps (tokens) of running requests behind more urgent ones in this step.
+    chunk_cap: dict[str, int] = field(default_factory=dict)
 
 
 class SloStep:
@@ -67,14 +70,21 @@ class SloStep:
         requests about to miss their TTFT and the running requests that sit the step out."""
         self._keys.clear()
         self.tracker.begin_step(sched.running, self.last_shape)
+        if self.knobs.shed_load > 0 and self.tracker.states:
+            for req in doomed(
+                self.tracker, [*sched.running, *sched.waiting], self.key, self.knobs.shed_load
+            ):
+                self.tracker.doom(req)
+                self._keys.pop(req.request_id, None)
         sched.running.sort(key=self.key)
         room = make_room(sched)
         room.defer = deferred(sched)
+        if self.knobs.chunk_slack < INF:
+            room.chunk_cap = chunk_caps(sched, room.defer)
         return room
 
     def admission_guard(self, running: list[Request]) -> SloAdmission:
-        urgent = self.knobs.urgent_steps * self.tracker.step_time
-        return SloAdmission(self.tracker, running, self.key, urgent)
+        return SloAdmission(self.tracker, running, self.key, self.tracker.urgent_slack)
 
     def unattainable(self, req: Request, running: list[Request]) -> str | None:
         """Why a queued request cannot meet its SLO even if served first (None if it can)."""
@@ -95,6 +105,11 @@ def deferred(sched: Scheduler) -> set[str]:
     tracker = sched.slo
     knobs = tracker.knobs
     out: set[str] = set()
+    if knobs.shed_load > 0 and any(
+        sched._key(r)[0] == 0 and sched._key(r)[1] < INF for r in sched.running
+    ):
+        # Doomed requests only use capacity that no request that can make it needs.
+        out.update(r.request_id for r in sched.running if sched._key(r)[0] == 1)
     for req in sched.running[knobs.min_batch :]:
         key = sched._key(req)
         if key[0] or key[1] == INF:
@@ -106,6 +121,29 @@ def deferred(sched: Scheduler) -> set[str]:
     return out
 
 
+def chunk_caps(sched: Scheduler, defer: set[str]) -> dict[str, int]:
+    """Every prompt token in a step delays every sequence in it (b seconds a token), so a
+    running request's prompt chunk may take at most `chunk_slack` of the least slack among the
+    more urgent requests in the step (at least `min_chunk` tokens: prompts still progress)."""
+    tracker = sched.slo
+    knobs = tracker.knobs
+    per_token = tracker.cost.coeffs[1]
+    budget = sched.config.max_num_batched_tokens
+    caps: dict[str, int] = {}
+    least = INF
+    for req in sched.running:
+        if req.request_id in defer:
+            continue
+        if least < INF and req.num_tokens - req.num_computed_tokens > 1:
+            cap = int(max(0.0, knobs.chunk_slack * least) / max(per_token, 1e-9))
+            if cap < budget:
+                caps[req.request_id] = max(knobs.min_chunk, cap)
+        key = sched._key(req)
+        if not key[0] and key[1] < INF:
+            least = min(least, key[1] - tracker.now)
+    return caps
+
+
 def make_room(sched: Scheduler) -> UrgentRoom:
     tracker = sched.slo
     room = UrgentRoom()
@@ -113,7 +151,7 @@ def make_room(sched: Scheduler) -> UrgentRoom:
         return room
     kv = sched.kv_cache_manager
     budget = sched.config.max_num_batched_tokens
-    margin = tracker.knobs.urgent_steps * tracker.step_time
+    margin = tracker.urgent_slack
     max_urgent = tracker.knobs.max_urgent
     num_urgent = 0
     for req in sched.waiting:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.sched_types import ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.step_model import DEFAULT_COEFFS, StepCostModel, StepShape
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
@@ -34,6 +35,7 @@ class SimConfig:
     enable_prefix_caching: bool = True
     reject_hopeless: bool = False
     coeffs: tuple[float, float, float, float] = DEFAULT_COEFFS  # the "model": step times
+    slo_knobs: SloKnobs = field(default_factory=SloKnobs)
 
 
 @dataclass
@@ -76,6 +78,7 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
             kv_groups=(KVGroupSpec(config.num_kv_blocks),),
             enable_prefix_caching=config.enable_prefix_caching,
             policy=config.policy,
+            slo_knobs=config.slo_knobs,
         ),
         clock=clock,
         step_cost=StepCostModel(),
