@@ -129,9 +129,9 @@ def show(tag: str, res: dict[str, Any]) -> None:
 
 # The knobs gridded by --tune (the rest keep their defaults).
 GRID: dict[str, list[Any]] = {
-    "min_batch": [2, 4, 8],
-    "defer_ratio": [0.5, 1.0, 2.0],
     "deadline_split": ["proportional", "latest"],
+    "shed_load": [0.0, 0.7, 1.0],
+    "min_batch": [3, 4],
 }
 
 

@@ -194,8 +194,6 @@ class Scheduler:
             if room.defer and req.request_id in room.defer:
                 i += 1  # slack to spare: sits this step out, keeping its KV
                 continue
-            if room.chunk_cap and num_pending > 1:
-                num_new = min(num_new, room.chunk_cap.get(req.request_id, num_new))
             if room.reserve and num_pending > 1 and self._key(req) > room.key:
                 num_new = min(num_new, budget - room.reserve)  # an urgent prompt goes first
                 if num_new <= 0:

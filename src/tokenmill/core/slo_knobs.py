@@ -23,30 +23,19 @@ class SloKnobs:
     # sequence in a step slows the step; `min_batch` keeps the step's fixed cost shared.
     min_batch: int = 4
     defer_ratio: float = 1.0
-    # A running request's prompt chunk may use at most `chunk_slack` times the least slack of
-    # the more urgent requests in the step (inf: no cap), and at least `min_chunk` tokens.
-    chunk_slack: float = 0.5
-    min_chunk: int = 32
     # Overload shedding (core/slo_shed.py): give up on the fewest requests so the rest make it,
     # with predicted work inflated by this factor; 0 turns it off.
-    shed_load: float = 1.0
+    shed_load: float = 0.7
     # Admission control (core/slo_admission.py): a request is not admitted while it would push
     # a more urgent running request past its target.
     guard: bool = True
     # How a workflow stage is charged its share of the workflow's deadline: "proportional" (its
     # predicted work over its own plus the remaining stages') or "latest" (the deadline less the
     # remaining stages' predicted work: HEXGEN-Text2SQL's slack).
-    deadline_split: str = "proportional"
-    # "latest" split: the later stages' predicted work is scaled by this (they wait too).
-    rest_scale: float = 1.0
-    # "proportional" split: the weight of an equal share per remaining stage against the share
-    # by predicted work (under load a stage's time is mostly waiting, not work).
-    stage_share: float = 0.5
+    deadline_split: str = "latest"
 
     def __post_init__(self) -> None:
         assert min(self.urgent_steps, self.urgent_chunks, self.max_urgent) >= 0, self
         assert self.min_batch >= 1 and self.defer_ratio >= 0, self
         assert self.shed_load >= 0, self
-        assert self.chunk_slack >= 0 and self.min_chunk >= 1, self
-        assert 0.0 <= self.stage_share <= 1.0, self
         assert self.deadline_split in ("proportional", "latest"), self

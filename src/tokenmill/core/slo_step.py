@@ -38,8 +38,6 @@ class UrgentRoom:
     reserve: int = 0  # budget held back from less urgent prompt chunks
     key: tuple | None = None  # the least urgent request the reserve is for
     defer: set[str] = field(default_factory=set)  # running requests that sit this step out
-    # Prompt-chunk caps (tokens) of running requests behind more urgent ones in this step.
-    chunk_cap: dict[str, int] = field(default_factory=dict)
 
 
 class SloStep:
@@ -79,8 +77,6 @@ class SloStep:
         sched.running.sort(key=self.key)
         room = make_room(sched)
         room.defer = deferred(sched)
-        if self.knobs.chunk_slack < INF:
-            room.chunk_cap = chunk_caps(sched, room.defer)
         return room
 
     def admission_guard(self, running: list[Request]) -> SloAdmission:
@@ -119,29 +115,6 @@ def deferred(sched: Scheduler) -> set[str]:
         if key[1] - tracker.now > knobs.defer_ratio * work:
             out.add(req.request_id)
     return out
-
-
-def chunk_caps(sched: Scheduler, defer: set[str]) -> dict[str, int]:
-    """Every prompt token in a step delays every sequence in it (b seconds a token), so a
-    running request's prompt chunk may take at most `chunk_slack` of the least slack among the
-    more urgent requests in the step (at least `min_chunk` tokens: prompts still progress)."""
-    tracker = sched.slo
-    knobs = tracker.knobs
-    per_token = tracker.cost.coeffs[1]
-    budget = sched.config.max_num_batched_tokens
-    caps: dict[str, int] = {}
-    least = INF
-    for req in sched.running:
-        if req.request_id in defer:
-            continue
-        if least < INF and req.num_tokens - req.num_computed_tokens > 1:
-            cap = int(max(0.0, knobs.chunk_slack * least) / max(per_token, 1e-9))
-            if cap < budget:
-                caps[req.request_id] = max(knobs.min_chunk, cap)
-        key = sched._key(req)
-        if not key[0] and key[1] < INF:
-            least = min(least, key[1] - tracker.now)
-    return caps
 
 
 def make_room(sched: Scheduler) -> UrgentRoom:

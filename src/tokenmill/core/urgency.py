@@ -97,13 +97,9 @@ class SloTracker:
                 _average(self._stage_work, wf.stage, work)
                 _average(self._stage_alone, wf.stage, alone)
                 if self.knobs.deadline_split == "latest":
-                    st.stage_deadline = st.deadline - self.knobs.rest_scale * st.rest_work
+                    st.stage_deadline = st.deadline - st.rest_work
                 else:
                     share = work / (work + st.rest_work) if st.rest_work > 0 else 1.0
-                    # Under load a stage's time is mostly waiting, about the same for every
-                    # stage: mix in an equal share per remaining stage.
-                    lam = self.knobs.stage_share
-                    share = (1.0 - lam) * share + lam / (wf.remaining_stages + 1)
                     st.stage_deadline = arrival + slo.deadline_ms / 1000.0 * share
         wf = req.sampling_params.workflow
         if wf is not None and wf.id in self.doomed_workflows:
