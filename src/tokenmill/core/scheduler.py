@@ -28,7 +28,7 @@ from tokenmill.core.sched_types import (
 )
 from tokenmill.core.slo_step import SloStep, UrgentRoom
 from tokenmill.core.spec_stats import SpecDecodeStats
-from tokenmill.core.step_model import StepCostModel
+from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -235,9 +235,12 @@ class Scheduler:
         """Why a queued request cannot meet its SLO even if served first (None if it can)."""
         return self._slo.unattainable(self.requests[req_id], self.running)
 
-    def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
-        """Feeds a measured step time to the step-cost model behind the slack estimates."""
-        self._slo.observe(sched_out, seconds)
+    def observe_step(
+        self, sched_out: SchedulerOutput, seconds: float, shape: StepShape | None = None
+    ) -> None:
+        """Feeds a measured step time to the step-cost model behind the slack estimates
+        (`shape`: the step's, if the caller has it already)."""
+        self._slo.observe(shape or StepShape.of(sched_out), seconds)
 
     def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
         kv = self.kv_cache_manager

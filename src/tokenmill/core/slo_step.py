@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tokenmill.core.sched_config import SchedulerConfig
-from tokenmill.core.sched_types import SchedulerOutput
 from tokenmill.core.slo_admission import SloAdmission
 from tokenmill.core.slo_shed import doomed
 from tokenmill.core.step_model import StepCostModel, StepShape
@@ -90,9 +89,9 @@ class SloStep:
         self.tracker.begin_step([*running, req])
         return self.tracker.miss_reason(req, st)
 
-    def observe(self, sched_out: SchedulerOutput, seconds: float) -> None:
-        self.last_shape = StepShape.of(sched_out)
-        self.tracker.cost.observe(self.last_shape, seconds)
+    def observe(self, shape: StepShape, seconds: float) -> None:
+        self.last_shape = shape
+        self.tracker.cost.observe(shape, seconds)
 
 
 def deferred(sched: Scheduler) -> set[str]:

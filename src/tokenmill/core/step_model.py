@@ -64,7 +64,9 @@ class StepCostModel:
         return len(self._obs)
 
     def predict(self, shape: StepShape) -> float:
-        return max(1e-6, sum(c * x for c, x in zip(self.coeffs, shape.features(), strict=True)))
+        a, b, c, d = self.coeffs
+        # The same sum, in the same order, as over `features()`.
+        return max(1e-6, a + b * shape.tokens + c * shape.seqs + d * (shape.context / 1000.0))
 
     def observe(self, shape: StepShape, seconds: float) -> None:
         if shape.tokens < 1 or not math.isfinite(seconds) or seconds <= 0.0:
@@ -83,12 +85,16 @@ class StepCostModel:
         The weight 1 / t^2 fits relative errors: a long prefill step (or one the host's load
         stretched) does not outweigh the many short decode steps whose time slack is made of."""
         w = sign / (t * t)
-        for i in range(4):
-            self._xt[i] += w * x[i] * t
-            self._abs[i] += sign * abs(x[i]) / t
+        xt, ab = self._xt, self._abs
+        for i, xi in enumerate(x):
+            wx = w * xi
+            xt[i] += wx * t
+            ab[i] += sign * abs(xi) / t
             row = self._xx[i]
-            for j in range(4):
-                row[j] += w * x[i] * x[j]
+            row[0] += wx * x[0]
+            row[1] += wx * x[1]
+            row[2] += wx * x[2]
+            row[3] += wx * x[3]
 
     def refit(self) -> None:
         """Ridge regression towards the prior: minimise sum ((x.c - t) / t)^2 + ridge * sum

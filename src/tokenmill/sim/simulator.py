@@ -145,7 +145,7 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
             log.append((shape, dt))
         clock.now += dt
         num_steps += 1
-        sched.observe_step(out, dt)
+        sched.observe_step(out, dt, shape)
         sampled = {s.req.request_id: [_TOKEN] for s in out.seqs if s.sample}
         for co in sched.update_from_output(out, ModelRunnerOutput(sampled)):
             o = live[co.req.request_id]
