@@ -8,14 +8,14 @@ blocks are freed and it is recomputed later (its own blocks usually still hit th
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from tokenmill.core.admission import CacheAwareAdmission
-from tokenmill.core.kv_cache_manager import BlockTables, KVCacheManager
+from tokenmill.core.admit_waiting import admit_waiting, make_seq
+from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.output_update import apply_sampled_tokens, make_core_output
 from tokenmill.core.policy import make_key, make_waiting_queue
 from tokenmill.core.sched_config import SchedulerConfig
@@ -215,13 +215,13 @@ class Scheduler:
                 block_ids = self.kv_cache_manager.allocate_slots(req, num_new)
             if block_ids is None:
                 break
-            seqs.append(self._make_seq(req, num_new, block_ids))
+            seqs.append(make_seq(req, num_new, block_ids))
             budget -= num_new
             i += 1
 
         # After a preemption memory is short: admitting now would only thrash.
         if not preempted:
-            budget = self._schedule_waiting(seqs, budget)
+            budget = admit_waiting(self, seqs, budget)
 
         finished, self._finished_req_ids = self._finished_req_ids, []
         return SchedulerOutput(
@@ -241,74 +241,6 @@ class Scheduler:
         """Feeds a measured step time to the step-cost model behind the slack estimates
         (`shape`: the step's, if the caller has it already)."""
         self._slo.observe(shape or StepShape.of(sched_out), seconds)
-
-    def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
-        kv = self.kv_cache_manager
-        admitted: list[Request] = []
-        admission = self.admission.start_round(self.waiting, self.running)
-        guard = None
-        if self.config.policy == "slo" and self.config.slo_knobs.guard:
-            guard = self._slo.admission_guard(self.running)
-        for req in admission.reqs:
-            if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
-                break
-            if guard is not None and not guard.allows(req):
-                break  # it would make a more urgent request late; so would everyone after it
-            if req.grammar is not None and not req.grammar.ready:
-                continue  # its grammar is still compiling: the others go ahead meanwhile
-            if not self._siblings_ready(req):
-                continue
-            # Looked up again here: admitting an earlier request may have evicted blocks.
-            computed_ids, num_cached = kv.get_computed_blocks(req)
-            if admission.should_wait(req, num_cached):
-                continue  # its next blocks are being computed: hit them next step instead
-            num_remaining = req.num_tokens - num_cached
-            # Admit only if the KV cache can hold the whole remainder: admitting chunk by chunk
-            # lets several half-prefilled prompts fill the cache and deadlock.
-            if not kv.can_allocate(req, num_remaining, computed_ids, num_cached):
-                break
-            num_new = min(num_remaining, budget)
-            block_ids = kv.allocate_slots(req, num_new, computed_ids, num_cached)
-            assert block_ids is not None
-            if req.num_preemptions == 0:
-                req.num_cached_tokens = num_cached
-            req.num_computed_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            admitted.append(req)
-            admission.admit(req)
-            if guard is not None:
-                guard.admit(req)
-            seqs.append(self._make_seq(req, num_new, block_ids))
-            budget -= num_new
-        admission.close()
-        for req in admitted:
-            self.waiting.remove(req)
-            bisect.insort(self.running, req, key=self._key)
-        return budget
-
-    def _siblings_ready(self, req: Request) -> bool:
-        """n > 1: later samples wait for the first one's prompt so they share its KV blocks."""
-        if req.parent_id is None or req.sample_index == 0:
-            return True
-        first = self._first_siblings.get(req.parent_id)
-        return first is None or first.num_computed_tokens >= first.num_prompt_tokens
-
-    def _make_seq(self, req: Request, num_new: int, block_ids: BlockTables) -> ScheduledSeq:
-        start = req.num_computed_tokens
-        end = start + num_new
-        num_draft = max(0, end - req.num_tokens)
-        token_ids = req.token_slice(start, end - num_draft)
-        if num_draft:
-            token_ids += req.spec_token_ids[:num_draft]
-        req.spec_token_ids = []  # consumed: the next step's drafts come with its schedule()
-        return ScheduledSeq(
-            req=req,
-            token_ids=token_ids,
-            start_pos=start,
-            block_ids=block_ids,
-            sample=end >= req.num_tokens,
-            num_draft_tokens=num_draft,
-        )
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
