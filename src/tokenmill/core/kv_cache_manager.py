@@ -73,6 +73,7 @@ class KVCacheManager:
         ]
         self._global_groups = [g for g in self.groups if g.window is None]
         self._windowed_groups = [g for g in self.groups if g.window is not None]
+        self._no_hit: list[list] = [[] for _ in self.groups]  # never mutated
         # Hashes of the request's full blocks, extended incrementally; kept across preemption.
         self.req_to_block_hashes: dict[str, list[BlockHash]] = {}
         # How many leading blocks of the request have been offered to the prefix cache already
@@ -198,7 +199,8 @@ class KVCacheManager:
         """
         assert num_new_tokens >= 0 and num_lookahead_tokens >= 0
         req_id = req.request_id
-        computed = self._resolve(new_computed_blocks)
+        # No new hit (every step of a running request): nothing to resolve.
+        computed = self._resolve(new_computed_blocks) if new_computed_blocks else self._no_hit
         if num_new_computed_tokens:
             assert all(len(c) * self.block_size == num_new_computed_tokens for c in computed)
             assert req.num_computed_tokens == 0 and req_id not in self.groups[0].tables
@@ -242,6 +244,8 @@ class KVCacheManager:
     def release_out_of_window(self, req: Request) -> int:
         """Gives back, in each sliding-window group, the request's blocks that no future query
         can see; returns how many in all."""
+        if not self._windowed_groups:
+            return 0
         n = req.num_computed_tokens
         return sum(g.release_out_of_window(req.request_id, n) for g in self._windowed_groups)
 
