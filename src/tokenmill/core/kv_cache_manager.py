@@ -74,6 +74,7 @@ class KVCacheManager:
         self._global_groups = [g for g in self.groups if g.window is None]
         self._windowed_groups = [g for g in self.groups if g.window is not None]
         self._no_hit: list[list] = [[] for _ in self.groups]  # never mutated
+        self._single = self.groups[0] if len(self.groups) == 1 else None
         # Hashes of the request's full blocks, extended incrementally; kept across preemption.
         self.req_to_block_hashes: dict[str, list[BlockHash]] = {}
         # How many leading blocks of the request have been offered to the prefix cache already
@@ -199,6 +200,13 @@ class KVCacheManager:
         """
         assert num_new_tokens >= 0 and num_lookahead_tokens >= 0
         req_id = req.request_id
+        if self._single is not None and not new_computed_blocks:
+            # Most steps of a running request (decodes) fit in the blocks it holds already.
+            ids = self._single.ids_if_held(
+                req_id, req.num_computed_tokens + num_new_tokens + num_lookahead_tokens
+            )
+            if ids is not None:
+                return (ids,)
         # No new hit (every step of a running request): nothing to resolve.
         computed = self._resolve(new_computed_blocks) if new_computed_blocks else self._no_hit
         if num_new_computed_tokens:

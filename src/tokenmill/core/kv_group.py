@@ -117,6 +117,14 @@ class KVGroup:
         num_touched_free = sum(1 for b in computed if b is not self.null_block and b.ref_cnt == 0)
         return max(0, num_new - (self.pool.num_free_blocks - num_touched_free))
 
+    def ids_if_held(self, req_id: str, num_tokens: int) -> list[int] | None:
+        """The request's block ids if the blocks it holds already cover `num_tokens` (what
+        `allocate` would return without allocating), else None."""
+        table = self.tables.get(req_id)
+        if table is None or num_tokens > len(table) * self.block_size:
+            return None
+        return self._ids[req_id].copy()
+
     def allocate(self, req_id: str, num_tokens: int, computed: Sequence[KVBlock]) -> list[int]:
         """Appends the hit blocks and new ones up to `num_tokens`; `shortfall` said they fit."""
         table = self.tables.get(req_id)
