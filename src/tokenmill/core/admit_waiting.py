@@ -25,12 +25,13 @@ def admit_waiting(sched: Scheduler, seqs: list[ScheduledSeq], budget: int) -> in
     kv = sched.kv_cache_manager
     admitted: list[Request] = []
     admission = sched.admission.start_round(sched.waiting, sched.running)
-    guard = None
-    if sched.config.policy == "slo" and sched.config.slo_knobs.guard:
-        guard = sched._slo.admission_guard(sched.running)
+    guarded = sched.config.policy == "slo" and sched.config.slo_knobs.guard
+    guard = None  # built on the first request tried (over the running list as it is now)
     for req in admission.reqs:
         if budget <= 0 or len(sched.running) + len(admitted) >= sched.config.max_num_seqs:
             break
+        if guarded and guard is None:
+            guard = sched._slo.admission_guard(sched.running)
         if guard is not None and not guard.allows(req):
             break  # it would make a more urgent request late; so would everyone after it
         if req.grammar is not None and not req.grammar.ready:
