@@ -33,7 +33,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import host_info  # noqa: E402
 
-from tokenmill.core.slo_knobs import SloKnobs  # noqa: E402
+try:  # a tokenmill from before the knobs existed measures its own defaults ("before" figures)
+    from tokenmill.core.slo_knobs import SloKnobs  # noqa: E402
+except ImportError:  # pragma: no cover
+    SloKnobs = None  # type: ignore[assignment,misc]
 from tokenmill.sim.report import Report, summarize  # noqa: E402
 from tokenmill.sim.simulator import SimConfig, simulate  # noqa: E402
 from tokenmill.sim.text2sql import generate  # noqa: E402
@@ -169,13 +172,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.tune and SloKnobs is None:
+        raise SystemExit("--tune needs a tokenmill with core/slo_knobs.py")
     if args.tune and args.tune_seed == args.seed:
         raise SystemExit("--tune-seed must differ from --seed: report on a trace not tuned on")
     sim = SimConfig(reject_hopeless=args.reject_hopeless)
     report: dict[str, Any] = {"host": host_info(), "args": vars(args)}
     if args.tune:
         sim = replace(sim, slo_knobs=tune(args, sim))
-    report["knobs"] = asdict(sim.slo_knobs)
+    report["knobs"] = asdict(sim.slo_knobs) if SloKnobs is not None else None
     sweep = Sweep(generate(1.0, args.arrivals, seed=args.seed), sim)
     res = targets(sweep, list(args.policies), args.tol)
     show(f"seed {args.seed}", res)
