@@ -48,9 +48,11 @@ def doomed(
             job[0] = min(job[0], due)
             job[1] += work * load
     out: list[Request] = []
+    now = tracker.now
+    if not jobs or now + sum(w for _, w in jobs.values()) <= min(d for d, _ in jobs.values()):
+        return out  # all of it fits before the first due time: no one is late
     accepted: list[tuple[float, str]] = []  # max-heap of (-work, group)
     total = 0.0
-    now = tracker.now
     for gid, (due, work) in sorted(jobs.items(), key=lambda kv: kv[1][0]):
         heapq.heappush(accepted, (-work, gid))
         total += work
