@@ -1,9 +1,12 @@
 """Deadlines, predicted remaining work and slack of requests that carry SLOs.
 
 Every request with an `slo` gets absolute targets when it is added: a TTFT deadline, a mean
-TPOT target and a deadline. A workflow stage (`workflow.remaining_stages > 0`) is charged its
-share of the workflow's remaining deadline, in proportion to its predicted work against that of
-the stages still to come (each stage index's work is an online average over the requests seen).
+TPOT target and a deadline. A workflow stage (`workflow.remaining_stages > 0`) gets the
+workflow's remaining deadline less the predicted work of the stages still to come (each stage
+index's work is an online average over the requests seen; `SloKnobs.deadline_split`
+"proportional" gives it a share by work instead). Prompt tokens the prefix cache held at
+arrival are not predicted work. Doomed requests (core/slo_shed.py) rank after every request
+that can make it, hopeless ones last.
 
 Remaining work comes from the step-cost model at the current load: a decode step of the running
 batch takes T; a pending chunk of p tokens takes ceil(p / budget) steps plus p tokens' marginal
@@ -193,22 +196,9 @@ class SloTracker:
             lst = min(lst, st.first_token + st.tpot_s * max(0, req.max_tokens - 1) - to_end)
         return lst
 
-    def is_hopeless(self, req: Request, st: SloState) -> bool:
-        """Not even served alone from now on would it meet its targets. Checked afresh each
-        step (estimates move); counted once."""
-        to_first, to_end = self.remaining_work(req, alone=True)
-        now = self.now
-        hopeless = (st.first_token is None and now + to_first > st.ttft_deadline) or (
-            now + to_end + st.rest_alone > st.deadline
-        )
-        if hopeless and not st.hopeless:
-            self.num_hopeless += 1
-        st.hopeless = req.slo_hopeless = hopeless or req.slo_hopeless
-        return hopeless
-
     def miss_reason(self, req: Request, st: SloState) -> str | None:
-        """Why the request cannot meet a target even if served alone, or None (the same test
-        as `is_hopeless`, with the reason in words)."""
+        """Why the request cannot meet a target even if served alone, or None (the test that
+        makes `key` rank it hopeless, with the reason in words)."""
         to_first, to_end = self.remaining_work(req, alone=True)
         now = self.now
         if st.first_token is None and now + to_first > st.ttft_deadline:
@@ -228,7 +218,7 @@ class SloTracker:
 
     def key(self, req: Request, arrival_seq: int) -> tuple:
         """(rank, latest start, arrival, arrival_seq): the slo policy's order. The same
-        arithmetic as `is_hopeless` and `latest_start`, in one pass (it runs for every queued
+        arithmetic as `miss_reason` and `latest_start`, in one pass (it runs for every queued
         request at every step)."""
         st = self.states.get(req.request_id)
         if st is None:
