@@ -129,11 +129,21 @@ class KVCacheManager:
         At least one token is always left to compute, so the runner has logits to sample from.
         The lookup keeps the request's block hashes: `free(req)` once it is finished drops them.
         """
-        no_hit: BlockTables = tuple([] for _ in self.groups)
+        n = self._num_hit_blocks(req)
+        if n == 0:
+            return tuple([] for _ in self.groups), 0
+        hashes = self.req_to_block_hashes[req.request_id]
+        return tuple(g.hit_blocks(hashes, n) for g in self.groups), n * self.block_size
+
+    def num_computed_tokens(self, req: Request) -> int:
+        """The token count of `get_computed_blocks`, without building the block lists."""
+        return self._num_hit_blocks(req) * self.block_size
+
+    def _num_hit_blocks(self, req: Request) -> int:
         if not self.enable_prefix_caching or req.num_tokens <= 1:
-            return no_hit, 0
+            return 0
         if req.sampling_params.prompt_logprobs is not None:
-            return no_hit, 0  # cached positions would get no prompt logprobs
+            return 0  # cached positions would get no prompt logprobs
         max_blocks = (req.num_tokens - 1) // self.block_size
         hashes = self._block_hashes(req, max_blocks)
         n = max_blocks
@@ -145,9 +155,7 @@ class KVCacheManager:
             if shortest == n:
                 break
             n = shortest
-        if n == 0:
-            return no_hit, 0
-        return tuple(g.hit_blocks(hashes, n) for g in self.groups), n * self.block_size
+        return n
 
     def first_uncached_block_hash(self, req: Request, num_cached: int) -> BlockHash | None:
         """Hash of the block after a `num_cached`-token hit (from the last lookup), if full."""

@@ -100,7 +100,7 @@ class Scheduler:
             self._first_siblings[req.parent_id] = req
         cached = 0
         if self.config.policy == "slo" and req.sampling_params.slo is not None:
-            cached = self.kv_cache_manager.get_computed_blocks(req)[1]  # the work it saves
+            cached = self.kv_cache_manager.num_computed_tokens(req)  # the work it saves
         self.slo.add(req, cached)
         self.waiting.add(req)
 
