@@ -128,7 +128,9 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
                 finish(o)
                 continue
             sched.add_request(req)
-            if config.reject_hopeless and sched.unattainable(rec.id) is not None:
+            # As the engine does: only the slo policy refuses hopeless requests.
+            reject = config.reject_hopeless and config.policy == "slo"
+            if reject and sched.unattainable(rec.id) is not None:
                 sched.finish_request(rec.id, RequestStatus.FINISHED_ABORTED)
                 o.rejected = o.hopeless = True
                 finish(o)
