@@ -52,7 +52,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value.startswith("finished")
+        return self in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
@@ -61,6 +61,9 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_LENGTH: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
         }.get(self)
+
+
+_FINISHED = frozenset(s for s in RequestStatus if s.value.startswith("finished"))
 
 
 @dataclass(eq=False)
@@ -123,4 +126,4 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status in _FINISHED

@@ -103,7 +103,7 @@ class CacheAwareAdmission:
         def key(item: tuple[int, Request]) -> tuple:
             pos, req = item
             urgent = self.is_urgent(req)
-            num_cached = 0 if urgent else self.kv.get_computed_blocks(req)[1]
+            num_cached = 0 if urgent else self.kv.num_computed_tokens(req)
             group = (req.priority,) if self.policy == "priority" else ()
             return (*group, not urgent, -num_cached, pos)
 

@@ -73,6 +73,8 @@ class KVCacheManager:
         ]
         self._global_groups = [g for g in self.groups if g.window is None]
         self._windowed_groups = [g for g in self.groups if g.window is not None]
+        self._no_hit: list[list] = [[] for _ in self.groups]  # never mutated
+        self._single = self.groups[0] if len(self.groups) == 1 else None
         # Hashes of the request's full blocks, extended incrementally; kept across preemption.
         self.req_to_block_hashes: dict[str, list[BlockHash]] = {}
         # How many leading blocks of the request have been offered to the prefix cache already
@@ -127,11 +129,21 @@ class KVCacheManager:
         At least one token is always left to compute, so the runner has logits to sample from.
         The lookup keeps the request's block hashes: `free(req)` once it is finished drops them.
         """
-        no_hit: BlockTables = tuple([] for _ in self.groups)
+        n = self._num_hit_blocks(req)
+        if n == 0:
+            return tuple([] for _ in self.groups), 0
+        hashes = self.req_to_block_hashes[req.request_id]
+        return tuple(g.hit_blocks(hashes, n) for g in self.groups), n * self.block_size
+
+    def num_computed_tokens(self, req: Request) -> int:
+        """The token count of `get_computed_blocks`, without building the block lists."""
+        return self._num_hit_blocks(req) * self.block_size
+
+    def _num_hit_blocks(self, req: Request) -> int:
         if not self.enable_prefix_caching or req.num_tokens <= 1:
-            return no_hit, 0
+            return 0
         if req.sampling_params.prompt_logprobs is not None:
-            return no_hit, 0  # cached positions would get no prompt logprobs
+            return 0  # cached positions would get no prompt logprobs
         max_blocks = (req.num_tokens - 1) // self.block_size
         hashes = self._block_hashes(req, max_blocks)
         n = max_blocks
@@ -143,9 +155,7 @@ class KVCacheManager:
             if shortest == n:
                 break
             n = shortest
-        if n == 0:
-            return no_hit, 0
-        return tuple(g.hit_blocks(hashes, n) for g in self.groups), n * self.block_size
+        return n
 
     def first_uncached_block_hash(self, req: Request, num_cached: int) -> BlockHash | None:
         """Hash of the block after a `num_cached`-token hit (from the last lookup), if full."""
@@ -198,7 +208,15 @@ class KVCacheManager:
         """
         assert num_new_tokens >= 0 and num_lookahead_tokens >= 0
         req_id = req.request_id
-        computed = self._resolve(new_computed_blocks)
+        if self._single is not None and not new_computed_blocks:
+            # Most steps of a running request (decodes) fit in the blocks it holds already.
+            ids = self._single.ids_if_held(
+                req_id, req.num_computed_tokens + num_new_tokens + num_lookahead_tokens
+            )
+            if ids is not None:
+                return (ids,)
+        # No new hit (every step of a running request): nothing to resolve.
+        computed = self._resolve(new_computed_blocks) if new_computed_blocks else self._no_hit
         if num_new_computed_tokens:
             assert all(len(c) * self.block_size == num_new_computed_tokens for c in computed)
             assert req.num_computed_tokens == 0 and req_id not in self.groups[0].tables
@@ -242,6 +260,8 @@ class KVCacheManager:
     def release_out_of_window(self, req: Request) -> int:
         """Gives back, in each sliding-window group, the request's blocks that no future query
         can see; returns how many in all."""
+        if not self._windowed_groups:
+            return 0
         n = req.num_computed_tokens
         return sum(g.release_out_of_window(req.request_id, n) for g in self._windowed_groups)
 

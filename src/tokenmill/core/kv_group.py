@@ -53,6 +53,7 @@ class KVGroup:
         self.pool = BlockPool(spec.num_blocks, enable_caching=enable_caching)
         self.null_block = KVBlock(spec.num_blocks)
         self.tables: dict[str, list[KVBlock]] = {}
+        self._ids: dict[str, list[int]] = {}  # each table's block ids, kept alongside it
         self.num_released: dict[str, int] = {}  # leading entries of a request released so far
         # The most blocks a request ever holds in a windowed group at once: the window behind
         # its next query, the tokens of one step, and a partial block at each end.
@@ -105,26 +106,45 @@ class KVGroup:
         """How many more blocks than the pool can give are needed to hold `num_tokens` in all
         (0: they fit). `whole`: the rest of the request, which a windowed group never holds at
         once (only `max_live_blocks` of it)."""
-        num_entries = len(self.tables.get(req_id, ())) + len(computed)
+        table = self.tables.get(req_id)
+        num_entries = (len(table) if table is not None else 0) + len(computed)
         num_new = max(0, cdiv(num_tokens, self.block_size) - num_entries)
         if whole and self.max_live_blocks is not None:
             num_new = min(num_new, self.max_live_blocks)
+        if not num_new:
+            return 0
         # Free cached blocks about to be touched leave the free queue: don't count them twice.
         num_touched_free = sum(1 for b in computed if b is not self.null_block and b.ref_cnt == 0)
         return max(0, num_new - (self.pool.num_free_blocks - num_touched_free))
+
+    def ids_if_held(self, req_id: str, num_tokens: int) -> list[int] | None:
+        """The request's block ids if the blocks it holds already cover `num_tokens` (what
+        `allocate` would return without allocating), else None."""
+        table = self.tables.get(req_id)
+        if table is None or num_tokens > len(table) * self.block_size:
+            return None
+        return self._ids[req_id].copy()
 
     def allocate(self, req_id: str, num_tokens: int, computed: Sequence[KVBlock]) -> list[int]:
         """Appends the hit blocks and new ones up to `num_tokens`; `shortfall` said they fit."""
         table = self.tables.get(req_id)
         if table is None:
             table = self.tables[req_id] = []
+            ids = self._ids[req_id] = []
             # A windowed hit starts with null entries: those count as released already.
             self.num_released[req_id] = sum(1 for b in computed if b is self.null_block)
-        self.pool.touch(b for b in computed if b is not self.null_block)
-        table.extend(computed)
-        num_new = max(0, cdiv(num_tokens, self.block_size) - len(table))
-        table.extend(self.pool.get_new_blocks(num_new))
-        return [b.block_id for b in table]
+        else:
+            ids = self._ids[req_id]
+        if computed:
+            self.pool.touch(b for b in computed if b is not self.null_block)
+            table.extend(computed)
+            ids.extend([b.block_id for b in computed])
+        num_new = cdiv(num_tokens, self.block_size) - len(table)
+        if num_new > 0:
+            new = self.pool.get_new_blocks(num_new)
+            table.extend(new)
+            ids.extend([b.block_id for b in new])
+        return ids.copy()
 
     def cache(self, req_id: str, start: int, end: int, hashes: Sequence[BlockHash]) -> None:
         """Offers the request's full, computed entries start..end-1 to the prefix cache."""
@@ -148,6 +168,7 @@ class KVGroup:
         # stay reusable in the free queue until evicted, oldest first.
         dead = [b for b in table[start:num_dead] if b is not self.null_block]
         table[start:num_dead] = [self.null_block] * (num_dead - start)
+        self._ids[req_id][start:num_dead] = [self.null_block.block_id] * (num_dead - start)
         self.pool.free_blocks(dead)
         self.num_released[req_id] = num_dead
         return len(dead)
@@ -159,5 +180,6 @@ class KVGroup:
     def free(self, req_id: str) -> None:
         """Releases the request's blocks, last block first so it is evicted first."""
         table = self.tables.pop(req_id, [])
+        self._ids.pop(req_id, None)
         self.pool.free_blocks(b for b in reversed(table) if b is not self.null_block)
         self.num_released.pop(req_id, None)

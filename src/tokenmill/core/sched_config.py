@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenmill.config import EngineConfig
 from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.policy import POLICIES
+from tokenmill.core.slo_knobs import SloKnobs
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class SchedulerConfig:
     # Structured output: at most this many tokens a grammar forces (its mask allows one token
     # only) are appended per step without sampling; 0 turns forced runs off.
     max_forced_tokens: int = 0
+    # The slo policy's constants (the simulator grids over them; see core/slo_knobs.py).
+    slo_knobs: SloKnobs = field(default_factory=SloKnobs)
 
     def __post_init__(self) -> None:
         positive = (

@@ -8,14 +8,14 @@ blocks are freed and it is recomputed later (its own blocks usually still hit th
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from tokenmill.core.admission import CacheAwareAdmission
-from tokenmill.core.kv_cache_manager import BlockTables, KVCacheManager
+from tokenmill.core.admit_waiting import admit_waiting, make_seq
+from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.output_update import apply_sampled_tokens, make_core_output
 from tokenmill.core.policy import make_key, make_waiting_queue
 from tokenmill.core.sched_config import SchedulerConfig
@@ -26,11 +26,9 @@ from tokenmill.core.sched_types import (
     SchedulerOutput,
     SchedulerStats,
 )
-from tokenmill.core.slo_admission import SloAdmission
-from tokenmill.core.slo_step import URGENT_STEPS, UrgentRoom, deferred, make_room
+from tokenmill.core.slo_step import SloStep, UrgentRoom
 from tokenmill.core.spec_stats import SpecDecodeStats
 from tokenmill.core.step_model import StepCostModel, StepShape
-from tokenmill.core.urgency import SloTracker
 from tokenmill.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -74,11 +72,10 @@ class Scheduler:
         self._arrival_seq: dict[str, int] = {}
         self._next_seq = 0
         self.step_cost = step_cost or StepCostModel()
-        self.slo = SloTracker(self.step_cost, config.max_num_batched_tokens, clock)
-        self._slo_keys: dict[str, tuple] = {}  # slo policy: this step's keys
-        self._last_shape: StepShape | None = None  # of the last step measured
+        self._slo = SloStep(config, clock, self.step_cost, self._arrival_seq)
+        self.slo = self._slo.tracker  # targets and slack (kept under every policy: metrics)
         if config.policy == "slo":
-            self._key = self._slo_key
+            self._key = self._slo.key
         else:
             self._key = make_key(config.policy, self._arrival_seq)
         self.waiting = make_waiting_queue(config.policy, self._key)
@@ -101,7 +98,10 @@ class Scheduler:
         self._next_seq += 1
         if req.parent_id is not None and req.sample_index == 0:
             self._first_siblings[req.parent_id] = req
-        self.slo.add(req)
+        cached = 0
+        if self.config.policy == "slo" and req.sampling_params.slo is not None:
+            cached = self.kv_cache_manager.num_computed_tokens(req)  # the work it saves
+        self.slo.add(req, cached)
         self.waiting.add(req)
 
     def finish_request(
@@ -181,7 +181,7 @@ class Scheduler:
                 req.spec_token_ids = list(draft or ())
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
-        room = self._begin_slo_step() if self.config.policy == "slo" else UrgentRoom()
+        room = self._slo.begin(self) if self.config.policy == "slo" else UrgentRoom()
         preempted: list[str] = []
 
         i = 0
@@ -215,13 +215,13 @@ class Scheduler:
                 block_ids = self.kv_cache_manager.allocate_slots(req, num_new)
             if block_ids is None:
                 break
-            seqs.append(self._make_seq(req, num_new, block_ids))
+            seqs.append(make_seq(req, num_new, block_ids))
             budget -= num_new
             i += 1
 
         # After a preemption memory is short: admitting now would only thrash.
         if not preempted:
-            budget = self._schedule_waiting(seqs, budget)
+            budget = admit_waiting(self, seqs, budget)
 
         finished, self._finished_req_ids = self._finished_req_ids, []
         return SchedulerOutput(
@@ -231,104 +231,16 @@ class Scheduler:
             finished_req_ids=finished,
         )
 
-    def _begin_slo_step(self) -> UrgentRoom:
-        """slo policy: fresh keys at this step's time, the running list in their order, then
-        room for requests about to miss their TTFT (see core/slo_step.py)."""
-        self._slo_keys.clear()
-        self.slo.begin_step(self.running, self._last_shape)
-        self.running.sort(key=self._key)
-        room = make_room(self)
-        room.defer = deferred(self)
-        return room
-
-    def _slo_key(self, req: Request) -> tuple:
-        key = self._slo_keys.get(req.request_id)
-        if key is None:
-            key = self.slo.key(req, self._arrival_seq[req.request_id])
-            self._slo_keys[req.request_id] = key
-        return key
-
     def unattainable(self, req_id: str) -> str | None:
         """Why a queued request cannot meet its SLO even if served first (None if it can)."""
-        req, st = self.requests[req_id], self.slo.states.get(req_id)
-        if st is None:
-            return None
-        self.slo.begin_step([*self.running, req])
-        return self.slo.miss_reason(req, st)
+        return self._slo.unattainable(self.requests[req_id], self.running)
 
-    def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
-        """Feeds a measured step time to the step-cost model behind the slack estimates."""
-        self._last_shape = StepShape.of(sched_out)
-        self.step_cost.observe(self._last_shape, seconds)
-
-    def _schedule_waiting(self, seqs: list[ScheduledSeq], budget: int) -> int:
-        kv = self.kv_cache_manager
-        admitted: list[Request] = []
-        admission = self.admission.start_round(self.waiting, self.running)
-        guard = None
-        if self.config.policy == "slo":
-            urgent = URGENT_STEPS * self.slo.step_time
-            guard = SloAdmission(self.slo, self.running, self._key, urgent)
-        for req in admission.reqs:
-            if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
-                break
-            if guard is not None and not guard.allows(req):
-                break  # it would make a more urgent request late; so would everyone after it
-            if req.grammar is not None and not req.grammar.ready:
-                continue  # its grammar is still compiling: the others go ahead meanwhile
-            if not self._siblings_ready(req):
-                continue
-            # Looked up again here: admitting an earlier request may have evicted blocks.
-            computed_ids, num_cached = kv.get_computed_blocks(req)
-            if admission.should_wait(req, num_cached):
-                continue  # its next blocks are being computed: hit them next step instead
-            num_remaining = req.num_tokens - num_cached
-            # Admit only if the KV cache can hold the whole remainder: admitting chunk by chunk
-            # lets several half-prefilled prompts fill the cache and deadlock.
-            if not kv.can_allocate(req, num_remaining, computed_ids, num_cached):
-                break
-            num_new = min(num_remaining, budget)
-            block_ids = kv.allocate_slots(req, num_new, computed_ids, num_cached)
-            assert block_ids is not None
-            if req.num_preemptions == 0:
-                req.num_cached_tokens = num_cached
-            req.num_computed_tokens = num_cached
-            req.status = RequestStatus.RUNNING
-            admitted.append(req)
-            admission.admit(req)
-            if guard is not None:
-                guard.admit(req)
-            seqs.append(self._make_seq(req, num_new, block_ids))
-            budget -= num_new
-        admission.close()
-        for req in admitted:
-            self.waiting.remove(req)
-            bisect.insort(self.running, req, key=self._key)
-        return budget
-
-    def _siblings_ready(self, req: Request) -> bool:
-        """n > 1: later samples wait for the first one's prompt so they share its KV blocks."""
-        if req.parent_id is None or req.sample_index == 0:
-            return True
-        first = self._first_siblings.get(req.parent_id)
-        return first is None or first.num_computed_tokens >= first.num_prompt_tokens
-
-    def _make_seq(self, req: Request, num_new: int, block_ids: BlockTables) -> ScheduledSeq:
-        start = req.num_computed_tokens
-        end = start + num_new
-        num_draft = max(0, end - req.num_tokens)
-        token_ids = req.token_slice(start, end - num_draft)
-        if num_draft:
-            token_ids += req.spec_token_ids[:num_draft]
-        req.spec_token_ids = []  # consumed: the next step's drafts come with its schedule()
-        return ScheduledSeq(
-            req=req,
-            token_ids=token_ids,
-            start_pos=start,
-            block_ids=block_ids,
-            sample=end >= req.num_tokens,
-            num_draft_tokens=num_draft,
-        )
+    def observe_step(
+        self, sched_out: SchedulerOutput, seconds: float, shape: StepShape | None = None
+    ) -> None:
+        """Feeds a measured step time to the step-cost model behind the slack estimates
+        (`shape`: the step's, if the caller has it already)."""
+        self._slo.observe(shape or StepShape.of(sched_out), seconds)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -43,9 +43,11 @@ class SloAdmission:
         t = self.tracker
         a, b, c, d = t.cost.coeffs
         k = self._key(req)  # type: ignore[operator]
+        if k[0] == 1:
+            return False  # doomed: only capacity no request that can make it needs
         if not k[0] and k[1] - t.now < self.urgent_slack:
             return True  # about to miss if it waits any longer: least slack goes first
-        pending = max(1, req.num_tokens - req.num_computed_tokens)
+        pending = t.pending(req)
         steps_r = t.remaining_steps(req)
         st = t.states.get(req.request_id)
         if st is not None and st.first_token is None and st.ttft_deadline < INF:

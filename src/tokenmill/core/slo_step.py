@@ -1,6 +1,11 @@
-"""The slo policy's first move in a step: make room for requests about to miss their TTFT.
+"""The slo policy inside the scheduler: each step's keys, order, deferrals and TTFT rescue.
 
-A waiting request whose slack is under `URGENT_STEPS` decode steps and that has a TTFT target
+`SloStep` holds what the policy keeps between steps (the tracker of targets and slack, the keys
+of the current step, the shape of the last measured step) and makes the policy's first moves
+in a step: fresh keys at this step's time, the running list in their order, deferral of running
+requests with slack to spare, and room for requests about to miss their TTFT.
+
+A waiting request whose slack is under `urgent_steps` decode steps and that has a TTFT target
 still to meet gets a seat and KV blocks now, if need be by preempting the least urgent running
 requests -- but only a victim whose own slack covers recomputing what it loses plus the margin
 (a decode with slack to spare; a request without targets always has). Such requests also get
@@ -11,23 +16,19 @@ from those. Hopeless requests never preempt anyone.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tokenmill.core.urgency import INF
+from tokenmill.core.sched_config import SchedulerConfig
+from tokenmill.core.slo_admission import SloAdmission
+from tokenmill.core.slo_shed import doomed
+from tokenmill.core.step_model import StepCostModel, StepShape
+from tokenmill.core.urgency import INF, SloTracker
 
 if TYPE_CHECKING:
     from tokenmill.core.scheduler import Scheduler
     from tokenmill.request import Request
-
-URGENT_STEPS = 4  # slack under this many decode steps: about to miss
-MAX_URGENT = 4  # at most this many urgent requests handled per step (bounds the work)
-# Deferral: past the MIN_BATCH most urgent running requests, one whose slack exceeds
-# DEFER_RATIO times its remaining work sits this step out (it keeps its KV). On a CPU every
-# sequence in a step slows the step, so the urgent ones finish sooner; MIN_BATCH keeps the
-# step's fixed cost shared.
-MIN_BATCH = 4
-DEFER_RATIO = 1.0
 
 
 @dataclass
@@ -38,17 +39,79 @@ class UrgentRoom:
     defer: set[str] = field(default_factory=set)  # running requests that sit this step out
 
 
+class SloStep:
+    """The slo policy's state and per-step decisions; `key` is the scheduler's sort key."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        clock: Callable[[], float],
+        step_cost: StepCostModel,
+        arrival_seq: dict[str, int],
+    ) -> None:
+        self.knobs = config.slo_knobs
+        self.tracker = SloTracker(step_cost, config.max_num_batched_tokens, clock, self.knobs)
+        self._arrival_seq = arrival_seq
+        self._keys: dict[str, tuple] = {}  # this step's keys: slack is taken once per step
+        self.last_shape: StepShape | None = None  # of the last step measured
+
+    def key(self, req: Request) -> tuple:
+        key = self._keys.get(req.request_id)
+        if key is None:
+            key = self.tracker.key(req, self._arrival_seq[req.request_id])
+            self._keys[req.request_id] = key
+        return key
+
+    def begin(self, sched: Scheduler) -> UrgentRoom:
+        """Fresh keys at this step's time, the running list in their order, then room for
+        requests about to miss their TTFT and the running requests that sit the step out."""
+        self._keys.clear()
+        self.tracker.begin_step(sched.running, self.last_shape)
+        if self.knobs.shed_load > 0 and self.tracker.states:
+            for req in doomed(
+                self.tracker, [*sched.running, *sched.waiting], self.key, self.knobs.shed_load
+            ):
+                self.tracker.doom(req)
+                self._keys.pop(req.request_id, None)
+        sched.running.sort(key=self.key)
+        room = make_room(sched)
+        room.defer = deferred(sched)
+        return room
+
+    def admission_guard(self, running: list[Request]) -> SloAdmission:
+        return SloAdmission(self.tracker, running, self.key, self.tracker.urgent_slack)
+
+    def unattainable(self, req: Request, running: list[Request]) -> str | None:
+        """Why a queued request cannot meet its SLO even if served first (None if it can)."""
+        st = self.tracker.states.get(req.request_id)
+        if st is None:
+            return None
+        self.tracker.begin_step([*running, req])
+        return self.tracker.miss_reason(req, st)
+
+    def observe(self, shape: StepShape, seconds: float) -> None:
+        self.last_shape = shape
+        self.tracker.cost.observe(shape, seconds)
+
+
 def deferred(sched: Scheduler) -> set[str]:
-    """The running requests (sorted by urgency) with slack to spare beyond the first MIN_BATCH."""
+    """The running requests (sorted by urgency) with slack to spare beyond the first
+    `min_batch`."""
     tracker = sched.slo
+    knobs = tracker.knobs
     out: set[str] = set()
-    for req in sched.running[MIN_BATCH:]:
+    if knobs.shed_load > 0 and any(
+        sched._key(r)[0] == 0 and sched._key(r)[1] < INF for r in sched.running
+    ):
+        # Doomed requests only use capacity that no request that can make it needs.
+        out.update(r.request_id for r in sched.running if sched._key(r)[0] == 1)
+    for req in sched.running[knobs.min_batch :]:
         key = sched._key(req)
         if key[0] or key[1] == INF:
             out.add(req.request_id)  # hopeless or without targets: only spare capacity
             continue
         work = tracker.remaining_work(req)[1]
-        if key[1] - tracker.now > DEFER_RATIO * work:
+        if key[1] - tracker.now > knobs.defer_ratio * work:
             out.add(req.request_id)
     return out
 
@@ -60,7 +123,8 @@ def make_room(sched: Scheduler) -> UrgentRoom:
         return room
     kv = sched.kv_cache_manager
     budget = sched.config.max_num_batched_tokens
-    margin = URGENT_STEPS * tracker.step_time
+    margin = tracker.urgent_slack
+    max_urgent = tracker.knobs.max_urgent
     num_urgent = 0
     for req in sched.waiting:
         st = tracker.states.get(req.request_id)
@@ -91,7 +155,7 @@ def make_room(sched: Scheduler) -> UrgentRoom:
         if fits():
             room.reserve = min(budget, room.reserve + need)
             room.key = key
-        if num_urgent >= MAX_URGENT:
+        if num_urgent >= max_urgent:
             break
     return room
 

@@ -51,12 +51,15 @@ class StepCostModel:
         self.window = window
         self.ridge = ridge  # weight of the prior, in steps' worth of evidence
         self.fit_every = fit_every
-        self._obs: collections.deque[tuple[tuple[float, ...], float]] = collections.deque(
-            maxlen=window
+        # (features, seconds, their terms of the running sums) of each step in the window
+        self._obs: collections.deque[tuple[tuple[float, ...], float, list[float]]] = (
+            collections.deque(maxlen=window)
         )
-        self._xx = [[0.0] * 4 for _ in range(4)]
-        self._xt = [0.0] * 4
-        self._abs = [0.0] * 4
+        # Running sums over the window, 6 per feature i: (X^T W t)_i, sum |x_i| / t, then row i
+        # of X^T W X. The weight 1 / t^2 fits relative errors: a long prefill step (or one the
+        # host's load stretched) does not outweigh the many short decode steps whose time slack
+        # is made of. Leaving the window subtracts exactly the terms it added, so a refit is O(1).
+        self._sums = [0.0] * 24
         self._since_fit = 0
 
     @property
@@ -64,31 +67,23 @@ class StepCostModel:
         return len(self._obs)
 
     def predict(self, shape: StepShape) -> float:
-        return max(1e-6, sum(c * x for c, x in zip(self.coeffs, shape.features(), strict=True)))
+        a, b, c, d = self.coeffs
+        # The same sum, in the same order, as over `features()`.
+        return max(1e-6, a + b * shape.tokens + c * shape.seqs + d * (shape.context / 1000.0))
 
     def observe(self, shape: StepShape, seconds: float) -> None:
         if shape.tokens < 1 or not math.isfinite(seconds) or seconds <= 0.0:
             return
         x = shape.features()
         if len(self._obs) == self.window:  # the oldest leaves the window and the sums
-            self._accumulate(*self._obs[0], -1.0)
-        self._obs.append((x, seconds))
-        self._accumulate(x, seconds, 1.0)
+            old = self._obs[0][2]
+            self._sums = [s - v for s, v in zip(self._sums, old, strict=True)]
+        terms = _terms(x, seconds)
+        self._obs.append((x, seconds, terms))
+        self._sums = [s + v for s, v in zip(self._sums, terms, strict=True)]
         self._since_fit += 1
         if self._since_fit >= self.fit_every:
             self.refit()
-
-    def _accumulate(self, x: tuple[float, ...], t: float, sign: float) -> None:
-        """Running sums over the window: X^T W X, X^T W t and sum |x| / t, so a refit is O(1).
-        The weight 1 / t^2 fits relative errors: a long prefill step (or one the host's load
-        stretched) does not outweigh the many short decode steps whose time slack is made of."""
-        w = sign / (t * t)
-        for i in range(4):
-            self._xt[i] += w * x[i] * t
-            self._abs[i] += sign * abs(x[i]) / t
-            row = self._xx[i]
-            for j in range(4):
-                row[j] += w * x[i] * x[j]
 
     def refit(self) -> None:
         """Ridge regression towards the prior: minimise sum ((x.c - t) / t)^2 + ridge * sum
@@ -97,16 +92,27 @@ class StepCostModel:
         n_obs = len(self._obs)
         if not n_obs:
             return
-        ata = [row[:] for row in self._xx]
-        atb = self._xt[:]
+        sums = self._sums
+        ata = [sums[6 * i + 2 : 6 * i + 6] for i in range(4)]
+        atb = [sums[6 * i] for i in range(4)]
         for i in range(4):
-            w = self.ridge * max(1e-9, self._abs[i] / n_obs) ** 2
+            w = self.ridge * max(1e-9, sums[6 * i + 1] / n_obs) ** 2
             ata[i][i] += w
             atb[i] += w * self.prior[i]
         sol = _solve(ata, atb)
         if sol is not None:
             # Negative per-unit costs are noise: clamp them, keep the fixed cost positive.
             self.coeffs = (max(sol[0], 1e-6), *(max(v, 0.0) for v in sol[1:]))
+
+
+def _terms(x: tuple[float, ...], t: float) -> list[float]:
+    """One step's terms of the running sums (see `StepCostModel._sums`)."""
+    w = 1.0 / (t * t)
+    out: list[float] = []
+    for xi in x:
+        wx = w * xi
+        out += (wx * t, abs(xi) / t, wx * x[0], wx * x[1], wx * x[2], wx * x[3])
+    return out
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:

@@ -1,9 +1,12 @@
 """Deadlines, predicted remaining work and slack of requests that carry SLOs.
 
 Every request with an `slo` gets absolute targets when it is added: a TTFT deadline, a mean
-TPOT target and a deadline. A workflow stage (`workflow.remaining_stages > 0`) is charged its
-share of the workflow's remaining deadline, in proportion to its predicted work against that of
-the stages still to come (each stage index's work is an online average over the requests seen).
+TPOT target and a deadline. A workflow stage (`workflow.remaining_stages > 0`) gets the
+workflow's remaining deadline less the predicted work of the stages still to come (each stage
+index's work is an online average over the requests seen; `SloKnobs.deadline_split`
+"proportional" gives it a share by work instead). Prompt tokens the prefix cache held at
+arrival are not predicted work. Doomed requests (core/slo_shed.py) rank after every request
+that can make it, hopeless ones last.
 
 Remaining work comes from the step-cost model at the current load: a decode step of the running
 batch takes T; a pending chunk of p tokens takes ceil(p / budget) steps plus p tokens' marginal
@@ -21,15 +24,17 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.request import Request
 
 INF = math.inf
 _EMA = 0.2  # weight of a new observation in a stage index's average work
-# How a stage is charged its share of the workflow's deadline: "proportional" (its predicted
-# work over its own plus the remaining stages') or "latest" (the deadline less the remaining
-# stages' work: HEXGEN-Text2SQL's slack).
-DEADLINE_SPLIT = "proportional"
+
+
+def _average(avg: dict[int, float], stage: int, work: float) -> None:
+    prev = avg.get(stage)
+    avg[stage] = work if prev is None else prev + _EMA * (work - prev)
 
 
 @dataclass
@@ -39,28 +44,46 @@ class SloState:
     deadline: float = INF  # the whole request's (workflow's) deadline
     stage_deadline: float = INF  # this stage's share of it
     rest_work: float = 0.0  # predicted work of the dependent stages after this one
+    rest_alone: float = 0.0  # the same, each served alone: the least they can take
     first_token: float | None = None
     hopeless: bool = False
+    doomed: bool = False  # given up on to save others (core/slo_shed.py): served last
+    cached: int = 0  # prompt tokens the prefix cache held at arrival: not work to predict
 
 
 class SloTracker:
-    def __init__(self, cost: StepCostModel, budget: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        cost: StepCostModel,
+        budget: int,
+        clock: Callable[[], float],
+        knobs: SloKnobs | None = None,
+    ) -> None:
         self.cost = cost
         self.budget = budget
         self.clock = clock
+        self.knobs = knobs or SloKnobs()
         self.states: dict[str, SloState] = {}
         self.now = clock()
         self.step_time = cost.predict(StepShape(1, 1, 0))
-        self._stage_work: dict[int, float] = {}
+        self.urgent_slack = self.knobs.urgent_steps * self.step_time
+        self._stage_work: dict[int, float] = {}  # stage index -> average predicted work
+        self._stage_alone: dict[int, float] = {}  # ... and served alone
         self.num_hopeless = 0  # requests found hopeless (each counted once)
+        self.num_doomed = 0  # requests given up on to save others (slo_shed.py)
+        self.batch = 1  # sequences in the last step: they share its fixed cost
+        # Workflows given up on: their later stages are doomed when they arrive (bounded).
+        self.doomed_workflows: dict[str, None] = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def add(self, req: Request) -> SloState | None:
+    def add(self, req: Request, cached: int = 0) -> SloState | None:
+        """Targets of a new request; `cached`: its prompt tokens in the prefix cache now."""
         slo = req.sampling_params.slo
         if slo is None:
             return None
         now = self.clock()
-        st = SloState()
+        st = SloState(cached=cached)
+        self.states[req.request_id] = st
         arrival = min(req.arrival_time, now)
         if slo.ttft_ms is not None:
             st.ttft_deadline = arrival + slo.ttft_ms / 1000.0
@@ -71,19 +94,38 @@ class SloTracker:
             wf = req.sampling_params.workflow
             if wf is not None:
                 work = self.remaining_work(req)[1]
-                st.rest_work = self._rest_work(wf.stage, wf.remaining_stages, work)
-                prev = self._stage_work.get(wf.stage)
-                self._stage_work[wf.stage] = work if prev is None else prev + _EMA * (work - prev)
-                if DEADLINE_SPLIT == "latest":
+                alone = self.remaining_work(req, alone=True)[1]
+                st.rest_work = self._rest(self._stage_work, wf.stage, wf.remaining_stages, work)
+                st.rest_alone = self._rest(self._stage_alone, wf.stage, wf.remaining_stages, alone)
+                _average(self._stage_work, wf.stage, work)
+                _average(self._stage_alone, wf.stage, alone)
+                if self.knobs.deadline_split == "latest":
                     st.stage_deadline = st.deadline - st.rest_work
                 else:
                     share = work / (work + st.rest_work) if st.rest_work > 0 else 1.0
                     st.stage_deadline = arrival + slo.deadline_ms / 1000.0 * share
-        self.states[req.request_id] = st
+        wf = req.sampling_params.workflow
+        if wf is not None and wf.id in self.doomed_workflows:
+            st.doomed = True
+            self.num_doomed += 1
         return st
 
-    def _rest_work(self, stage: int, remaining: int, this_work: float) -> float:
-        return sum(self._stage_work.get(stage + k, this_work) for k in range(1, remaining + 1))
+    def doom(self, req: Request) -> None:
+        """Give up on `req` (and its workflow's later stages): it is served last."""
+        st = self.states[req.request_id]
+        if st.doomed:
+            return
+        st.doomed = True
+        self.num_doomed += 1
+        wf = req.sampling_params.workflow
+        if wf is not None:
+            self.doomed_workflows[wf.id] = None
+            if len(self.doomed_workflows) > 10_000:
+                del self.doomed_workflows[next(iter(self.doomed_workflows))]
+
+    @staticmethod
+    def _rest(avg: dict[int, float], stage: int, remaining: int, this: float) -> float:
+        return sum(avg.get(stage + k, this) for k in range(1, remaining + 1))
 
     def pop(self, req_id: str) -> SloState | None:
         return self.states.pop(req_id, None)
@@ -103,24 +145,40 @@ class SloTracker:
                 n += 1
                 ctx += r.num_computed_tokens
             last = StepShape(max(n, 1), max(n, 1), ctx)
+        self.batch = max(1, last.seqs)
         self.step_time = self.cost.predict(StepShape(last.seqs, last.seqs, last.context))
+        full = StepShape(self.budget, last.seqs + 1, last.context)
+        knobs = self.knobs
+        # Slack under this: about to miss (see SloKnobs.urgent_steps).
+        self.urgent_slack = (
+            knobs.urgent_steps * self.step_time + knobs.urgent_chunks * self.cost.predict(full)
+        )
 
     # ------------------------------------------------------------------ predictions
+    def pending(self, req: Request) -> int:
+        """Tokens the request still has to run through the model (at least 1): a queued one's
+        prompt less what the prefix cache held when it arrived."""
+        st = self.states.get(req.request_id)
+        done = req.num_computed_tokens
+        if st is not None and st.cached > done:
+            done = st.cached
+        return max(1, req.num_tokens - done)
+
     def remaining_work(self, req: Request, alone: bool = False) -> tuple[float, float]:
         """(seconds to the next sampled token, seconds to the end), at the current load, or
         (`alone`) in steps of this request only: the least it can take."""
-        pending = max(1, req.num_tokens - req.num_computed_tokens)
+        pending = self.pending(req)
         step = self.step_time
+        a, b, c, d = self.cost.coeffs
         if alone:
-            step = min(step, self.cost.predict(StepShape(1, 1, req.num_tokens)))
-        per_token = self.cost.coeffs[1]
-        first = math.ceil(pending / self.budget) * step + (pending - 1) * per_token
-        after = max(0, req.max_tokens - req.num_output_tokens - 1)
-        return first, first + after * step
+            step = min(step, max(1e-6, a + b + c + d * req.num_tokens / 1000.0))
+        first = -(-pending // self.budget) * step + (pending - 1) * b
+        after = req.max_tokens - len(req.output_token_ids) - 1
+        return first, first + after * step if after > 0 else first
 
     def remaining_steps(self, req: Request) -> int:
         """Steps the request still needs: its pending chunks, then one per token."""
-        pending = max(1, req.num_tokens - req.num_computed_tokens)
+        pending = self.pending(req)
         after = max(0, req.max_tokens - req.num_output_tokens - 1)
         return math.ceil(pending / self.budget) + after
 
@@ -138,17 +196,9 @@ class SloTracker:
             lst = min(lst, st.first_token + st.tpot_s * max(0, req.max_tokens - 1) - to_end)
         return lst
 
-    def is_hopeless(self, req: Request, st: SloState) -> bool:
-        """Not even served alone from now on would it meet its targets. Checked afresh each
-        step (estimates move); counted once."""
-        hopeless = self.miss_reason(req, st) is not None
-        if hopeless and not st.hopeless:
-            self.num_hopeless += 1
-        st.hopeless = req.slo_hopeless = hopeless or req.slo_hopeless
-        return hopeless
-
     def miss_reason(self, req: Request, st: SloState) -> str | None:
-        """Why the request cannot meet a target even if served alone, or None."""
+        """Why the request cannot meet a target even if served alone, or None (the test that
+        makes `key` rank it hopeless, with the reason in words)."""
         to_first, to_end = self.remaining_work(req, alone=True)
         now = self.now
         if st.first_token is None and now + to_first > st.ttft_deadline:
@@ -157,9 +207,9 @@ class SloTracker:
                 f"slo.ttft_ms cannot be met: the first token needs at least "
                 f"~{to_first * 1000.0:.0f} ms, {max(left, 0.0):.0f} ms are left"
             )
-        if now + to_end + st.rest_work > st.deadline:
+        if now + to_end + st.rest_alone > st.deadline:
             left = (st.deadline - now) * 1000.0
-            need = (to_end + st.rest_work) * 1000.0
+            need = (to_end + st.rest_alone) * 1000.0
             return (
                 f"slo.deadline_ms cannot be met: at least ~{need:.0f} ms of work remain (this "
                 f"stage and the ones after it), {max(left, 0.0):.0f} ms are left"
@@ -167,11 +217,77 @@ class SloTracker:
         return None
 
     def key(self, req: Request, arrival_seq: int) -> tuple:
+        """(rank, latest start, arrival, arrival_seq): the slo policy's order. The same
+        arithmetic as `miss_reason` and `latest_start`, in one pass (it runs for every queued
+        request at every step)."""
         st = self.states.get(req.request_id)
         if st is None:
-            return (False, INF, req.arrival_time, arrival_seq)
-        hopeless = self.is_hopeless(req, st)
-        return (hopeless, self.latest_start(req, st), req.arrival_time, arrival_seq)
+            return (0, INF, req.arrival_time, arrival_seq)
+        n_out = len(req.output_token_ids)
+        n_tok = len(req.prompt_token_ids) + n_out
+        done = req.num_computed_tokens
+        if st.cached > done:
+            done = st.cached
+        pending = n_tok - done
+        if pending < 1:
+            pending = 1
+        a, b, c, d = self.cost.coeffs
+        chunks = -(-pending // self.budget)
+        prompt = (pending - 1) * b
+        after = req.max_tokens - n_out - 1
+        if after < 0:
+            after = 0
+        step = self.step_time
+        alone = max(1e-6, a + b + c + d * n_tok / 1000.0)
+        if alone > step:
+            alone = step
+        first = chunks * alone + prompt
+        now = self.now
+        hopeless = (st.first_token is None and now + first > st.ttft_deadline) or (
+            now + first + after * alone + st.rest_alone > st.deadline
+        )
+        if hopeless and not st.hopeless:
+            self.num_hopeless += 1
+        if hopeless:
+            st.hopeless = req.slo_hopeless = True
+        first = chunks * step + prompt
+        end = first + after * step
+        lst = INF
+        if st.first_token is None:
+            if st.ttft_deadline < INF:
+                lst = st.ttft_deadline - first
+        elif st.tpot_s is not None:
+            lst = st.first_token + st.tpot_s * max(0, req.max_tokens - 1) - end
+        if st.stage_deadline - end < lst:
+            lst = st.stage_deadline - end
+        # 0: can make it; 1: doomed (given up on for others); 2: hopeless. Both go last.
+        rank = 2 if hopeless else 1 if st.doomed else 0
+        return (rank, lst, req.arrival_time, arrival_seq)
+
+    def job(self, req: Request, st: SloState) -> tuple[float, float]:
+        """(due time, server seconds needed by then) of the request's binding target: the one
+        its latest start time comes from. Server seconds are marginal: prompt tokens cost b,
+        each decode step a 1/batch share of the current decode step."""
+        n_out = len(req.output_token_ids)
+        n_tok = len(req.prompt_token_ids) + n_out
+        pending = n_tok - max(req.num_computed_tokens, st.cached)
+        a, b, c, d = self.cost.coeffs
+        per_token = self.step_time / self.batch
+        if pending > 1:
+            first = pending * b + -(-pending // self.budget) * (c + d * n_tok / 1000.0)
+        else:
+            first = per_token
+        end = first + max(0, req.max_tokens - n_out - 1) * per_token
+        best = (INF, 0.0)
+        if st.first_token is None and st.ttft_deadline < INF:
+            best = (st.ttft_deadline, first)
+        if st.stage_deadline < INF and st.stage_deadline - end < best[0] - best[1]:
+            best = (st.stage_deadline, end)
+        if st.tpot_s is not None and st.first_token is not None:
+            due = st.first_token + st.tpot_s * max(0, req.max_tokens - 1)
+            if due - end < best[0] - best[1]:
+                best = (due, end)
+        return best
 
     def slack(self, req: Request) -> float:
         st = self.states.get(req.request_id)

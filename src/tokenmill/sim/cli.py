@@ -30,7 +30,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--block-size", type=int, default=16)
     sim.add_argument("--num-kv-blocks", type=int, default=4096)
     sim.add_argument("--no-prefix-caching", action="store_true")
-    sim.add_argument("--slo-reject-hopeless", action="store_true")
+    sim.add_argument(
+        "--slo-reject-hopeless",
+        action="store_true",
+        help="slo policy: refuse requests hopeless at arrival, as serve's flag does",
+    )
     sim.add_argument(
         "--step-cost",
         type=_coeffs,

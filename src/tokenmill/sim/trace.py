@@ -15,7 +15,9 @@ Fields of a record:
 
 from __future__ import annotations
 
+import functools
 import json
+import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,9 +82,13 @@ def save_trace(records: Iterable[TraceRecord], path: str | Path) -> None:
 def prompt_ids(rec: TraceRecord, vocab: int = 32000) -> list[int]:
     """Deterministic synthetic token ids: the shared prefix from the prefix's name, the rest
     from the record's id (so only records meant to share a prefix ever hit each other's KV)."""
-    import random
-
-    shared = random.Random(f"prefix:{rec.prefix}").choices(range(100, vocab), k=rec.prefix_tokens)
+    shared = _prefix_ids(rec.prefix, rec.prefix_tokens, vocab)
     own_len = rec.prompt_tokens - rec.prefix_tokens
     own = random.Random(f"req:{rec.id}").choices(range(100, vocab), k=own_len)
     return shared + own
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix_ids(prefix: str | None, n: int, vocab: int) -> list[int]:
+    """A workflow's stages share it: drawn once (callers copy it by concatenation)."""
+    return random.Random(f"prefix:{prefix}").choices(range(100, vocab), k=n)

@@ -1,0 +1,41 @@
+"""The slo policy's tunable constants, in one place so the simulator can grid over them.
+
+The defaults were picked in the simulator (`benchmarks/slo_sweep.py --tune`) on one seed of the
+synthetic text-to-SQL + chat trace and checked on another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SloKnobs:
+    # A waiting request whose slack is under this many decode steps is about to miss: it may
+    # preempt a decode with slack to spare (TTFT rescue) and passes admission control.
+    urgent_steps: float = 4.0
+    # ... plus this many steps that fill the token budget: the next step may be a long prompt
+    # chunk, and a request that only notices it is urgent after one has missed already.
+    urgent_chunks: float = 1.0
+    max_urgent: int = 4  # at most this many urgent requests rescued per step (bounds the work)
+    # Deferral: past the `min_batch` most urgent running requests, one whose slack exceeds
+    # `defer_ratio` times its remaining work sits the step out (it keeps its KV). On a CPU every
+    # sequence in a step slows the step; `min_batch` keeps the step's fixed cost shared.
+    min_batch: int = 4
+    defer_ratio: float = 1.0
+    # Overload shedding (core/slo_shed.py): give up on the fewest requests so the rest make it,
+    # with predicted work inflated by this factor; 0 turns it off.
+    shed_load: float = 0.7
+    # Admission control (core/slo_admission.py): a request is not admitted while it would push
+    # a more urgent running request past its target.
+    guard: bool = True
+    # How a workflow stage is charged its share of the workflow's deadline: "proportional" (its
+    # predicted work over its own plus the remaining stages') or "latest" (the deadline less the
+    # remaining stages' predicted work: HEXGEN-Text2SQL's slack).
+    deadline_split: str = "latest"
+
+    def __post_init__(self) -> None:
+        assert min(self.urgent_steps, self.urgent_chunks, self.max_urgent) >= 0, self
+        assert self.min_batch >= 1 and self.defer_ratio >= 0, self
+        assert self.shed_load >= 0, self
+        assert self.deadline_split in ("proportional", "latest"), self
