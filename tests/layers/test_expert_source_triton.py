@@ -34,14 +34,13 @@ def test_triton_layout_slots_load_from_mapped_blocks(monkeypatch) -> None:
     gen = torch.Generator().manual_seed(0)
     layers = []
     for _ in range(2):
-        holder = torch.nn.Module()
-        holder.experts = Experts(4, 64, 32, torch.bfloat16, "blocks")
-        map_experts(holder)
-        for expert in holder.experts:
+        experts = Experts(4, 64, 32, torch.bfloat16, "blocks")
+        map_experts(experts)
+        for expert in experts:
             expert.gate_up_proj.load_quantized(q4_0(32, 64, gen), "gate_proj")
             expert.gate_up_proj.load_quantized(q4_0(32, 64, gen), "up_proj")
             expert.down_proj.load_quantized(q4_0(64, 32, gen), None)
-        layers.append(holder.experts)
+        layers.append(experts)
     one = materialise(layers[0][0], torch.device("cpu"))
     assert one.down_proj.quant_method.gpu_weight is not None  # the Triton layout
     expert_bytes = sum(

@@ -100,20 +100,15 @@ def building_mapped() -> bool:
     return _BUILD_MAPPED.get()
 
 
-def map_experts(model: nn.Module) -> int:
-    """Turns every MoE layer's experts in `model` (an `Experts` or a module holding some; not
-    yet loaded) into mapped sources and frees their placeholders; returns how many layers."""
-    from tokenmill.layers.moe import Experts  # moe imports the cache, which imports this
-
-    layers = [m for m in model.modules() if isinstance(m, Experts)]
-    for experts in layers:
-        experts.gate_up_proj = None  # the dense stacks the placeholders were views of
-        experts.down_proj = None
-        for expert in experts:
-            for lin in expert_linears(expert):
-                lin.quant_method = MappedSource(experts.quant)
-                lin._parameters.pop("weight", None)
-    return len(layers)
+def map_experts(experts: nn.ModuleList) -> None:
+    """Turns one MoE layer's experts (an `Experts`, not yet loaded) into mapped sources and
+    frees their placeholders."""
+    experts.gate_up_proj = None  # the dense stacks the placeholders were views of
+    experts.down_proj = None
+    for expert in experts:
+        for lin in expert_linears(expert):
+            lin.quant_method = MappedSource(experts.quant)
+            lin._parameters.pop("weight", None)
 
 
 def is_mapped(expert: nn.Module) -> bool:
