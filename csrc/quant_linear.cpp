@@ -20,10 +20,13 @@
 // integer dot product is exact (any order of int32 additions gives the same sum), and its two
 // float updates are the same explicit fused multiply-adds in every pass width (see tile_kernel).
 #include "quant_tiles.h"
+#include "quant_amx.h"
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -98,7 +101,10 @@ at::Tensor dequantize_packed(const at::Tensor& packed, int64_t n, int64_t bits) 
 #endif
 }
 
-at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits) {
+// quant_linear on the VNNI tile kernel (amx false) or the AMX path (bit-identical, see
+// quant_amx.h; the caller checks amx_usable()).
+at::Tensor quant_linear_on(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits,
+                           bool amx) {
 #ifndef TOKENMILL_HAS_VNNI
   TORCH_CHECK(false, "tokenmill_cpu_quant was built without AVX512-VNNI");
 #else
@@ -116,28 +122,55 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n
   TORCH_CHECK(packed.size(2) == rec, "quant_linear: record size ", packed.size(2), " != ", rec);
   TORCH_CHECK(n > (T - 1) * kRows && n <= T * kRows, "quant_linear: n = ", n, " does not fit ",
               T, " tiles");
+  TORCH_CHECK(!amx || amx_usable(), "quant_linear_amx: AMX is not usable on this host");
   auto y = at::empty({M, n}, x.options());  // written in x's dtype by the tile kernel
   if (M == 0) return y;
   // Per-call scratch for the quantized activations, kept by the calling thread: at decode a
-  // call is ~20-60 us, and three allocations were a tenth of it.
+  // call is ~20-60 us, and three allocations were a tenth of it. The AMX path reads whole
+  // tiles of 16 rows: the rows past M are zeros (their results are dropped).
+  const int64_t Mp = amx ? (M + 15) / 16 * 16 : M;
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> dx, sx;
-  xq.resize(M * K);
-  dx.resize(M * nb);
-  sx.resize(M * nb);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  if (x.scalar_type() == at::kFloat) {
-    quantize_activations(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
-    (bits == 4 ? run_tiles<4, float> : run_tiles<8, float>)(
-        w, T, nb, n, xq.data(), dx.data(), sx.data(), M, K, y.data_ptr<float>());
-  } else {
-    quantize_activations(x.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), sx.data());
-    (bits == 4 ? run_tiles<4, at::BFloat16> : run_tiles<8, at::BFloat16>)(
-        w, T, nb, n, xq.data(), dx.data(), sx.data(), M, K, y.data_ptr<at::BFloat16>());
+  xq.resize(Mp * K);
+  dx.resize(Mp * nb);
+  sx.resize(Mp * nb);
+  if (Mp > M) {
+    std::fill(xq.begin() + M * K, xq.begin() + Mp * K, 0);
+    std::fill(dx.begin() + M * nb, dx.begin() + Mp * nb, 0.0f);
+    std::fill(sx.begin() + M * nb, sx.begin() + Mp * nb, 0.0f);
   }
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  auto run = [&](auto* xp, auto* yp) {
+    using OutT = std::remove_pointer_t<decltype(yp)>;
+    quantize_activations(xp, M, K, xq.data(), dx.data(), sx.data());
+#ifdef TOKENMILL_HAS_AMX
+    if (amx) {
+      (bits == 4 ? amx_run_tiles<4, OutT> : amx_run_tiles<8, OutT>)(
+          w, T, nb, n, xq.data(), dx.data(), sx.data(), M, Mp, K, yp);
+      return;
+    }
+#endif
+    (bits == 4 ? run_tiles<4, OutT> : run_tiles<8, OutT>)(w, T, nb, n, xq.data(), dx.data(),
+                                                          sx.data(), M, K, yp);
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(x.data_ptr<float>(), y.data_ptr<float>());
+  else
+    run(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
   return y;
 #endif
 }
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits) {
+  return quant_linear_on(x, packed, n, bits, false);
+}
+
+at::Tensor quant_linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                            int64_t bits) {
+  return quant_linear_on(x, packed, n, bits, true);
+}
+
+bool quant_amx_usable() { return amx_usable(); }
 
 // Expert-grouped quantized linear (a mixture-of-experts layer's matmul in one call): x's rows
 // are grouped, group g being the next counts[g] rows, and group g is multiplied by packed[g]
@@ -214,12 +247,15 @@ at::Tensor grouped_quant_linear(const at::Tensor& x, at::TensorList packed, at::
 
 TORCH_LIBRARY(tokenmill_cpu_quant, m) {
   m.def("quant_linear(Tensor x, Tensor packed, int n, int bits) -> Tensor");
+  m.def("quant_linear_amx(Tensor x, Tensor packed, int n, int bits) -> Tensor");
+  m.def("amx_usable() -> bool", &quant_amx_usable);
   m.def("dequantize_packed(Tensor packed, int n, int bits) -> Tensor");
   m.def("grouped_quant_linear(Tensor x, Tensor[] packed, int[] counts, int n, int bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu_quant, CPU, m) {
   m.impl("quant_linear", &quant_linear);
+  m.impl("quant_linear_amx", &quant_linear_amx);
   m.impl("dequantize_packed", &dequantize_packed);
   m.impl("grouped_quant_linear", &grouped_quant_linear);
 }
