@@ -32,6 +32,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #endif
 
@@ -231,11 +233,15 @@ bool amx_probe() {
   return ok;
 }
 
-// Whether the AMX path may run in this process (probed once, on the first call).
+// Whether the AMX path may run in this process (probed once, on the first call;
+// TOKENMILL_NO_AMX=1 turns it off).
 bool amx_usable() {
   static std::once_flag once;
   static bool usable = false;
-  std::call_once(once, [] { usable = amx_probe(); });
+  std::call_once(once, [] {
+    const char* off = std::getenv("TOKENMILL_NO_AMX");
+    usable = !(off && *off && std::strcmp(off, "0") != 0) && amx_probe();
+  });
   return usable;
 }
 

@@ -2,6 +2,8 @@
 // 8-bit blocks of 32 along K, never dequantized to a matrix.
 //
 // quant_linear(x [M, K] float32/bfloat16, packed [T, K/32, rec] uint8, n, bits) -> y [M, n]
+//   (from kAmxMinRows rows on the AMX path of quant_amx.h where the CPU has AMX: the same bits)
+// quant_linear_vnni / quant_linear_amx: the same on one path (tests, benchmarks); amx_usable()
 // grouped_quant_linear(x [M, K], packed[G], counts[G], n, bits) -> y [M, n]: row group g (the
 //   next counts[g] rows) times packed[g], the matmul of every active expert of a MoE layer
 //
@@ -19,6 +21,7 @@
 // does not depend on M, so a row's result is the same whatever else is in the batch: a block's
 // integer dot product is exact (any order of int32 additions gives the same sum), and its two
 // float updates are the same explicit fused multiply-adds in every pass width (see tile_kernel).
+// grouped_quant_linear stays on the VNNI kernel (MoE expert groups are mostly a few rows).
 #include "quant_tiles.h"
 #include "quant_amx.h"
 
@@ -161,7 +164,18 @@ at::Tensor quant_linear_on(const at::Tensor& x, const at::Tensor& packed, int64_
 #endif
 }
 
+// From this many rows (prompt chunks, large decode batches) quant_linear takes the AMX path where
+// it is usable: measured faster than the VNNI kernel from ~32 rows on a Xeon with AMX (below,
+// its 16-row tiles are mostly padding). Either path gives the same bits.
+constexpr int64_t kAmxMinRows = 32;
+
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits) {
+  const bool amx = x.dim() == 2 && x.size(0) >= kAmxMinRows && amx_usable();
+  return quant_linear_on(x, packed, n, bits, amx);
+}
+
+at::Tensor quant_linear_vnni(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                             int64_t bits) {
   return quant_linear_on(x, packed, n, bits, false);
 }
 
@@ -247,6 +261,7 @@ at::Tensor grouped_quant_linear(const at::Tensor& x, at::TensorList packed, at::
 
 TORCH_LIBRARY(tokenmill_cpu_quant, m) {
   m.def("quant_linear(Tensor x, Tensor packed, int n, int bits) -> Tensor");
+  m.def("quant_linear_vnni(Tensor x, Tensor packed, int n, int bits) -> Tensor");
   m.def("quant_linear_amx(Tensor x, Tensor packed, int n, int bits) -> Tensor");
   m.def("amx_usable() -> bool", &quant_amx_usable);
   m.def("dequantize_packed(Tensor packed, int n, int bits) -> Tensor");
@@ -255,6 +270,7 @@ TORCH_LIBRARY(tokenmill_cpu_quant, m) {
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu_quant, CPU, m) {
   m.impl("quant_linear", &quant_linear);
+  m.impl("quant_linear_vnni", &quant_linear_vnni);
   m.impl("quant_linear_amx", &quant_linear_amx);
   m.impl("dequantize_packed", &dequantize_packed);
   m.impl("grouped_quant_linear", &grouped_quant_linear);
