@@ -68,13 +68,14 @@ TOKENMILL_AMX_TARGET inline void amx_end() { _tile_release(); }
   } while (0)
 
 // The float part of one block for 16 activation rows: tile_kernel's operations exactly.
+// ds: the 16 rows' dx, then their sx, for this block (see amx_scales).
 inline void amx_float_block(const int32_t (*c)[kRows], const __m512 d, const __m512 mo,
-                            const float* dx, const float* sx, int64_t nb, __m512* acc) {
+                            const float* ds, __m512* acc) {
 #pragma GCC unroll 16
   for (int i = 0; i < kAmxRows; ++i) {
-    const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(dx[i * nb]));
+    const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(ds[i]));
     acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[i])), scale, acc[i]);
-    acc[i] = _mm512_fmadd_ps(mo, _mm512_set1_ps(sx[i * nb]), acc[i]);
+    acc[i] = _mm512_fmadd_ps(mo, _mm512_set1_ps(ds[kAmxRows + i]), acc[i]);
   }
 }
 
@@ -107,7 +108,7 @@ TOKENMILL_AMX_TARGET inline void amx_dots(const int8_t* xm, int64_t K, const uin
   }
 }
 
-// Output tile t (16 rows of n) for activation rows [0, Mp) (Mp a multiple of 16; xq, dx, sx
+// Output tile t (16 rows of n) for activation rows [0, Mp) (Mp a multiple of 16; xq and ds
 // hold Mp rows, the rows past M are padding whose results are dropped). `wb` holds the tile's
 // nb weight blocks as bytes (B layout, 512 bytes each; for 8 bits the packed records'
 // weights themselves, record stride kRec). The dot products of the next kAmxChunk blocks are
@@ -116,7 +117,7 @@ TOKENMILL_AMX_TARGET inline void amx_dots(const int8_t* xm, int64_t K, const uin
 template <typename OutT>
 TOKENMILL_AMX_TARGET void amx_tile(const uint8_t* rec0, int64_t kRec, int64_t kWBytes,
                                    const uint8_t* wb, int64_t wstride, int64_t nb,
-                                   const int8_t* xq, const float* dx, const float* sx, int64_t M,
+                                   const int8_t* xq, const float* ds, int64_t M,
                                    int64_t Mp, int64_t K, OutT* y, int64_t ldy, int64_t nvalid) {
   alignas(64) int32_t c[2][kAmxChunk][kAmxRows][kRows];
   const __mmask16 mask = nvalid >= kRows ? 0xFFFF : static_cast<__mmask16>((1u << nvalid) - 1);
@@ -124,17 +125,15 @@ TOKENMILL_AMX_TARGET void amx_tile(const uint8_t* rec0, int64_t kRec, int64_t kW
     __m512 acc[kAmxRows];
     for (int i = 0; i < kAmxRows; ++i) acc[i] = _mm512_setzero_ps();
     const int8_t* xm = xq + m * K;
-    const float* dm = dx + m * nb;
-    const float* sm = sx + m * nb;
-    amx_dots(xm, K, wb, wstride, 0, std::min(nb, kAmxChunk), c[0]);
+    const float* dsm = ds + m * nb * 2;
     for (int64_t b0 = 0, h = 0; b0 < nb; b0 += kAmxChunk, h ^= 1) {
       const int64_t b1 = std::min(nb, b0 + kAmxChunk);
-      if (b1 < nb) amx_dots(xm, K, wb, wstride, b1, std::min(nb, b1 + kAmxChunk), c[h ^ 1]);
+      amx_dots(xm, K, wb, wstride, b0, b1, c[h]);
       for (int64_t b = b0; b < b1; ++b) {
         const uint8_t* rec = rec0 + b * kRec;
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kWBytes)));
         const __m512 mo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kWBytes + 32)));
-        amx_float_block(c[h][b - b0], d, mo, dm + b, sm + b, nb, acc);
+        amx_float_block(c[h][b - b0], d, mo, dsm + b * 2 * kAmxRows, acc);
       }
     }
     const int64_t rows = std::min<int64_t>(kAmxRows, M - m);
@@ -153,10 +152,21 @@ inline void widen_nibbles(const uint8_t* rec, uint8_t* out) {
   }
 }
 
-// y [M, n] for xq/dx/sx of Mp = M rounded up to 16 rows (padding rows zero).
+// dx, sx [Mp, nb] -> ds [Mp / 16][nb][dx of the 16 rows, sx of the 16 rows]: the float part
+// then reads a block's scales at fixed offsets from one pointer.
+inline void amx_scales(const float* dx, const float* sx, int64_t Mp, int64_t nb, float* ds) {
+  for (int64_t m0 = 0; m0 < Mp; m0 += kAmxRows)
+    for (int64_t b = 0; b < nb; ++b, ds += 2 * kAmxRows)
+      for (int64_t i = 0; i < kAmxRows; ++i) {
+        ds[i] = dx[(m0 + i) * nb + b];
+        ds[kAmxRows + i] = sx[(m0 + i) * nb + b];
+      }
+}
+
+// y [M, n] for xq of Mp = M rounded up to 16 rows (padding rows zero) and ds (amx_scales).
 template <int BITS, typename OutT>
 TOKENMILL_AMX_TARGET void amx_run_tiles(const uint8_t* packed, int64_t T, int64_t nb, int64_t n,
-                                        const int8_t* xq, const float* dx, const float* sx,
+                                        const int8_t* xq, const float* ds,
                                         int64_t M, int64_t Mp, int64_t K, OutT* y) {
   constexpr int64_t kWBytes = kRows * kBlock * BITS / 8;
   constexpr int64_t kRec = kWBytes + 2 * kRows * 2;
@@ -174,10 +184,10 @@ TOKENMILL_AMX_TARGET void amx_run_tiles(const uint8_t* packed, int64_t T, int64_
       const int64_t nvalid = std::min<int64_t>(kRows, n - t * kRows);
       if constexpr (BITS == 4) {
         for (int64_t b = 0; b < nb; ++b) widen_nibbles(rec + b * kRec, wide + b * 512);
-        amx_tile<OutT>(rec, kRec, kWBytes, wide, 512, nb, xq, dx, sx, M, Mp, K, y + t * kRows,
+        amx_tile<OutT>(rec, kRec, kWBytes, wide, 512, nb, xq, ds, M, Mp, K, y + t * kRows,
                        n, nvalid);
       } else {
-        amx_tile<OutT>(rec, kRec, kWBytes, rec, kRec, nb, xq, dx, sx, M, Mp, K, y + t * kRows,
+        amx_tile<OutT>(rec, kRec, kWBytes, rec, kRec, nb, xq, ds, M, Mp, K, y + t * kRows,
                        n, nvalid);
       }
     }

@@ -148,8 +148,11 @@ at::Tensor quant_linear_on(const at::Tensor& x, const at::Tensor& packed, int64_
     quantize_activations(xp, M, K, xq.data(), dx.data(), sx.data());
 #ifdef TOKENMILL_HAS_AMX
     if (amx) {
-      (bits == 4 ? amx_run_tiles<4, OutT> : amx_run_tiles<8, OutT>)(
-          w, T, nb, n, xq.data(), dx.data(), sx.data(), M, Mp, K, yp);
+      thread_local std::vector<float> ds;
+      ds.resize(Mp * nb * 2);
+      amx_scales(dx.data(), sx.data(), Mp, nb, ds.data());
+      (bits == 4 ? amx_run_tiles<4, OutT> : amx_run_tiles<8, OutT>)(w, T, nb, n, xq.data(),
+                                                                    ds.data(), M, Mp, K, yp);
       return;
     }
 #endif
