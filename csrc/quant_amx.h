@@ -79,7 +79,7 @@ inline void amx_float_block(const int32_t (*c)[kRows], const __m512 d, const __m
   }
 }
 
-constexpr int64_t kAmxChunk = 8;  // blocks whose dot products are computed ahead as a batch
+constexpr int64_t kAmxChunk = 8;  // blocks whose dot products are stored before their float part
 
 // The integer part of blocks [b0, b1) for 16 activation rows xm (row stride K) into c: four
 // blocks at a time, their stores after all four products (each store waits for its product).
@@ -111,29 +111,29 @@ TOKENMILL_AMX_TARGET inline void amx_dots(const int8_t* xm, int64_t K, const uin
 // Output tile t (16 rows of n) for activation rows [0, Mp) (Mp a multiple of 16; xq and ds
 // hold Mp rows, the rows past M are padding whose results are dropped). `wb` holds the tile's
 // nb weight blocks as bytes (B layout, 512 bytes each; for 8 bits the packed records'
-// weights themselves, record stride kRec). The dot products of the next kAmxChunk blocks are
-// issued before the float part of the current ones, so the tile unit works while the vector
-// units do the float part.
+// weights themselves, record stride wstride). Per chunk of kAmxChunk blocks the dot products
+// (four in flight), then their float part. (Issuing the next chunk's, or block b + 4's, dot
+// products before block b's float part measured no faster on a Xeon with AMX.)
 template <typename OutT>
 TOKENMILL_AMX_TARGET void amx_tile(const uint8_t* rec0, int64_t kRec, int64_t kWBytes,
                                    const uint8_t* wb, int64_t wstride, int64_t nb,
                                    const int8_t* xq, const float* ds, int64_t M,
                                    int64_t Mp, int64_t K, OutT* y, int64_t ldy, int64_t nvalid) {
-  alignas(64) int32_t c[2][kAmxChunk][kAmxRows][kRows];
+  alignas(64) int32_t c[kAmxChunk][kAmxRows][kRows];
   const __mmask16 mask = nvalid >= kRows ? 0xFFFF : static_cast<__mmask16>((1u << nvalid) - 1);
   for (int64_t m = 0; m < Mp; m += kAmxRows) {
     __m512 acc[kAmxRows];
     for (int i = 0; i < kAmxRows; ++i) acc[i] = _mm512_setzero_ps();
     const int8_t* xm = xq + m * K;
     const float* dsm = ds + m * nb * 2;
-    for (int64_t b0 = 0, h = 0; b0 < nb; b0 += kAmxChunk, h ^= 1) {
+    for (int64_t b0 = 0; b0 < nb; b0 += kAmxChunk) {
       const int64_t b1 = std::min(nb, b0 + kAmxChunk);
-      amx_dots(xm, K, wb, wstride, b0, b1, c[h]);
+      amx_dots(xm, K, wb, wstride, b0, b1, c);
       for (int64_t b = b0; b < b1; ++b) {
         const uint8_t* rec = rec0 + b * kRec;
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kWBytes)));
         const __m512 mo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kWBytes + 32)));
-        amx_float_block(c[h][b - b0], d, mo, dsm + b * 2 * kAmxRows, acc);
+        amx_float_block(c[b - b0], d, mo, dsm + b * 2 * kAmxRows, acc);
       }
     }
     const int64_t rows = std::min<int64_t>(kAmxRows, M - m);
