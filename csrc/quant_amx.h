@@ -173,9 +173,12 @@ TOKENMILL_AMX_TARGET void amx_run_tiles(const uint8_t* packed, int64_t T, int64_
   const int64_t grain = std::max<int64_t>(1, T / (4 * at::get_num_threads()));
   at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
     uint8_t* wide = nullptr;
-    std::vector<__m512i> wide_buf;  // 64-byte aligned blocks of 512 bytes (4-bit only)
+    struct alignas(64) WideBlock {
+      uint8_t bytes[512];
+    };
+    std::vector<WideBlock> wide_buf;  // the tile's blocks as bytes (4-bit only; aligned new)
     if constexpr (BITS == 4) {
-      wide_buf.resize(nb * 8);
+      wide_buf.resize(nb);
       wide = reinterpret_cast<uint8_t*>(wide_buf.data());
     }
     amx_begin();
