@@ -115,7 +115,7 @@ TOKENMILL_AMX_TARGET inline void amx_dots(const int8_t* xm, int64_t K, const uin
 // (four in flight), then their float part. (Issuing the next chunk's, or block b + 4's, dot
 // products before block b's float part measured no faster on a Xeon with AMX.)
 template <typename OutT>
-TOKENMILL_AMX_TARGET void amx_tile(const uint8_t* rec0, int64_t kRec, int64_t kWBytes,
+TOKENMILL_AMX_TARGET void amx_tile(const uint8_t* rec0, int64_t rec_bytes, int64_t w_bytes,
                                    const uint8_t* wb, int64_t wstride, int64_t nb,
                                    const int8_t* xq, const float* ds, int64_t M,
                                    int64_t Mp, int64_t K, OutT* y, int64_t ldy, int64_t nvalid) {
@@ -130,9 +130,9 @@ TOKENMILL_AMX_TARGET void amx_tile(const uint8_t* rec0, int64_t kRec, int64_t kW
       const int64_t b1 = std::min(nb, b0 + kAmxChunk);
       amx_dots(xm, K, wb, wstride, b0, b1, c);
       for (int64_t b = b0; b < b1; ++b) {
-        const uint8_t* rec = rec0 + b * kRec;
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kWBytes)));
-        const __m512 mo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kWBytes + 32)));
+        const uint8_t* rec = rec0 + b * rec_bytes;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + w_bytes)));
+        const __m512 mo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + w_bytes + 32)));
         amx_float_block(c[b - b0], d, mo, dsm + b * 2 * kAmxRows, acc);
       }
     }
@@ -238,7 +238,7 @@ bool amx_probe() {
   sigaction(SIGILL, &fault, &old_ill);
   sigaction(SIGSEGV, &fault, &old_segv);
   sigaction(SIGBUS, &fault, &old_bus);
-  bool ok = false;
+  volatile bool ok = false;  // volatile: read after a siglongjmp
   if (sigsetjmp(amx_probe_jump, 1) == 0) ok = amx_probe_product();
   sigaction(SIGILL, &old_ill, nullptr);
   sigaction(SIGSEGV, &old_segv, nullptr);
