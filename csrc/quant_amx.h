@@ -9,7 +9,8 @@
 // acc), blocks in order, with the same intrinsics on the same 16-lane vectors of output rows.
 //
 // The integer part is one TDPBSUD per (16 activation rows, tile of 16 output rows, block):
-// A (signed bytes) = 16 rows of xq x the block's 32 columns, read in place (row stride K);
+// A (signed bytes) = 16 rows of xq x the block's 32 columns (copied once per call so that each
+// A tile's 512 bytes are contiguous, amx_layout);
 // B (unsigned bytes) = the record's weights, whose layout is already AMX's "VNNI" B layout
 // (row j = 64 bytes: for each of the 16 output rows its 4 weights k = 4j .. 4j + 3); 4-bit
 // records are widened to bytes once per tile and call. C [16 act rows][16 out rows] int32 is
@@ -42,6 +43,7 @@ namespace {
 #ifdef TOKENMILL_HAS_AMX
 
 constexpr int64_t kAmxRows = 16;  // activation rows per C tile
+constexpr int64_t kAmxATile = kAmxRows * kBlock;  // bytes of one A tile
 #define TOKENMILL_AMX_TARGET __attribute__((target("amx-tile,amx-int8")))
 
 // Tiles: 0-3 = C (four blocks in flight), 4, 5 = A (activations), 6, 7 = B (weights).
@@ -59,10 +61,10 @@ TOKENMILL_AMX_TARGET inline void amx_begin() {
 }
 TOKENMILL_AMX_TARGET inline void amx_end() { _tile_release(); }
 
-// Block b's dot products into C tile `c`: A = xq rows [16 x 32] (stride K), B = weights [8 x 64].
+// Block b's dot products into C tile `c`: A = xq rows [16 x 32], B = weights [8 x 64].
 #define TOKENMILL_AMX_DOT(c, a, bt, b)         \
   do {                                         \
-    _tile_loadd(a, xm + (b) * kBlock, K);      \
+    _tile_loadd(a, xm + (b) * kAmxATile, kBlock); \
     _tile_loadd(bt, wb + (b) * wstride, 64);   \
     _tile_dpbsud(c, a, bt);                    \
   } while (0)
@@ -81,9 +83,9 @@ inline void amx_float_block(const int32_t (*c)[kRows], const __m512 d, const __m
 
 constexpr int64_t kAmxChunk = 8;  // blocks whose dot products are stored before their float part
 
-// The integer part of blocks [b0, b1) for 16 activation rows xm (row stride K) into c: four
+// The integer part of blocks [b0, b1) for 16 activation rows xm (amx_layout) into c: four
 // blocks at a time, their stores after all four products (each store waits for its product).
-TOKENMILL_AMX_TARGET inline void amx_dots(const int8_t* xm, int64_t K, const uint8_t* wb,
+TOKENMILL_AMX_TARGET inline void amx_dots(const int8_t* xm, const uint8_t* wb,
                                           int64_t wstride, int64_t b0, int64_t b1,
                                           int32_t (*c)[kAmxRows][kRows]) {
   int64_t b = b0;
@@ -108,8 +110,8 @@ TOKENMILL_AMX_TARGET inline void amx_dots(const int8_t* xm, int64_t K, const uin
   }
 }
 
-// Output tile t (16 rows of n) for activation rows [0, Mp) (Mp a multiple of 16; xq and ds
-// hold Mp rows, the rows past M are padding whose results are dropped). `wb` holds the tile's
+// Output tile t (16 rows of n) for activation rows [0, Mp) (Mp a multiple of 16; xq (in
+// amx_layout) and ds hold Mp rows, the rows past M are padding whose results are dropped). `wb` holds the tile's
 // nb weight blocks as bytes (B layout, 512 bytes each; for 8 bits the packed records'
 // weights themselves, record stride wstride). Per chunk of kAmxChunk blocks the dot products
 // (four in flight), then their float part. (Issuing the next chunk's, or block b + 4's, dot
@@ -124,11 +126,11 @@ TOKENMILL_AMX_TARGET void amx_tile(const uint8_t* rec0, int64_t rec_bytes, int64
   for (int64_t m = 0; m < Mp; m += kAmxRows) {
     __m512 acc[kAmxRows];
     for (int i = 0; i < kAmxRows; ++i) acc[i] = _mm512_setzero_ps();
-    const int8_t* xm = xq + m * K;
+    const int8_t* xm = xq + m * K;  // this tile's [nb][16][32] A tiles (amx_layout)
     const float* dsm = ds + m * nb * 2;
     for (int64_t b0 = 0; b0 < nb; b0 += kAmxChunk) {
       const int64_t b1 = std::min(nb, b0 + kAmxChunk);
-      amx_dots(xm, K, wb, wstride, b0, b1, c);
+      amx_dots(xm, wb, wstride, b0, b1, c);
       for (int64_t b = b0; b < b1; ++b) {
         const uint8_t* rec = rec0 + b * rec_bytes;
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + w_bytes)));
@@ -152,6 +154,19 @@ inline void widen_nibbles(const uint8_t* rec, uint8_t* out) {
   }
 }
 
+// xq [Mp, K] -> [Mp / 16][nb][16 rows][32]: each A tile's 512 bytes contiguous (8 cache lines
+// per tile load instead of 16 half-used ones).
+inline void amx_layout(const int8_t* xq, int64_t Mp, int64_t K, int8_t* out) {
+  const int64_t nb = K / kBlock;
+  at::parallel_for(0, Mp / kAmxRows, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t i = 0; i < kAmxRows; ++i)
+          std::memcpy(out + (g * nb + b) * kAmxATile + i * kBlock,
+                      xq + (g * kAmxRows + i) * K + b * kBlock, kBlock);
+  });
+}
+
 // dx, sx [Mp, nb] -> ds [Mp / 16][nb][dx of the 16 rows, sx of the 16 rows]: the float part
 // then reads a block's scales at fixed offsets from one pointer.
 inline void amx_scales(const float* dx, const float* sx, int64_t Mp, int64_t nb, float* ds) {
@@ -163,7 +178,8 @@ inline void amx_scales(const float* dx, const float* sx, int64_t Mp, int64_t nb,
       }
 }
 
-// y [M, n] for xq of Mp = M rounded up to 16 rows (padding rows zero) and ds (amx_scales).
+// y [M, n] for xq of Mp = M rounded up to 16 rows (padding rows zero) in amx_layout, and ds
+// (amx_scales).
 template <int BITS, typename OutT>
 TOKENMILL_AMX_TARGET void amx_run_tiles(const uint8_t* packed, int64_t T, int64_t nb, int64_t n,
                                         const int8_t* xq, const float* ds,

@@ -150,8 +150,11 @@ at::Tensor quant_linear_on(const at::Tensor& x, const at::Tensor& packed, int64_
     if (amx) {
       thread_local std::vector<float> ds;
       ds.resize(Mp * nb * 2);
+      thread_local std::vector<int8_t> xa;
+      xa.resize(Mp * K);
       amx_scales(dx.data(), sx.data(), Mp, nb, ds.data());
-      (bits == 4 ? amx_run_tiles<4, OutT> : amx_run_tiles<8, OutT>)(w, T, nb, n, xq.data(),
+      amx_layout(xq.data(), Mp, K, xa.data());
+      (bits == 4 ? amx_run_tiles<4, OutT> : amx_run_tiles<8, OutT>)(w, T, nb, n, xa.data(),
                                                                     ds.data(), M, Mp, K, yp);
       return;
     }
