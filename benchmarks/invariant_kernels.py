@@ -2,15 +2,17 @@
 
 Per weight shape (in x out, the default model's: attention 576x576, K/V 576x192, gate/up
 576x1536, down 1536x576) and row count M:
-- quantized (--formats, default Q4_1): the VNNI kernel, which batch-invariant mode runs at
-  every M, against what the default mode runs above `block.DENSE_ABOVE_ROWS` rows
-  (dequantize to bfloat16 + oneDNN's matmul);
+- quantized (--formats, default Q4_1): the VNNI kernel and, where the CPU has AMX-INT8, its
+  bit-identical AMX path (what batch-invariant mode runs from 32 rows there), against what the
+  non-invariant mode runs above `block.DENSE_ABOVE_ROWS` rows (dequantize to bfloat16 +
+  oneDNN's matmul);
 - dense (--dense, default bfloat16 and float32): the row-independent kernel
   (csrc/dense_linear.cpp) against oneDNN on the pre-packed weight (the default mode) and the
   previous batch-invariant path (oneDNN on 16-row tiles).
 Each figure is the best of --repeat calls, in ms and GFLOP/s (2 M K N / time).
 
     python benchmarks/invariant_kernels.py [--threads 2] [--rows 1 8 32 96 256 512]
+    python benchmarks/invariant_kernels.py --threads 1 --rows 1 16 64 256 512 --dense --lm-head
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python benchmarks/invariant_kernels.py  # oneDNN w/o AMX
 """
 
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from common import host_info  # noqa: I001  (benchmarks/ is run as a script folder)
 
 from tokenmill.kernels.cpu_dense import dense_linear, dense_supported, pack_dense
-from tokenmill.kernels.cpu_quant import dequantize_packed, load_cpu_quant, quant_linear
+from tokenmill.kernels.cpu_quant import amx_usable, dequantize_packed, load_cpu_quant, quant_linear
 from tokenmill.quant.packing import BlockWeights, QuantizedTensor, pack_tiles, quantize_rtn
 from tokenmill.quant.unquantized import INVARIANT_TILE
 
@@ -105,7 +107,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = list(SHAPES) + ([(576, 49152)] if args.lm_head else [])
     results = []
-    print(f"threads {args.threads}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}")
+    amx = load_cpu_quant() is not None and amx_usable()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    print(f"threads {args.threads}, ONEDNN_MAX_CPU_ISA={isa}, quant_linear AMX: {amx}")
     r = args.repeat
     for fmt in args.formats if load_cpu_quant() is not None else []:
         for k, n in shapes:
@@ -113,10 +117,10 @@ def main() -> None:
             packed = pack_tiles(bw)
             for m in args.rows:
                 x = torch.randn(m, k).bfloat16()
-                times = {
-                    "invariant": best_ms(r, quant_linear, x, packed, n, bw.bits),
-                    "dequant+onednn": best_ms(r, dequant_linear, x, packed, n, bw.bits),
-                }
+                times = {"vnni": best_ms(r, quant_linear, x, packed, n, bw.bits, "vnni")}
+                if amx:
+                    times["amx"] = best_ms(r, quant_linear, x, packed, n, bw.bits, "amx")
+                times["dequant+onednn"] = best_ms(r, dequant_linear, x, packed, n, bw.bits)
                 results.append(row(fmt, k, n, m, times))
     for name in args.dense:
         dtype = DTYPES[name]

@@ -2,6 +2,8 @@
 // 8-bit blocks of 32 along K, never dequantized to a matrix.
 //
 // quant_linear(x [M, K] float32/bfloat16, packed [T, K/32, rec] uint8, n, bits) -> y [M, n]
+//   (from kAmxMinRows rows on the AMX path of quant_amx.h where the CPU has AMX: the same bits)
+// quant_linear_vnni / quant_linear_amx: the same on one path (tests, benchmarks); amx_usable()
 // grouped_quant_linear(x [M, K], packed[G], counts[G], n, bits) -> y [M, n]: row group g (the
 //   next counts[g] rows) times packed[g], the matmul of every active expert of a MoE layer
 // fill_gguf_tiles(packed, blocks, fmt, rows, row0): GGUF blocks written into packed's rows
@@ -20,11 +22,15 @@
 // does not depend on M, so a row's result is the same whatever else is in the batch: a block's
 // integer dot product is exact (any order of int32 additions gives the same sum), and its two
 // float updates are the same explicit fused multiply-adds in every pass width (see tile_kernel).
+// grouped_quant_linear stays on the VNNI kernel (MoE expert groups are mostly a few rows).
 #include "quant_tiles.h"
+#include "quant_amx.h"
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -99,7 +105,10 @@ at::Tensor dequantize_packed(const at::Tensor& packed, int64_t n, int64_t bits) 
 #endif
 }
 
-at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits) {
+// quant_linear on the VNNI tile kernel (amx false) or the AMX path (bit-identical, see
+// quant_amx.h; the caller checks amx_usable()).
+at::Tensor quant_linear_on(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits,
+                           bool amx) {
 #ifndef TOKENMILL_HAS_VNNI
   TORCH_CHECK(false, "tokenmill_cpu_quant was built without AVX512-VNNI");
 #else
@@ -117,28 +126,72 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n
   TORCH_CHECK(packed.size(2) == rec, "quant_linear: record size ", packed.size(2), " != ", rec);
   TORCH_CHECK(n > (T - 1) * kRows && n <= T * kRows, "quant_linear: n = ", n, " does not fit ",
               T, " tiles");
+  TORCH_CHECK(!amx || amx_usable(), "quant_linear_amx: AMX is not usable on this host");
   auto y = at::empty({M, n}, x.options());  // written in x's dtype by the tile kernel
   if (M == 0) return y;
   // Per-call scratch for the quantized activations, kept by the calling thread: at decode a
-  // call is ~20-60 us, and three allocations were a tenth of it.
+  // call is ~20-60 us, and three allocations were a tenth of it. The AMX path reads whole
+  // tiles of 16 rows: the rows past M are zeros (their results are dropped).
+  const int64_t Mp = amx ? (M + 15) / 16 * 16 : M;
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> dx, sx;
-  xq.resize(M * K);
-  dx.resize(M * nb);
-  sx.resize(M * nb);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  if (x.scalar_type() == at::kFloat) {
-    quantize_activations(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
-    (bits == 4 ? run_tiles<4, float> : run_tiles<8, float>)(
-        w, T, nb, n, xq.data(), dx.data(), sx.data(), M, K, y.data_ptr<float>());
-  } else {
-    quantize_activations(x.data_ptr<at::BFloat16>(), M, K, xq.data(), dx.data(), sx.data());
-    (bits == 4 ? run_tiles<4, at::BFloat16> : run_tiles<8, at::BFloat16>)(
-        w, T, nb, n, xq.data(), dx.data(), sx.data(), M, K, y.data_ptr<at::BFloat16>());
+  xq.resize(Mp * K);
+  dx.resize(Mp * nb);
+  sx.resize(Mp * nb);
+  if (Mp > M) {
+    std::fill(xq.begin() + M * K, xq.begin() + Mp * K, 0);
+    std::fill(dx.begin() + M * nb, dx.begin() + Mp * nb, 0.0f);
+    std::fill(sx.begin() + M * nb, sx.begin() + Mp * nb, 0.0f);
   }
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  auto run = [&](auto* xp, auto* yp) {
+    using OutT = std::remove_pointer_t<decltype(yp)>;
+    quantize_activations(xp, M, K, xq.data(), dx.data(), sx.data());
+#ifdef TOKENMILL_HAS_AMX
+    if (amx) {
+      thread_local std::vector<float> ds;
+      ds.resize(Mp * nb * 2);
+      thread_local std::vector<int8_t> xa;
+      xa.resize(Mp * K);
+      amx_scales(dx.data(), sx.data(), Mp, nb, ds.data());
+      amx_layout(xq.data(), Mp, K, xa.data());
+      (bits == 4 ? amx_run_tiles<4, OutT> : amx_run_tiles<8, OutT>)(w, T, nb, n, xa.data(),
+                                                                    ds.data(), M, Mp, K, yp);
+      return;
+    }
+#endif
+    (bits == 4 ? run_tiles<4, OutT> : run_tiles<8, OutT>)(w, T, nb, n, xq.data(), dx.data(),
+                                                          sx.data(), M, K, yp);
+  };
+  if (x.scalar_type() == at::kFloat)
+    run(x.data_ptr<float>(), y.data_ptr<float>());
+  else
+    run(x.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
   return y;
 #endif
 }
+
+// From this many rows (prompt chunks, large decode batches) quant_linear takes the AMX path where
+// it is usable: measured faster than the VNNI kernel from ~32 rows on a Xeon with AMX (below,
+// its 16-row tiles are mostly padding). Either path gives the same bits.
+constexpr int64_t kAmxMinRows = 32;
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t n, int64_t bits) {
+  const bool amx = x.dim() == 2 && x.size(0) >= kAmxMinRows && amx_usable();
+  return quant_linear_on(x, packed, n, bits, amx);
+}
+
+at::Tensor quant_linear_vnni(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                             int64_t bits) {
+  return quant_linear_on(x, packed, n, bits, false);
+}
+
+at::Tensor quant_linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                            int64_t bits) {
+  return quant_linear_on(x, packed, n, bits, true);
+}
+
+bool quant_amx_usable() { return amx_usable(); }
 
 // Expert-grouped quantized linear (a mixture-of-experts layer's matmul in one call): x's rows
 // are grouped, group g being the next counts[g] rows, and group g is multiplied by packed[g]
@@ -268,6 +321,9 @@ void fill_gguf_tiles(at::Tensor packed, const at::Tensor& blocks, int64_t fmt, i
 
 TORCH_LIBRARY(tokenmill_cpu_quant, m) {
   m.def("quant_linear(Tensor x, Tensor packed, int n, int bits) -> Tensor");
+  m.def("quant_linear_vnni(Tensor x, Tensor packed, int n, int bits) -> Tensor");
+  m.def("quant_linear_amx(Tensor x, Tensor packed, int n, int bits) -> Tensor");
+  m.def("amx_usable() -> bool", &quant_amx_usable);
   m.def("dequantize_packed(Tensor packed, int n, int bits) -> Tensor");
   m.def("grouped_quant_linear(Tensor x, Tensor[] packed, int[] counts, int n, int bits) -> Tensor");
   m.def("fill_gguf_tiles(Tensor(a!) packed, Tensor blocks, int fmt, int rows, int row0) -> ()");
@@ -275,6 +331,8 @@ TORCH_LIBRARY(tokenmill_cpu_quant, m) {
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu_quant, CPU, m) {
   m.impl("quant_linear", &quant_linear);
+  m.impl("quant_linear_vnni", &quant_linear_vnni);
+  m.impl("quant_linear_amx", &quant_linear_amx);
   m.impl("dequantize_packed", &dequantize_packed);
   m.impl("grouped_quant_linear", &grouped_quant_linear);
   m.impl("fill_gguf_tiles", &fill_gguf_tiles);

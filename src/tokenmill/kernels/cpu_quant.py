@@ -1,10 +1,15 @@
-"""The C++ weight-only quantized matmul (csrc/quant_linear.cpp), JIT-built on first use."""
+"""The C++ weight-only quantized matmul (csrc/quant_linear.cpp), JIT-built on first use.
+
+On CPUs with AMX, `quant_linear` runs calls of 32 rows or more (prompt chunks) on AMX int8
+tiles, bit-identical to the AVX512-VNNI kernel row for row (csrc/quant_amx.h), so batch
+invariance holds whichever path a row takes. TOKENMILL_NO_AMX=1 keeps every call on VNNI; so
+does a host whose AMX faults (probed once per process)."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -27,34 +32,48 @@ def load_cpu_quant() -> Any | None:
     return load_extension(EXT_NAME, "quant_linear.cpp", "quant_linear", "quantized CPU matmul")
 
 
-def quant_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    """y [M, n] = x [M, K] @ W^T for W packed by `packing.pack_tiles`; x float32 or bfloat16
-    (y has x's dtype). Activations are quantized to int8 per block of 32 inside."""
+def _ops() -> Any:
     ops = load_cpu_quant()
     if ops is None:
         raise RuntimeError(f"{EXT_NAME} is unavailable")
-    return ops.quant_linear.default(x.contiguous(), packed, n, bits)
+    return ops
+
+
+def amx_usable() -> bool:
+    """Whether `quant_linear` may take its AMX path here (the CPU has AMX-INT8, the kernel
+    granted it, a probe ran and TOKENMILL_NO_AMX is unset)."""
+    ops = load_cpu_quant()
+    return ops is not None and bool(ops.amx_usable())
+
+
+def quant_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    n: int,
+    bits: int,
+    path: Literal["auto", "vnni", "amx"] = "auto",
+) -> torch.Tensor:
+    """y [M, n] = x [M, K] @ W^T for W packed by `packing.pack_tiles`; x float32 or bfloat16
+    (y has x's dtype). Activations are quantized to int8 per block of 32 inside. `path` forces
+    one kernel ("amx" raises where AMX is unusable); both give the same bits."""
+    ops = _ops()
+    op = {"auto": ops.quant_linear, "vnni": ops.quant_linear_vnni, "amx": ops.quant_linear_amx}
+    return op[path].default(x.contiguous(), packed, n, bits)
 
 
 def dequantize_packed(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     """The dense bfloat16 weight [n, K] of a `pack_tiles` weight (bit-exact with
     `BlockWeights.dequantize().bfloat16()`)."""
-    ops = load_cpu_quant()
-    if ops is None:
-        raise RuntimeError(f"{EXT_NAME} is unavailable")
-    return ops.dequantize_packed.default(packed, n, bits)
+    return _ops().dequantize_packed.default(packed, n, bits)
 
 
 def grouped_quant_linear(
     x: torch.Tensor, packed: list[torch.Tensor], counts: list[int], n: int, bits: int
 ) -> torch.Tensor:
     """y [M, n]: row group g of x [M, K] (the next counts[g] rows) times packed[g]^T, every
-    group in one call (a MoE layer's active experts). Bit-identical to `quant_linear` on each
-    group's rows."""
-    ops = load_cpu_quant()
-    if ops is None:
-        raise RuntimeError(f"{EXT_NAME} is unavailable")
-    return ops.grouped_quant_linear.default(x.contiguous(), packed, counts, n, bits)
+    group in one call (a MoE layer's active experts; always the VNNI kernel). Bit-identical to
+    `quant_linear` on each group's rows."""
+    return _ops().grouped_quant_linear.default(x.contiguous(), packed, counts, n, bits)
 
 
 GGUF_FORMAT_CODES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
