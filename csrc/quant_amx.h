@@ -9,8 +9,8 @@
 // acc), blocks in order, with the same intrinsics on the same 16-lane vectors of output rows.
 //
 // The integer part is one TDPBSUD per (16 activation rows, tile of 16 output rows, block):
-// A (signed bytes) = 16 rows of xq x the block's 32 columns (copied once per call so that each
-// A tile's 512 bytes are contiguous, amx_layout);
+// A (signed bytes) = 16 rows of xq x the block's 32 columns (quantized straight into a layout
+// where each A tile's 512 bytes are contiguous, amx_quantize_activations);
 // B (unsigned bytes) = the record's weights, whose layout is already AMX's "VNNI" B layout
 // (row j = 64 bytes: for each of the 16 output rows its 4 weights k = 4j .. 4j + 3); 4-bit
 // records are widened to bytes once per tile and call. C [16 act rows][16 out rows] int32 is
@@ -70,7 +70,7 @@ TOKENMILL_AMX_TARGET inline void amx_end() { _tile_release(); }
   } while (0)
 
 // The float part of one block for 16 activation rows: tile_kernel's operations exactly.
-// ds: the 16 rows' dx, then their sx, for this block (see amx_scales).
+// ds: the 16 rows' dx, then their sx, for this block (see amx_quantize_activations).
 inline void amx_float_block(const int32_t (*c)[kRows], const __m512 d, const __m512 mo,
                             const float* ds, __m512* acc) {
 #pragma GCC unroll 16
@@ -83,7 +83,7 @@ inline void amx_float_block(const int32_t (*c)[kRows], const __m512 d, const __m
 
 constexpr int64_t kAmxChunk = 8;  // blocks whose dot products are stored before their float part
 
-// The integer part of blocks [b0, b1) for 16 activation rows xm (amx_layout) into c: four
+// The integer part of blocks [b0, b1) for 16 activation rows xm (A tiles) into c: four
 // blocks at a time, their stores after all four products (each store waits for its product).
 TOKENMILL_AMX_TARGET inline void amx_dots(const int8_t* xm, const uint8_t* wb,
                                           int64_t wstride, int64_t b0, int64_t b1,
@@ -111,7 +111,7 @@ TOKENMILL_AMX_TARGET inline void amx_dots(const int8_t* xm, const uint8_t* wb,
 }
 
 // Output tile t (16 rows of n) for activation rows [0, Mp) (Mp a multiple of 16; xq (in
-// amx_layout) and ds hold Mp rows, the rows past M are padding whose results are dropped). `wb` holds the tile's
+// amx_quantize_activations' layout) and ds hold Mp rows, the rows past M are padding whose results are dropped). `wb` holds the tile's
 // nb weight blocks as bytes (B layout, 512 bytes each; for 8 bits the packed records'
 // weights themselves, record stride wstride). Per chunk of kAmxChunk blocks the dot products
 // (four in flight), then their float part. (Issuing the next chunk's, or block b + 4's, dot
@@ -126,7 +126,7 @@ TOKENMILL_AMX_TARGET void amx_tile(const uint8_t* rec0, int64_t rec_bytes, int64
   for (int64_t m = 0; m < Mp; m += kAmxRows) {
     __m512 acc[kAmxRows];
     for (int i = 0; i < kAmxRows; ++i) acc[i] = _mm512_setzero_ps();
-    const int8_t* xm = xq + m * K;  // this tile's [nb][16][32] A tiles (amx_layout)
+    const int8_t* xm = xq + m * K;  // this tile's [nb][16][32] A tiles
     const float* dsm = ds + m * nb * 2;
     for (int64_t b0 = 0; b0 < nb; b0 += kAmxChunk) {
       const int64_t b1 = std::min(nb, b0 + kAmxChunk);
@@ -154,32 +154,37 @@ inline void widen_nibbles(const uint8_t* rec, uint8_t* out) {
   }
 }
 
-// xq [Mp, K] -> [Mp / 16][nb][16 rows][32]: each A tile's 512 bytes contiguous (8 cache lines
-// per tile load instead of 16 half-used ones).
-inline void amx_layout(const int8_t* xq, int64_t Mp, int64_t K, int8_t* out) {
+// x [M, K] quantized as quantize_activations does, straight into the AMX layouts (Mp = M
+// rounded up to 16; rows past M are zeros with zero scales):
+//   xa [Mp / 16][nb][16 rows][32]: each A tile's 512 bytes contiguous (8 cache lines per tile
+//      load instead of 16 half-used ones);
+//   ds [Mp / 16][nb][dx of the 16 rows, sx of the 16 rows]: the float part reads a block's
+//      scales at fixed offsets from one pointer.
+template <typename T>
+void amx_quantize_activations(const T* x, int64_t M, int64_t Mp, int64_t K, int8_t* xa,
+                              float* ds) {
   const int64_t nb = K / kBlock;
   at::parallel_for(0, Mp / kAmxRows, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t b = 0; b < nb; ++b)
-        for (int64_t i = 0; i < kAmxRows; ++i)
-          std::memcpy(out + (g * nb + b) * kAmxATile + i * kBlock,
-                      xq + (g * kAmxRows + i) * K + b * kBlock, kBlock);
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t i = 0; i < kAmxRows; ++i) {
+        const int64_t m = g * kAmxRows + i;
+        for (int64_t b = 0; b < nb; ++b) {
+          int8_t* dst = xa + (g * nb + b) * kAmxATile + i * kBlock;
+          float* sb = ds + (g * nb + b) * 2 * kAmxRows;
+          if (m < M) {
+            quantize_block(x + m * K + b * kBlock, dst, sb[i], sb[kAmxRows + i]);
+          } else {
+            std::memset(dst, 0, kBlock);
+            sb[i] = sb[kAmxRows + i] = 0.0f;
+          }
+        }
+      }
+    }
   });
 }
 
-// dx, sx [Mp, nb] -> ds [Mp / 16][nb][dx of the 16 rows, sx of the 16 rows]: the float part
-// then reads a block's scales at fixed offsets from one pointer.
-inline void amx_scales(const float* dx, const float* sx, int64_t Mp, int64_t nb, float* ds) {
-  for (int64_t m0 = 0; m0 < Mp; m0 += kAmxRows)
-    for (int64_t b = 0; b < nb; ++b, ds += 2 * kAmxRows)
-      for (int64_t i = 0; i < kAmxRows; ++i) {
-        ds[i] = dx[(m0 + i) * nb + b];
-        ds[kAmxRows + i] = sx[(m0 + i) * nb + b];
-      }
-}
-
-// y [M, n] for xq of Mp = M rounded up to 16 rows (padding rows zero) in amx_layout, and ds
-// (amx_scales).
+// y [M, n] for xq of Mp = M rounded up to 16 rows (padding rows zero) and ds, both as
+// amx_quantize_activations lays them out.
 template <int BITS, typename OutT>
 TOKENMILL_AMX_TARGET void amx_run_tiles(const uint8_t* packed, int64_t T, int64_t nb, int64_t n,
                                         const int8_t* xq, const float* ds,

@@ -130,36 +130,30 @@ at::Tensor quant_linear_on(const at::Tensor& x, const at::Tensor& packed, int64_
   auto y = at::empty({M, n}, x.options());  // written in x's dtype by the tile kernel
   if (M == 0) return y;
   // Per-call scratch for the quantized activations, kept by the calling thread: at decode a
-  // call is ~20-60 us, and three allocations were a tenth of it. The AMX path reads whole
-  // tiles of 16 rows: the rows past M are zeros (their results are dropped).
-  const int64_t Mp = amx ? (M + 15) / 16 * 16 : M;
+  // call is ~20-60 us, and three allocations were a tenth of it.
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> dx, sx;
-  xq.resize(Mp * K);
-  dx.resize(Mp * nb);
-  sx.resize(Mp * nb);
-  if (Mp > M) {
-    std::fill(xq.begin() + M * K, xq.begin() + Mp * K, 0);
-    std::fill(dx.begin() + M * nb, dx.begin() + Mp * nb, 0.0f);
-    std::fill(sx.begin() + M * nb, sx.begin() + Mp * nb, 0.0f);
-  }
   const uint8_t* w = packed.data_ptr<uint8_t>();
   auto run = [&](auto* xp, auto* yp) {
     using OutT = std::remove_pointer_t<decltype(yp)>;
-    quantize_activations(xp, M, K, xq.data(), dx.data(), sx.data());
 #ifdef TOKENMILL_HAS_AMX
     if (amx) {
+      // The AMX path reads whole tiles of 16 rows: the rows past M are zeros (their results
+      // are dropped).
+      const int64_t Mp = (M + 15) / 16 * 16;
       thread_local std::vector<float> ds;
       ds.resize(Mp * nb * 2);
-      thread_local std::vector<int8_t> xa;
-      xa.resize(Mp * K);
-      amx_scales(dx.data(), sx.data(), Mp, nb, ds.data());
-      amx_layout(xq.data(), Mp, K, xa.data());
-      (bits == 4 ? amx_run_tiles<4, OutT> : amx_run_tiles<8, OutT>)(w, T, nb, n, xa.data(),
+      xq.resize(Mp * K);
+      amx_quantize_activations(xp, M, Mp, K, xq.data(), ds.data());
+      (bits == 4 ? amx_run_tiles<4, OutT> : amx_run_tiles<8, OutT>)(w, T, nb, n, xq.data(),
                                                                     ds.data(), M, Mp, K, yp);
       return;
     }
 #endif
+    xq.resize(M * K);
+    dx.resize(M * nb);
+    sx.resize(M * nb);
+    quantize_activations(xp, M, K, xq.data(), dx.data(), sx.data());
     (bits == 4 ? run_tiles<4, OutT> : run_tiles<8, OutT>)(w, T, nb, n, xq.data(), dx.data(),
                                                           sx.data(), M, K, yp);
   };

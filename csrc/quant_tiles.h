@@ -34,6 +34,24 @@ inline __m512 load_row16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// One block of 32 activations -> 32 int8 at dst; returns its scale d and d * (sum of the int8).
+template <typename T>
+inline void quantize_block(const T* src, int8_t* dst, float& d_out, float& s_out) {
+  __m512 v0 = load_row16(src), v1 = load_row16(src + 16);
+  __m512 amax = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
+  const float a = _mm512_reduce_max_ps(amax);
+  const float d = a / 127.0f;
+  const float id = d > 0.0f ? 1.0f / d : 0.0f;
+  // round to nearest even (the default MXCSR mode), then pack to int8
+  __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+  __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
+  const int32_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+  d_out = d;
+  s_out = d * static_cast<float>(s);
+}
+
 // x [M, K] -> xq [M, K] int8, dx [M, nb] (scale), sx [M, nb] (dx * sum of the block's xq).
 template <typename T>
 void quantize_activations(const T* x, int64_t M, int64_t K, int8_t* xq, float* dx, float* sx) {
@@ -41,21 +59,8 @@ void quantize_activations(const T* x, int64_t M, int64_t K, int8_t* xq, float* d
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t b = 0; b < nb; ++b) {
-        const T* src = x + m * K + b * kBlock;
-        __m512 v0 = load_row16(src), v1 = load_row16(src + 16);
-        __m512 amax = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
-        const float a = _mm512_reduce_max_ps(amax);
-        const float d = a / 127.0f;
-        const float id = d > 0.0f ? 1.0f / d : 0.0f;
-        // round to nearest even (the default MXCSR mode), then pack to int8
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
-        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
-        int8_t* dst = xq + m * K + b * kBlock;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q1));
-        const int32_t s = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-        dx[m * nb + b] = d;
-        sx[m * nb + b] = d * static_cast<float>(s);
+        quantize_block(x + m * K + b * kBlock, xq + m * K + b * kBlock, dx[m * nb + b],
+                       sx[m * nb + b]);
       }
     }
   });
