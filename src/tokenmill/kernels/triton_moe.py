@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.kernels.triton_quant import _dot  # acc + a @ b in float32, one definition
+from tokenmill.kernels.triton_quant import _dot, _q4_blocks  # shared with the dense kernel
 
 BLOCK = 32  # weights per quantization block along K
 
@@ -83,28 +83,13 @@ def _moe_matmul_kernel(
     NB = K // 32
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # a builtin: see triton_quant
     if BITS == 4:
-        row_bytes = NB * 16
-        w_cols = w_ptr + e * N * row_bytes + offs_n64[None, :] * row_bytes  # [1, BN]
-        s_base = e * NB * N
-        offs_h = tl.arange(0, BLOCK_K // 2)
-        sub_blk = offs_h // 16
-        within = offs_h % 16
+        w_cols = w_ptr + e * N * (NB * 16) + offs_n64[None, :] * (NB * 16)  # [1, BN]
+        s_base = e * NB * N + offs_n64[None, :]
+        d_cols, m_cols = d_ptr + s_base, m_ptr + s_base
         for kb in range(0, NB, BLOCK_K // 32):
-            blk = kb + sub_blk
-            k_ok = blk < NB
-            k_lo = blk * 32 + within  # the low nibble's column; the high one's is k_lo + 16
-            xmask = m_ok[:, None] & k_ok[None, :]
-            x_lo = tl.load(x_rows + k_lo[None, :], mask=xmask, other=0.0)
-            x_hi = tl.load(x_rows + (k_lo + 16)[None, :], mask=xmask, other=0.0)
-            wmask = k_ok[:, None] & n_ok[None, :]
-            p = tl.load(w_cols + (kb * 16 + offs_h)[:, None], mask=wmask, other=0)
-            s_off = s_base + blk.to(tl.int64)[:, None] * N + offs_n64[None, :]
-            d = tl.load(d_ptr + s_off, mask=wmask, other=0.0).to(tl.float32)
-            mo = tl.load(m_ptr + s_off, mask=wmask, other=0.0).to(tl.float32)
-            w_lo = ((p & 0xF).to(tl.float32) * d + mo).to(x_dtype)
-            w_hi = ((p >> 4).to(tl.float32) * d + mo).to(x_dtype)
-            acc = _dot(x_lo, w_lo, acc, FP32_DOT)
-            acc = _dot(x_hi, w_hi, acc, FP32_DOT)
+            acc = _q4_blocks(
+                acc, x_rows, 1, w_cols, d_cols, m_cols, N, kb, NB, m_ok, n_ok, FP32_DOT, BLOCK_K
+            )
     else:
         w_cols = w_ptr + e * N * K + offs_n64[None, :] * K  # [1, BN]
         s_base = e * NB * N

@@ -114,6 +114,48 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _q4_blocks(
+    acc,
+    x_rows,
+    stride_xk,
+    w_cols,
+    d_cols,
+    m_cols,
+    N,
+    kb,
+    NB,
+    m_ok,
+    n_ok,
+    FP32_DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc + the products of BLOCK_K // 32 4-bit blocks from block kb on: x_rows [BM, 1] row
+    pointers (column stride stride_xk), w_cols [1, BN] the output columns' packed rows (16 bytes
+    a block: byte j holds column j in its low nibble, j + 16 in its high one), d_cols / m_cols
+    [1, BN] the columns' scales and minimums at block 0 ([NB, N] each, fp16); w = q * d + m."""
+    offs_h = tl.arange(0, BLOCK_K // 2)  # byte within the tile
+    blk = kb + offs_h // 16  # [BK/2] block of each byte
+    k_ok = blk < NB
+    k_lo = blk * 32 + offs_h % 16  # x column of the low nibble; the high one is k_lo + 16
+    xmask = m_ok[:, None] & k_ok[None, :]
+    x_lo = tl.load(x_rows + k_lo[None, :] * stride_xk, mask=xmask, other=0.0)
+    x_hi = tl.load(x_rows + (k_lo + 16)[None, :] * stride_xk, mask=xmask, other=0.0)
+    wmask = k_ok[:, None] & n_ok[None, :]
+    p = tl.load(w_cols + (kb * 16 + offs_h)[:, None], mask=wmask, other=0)  # [BK/2, BN]
+    # scales gathered per byte (16 bytes share a block's): repeats hit L1
+    s_off = blk.to(tl.int64)[:, None] * N
+    d = tl.load(d_cols + s_off, mask=wmask, other=0.0).to(tl.float32)
+    mo = tl.load(m_cols + s_off, mask=wmask, other=0.0).to(tl.float32)
+    # masked lanes: q = d = m = 0, so w = 0 and x = 0 there
+    x_dtype = x_lo.dtype
+    w_lo = ((p & 0xF).to(tl.float32) * d + mo).to(x_dtype)
+    w_hi = ((p >> 4).to(tl.float32) * d + mo).to(x_dtype)
+    acc = _dot(x_lo, w_lo, acc, FP32_DOT)
+    acc = _dot(x_hi, w_hi, acc, FP32_DOT)
+    return acc
+
+
+@triton.jit
 def _quant_matmul_kernel(
     x_ptr,  # [M, K] fp16 / bf16 / fp32
     w_ptr,  # uint8 [N, K // 2] or [N, K]
@@ -149,29 +191,24 @@ def _quant_matmul_kernel(
     # imported before TRITON_INTERPRET was set (its @jit helpers then stay compiled-only)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if BITS == 4:
-        row_bytes = NB * 16
-        w_cols = w_ptr + offs_n64[None, :] * row_bytes  # [1, BN]
-        offs_h = tl.arange(0, BLOCK_K // 2)  # byte within the tile
-        sub_blk = offs_h // 16
-        within = offs_h % 16
+        w_cols = w_ptr + offs_n64[None, :] * (NB * 16)  # [1, BN]
+        d_cols, m_cols = d_ptr + offs_n64[None, :], m_ptr + offs_n64[None, :]
         for kb in range(0, NB, BLOCK_K // 32):
-            blk = kb + sub_blk  # [BK/2] block of each byte
-            k_ok = blk < NB
-            k_lo = blk * 32 + within  # x column of the low nibble; the high one is k_lo + 16
-            xmask = m_ok[:, None] & k_ok[None, :]
-            x_lo = tl.load(x_rows + k_lo[None, :] * stride_xk, mask=xmask, other=0.0)
-            x_hi = tl.load(x_rows + (k_lo + 16)[None, :] * stride_xk, mask=xmask, other=0.0)
-            wmask = k_ok[:, None] & n_ok[None, :]
-            p = tl.load(w_cols + (kb * 16 + offs_h)[:, None], mask=wmask, other=0)  # [BK/2, BN]
-            # scales gathered per byte (16 bytes share a block's): repeats hit L1
-            s_off = blk.to(tl.int64)[:, None] * N + offs_n64[None, :]
-            d = tl.load(d_ptr + s_off, mask=wmask, other=0.0).to(tl.float32)
-            mo = tl.load(m_ptr + s_off, mask=wmask, other=0.0).to(tl.float32)
-            # masked lanes: q = d = m = 0, so w = 0 and x = 0 there
-            w_lo = ((p & 0xF).to(tl.float32) * d + mo).to(x_dtype)
-            w_hi = ((p >> 4).to(tl.float32) * d + mo).to(x_dtype)
-            acc = _dot(x_lo, w_lo, acc, FP32_DOT)
-            acc = _dot(x_hi, w_hi, acc, FP32_DOT)
+            acc = _q4_blocks(
+                acc,
+                x_rows,
+                stride_xk,
+                w_cols,
+                d_cols,
+                m_cols,
+                N,
+                kb,
+                NB,
+                m_ok,
+                n_ok,
+                FP32_DOT,
+                BLOCK_K,
+            )
     else:
         row_bytes = NB * 32
         w_cols = w_ptr + offs_n64[None, :] * row_bytes
