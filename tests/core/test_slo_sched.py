@@ -3,6 +3,8 @@ preemption, admission control -- on an injected clock; FCFS and priority schedul
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 from fcfs_workload import fcfs_digest
 from hypothesis import given, settings
@@ -45,7 +47,8 @@ def slo_sched(clock: Clock, **kw: object):
 
 def req(rid: str, n_prompt: int, max_tokens: int, arrival: float = 0.0, **slo: float) -> Request:
     params = SamplingParams(max_tokens=max_tokens, slo=slo or None)
-    prompt = [(hash(rid) + i) % 40 + 1 for i in range(n_prompt)]
+    # zlib.crc32, not hash(): str hashes change per process, and equal prompts share a cache
+    prompt = [(zlib.crc32(rid.encode()) + i) % 40 + 1 for i in range(n_prompt)]
     return Request(rid, prompt, params, max_tokens=max_tokens, arrival_time=arrival)
 
 

@@ -5,6 +5,7 @@ give up on, sticky doom per workflow, and more deadlines met in a burst than wit
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 from sched_utils import FakeRunner, make_sched
@@ -33,7 +34,8 @@ class Clock:
 
 def req(rid: str, n_prompt: int, max_tokens: int, wf: dict | None = None, **slo: float) -> Request:
     params = SamplingParams(max_tokens=max_tokens, slo=slo or None, workflow=wf)
-    prompt = [(hash(rid) + i) % 40 + 1 for i in range(n_prompt)]
+    # zlib.crc32, not hash(): str hashes change per process, and equal prompts share a cache
+    prompt = [(zlib.crc32(rid.encode()) + i) % 40 + 1 for i in range(n_prompt)]
     return Request(rid, prompt, params, max_tokens=max_tokens, arrival_time=0.0)
 
 
