@@ -48,6 +48,10 @@ def admit_waiting(sched: Scheduler, seqs: list[ScheduledSeq], budget: int) -> in
         if not kv.can_allocate(req, num_remaining, computed_ids, num_cached):
             break
         num_new = min(num_remaining, budget)
+        if guarded and sched._slo.room.chunk and num_remaining > 1:
+            cap = sched._slo.chunk_cap(req, sched._slo.room)
+            if cap is not None:
+                num_new = min(num_new, cap)
         block_ids = kv.allocate_slots(req, num_new, computed_ids, num_cached)
         assert block_ids is not None
         if req.num_preemptions == 0:

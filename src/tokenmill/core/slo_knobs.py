@@ -33,6 +33,12 @@ class SloKnobs:
     # predicted work over its own plus the remaining stages') or "latest" (the deadline less the
     # remaining stages' predicted work: HEXGEN-Text2SQL's slack).
     deadline_split: str = "latest"
+    order: str = "slack"
+    ride_tokens: int = 64
+    ride_frac: float = 0.0
+    rest_scale: float = 1.0
+    chunk_tokens: int = 0
+    shed_whole: bool = False
 
     def __post_init__(self) -> None:
         assert min(self.urgent_steps, self.urgent_chunks, self.max_urgent) >= 0, self

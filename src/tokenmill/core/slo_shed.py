@@ -27,6 +27,7 @@ def doomed(
     reqs: Iterable[Request],
     key: Callable[[Request], tuple],
     load: float,
+    whole: bool = False,
 ) -> list[Request]:
     """The requests to give up on now (Moore-Hodgson over workflows and single requests)."""
     groups: dict[str, list[Request]] = {}
@@ -39,11 +40,15 @@ def doomed(
         if due == INF:
             continue
         wf = req.sampling_params.workflow
+        rest = 0.0
+        if wf is not None and whole and st.deadline < INF:
+            # The whole workflow is one job: its deadline, and the work of its later stages.
+            due, rest = st.deadline, st.rest_work * tracker.step_time_share()
         gid = "w:" + wf.id if wf is not None else "r:" + req.request_id
         groups.setdefault(gid, []).append(req)
         job = jobs.get(gid)
         if job is None:
-            jobs[gid] = [due, work * load]
+            jobs[gid] = [due, (work + rest) * load]
         else:
             job[0] = min(job[0], due)
             job[1] += work * load
