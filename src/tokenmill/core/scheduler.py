@@ -195,9 +195,7 @@ class Scheduler:
                 i += 1  # slack to spare: sits this step out, keeping its KV
                 continue
             if room.chunk and num_pending > 1:
-                cap = self._slo.chunk_cap(req, room)
-                if cap is not None:
-                    num_new = min(num_new, cap)
+                num_new = self._slo.chunk_cap(req, num_new)
             if room.reserve and num_pending > 1 and self._key(req) > room.key:
                 num_new = min(num_new, budget - room.reserve)  # an urgent prompt goes first
                 if num_new <= 0:

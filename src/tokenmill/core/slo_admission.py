@@ -33,10 +33,9 @@ class SloAdmission:
 
     def _add(self, req: Request) -> None:
         k = self._key(req)  # type: ignore[operator]
-        lst = self.tracker.lst(req)
-        if k[0] or lst == INF:
+        if k[0] or k[1] == INF:
             return  # hopeless or without targets: nothing to protect
-        self._guarded.append((k, lst - self.tracker.now, self.tracker.remaining_steps(req)))
+        self._guarded.append((k, k[1] - self.tracker.now, self.tracker.remaining_steps(req)))
 
     def allows(self, req: Request) -> bool:
         if not self._guarded:
@@ -46,7 +45,7 @@ class SloAdmission:
         k = self._key(req)  # type: ignore[operator]
         if k[0] == 1:
             return False  # doomed: only capacity no request that can make it needs
-        if not k[0] and t.lst(req) - t.now < self.urgent_slack:
+        if not k[0] and k[1] - t.now < self.urgent_slack:
             return True  # about to miss if it waits any longer: least slack goes first
         pending = t.pending(req)
         steps_r = t.remaining_steps(req)

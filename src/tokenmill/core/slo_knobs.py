@@ -21,11 +21,17 @@ class SloKnobs:
     # Deferral: past the `min_batch` most urgent running requests, one whose slack exceeds
     # `defer_ratio` times its remaining work sits the step out (it keeps its KV). On a CPU every
     # sequence in a step slows the step; `min_batch` keeps the step's fixed cost shared.
-    min_batch: int = 4
+    min_batch: int = 3
     defer_ratio: float = 1.0
     # Overload shedding (core/slo_shed.py): give up on the fewest requests so the rest make it,
     # with predicted work inflated by this factor; 0 turns it off.
-    shed_load: float = 0.7
+    shed_load: float = 1.0
+    # ... taking a workflow as one job (its deadline, and the predicted work of its later stages
+    # too), rather than its current stage alone (due at the stage's share of the deadline).
+    shed_workflows: bool = True
+    # While decodes share a step, a prompt with slack to spare runs at most this many tokens a
+    # step (0: the whole budget): a 512-token chunk stalls them as long as ~40 decode steps.
+    chunk_tokens: int = 128
     # Admission control (core/slo_admission.py): a request is not admitted while it would push
     # a more urgent running request past its target.
     guard: bool = True
@@ -33,15 +39,9 @@ class SloKnobs:
     # predicted work over its own plus the remaining stages') or "latest" (the deadline less the
     # remaining stages' predicted work: HEXGEN-Text2SQL's slack).
     deadline_split: str = "latest"
-    order: str = "slack"
-    ride_tokens: int = 64
-    ride_frac: float = 0.0
-    rest_scale: float = 1.0
-    chunk_tokens: int = 0
-    shed_whole: bool = False
 
     def __post_init__(self) -> None:
         assert min(self.urgent_steps, self.urgent_chunks, self.max_urgent) >= 0, self
         assert self.min_batch >= 1 and self.defer_ratio >= 0, self
-        assert self.shed_load >= 0, self
+        assert self.shed_load >= 0 and self.chunk_tokens >= 0, self
         assert self.deadline_split in ("proportional", "latest"), self

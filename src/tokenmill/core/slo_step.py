@@ -37,7 +37,7 @@ class UrgentRoom:
     reserve: int = 0  # budget held back from less urgent prompt chunks
     key: tuple | None = None  # the least urgent request the reserve is for
     defer: set[str] = field(default_factory=set)  # running requests that sit this step out
-    chunk: int = 0  # prompt tokens per step of a request with slack (0: no limit)
+    chunk: int = 0  # prompt tokens a step gives a request with slack to spare (0: no cap)
 
 
 class SloStep:
@@ -55,7 +55,7 @@ class SloStep:
         self._arrival_seq = arrival_seq
         self._keys: dict[str, tuple] = {}  # this step's keys: slack is taken once per step
         self.last_shape: StepShape | None = None  # of the last step measured
-        self.room = UrgentRoom()  # this step's
+        self.room = UrgentRoom()  # the current step's
 
     def key(self, req: Request) -> tuple:
         key = self._keys.get(req.request_id)
@@ -75,28 +75,31 @@ class SloStep:
                 [*sched.running, *sched.waiting],
                 self.key,
                 self.knobs.shed_load,
-                self.knobs.shed_whole,
+                self.knobs.shed_workflows,
             ):
                 self.tracker.doom(req)
                 self._keys.pop(req.request_id, None)
         sched.running.sort(key=self.key)
         room = make_room(sched)
         room.defer = deferred(sched)
-        cap = self.knobs.chunk_tokens
-        if cap and any(
+        if self.knobs.chunk_tokens and any(
             r.num_tokens - r.num_computed_tokens == 1 and r.request_id not in room.defer
             for r in sched.running
         ):
-            room.chunk = cap
+            room.chunk = self.knobs.chunk_tokens
         self.room = room
         return room
 
-    def chunk_cap(self, req: Request, room: UrgentRoom) -> int | None:
-        """The most prompt tokens `req` may run this step (None: no cap): a request with
-        slack to spare runs its prompt in short chunks while decodes share the step."""
-        if not room.chunk or self.tracker.lst(req) - self.tracker.now <= self.tracker.urgent_slack:
-            return None
-        return room.chunk
+    def chunk_cap(self, req: Request, num_new: int) -> int:
+        """`num_new` prompt tokens for `req` this step, capped while decodes share the step
+        and `req` has slack to spare: a full-budget chunk would stall every decode in the step
+        for the time of hundreds of decode steps."""
+        cap = self.room.chunk
+        if not cap or num_new <= cap:
+            return num_new
+        if self.key(req)[1] - self.tracker.now <= self.tracker.urgent_slack:
+            return num_new  # about to miss: its prompt goes in at full speed
+        return cap
 
     def admission_guard(self, running: list[Request]) -> SloAdmission:
         return SloAdmission(self.tracker, running, self.key, self.tracker.urgent_slack)
@@ -121,50 +124,19 @@ def deferred(sched: Scheduler) -> set[str]:
     knobs = tracker.knobs
     out: set[str] = set()
     if knobs.shed_load > 0 and any(
-        sched._key(r)[0] == 0 and tracker.lst(r) < INF for r in sched.running
+        sched._key(r)[0] == 0 and sched._key(r)[1] < INF for r in sched.running
     ):
         # Doomed requests only use capacity that no request that can make it needs.
         out.update(r.request_id for r in sched.running if sched._key(r)[0] == 1)
     for req in sched.running[knobs.min_batch :]:
         key = sched._key(req)
-        lst = tracker.lst(req)
-        if key[0] or lst == INF:
+        if key[0] or key[1] == INF:
             out.add(req.request_id)  # hopeless or without targets: only spare capacity
             continue
         work = tracker.remaining_work(req)[1]
-        if lst - tracker.now > knobs.defer_ratio * work:
+        if key[1] - tracker.now > knobs.defer_ratio * work:
             out.add(req.request_id)
-    if out and knobs.ride_frac > 0:
-        _ride_along(sched, out)
     return out
-
-
-def _ride_along(sched: Scheduler, out: set[str]) -> None:
-    """Deferred decodes join a step that runs a prompt chunk anyway while their rows add at
-    most `ride_frac` to its predicted time: deferring them saves the urgent ones next to nothing
-    and costs them a step of their own later."""
-    tracker = sched.slo
-    budget = sched.config.max_num_batched_tokens
-    tokens = seqs = ctx = 0
-    for req in sched.running:
-        if req.request_id not in out:
-            n = min(req.num_tokens - req.num_computed_tokens, budget - tokens)
-            if n > 0:
-                tokens += n
-                seqs += 1
-                ctx += req.num_tokens
-    if tokens < tracker.knobs.ride_tokens:
-        return
-    a, b, c, d = tracker.cost.coeffs
-    room = tracker.knobs.ride_frac * tracker.cost.predict(StepShape(tokens, seqs, ctx))
-    for req in sched.running:
-        if req.request_id in out and req.num_tokens - req.num_computed_tokens == 1:
-            row = b + c + d * req.num_tokens / 1000.0
-            if row > room or tokens >= budget:
-                break
-            room -= row
-            tokens += 1
-            out.discard(req.request_id)
 
 
 def make_room(sched: Scheduler) -> UrgentRoom:
@@ -180,12 +152,8 @@ def make_room(sched: Scheduler) -> UrgentRoom:
     for req in sched.waiting:
         st = tracker.states.get(req.request_id)
         key = sched._key(req)
-        if key[0]:
-            break  # sorted: hopeless and doomed ones come after
-        if tracker.lst(req) - tracker.now > margin:
-            if tracker.knobs.order == "slack":
-                break  # sorted: those with slack to spare come after
-            continue
+        if key[0] or key[1] - tracker.now > margin:
+            break  # sorted: hopeless ones and those with slack to spare come after
         if st is None or st.first_token is not None or st.ttft_deadline == INF:
             continue
         if req.grammar is not None and not req.grammar.ready:

@@ -49,7 +49,6 @@ class SloState:
     hopeless: bool = False
     doomed: bool = False  # given up on to save others (core/slo_shed.py): served last
     cached: int = 0  # prompt tokens the prefix cache held at arrival: not work to predict
-    lst: float = INF  # latest start time, as of the last `SloTracker.key`
 
 
 class SloTracker:
@@ -101,7 +100,7 @@ class SloTracker:
                 _average(self._stage_work, wf.stage, work)
                 _average(self._stage_alone, wf.stage, alone)
                 if self.knobs.deadline_split == "latest":
-                    st.stage_deadline = st.deadline - self.knobs.rest_scale * st.rest_work
+                    st.stage_deadline = st.deadline - st.rest_work
                 else:
                     share = work / (work + st.rest_work) if st.rest_work > 0 else 1.0
                     st.stage_deadline = arrival + slo.deadline_ms / 1000.0 * share
@@ -261,20 +260,9 @@ class SloTracker:
             lst = st.first_token + st.tpot_s * max(0, req.max_tokens - 1) - end
         if st.stage_deadline - end < lst:
             lst = st.stage_deadline - end
-        st.lst = lst
-        primary = lst
-        if self.knobs.order != "slack":
-            primary = st.stage_deadline if self.knobs.order == "deadline" else st.deadline
-            if st.first_token is None:
-                if st.ttft_deadline < primary:
-                    primary = st.ttft_deadline
-            elif st.tpot_s is not None:
-                due = st.first_token + st.tpot_s * max(0, req.max_tokens - 1)
-                if due < primary:
-                    primary = due
         # 0: can make it; 1: doomed (given up on for others); 2: hopeless. Both go last.
         rank = 2 if hopeless else 1 if st.doomed else 0
-        return (rank, primary, req.arrival_time, arrival_seq)
+        return (rank, lst, req.arrival_time, arrival_seq)
 
     def job(self, req: Request, st: SloState) -> tuple[float, float]:
         """(due time, server seconds needed by then) of the request's binding target: the one
@@ -300,14 +288,6 @@ class SloTracker:
             if due - end < best[0] - best[1]:
                 best = (due, end)
         return best
-
-    def lst(self, req: Request) -> float:
-        """The latest start time `key` found for `req` this step (inf without targets)."""
-        st = self.states.get(req.request_id)
-        return INF if st is None else st.lst
-
-    def step_time_share(self) -> float:
-        return 1.0
 
     def slack(self, req: Request) -> float:
         st = self.states.get(req.request_id)
