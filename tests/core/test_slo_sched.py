@@ -1,5 +1,6 @@
 """The slo scheduling policy: least slack first, hopeless requests last, TTFT rescue by
-preemption, admission control -- on an injected clock; FCFS and priority schedules unchanged."""
+preemption, admission control, short prompt chunks beside decodes -- on an injected clock; FCFS
+and priority schedules unchanged."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from hypothesis import strategies as st
 from sched_utils import FakeRunner, make_sched, reference
 
 from tokenmill.core.sched_types import ModelRunnerOutput
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
@@ -38,8 +41,6 @@ class Clock:
 def slo_sched(clock: Clock, **kw: object):
     sched = make_sched(policy="slo", **kw)
     # the clock and step costs are injected: 10 ms a step, 1 ms a token
-    from tokenmill.core.scheduler import Scheduler
-
     return Scheduler(sched.config, clock=clock, step_cost=StepCostModel((0.01, 0.001, 0.0, 0.0)))
 
 
@@ -210,3 +211,28 @@ def test_model_output_is_a_fixed_token_per_step() -> None:
     out = sched.schedule()
     sched.update_from_output(out, ModelRunnerOutput({"x": [7]}))
     assert sched.get_request("x").output_token_ids == [7]
+
+
+@pytest.mark.parametrize(
+    ("decoding", "deadline_ms", "expected"),
+    [(True, 10_000.0, 16), (True, 150.0, 60), (False, 10_000.0, 60)],
+)
+def test_prompt_chunks_are_capped_while_decodes_share_the_step(
+    decoding: bool, deadline_ms: float, expected: int
+) -> None:
+    """A 60-token prompt with slack to spare runs 16 tokens a step beside a decode; one about
+    to miss, or one with no decode beside it, runs whole."""
+    clock = Clock()
+    base = make_sched(policy="slo", slo_knobs=SloKnobs(chunk_tokens=16))
+    sched = Scheduler(base.config, clock=clock, step_cost=StepCostModel((0.01, 0.001, 0.0, 0.0)))
+    runner = FakeRunner(sched.config.block_size)
+    if decoding:
+        sched.add_request(req("dec", 8, 20, deadline_ms=10_000.0))
+        out = sched.schedule()
+        clock.now += 0.01
+        sched.update_from_output(out, runner.execute(out))
+    sched.add_request(req("prompt", 60, 2, arrival=clock.now, deadline_ms=deadline_ms))
+    out = sched.schedule()
+    sizes = {s.req.request_id: len(s.token_ids) for s in out.seqs}
+    assert sizes["prompt"] == expected
+    assert sizes.get("dec", 1) == 1
