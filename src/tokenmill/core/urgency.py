@@ -2,9 +2,10 @@
 
 Every request with an `slo` gets absolute targets when it is added: a TTFT deadline, a mean
 TPOT target and a deadline. A workflow stage (`workflow.remaining_stages > 0`) gets the
-workflow's remaining deadline less the predicted work of the stages still to come (each stage
-index's work is an online average over the requests seen; `SloKnobs.deadline_split`
-"proportional" gives it a share by work instead). Prompt tokens the prefix cache held at
+workflow's remaining deadline less the predicted work of the stages still to come (the work of
+a stage of each kind -- its index and the workflow's number of stages -- is an online average
+over the requests seen; `SloKnobs.deadline_split` "proportional" gives it a share by work
+instead). Prompt tokens the prefix cache held at
 arrival are not predicted work. Doomed requests (core/slo_shed.py) rank after every request
 that can make it, hopeless ones last.
 
