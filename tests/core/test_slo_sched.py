@@ -236,3 +236,29 @@ def test_prompt_chunks_are_capped_while_decodes_share_the_step(
     sizes = {s.req.request_id: len(s.token_ids) for s in out.seqs}
     assert sizes["prompt"] == expected
     assert sizes.get("dec", 1) == 1
+
+
+@pytest.mark.parametrize("siblings", [True, False])
+def test_a_fan_out_stage_runs_together(siblings: bool) -> None:
+    """Past the `min_batch` most urgent, requests with slack sit the step out -- but not the
+    other candidates of a stage that runs (the next stage waits for the last of them)."""
+    clock = Clock()
+    knobs = SloKnobs(min_batch=1, siblings=siblings, shed_load=0.0)
+    base = make_sched(policy="slo", slo_knobs=knobs)
+    sched = Scheduler(base.config, clock=clock, step_cost=StepCostModel((0.01, 0.001, 0.0, 0.0)))
+    runner = FakeRunner(sched.config.block_size)
+    for i, rid in enumerate(["w.sql.0", "w.sql.1", "w.sql.2", "v.sql"]):
+        wf = rid.split(".")[0]
+        params = SamplingParams(
+            max_tokens=20,
+            slo={"deadline_ms": 60_000.0 if wf == "w" else 90_000.0},
+            workflow={"id": wf, "stage": 1, "remaining_stages": 0},
+        )
+        sched.add_request(Request(rid, [1, 2, 3, 10 + i], params, max_tokens=20))
+    out = sched.schedule()
+    assert len(out.seqs) == 4  # the prompts: admitted together
+    clock.now += 0.01
+    sched.update_from_output(out, runner.execute(out))
+    out = sched.schedule()
+    ran = sorted(s.req.request_id for s in out.seqs)
+    assert ran == (["w.sql.0", "w.sql.1", "w.sql.2"] if siblings else ["w.sql.0"])

@@ -33,6 +33,9 @@ class SloKnobs:
     # While decodes share a step, a prompt with slack to spare runs at most this many tokens a
     # step (0: the whole budget): a 512-token chunk stalls them as long as ~40 decode steps.
     chunk_tokens: int = 128
+    # A request of the same workflow stage as one of the `min_batch` most urgent (a fan-out's
+    # parallel candidates) is not deferred: the next stage waits for the last of them.
+    siblings: bool = True
     # Admission control (core/slo_admission.py): a request is not admitted while it would push
     # a more urgent running request past its target.
     guard: bool = True

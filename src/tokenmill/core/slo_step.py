@@ -119,7 +119,7 @@ class SloStep:
 
 def deferred(sched: Scheduler) -> set[str]:
     """The running requests (sorted by urgency) with slack to spare beyond the first
-    `min_batch`."""
+    `min_batch` and their workflow stages' other requests."""
     tracker = sched.slo
     knobs = tracker.knobs
     out: set[str] = set()
@@ -128,11 +128,20 @@ def deferred(sched: Scheduler) -> set[str]:
     ):
         # Doomed requests only use capacity that no request that can make it needs.
         out.update(r.request_id for r in sched.running if sched._key(r)[0] == 1)
+    stages: set[tuple[str, int]] = set()  # workflow stages among the most urgent
+    if knobs.siblings:
+        for req in sched.running[: knobs.min_batch]:
+            wf = req.sampling_params.workflow
+            if wf is not None:
+                stages.add((wf.id, wf.stage))
     for req in sched.running[knobs.min_batch :]:
         key = sched._key(req)
         if key[0] or key[1] == INF:
             out.add(req.request_id)  # hopeless or without targets: only spare capacity
             continue
+        wf = req.sampling_params.workflow
+        if stages and wf is not None and (wf.id, wf.stage) in stages:
+            continue  # a sibling of one that runs: the stage ends with its last request
         work = tracker.remaining_work(req)[1]
         if key[1] - tracker.now > knobs.defer_ratio * work:
             out.add(req.request_id)
