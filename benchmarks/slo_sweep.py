@@ -133,8 +133,9 @@ def show(tag: str, res: dict[str, Any]) -> None:
 
 # The knobs gridded by --tune (the rest keep their defaults).
 GRID: dict[str, list[Any]] = {
-    "deadline_split": ["proportional", "latest"],
-    "shed_load": [0.0, 0.7, 1.0],
+    "shed_workflows": [False, True],
+    "chunk_tokens": [0, 128],
+    "shed_load": [0.7, 1.0],
     "min_batch": [3, 4],
 }
 

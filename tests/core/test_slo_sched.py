@@ -1,5 +1,6 @@
 """The slo scheduling policy: least slack first, hopeless requests last, TTFT rescue by
-preemption, admission control -- on an injected clock; FCFS and priority schedules unchanged."""
+preemption, admission control, short prompt chunks beside decodes -- on an injected clock; FCFS
+and priority schedules unchanged."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 from sched_utils import FakeRunner, make_sched, reference
 
 from tokenmill.core.sched_types import ModelRunnerOutput
+from tokenmill.core.scheduler import Scheduler
+from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
@@ -40,8 +43,6 @@ class Clock:
 def slo_sched(clock: Clock, **kw: object):
     sched = make_sched(policy="slo", **kw)
     # the clock and step costs are injected: 10 ms a step, 1 ms a token
-    from tokenmill.core.scheduler import Scheduler
-
     return Scheduler(sched.config, clock=clock, step_cost=StepCostModel((0.01, 0.001, 0.0, 0.0)))
 
 
@@ -213,3 +214,54 @@ def test_model_output_is_a_fixed_token_per_step() -> None:
     out = sched.schedule()
     sched.update_from_output(out, ModelRunnerOutput({"x": [7]}))
     assert sched.get_request("x").output_token_ids == [7]
+
+
+@pytest.mark.parametrize(
+    ("decoding", "deadline_ms", "expected"),
+    [(True, 10_000.0, 16), (True, 150.0, 60), (False, 10_000.0, 60)],
+)
+def test_prompt_chunks_are_capped_while_decodes_share_the_step(
+    decoding: bool, deadline_ms: float, expected: int
+) -> None:
+    """A 60-token prompt with slack to spare runs 16 tokens a step beside a decode; one about
+    to miss, or one with no decode beside it, runs whole."""
+    clock = Clock()
+    base = make_sched(policy="slo", slo_knobs=SloKnobs(chunk_tokens=16))
+    sched = Scheduler(base.config, clock=clock, step_cost=StepCostModel((0.01, 0.001, 0.0, 0.0)))
+    runner = FakeRunner(sched.config.block_size)
+    if decoding:
+        sched.add_request(req("dec", 8, 20, deadline_ms=10_000.0))
+        out = sched.schedule()
+        clock.now += 0.01
+        sched.update_from_output(out, runner.execute(out))
+    sched.add_request(req("prompt", 60, 2, arrival=clock.now, deadline_ms=deadline_ms))
+    out = sched.schedule()
+    sizes = {s.req.request_id: len(s.token_ids) for s in out.seqs}
+    assert sizes["prompt"] == expected
+    assert sizes.get("dec", 1) == 1
+
+
+@pytest.mark.parametrize("siblings", [True, False])
+def test_a_fan_out_stage_runs_together(siblings: bool) -> None:
+    """Past the `min_batch` most urgent, requests with slack sit the step out -- but not the
+    other candidates of a stage that runs (the next stage waits for the last of them)."""
+    clock = Clock()
+    knobs = SloKnobs(min_batch=1, siblings=siblings, shed_load=0.0)
+    base = make_sched(policy="slo", slo_knobs=knobs)
+    sched = Scheduler(base.config, clock=clock, step_cost=StepCostModel((0.01, 0.001, 0.0, 0.0)))
+    runner = FakeRunner(sched.config.block_size)
+    for i, rid in enumerate(["w.sql.0", "w.sql.1", "w.sql.2", "v.sql"]):
+        wf = rid.split(".")[0]
+        params = SamplingParams(
+            max_tokens=20,
+            slo={"deadline_ms": 60_000.0 if wf == "w" else 90_000.0},
+            workflow={"id": wf, "stage": 1, "remaining_stages": 0},
+        )
+        sched.add_request(Request(rid, [1, 2, 3, 10 + i], params, max_tokens=20))
+    out = sched.schedule()
+    assert len(out.seqs) == 4  # the prompts: admitted together
+    clock.now += 0.01
+    sched.update_from_output(out, runner.execute(out))
+    out = sched.schedule()
+    ran = sorted(s.req.request_id for s in out.seqs)
+    assert ran == (["w.sql.0", "w.sql.1", "w.sql.2"] if siblings else ["w.sql.0"])

@@ -146,3 +146,34 @@ def test_shedding_meets_more_deadlines_in_a_burst() -> None:
         return summarize(res.outcomes.values(), res.makespan).deadline_attainment
 
     assert attainment(1.0) > attainment(0.0)
+
+
+@pytest.mark.parametrize("workflows", [True, False])
+def test_shedding_sees_a_workflow_with_its_later_stages(workflows: bool) -> None:
+    """Two requests due at 1 s (0.3 s of work each) and a workflow's first stage (0.3 s) with
+    two stages like it still to come, due at 1.3 s. Stage by stage everything fits (the stage is
+    due at 1.3 s less 0.6 s), but the workflow cannot finish after the two others: taken as one
+    job it is given up on, and the two requests are both on time."""
+    t = SloTracker(StepCostModel(COST), 512, Clock())
+    reqs = [req(f"s{i}", 1, 27, deadline_ms=1_000.0) for i in range(2)]
+    wf = {"id": "w", "stage": 0, "remaining_stages": 2}
+    reqs.append(req("w.link", 1, 27, wf, deadline_ms=1_300.0))
+    for r in reqs:
+        t.add(r)
+    assert t.states["w.link"].rest_work == pytest.approx(0.594)
+    t.begin_step([])
+    out = doomed(t, reqs, lambda r: t.key(r, 0), 1.0, workflows=workflows)
+    assert [r.request_id for r in out] == (["w.link"] if workflows else [])
+
+
+def test_a_fan_out_counts_its_later_stages_once() -> None:
+    """Four parallel candidates of one stage: their own work adds up, the later stages' once."""
+    t = SloTracker(StepCostModel(COST), 512, Clock())
+    wf = {"id": "w", "stage": 1, "remaining_stages": 1}
+    cands = [req(f"w.sql.{i}", 1, 27, wf, deadline_ms=1_500.0) for i in range(4)]
+    for r in cands:
+        t.add(r)
+    t.begin_step([])
+    # 4 x 0.297 s of candidates and 0.297 s to come: 1.49 s fits 1.5 s (2% more would not)
+    assert doomed(t, cands, lambda r: t.key(r, 0), 1.0) == []
+    assert len(doomed(t, cands, lambda r: t.key(r, 0), 1.02)) == 4

@@ -25,7 +25,8 @@ def admit_waiting(sched: Scheduler, seqs: list[ScheduledSeq], budget: int) -> in
     kv = sched.kv_cache_manager
     admitted: list[Request] = []
     admission = sched.admission.start_round(sched.waiting, sched.running)
-    guarded = sched.config.policy == "slo" and sched.config.slo_knobs.guard
+    slo = sched.config.policy == "slo"
+    guarded = slo and sched.config.slo_knobs.guard
     guard = None  # built on the first request tried (over the running list as it is now)
     for req in admission.reqs:
         if budget <= 0 or len(sched.running) + len(admitted) >= sched.config.max_num_seqs:
@@ -48,6 +49,8 @@ def admit_waiting(sched: Scheduler, seqs: list[ScheduledSeq], budget: int) -> in
         if not kv.can_allocate(req, num_remaining, computed_ids, num_cached):
             break
         num_new = min(num_remaining, budget)
+        if slo and num_new > 1:
+            num_new = sched._slo.chunk_cap(req, num_new)
         block_ids = kv.allocate_slots(req, num_new, computed_ids, num_cached)
         assert block_ids is not None
         if req.num_preemptions == 0:

@@ -5,21 +5,32 @@ together (each request served just before its own deadline delays the next one p
 Each step, the requests with targets (running and waiting, not hopeless) are taken as jobs on
 one machine: a due time (the target their slack is measured against) and the server time they
 still need (prompt tokens at b seconds each, then each token a share of the current decode step).
-Moore-Hodgson's algorithm, in due-time order, drops the largest job whenever the work accepted
-so far cannot be done by the current one's due time; it leaves the most jobs on time. A dropped
-request (with every request of its workflow, whose deadline it shares) is *doomed*: it is served
-after every request that can still make it, as hopeless ones are, so its work no longer makes
-others late. Doom is sticky, also for the workflow's later stages. `load` > 1 inflates the work
-(the batch does not pack perfectly).
+A workflow is one job (`workflows`): due at its deadline, needing its running or queued stage's
+work plus the predicted work of its later stages, so a workflow at its first stage is seen with
+all the work still ahead of it, not just the first stage's. Moore-Hodgson's algorithm, in
+due-time order, drops the largest job whenever the work accepted so far cannot be done by the
+current one's due time; it leaves the most jobs on time. A dropped request (with every request
+of its workflow, whose deadline it shares) is *doomed*: it is served after every request that can
+still make it, as hopeless ones are, so its work no longer makes others late. Doom is sticky,
+also for the workflow's later stages. `load` > 1 inflates the work (the batch does not pack
+perfectly).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from tokenmill.core.urgency import INF, SloTracker
 from tokenmill.request import Request
+
+
+@dataclass
+class _Job:
+    due: float
+    work: float = 0.0
+    reqs: list[Request] = field(default_factory=list)
 
 
 def doomed(
@@ -27,10 +38,10 @@ def doomed(
     reqs: Iterable[Request],
     key: Callable[[Request], tuple],
     load: float,
+    workflows: bool = True,
 ) -> list[Request]:
     """The requests to give up on now (Moore-Hodgson over workflows and single requests)."""
-    groups: dict[str, list[Request]] = {}
-    jobs: dict[str, list[float]] = {}  # group -> [due, work]
+    jobs: dict[str, _Job] = {}
     for req in reqs:
         st = tracker.states.get(req.request_id)
         if st is None or key(req)[0]:
@@ -39,25 +50,28 @@ def doomed(
         if due == INF:
             continue
         wf = req.sampling_params.workflow
+        whole = workflows and wf is not None and st.deadline < INF
+        if whole:
+            due = st.deadline
         gid = "w:" + wf.id if wf is not None else "r:" + req.request_id
-        groups.setdefault(gid, []).append(req)
         job = jobs.get(gid)
         if job is None:
-            jobs[gid] = [due, work * load]
-        else:
-            job[0] = min(job[0], due)
-            job[1] += work * load
+            # The later stages' work, once per workflow (a fan-out's requests share them).
+            job = jobs[gid] = _Job(due, st.rest_work * load if whole else 0.0)
+        job.due = min(job.due, due)
+        job.work += work * load
+        job.reqs.append(req)
     out: list[Request] = []
     now = tracker.now
-    if not jobs or now + sum(w for _, w in jobs.values()) <= min(d for d, _ in jobs.values()):
+    if not jobs or now + sum(j.work for j in jobs.values()) <= min(j.due for j in jobs.values()):
         return out  # all of it fits before the first due time: no one is late
-    accepted: list[tuple[float, str]] = []  # max-heap of (-work, group)
+    accepted: list[tuple[float, int, _Job]] = []  # max-heap of (-work, tie-break, job)
     total = 0.0
-    for gid, (due, work) in sorted(jobs.items(), key=lambda kv: kv[1][0]):
-        heapq.heappush(accepted, (-work, gid))
-        total += work
-        if now + total > due:
-            neg, victim = heapq.heappop(accepted)
+    for i, job in enumerate(sorted(jobs.values(), key=lambda j: j.due)):
+        heapq.heappush(accepted, (-job.work, i, job))
+        total += job.work
+        if now + total > job.due:
+            neg, _, victim = heapq.heappop(accepted)
             total += neg
-            out.extend(groups[victim])
+            out.extend(victim.reqs)
     return out

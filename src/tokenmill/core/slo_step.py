@@ -37,6 +37,7 @@ class UrgentRoom:
     reserve: int = 0  # budget held back from less urgent prompt chunks
     key: tuple | None = None  # the least urgent request the reserve is for
     defer: set[str] = field(default_factory=set)  # running requests that sit this step out
+    chunk: int = 0  # prompt tokens a step gives a request with slack to spare (0: no cap)
 
 
 class SloStep:
@@ -54,6 +55,7 @@ class SloStep:
         self._arrival_seq = arrival_seq
         self._keys: dict[str, tuple] = {}  # this step's keys: slack is taken once per step
         self.last_shape: StepShape | None = None  # of the last step measured
+        self.room = UrgentRoom()  # the current step's
 
     def key(self, req: Request) -> tuple:
         key = self._keys.get(req.request_id)
@@ -69,14 +71,35 @@ class SloStep:
         self.tracker.begin_step(sched.running, self.last_shape)
         if self.knobs.shed_load > 0 and self.tracker.states:
             for req in doomed(
-                self.tracker, [*sched.running, *sched.waiting], self.key, self.knobs.shed_load
+                self.tracker,
+                [*sched.running, *sched.waiting],
+                self.key,
+                self.knobs.shed_load,
+                self.knobs.shed_workflows,
             ):
                 self.tracker.doom(req)
                 self._keys.pop(req.request_id, None)
         sched.running.sort(key=self.key)
         room = make_room(sched)
         room.defer = deferred(sched)
+        if self.knobs.chunk_tokens and any(
+            r.num_tokens - r.num_computed_tokens == 1 and r.request_id not in room.defer
+            for r in sched.running
+        ):
+            room.chunk = self.knobs.chunk_tokens
+        self.room = room
         return room
+
+    def chunk_cap(self, req: Request, num_new: int) -> int:
+        """`num_new` prompt tokens for `req` this step, capped while decodes share the step
+        and `req` has slack to spare: a full-budget chunk would stall every decode in the step
+        for the time of hundreds of decode steps."""
+        cap = self.room.chunk
+        if not cap or num_new <= cap:
+            return num_new
+        if self.key(req)[1] - self.tracker.now <= self.tracker.urgent_slack:
+            return num_new  # about to miss: its prompt goes in at full speed
+        return cap
 
     def admission_guard(self, running: list[Request]) -> SloAdmission:
         return SloAdmission(self.tracker, running, self.key, self.tracker.urgent_slack)
@@ -96,7 +119,7 @@ class SloStep:
 
 def deferred(sched: Scheduler) -> set[str]:
     """The running requests (sorted by urgency) with slack to spare beyond the first
-    `min_batch`."""
+    `min_batch` and their workflow stages' other requests."""
     tracker = sched.slo
     knobs = tracker.knobs
     out: set[str] = set()
@@ -105,11 +128,20 @@ def deferred(sched: Scheduler) -> set[str]:
     ):
         # Doomed requests only use capacity that no request that can make it needs.
         out.update(r.request_id for r in sched.running if sched._key(r)[0] == 1)
+    stages: set[tuple[str, int]] = set()  # workflow stages among the most urgent
+    if knobs.siblings:
+        for req in sched.running[: knobs.min_batch]:
+            wf = req.sampling_params.workflow
+            if wf is not None:
+                stages.add((wf.id, wf.stage))
     for req in sched.running[knobs.min_batch :]:
         key = sched._key(req)
         if key[0] or key[1] == INF:
             out.add(req.request_id)  # hopeless or without targets: only spare capacity
             continue
+        wf = req.sampling_params.workflow
+        if stages and wf is not None and (wf.id, wf.stage) in stages:
+            continue  # a sibling of one that runs: the stage ends with its last request
         work = tracker.remaining_work(req)[1]
         if key[1] - tracker.now > knobs.defer_ratio * work:
             out.add(req.request_id)

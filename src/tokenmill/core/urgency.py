@@ -2,9 +2,10 @@
 
 Every request with an `slo` gets absolute targets when it is added: a TTFT deadline, a mean
 TPOT target and a deadline. A workflow stage (`workflow.remaining_stages > 0`) gets the
-workflow's remaining deadline less the predicted work of the stages still to come (each stage
-index's work is an online average over the requests seen; `SloKnobs.deadline_split`
-"proportional" gives it a share by work instead). Prompt tokens the prefix cache held at
+workflow's remaining deadline less the predicted work of the stages still to come (the work of
+a stage of each kind -- its index and the workflow's number of stages -- is an online average
+over the requests seen; `SloKnobs.deadline_split` "proportional" gives it a share by work
+instead). Prompt tokens the prefix cache held at
 arrival are not predicted work. Doomed requests (core/slo_shed.py) rank after every request
 that can make it, hopeless ones last.
 
@@ -32,7 +33,7 @@ INF = math.inf
 _EMA = 0.2  # weight of a new observation in a stage index's average work
 
 
-def _average(avg: dict[int, float], stage: int, work: float) -> None:
+def _average(avg: dict[tuple[int, int], float], stage: tuple[int, int], work: float) -> None:
     prev = avg.get(stage)
     avg[stage] = work if prev is None else prev + _EMA * (work - prev)
 
@@ -67,8 +68,10 @@ class SloTracker:
         self.now = clock()
         self.step_time = cost.predict(StepShape(1, 1, 0))
         self.urgent_slack = self.knobs.urgent_steps * self.step_time
-        self._stage_work: dict[int, float] = {}  # stage index -> average predicted work
-        self._stage_alone: dict[int, float] = {}  # ... and served alone
+        # (stage index, number of stages) -> average predicted work; the pair tells stages of
+        # different kinds apart (a correction round from a final check at the same index).
+        self._stage_work: dict[tuple[int, int], float] = {}
+        self._stage_alone: dict[tuple[int, int], float] = {}  # ... and served alone
         self.num_hopeless = 0  # requests found hopeless (each counted once)
         self.num_doomed = 0  # requests given up on to save others (slo_shed.py)
         self.batch = 1  # sequences in the last step: they share its fixed cost
@@ -95,10 +98,11 @@ class SloTracker:
             if wf is not None:
                 work = self.remaining_work(req)[1]
                 alone = self.remaining_work(req, alone=True)[1]
-                st.rest_work = self._rest(self._stage_work, wf.stage, wf.remaining_stages, work)
-                st.rest_alone = self._rest(self._stage_alone, wf.stage, wf.remaining_stages, alone)
-                _average(self._stage_work, wf.stage, work)
-                _average(self._stage_alone, wf.stage, alone)
+                n = wf.stage + wf.remaining_stages + 1
+                st.rest_work = self._rest(self._stage_work, wf.stage, n, work)
+                st.rest_alone = self._rest(self._stage_alone, wf.stage, n, alone)
+                _average(self._stage_work, (wf.stage, n), work)
+                _average(self._stage_alone, (wf.stage, n), alone)
                 if self.knobs.deadline_split == "latest":
                     st.stage_deadline = st.deadline - st.rest_work
                 else:
@@ -124,8 +128,8 @@ class SloTracker:
                 del self.doomed_workflows[next(iter(self.doomed_workflows))]
 
     @staticmethod
-    def _rest(avg: dict[int, float], stage: int, remaining: int, this: float) -> float:
-        return sum(avg.get(stage + k, this) for k in range(1, remaining + 1))
+    def _rest(avg: dict[tuple[int, int], float], stage: int, n: int, this: float) -> float:
+        return sum(avg.get((k, n), this) for k in range(stage + 1, n))
 
     def pop(self, req_id: str) -> SloState | None:
         return self.states.pop(req_id, None)
