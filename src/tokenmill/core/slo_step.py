@@ -93,7 +93,7 @@ class SloStep:
     def chunk_cap(self, req: Request, num_new: int) -> int:
         """`num_new` prompt tokens for `req` this step, capped while decodes share the step
         and `req` has slack to spare: a full-budget chunk would stall every decode in the step
-        for the time of hundreds of decode steps."""
+        for the time of tens of decode steps."""
         cap = self.room.chunk
         if not cap or num_new <= cap:
             return num_new
