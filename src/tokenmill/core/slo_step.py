@@ -38,6 +38,9 @@ class UrgentRoom:
     key: tuple | None = None  # the least urgent request the reserve is for
     defer: set[str] = field(default_factory=set)  # running requests that sit this step out
     chunk: int = 0  # prompt tokens a step gives a request with slack to spare (0: no cap)
+    # Prompt tokens that requests with slack to spare may still add to this step, all together,
+    # so that the first token of a request about to miss its TTFT comes in time (None: any).
+    spare: int | None = None
 
 
 class SloStep:
@@ -87,6 +90,8 @@ class SloStep:
             for r in sched.running
         ):
             room.chunk = self.knobs.chunk_tokens
+        if self.knobs.ttft_room:
+            room.spare = ttft_spare(sched, room.defer)
         self.room = room
         return room
 
@@ -94,12 +99,18 @@ class SloStep:
         """`num_new` prompt tokens for `req` this step, capped while decodes share the step
         and `req` has slack to spare: a full-budget chunk would stall every decode in the step
         for the time of hundreds of decode steps."""
-        cap = self.room.chunk
-        if not cap or num_new <= cap:
+        room = self.room
+        cap = room.chunk
+        if (not cap or num_new <= cap) and room.spare is None:
             return num_new
         if self.key(req)[1] - self.tracker.now <= self.tracker.urgent_slack:
             return num_new  # about to miss: its prompt goes in at full speed
-        return cap
+        if cap:
+            num_new = min(num_new, cap)
+        if room.spare is not None:
+            num_new = min(num_new, room.spare)
+            room.spare -= num_new
+        return num_new
 
     def admission_guard(self, running: list[Request]) -> SloAdmission:
         return SloAdmission(self.tracker, running, self.key, self.tracker.urgent_slack)
@@ -146,6 +157,42 @@ def deferred(sched: Scheduler) -> set[str]:
         if key[1] - tracker.now > knobs.defer_ratio * work:
             out.add(req.request_id)
     return out
+
+
+def ttft_spare(sched: Scheduler, defer: set[str]) -> int | None:
+    """Prompt tokens that requests with slack to spare may add to this step so that the first
+    tokens of the requests about to miss their TTFT (running or waiting) still come in time:
+    the step is at most the tightest TTFT's time left (None: no such request, or its prompt
+    needs more than this step anyway)."""
+    tracker = sched.slo
+    now = tracker.now
+    margin = tracker.urgent_slack
+    due = INF
+    tokens = rows = context = 0
+    for req in [*sched.running, *sched.waiting]:
+        key = sched._key(req)
+        if req.request_id in defer or key[0]:
+            continue
+        pending = req.num_tokens - req.num_computed_tokens
+        if pending <= 1:
+            rows += 1  # a decode row in the step
+            context += req.num_computed_tokens
+            continue
+        st = tracker.states.get(req.request_id)
+        if st is None or st.first_token is not None or st.ttft_deadline == INF:
+            continue
+        if key[1] - now > margin:
+            continue
+        due = min(due, st.ttft_deadline)
+        tokens += tracker.pending(req)
+        context += req.num_tokens
+    if due == INF or tokens > tracker.budget:
+        return None
+    b = tracker.cost.coeffs[1]
+    step = tracker.cost.predict(StepShape(tokens + rows, rows + 2, context))
+    # One decode step of margin: the model's error, and the spare chunk's own context.
+    left = due - now - step - tracker.step_time
+    return max(0, int(left / b)) if b > 0 else None
 
 
 def make_room(sched: Scheduler) -> UrgentRoom:
