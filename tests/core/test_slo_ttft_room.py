@@ -57,3 +57,28 @@ def test_a_prompt_with_slack_leaves_the_step_to_a_ttft_about_to_miss(ttft_room: 
         assert sizes.get("bulk", 0) > 0 and step <= 0.2  # in time for the chat's TTFT
     else:
         assert sizes["bulk"] == 412 and step > 0.2  # the rest of the budget: the chat misses
+
+
+def test_no_spare_room_skips_the_prompt_with_slack() -> None:
+    """A TTFT so tight that the urgent prompt fills the step: the other prompt sits it out."""
+    clock = Clock()
+    base = make_sched(
+        num_blocks=1024,
+        policy="slo",
+        slo_knobs=SloKnobs(shed_load=0.0),
+        max_num_batched_tokens=512,
+        max_model_len=4096,
+    )
+    sched = Scheduler(base.config, clock=clock, step_cost=StepCostModel(COEFFS))
+    runner = FakeRunner(sched.config.block_size)
+    sched.add_request(_req("bulk", 1500, 4, 0.0, deadline_ms=60_000.0))
+    out = sched.schedule()
+    clock.now += 0.5
+    sched.update_from_output(out, runner.execute(out))
+    sched.add_request(_req("chat", 100, 8, clock.now, ttft_ms=118.0))
+    out = sched.schedule()
+    assert [(s.req.request_id, len(s.token_ids)) for s in out.seqs] == [("chat", 100)]
+    clock.now += 0.11
+    sched.update_from_output(out, runner.execute(out))
+    out = sched.schedule()  # the first token is out: the bulk prompt goes on
+    assert {s.req.request_id for s in out.seqs} == {"bulk", "chat"}

@@ -169,7 +169,9 @@ def ttft_spare(sched: Scheduler, defer: set[str]) -> int | None:
     margin = tracker.urgent_slack
     due = INF
     tokens = rows = context = 0
-    for req in [*sched.running, *sched.waiting]:
+    # A queued request counts only while it may get a seat (else the step would idle for it).
+    seats = len(sched.running) < sched.config.max_num_seqs
+    for req in [*sched.running, *(sched.waiting if seats else ())]:
         key = sched._key(req)
         if req.request_id in defer or key[0]:
             continue
@@ -189,9 +191,9 @@ def ttft_spare(sched: Scheduler, defer: set[str]) -> int | None:
     if due == INF or tokens > tracker.budget:
         return None
     b = tracker.cost.coeffs[1]
-    step = tracker.cost.predict(StepShape(tokens + rows, rows + 2, context))
     # One decode step of margin: the model's error, and the spare chunk's own context.
-    left = due - now - step - tracker.step_time
+    left = due - now - tracker.step_time
+    left -= tracker.cost.predict(StepShape(tokens + rows, rows + 2, context))
     return max(0, int(left / b)) if b > 0 else None
 
 
