@@ -10,7 +10,8 @@ still to meet gets a seat and KV blocks now, if need be by preempting the least 
 requests -- but only a victim whose own slack covers recomputing what it loses plus the margin
 (a decode with slack to spare; a request without targets always has). Such requests also get
 budget before the prompt chunks of less urgent running requests: `reserve` tokens are held back
-from those. Hopeless requests never preempt anyone.
+from those, and the prompt chunks of requests with slack to spare add only as many tokens to
+the step as the tightest such TTFT leaves (`ttft_spare`). Hopeless requests never preempt anyone.
 """
 
 from __future__ import annotations
