@@ -51,6 +51,8 @@ def admit_waiting(sched: Scheduler, seqs: list[ScheduledSeq], budget: int) -> in
         num_new = min(num_remaining, budget)
         if slo and num_new > 1:
             num_new = sched._slo.chunk_cap(req, num_new)
+            if num_new <= 0:
+                continue  # the step is left to a first token about to miss its TTFT
         block_ids = kv.allocate_slots(req, num_new, computed_ids, num_cached)
         assert block_ids is not None
         if req.num_preemptions == 0:

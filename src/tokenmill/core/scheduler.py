@@ -194,8 +194,11 @@ class Scheduler:
             if room.defer and req.request_id in room.defer:
                 i += 1  # slack to spare: sits this step out, keeping its KV
                 continue
-            if room.chunk and num_pending > 1:
+            if (room.chunk or room.spare is not None) and num_pending > 1:
                 num_new = self._slo.chunk_cap(req, num_new)
+                if num_new <= 0:
+                    i += 1  # the step is left to a first token about to miss its TTFT
+                    continue
             if room.reserve and num_pending > 1 and self._key(req) > room.key:
                 num_new = min(num_new, budget - room.reserve)  # an urgent prompt goes first
                 if num_new <= 0:

@@ -33,6 +33,10 @@ class SloKnobs:
     # While decodes share a step, a prompt with slack to spare runs at most this many tokens a
     # step (0: the whole budget): a 512-token chunk stalls them as long as ~40 decode steps.
     chunk_tokens: int = 128
+    # While a request's first token is about to miss its TTFT, the prompt chunks of requests
+    # with slack to spare share its step only as far as its TTFT allows (a chat admitted beside
+    # a 400-token schema chunk waits for the whole chunk).
+    ttft_room: bool = True
     # A request of the same workflow stage as one of the `min_batch` most urgent (a fan-out's
     # parallel candidates) is not deferred: the next stage waits for the last of them.
     siblings: bool = True

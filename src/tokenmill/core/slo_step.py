@@ -10,7 +10,8 @@ still to meet gets a seat and KV blocks now, if need be by preempting the least 
 requests -- but only a victim whose own slack covers recomputing what it loses plus the margin
 (a decode with slack to spare; a request without targets always has). Such requests also get
 budget before the prompt chunks of less urgent running requests: `reserve` tokens are held back
-from those. Hopeless requests never preempt anyone.
+from those, and the prompt chunks of requests with slack to spare add only as many tokens to
+the step as the tightest such TTFT leaves (`ttft_spare`). Hopeless requests never preempt anyone.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class UrgentRoom:
     key: tuple | None = None  # the least urgent request the reserve is for
     defer: set[str] = field(default_factory=set)  # running requests that sit this step out
     chunk: int = 0  # prompt tokens a step gives a request with slack to spare (0: no cap)
+    # Prompt tokens that requests with slack to spare may still add to this step, all together,
+    # so that the first token of a request about to miss its TTFT comes in time (None: any).
+    spare: int | None = None
 
 
 class SloStep:
@@ -87,19 +91,28 @@ class SloStep:
             for r in sched.running
         ):
             room.chunk = self.knobs.chunk_tokens
+        if self.knobs.ttft_room:
+            room.spare = ttft_spare(sched, room.defer)
         self.room = room
         return room
 
     def chunk_cap(self, req: Request, num_new: int) -> int:
-        """`num_new` prompt tokens for `req` this step, capped while decodes share the step
-        and `req` has slack to spare: a full-budget chunk would stall every decode in the step
-        for the time of tens of decode steps."""
-        cap = self.room.chunk
-        if not cap or num_new <= cap:
+        """`num_new` prompt tokens for `req` this step, when `req` has slack to spare capped
+        while decodes share the step (a full-budget chunk would stall every decode in it for
+        the time of tens of decode steps) and, while a first token is about to miss its TTFT,
+        to what that TTFT leaves of the step (`room.spare`, used up as prompts take it)."""
+        room = self.room
+        cap = room.chunk
+        if (not cap or num_new <= cap) and room.spare is None:
             return num_new
         if self.key(req)[1] - self.tracker.now <= self.tracker.urgent_slack:
             return num_new  # about to miss: its prompt goes in at full speed
-        return cap
+        if cap:
+            num_new = min(num_new, cap)
+        if room.spare is not None:
+            num_new = min(num_new, room.spare)
+            room.spare -= num_new
+        return num_new
 
     def admission_guard(self, running: list[Request]) -> SloAdmission:
         return SloAdmission(self.tracker, running, self.key, self.tracker.urgent_slack)
@@ -146,6 +159,44 @@ def deferred(sched: Scheduler) -> set[str]:
         if key[1] - tracker.now > knobs.defer_ratio * work:
             out.add(req.request_id)
     return out
+
+
+def ttft_spare(sched: Scheduler, defer: set[str]) -> int | None:
+    """Prompt tokens that requests with slack to spare may add to this step so that the first
+    tokens of the requests about to miss their TTFT (running or waiting) still come in time:
+    the step is at most the tightest TTFT's time left (None: no such request, or its prompt
+    needs more than this step anyway)."""
+    tracker = sched.slo
+    now = tracker.now
+    margin = tracker.urgent_slack
+    due = INF
+    tokens = rows = context = 0
+    # A queued request counts only while it may get a seat (else the step would idle for it).
+    seats = len(sched.running) < sched.config.max_num_seqs
+    for req in [*sched.running, *(sched.waiting if seats else ())]:
+        key = sched._key(req)
+        if req.request_id in defer or key[0]:
+            continue
+        pending = req.num_tokens - req.num_computed_tokens
+        if pending <= 1:
+            rows += 1  # a decode row in the step
+            context += req.num_computed_tokens
+            continue
+        st = tracker.states.get(req.request_id)
+        if st is None or st.first_token is not None or st.ttft_deadline == INF:
+            continue
+        if key[1] - now > margin:
+            continue
+        due = min(due, st.ttft_deadline)
+        tokens += tracker.pending(req)
+        context += req.num_tokens
+    if due == INF or tokens > tracker.budget:
+        return None
+    b = tracker.cost.coeffs[1]
+    # One decode step of margin: the model's error, and the spare chunk's own context.
+    left = due - now - tracker.step_time
+    left -= tracker.cost.predict(StepShape(tokens + rows, rows + 2, context))
+    return max(0, int(left / b)) if b > 0 else None
 
 
 def make_room(sched: Scheduler) -> UrgentRoom:
