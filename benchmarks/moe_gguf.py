@@ -26,19 +26,11 @@ from typing import Any
 import gguf
 import numpy as np
 
+from tokenmill.testing.gguf_files import Q4_0_BLOCK, copy_tokenizer, random_q4_0
+
+WEIGHT_SCALE = 0.005  # Q4_0 block scales: weights of std ~0.02
+
 SHAPE = dict(hidden=2048, heads=16, experts=64, top_k=8, expert_ffn=1024, layers=16)
-Q4_0_BLOCK = 18  # bytes per 32 weights: fp16 scale, 16 bytes of 4-bit values
-
-
-def q4_0_random(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    """Random Q4_0 blocks of a [..., rows, cols] matrix, as the uint8 [..., rows, cols / 32 * 18]
-    the GGUF writer takes."""
-    *lead, cols = shape
-    nb = cols // 32
-    raw = rng.integers(0, 256, size=(*lead, nb, Q4_0_BLOCK), dtype=np.uint8)
-    d = (0.005 * (1 + 0.1 * rng.standard_normal((*lead, nb)))).astype(np.float16)
-    raw[..., :2] = d.view(np.uint8).reshape(*lead, nb, 2)
-    return raw.reshape(*lead, nb * Q4_0_BLOCK)
 
 
 def zipf_router(rng: np.random.Generator, u: np.ndarray, experts: int) -> np.ndarray:
@@ -56,13 +48,8 @@ def write_olmoe_gguf(path: Path, tokenizer_gguf: Path, layers: int, seed: int = 
     rng = np.random.default_rng(seed)
     s = {**SHAPE, "layers": layers}
     h, e, ff = s["hidden"], s["experts"], s["expert_ffn"]
-    reader = gguf.GGUFReader(tokenizer_gguf)
     w = gguf.GGUFWriter(path, "olmoe")
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
-            sub = field.types[1] if len(field.types) > 1 else None
-            w.add_key_value(key, field.contents(), field.types[0], sub)
-    vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
+    vocab = copy_tokenizer(w, gguf.GGUFReader(tokenizer_gguf))
     s["vocab"] = vocab
     w.add_block_count(layers)
     w.add_context_length(4096)
@@ -91,6 +78,9 @@ def write_olmoe_gguf(path: Path, tokenizer_gguf: Path, layers: int, seed: int = 
         *lead, cols = shape
         return (*lead, cols // 32 * Q4_0_BLOCK)
 
+    def q4_random(*shape: int) -> np.ndarray:
+        return random_q4_0(rng, *shape, scale=WEIGHT_SCALE)
+
     # Embeddings of norm ~0.9 plus a unit-norm u: RMSNorm makes every router input lean on u.
     add(
         "token_embd.weight",
@@ -99,27 +89,27 @@ def write_olmoe_gguf(path: Path, tokenizer_gguf: Path, layers: int, seed: int = 
         lambda: (rng.standard_normal((vocab, h)) * 0.02 + u).astype(np.float16),
     )
     add("output_norm.weight", (h,), np.float32, lambda: np.ones(h, np.float32))
-    add("output.weight", q4_shape(vocab, h), np.uint8, lambda: q4_0_random(rng, vocab, h), q4)
+    add("output.weight", q4_shape(vocab, h), np.uint8, lambda: q4_random(vocab, h), q4)
     for i in range(layers):
         b = f"blk.{i}."
         for name in ("attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm"):
             add(b + name + ".weight", (h,), np.float32, lambda: np.ones(h, np.float32))
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            add(b + name + ".weight", q4_shape(h, h), np.uint8, lambda: q4_0_random(rng, h, h), q4)
+            add(b + name + ".weight", q4_shape(h, h), np.uint8, lambda: q4_random(h, h), q4)
         add(b + "ffn_gate_inp.weight", (e, h), np.float32, lambda: zipf_router(rng, u, e))
         for name in ("ffn_gate_exps", "ffn_up_exps"):
             add(
                 b + name + ".weight",
                 q4_shape(e, ff, h),
                 np.uint8,
-                lambda: q4_0_random(rng, e, ff, h),
+                lambda: q4_random(e, ff, h),
                 q4,
             )
         add(
             b + "ffn_down_exps.weight",
             q4_shape(e, h, ff),
             np.uint8,
-            lambda: q4_0_random(rng, e, h, ff),
+            lambda: q4_random(e, h, ff),
             q4,
         )
     for name, shape, dtype, raw, _ in tensors:

@@ -22,6 +22,7 @@ from tokenmill.loader.model_loader import load_model
 from tokenmill.loader.model_source import default_model_path
 from tokenmill.quant.gguf_tiles import fill_tiles, fill_tiles_torch, fits_tiles
 from tokenmill.quant.packing import GGUF_FORMATS, QuantizedTensor, cat_rows, pack_tiles
+from tokenmill.testing.gguf_files import copy_tokenizer, random_q4_0
 from tokenmill.testing.parity import greedy_tokens
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
@@ -30,28 +31,14 @@ BASE = dict(dtype="float32", batch_invariant=True, block_size=4, kv_cache_memory
 PROMPTS = [[1, 17, 4012, 77, 9, 1200], [300, 301, 5, 42], [7] * 9]
 
 
-def _q4_0(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    """Random Q4_0 blocks of a [..., rows, cols] matrix (scales ~0.02), as uint8 bytes."""
-    *lead, cols = shape
-    raw = rng.integers(0, 256, size=(*lead, cols // 32, 18), dtype=np.uint8)
-    d = (0.02 * (1 + 0.1 * rng.standard_normal((*lead, cols // 32)))).astype(np.float16)
-    raw[..., :2] = d.view(np.uint8).reshape(*lead, cols // 32, 2)
-    return raw.reshape(*lead, cols // 32 * 18)
-
-
 def write_olmoe(
     path: Path, layers: int, experts: int, hidden: int, ffn: int, expert_type=Q4_0
 ) -> int:
     """An OLMoE GGUF with random weights and the default model's tokenizer; experts in Q4_0
     blocks (or F16). Returns the bytes of all experts in the file."""
     rng = np.random.default_rng(0)
-    tok = gguf.GGUFReader(default_model_path())
     w = gguf.GGUFWriter(path, "olmoe")
-    for key, field in tok.fields.items():
-        if key.startswith("tokenizer."):
-            sub = field.types[1] if len(field.types) > 1 else None
-            w.add_key_value(key, field.contents(), field.types[0], sub)
-    vocab = len(tok.fields["tokenizer.ggml.tokens"].contents())
+    vocab = copy_tokenizer(w, gguf.GGUFReader(default_model_path()))
     w.add_block_count(layers)
     w.add_context_length(256)
     w.add_embedding_length(hidden)
@@ -78,7 +65,7 @@ def write_olmoe(
         w.add_tensor(b + "ffn_gate_inp.weight", router)
         for name, rows, cols in (("gate", ffn, hidden), ("up", ffn, hidden), ("down", hidden, ffn)):
             if expert_type == Q4_0:
-                data = _q4_0(rng, experts, rows, cols)
+                data = random_q4_0(rng, experts, rows, cols, scale=0.02)
                 w.add_tensor(b + f"ffn_{name}_exps.weight", data, raw_dtype=Q4_0)
             else:
                 data = (rng.standard_normal((experts, rows, cols)) * 0.05).astype(np.float16)
