@@ -87,8 +87,7 @@ class SloStep:
         room = make_room(sched)
         room.defer = deferred(sched)
         if self.knobs.chunk_tokens and any(
-            r.num_tokens - r.num_computed_tokens == 1 and r.request_id not in room.defer
-            for r in sched.running
+            r.request_id not in room.defer for r in sched.decoding_requests()
         ):
             room.chunk = self.knobs.chunk_tokens
         if self.knobs.ttft_room:
