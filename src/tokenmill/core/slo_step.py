@@ -60,6 +60,10 @@ class SloStep:
         self._keys: dict[str, tuple] = {}  # this step's keys: slack is taken once per step
         self.last_shape: StepShape | None = None  # of the last step measured
         self.room = UrgentRoom()  # the current step's
+        # The hold (SloKnobs.hold_steps): the scheduler's `num_changes` at the last full
+        # decision (None: it may not be held, something waited) and the steps held since.
+        self._mark: int | None = None
+        self._held = 0
 
     def key(self, req: Request) -> tuple:
         key = self._keys.get(req.request_id)
@@ -70,7 +74,11 @@ class SloStep:
 
     def begin(self, sched: Scheduler) -> UrgentRoom:
         """Fresh keys at this step's time, the running list in their order, then room for
-        requests about to miss their TTFT and the running requests that sit the step out."""
+        requests about to miss their TTFT and the running requests that sit the step out --
+        or the last such decision again while the hold rule applies (`hold`)."""
+        held = self.hold(sched)
+        if held is not None:
+            return held
         self._keys.clear()
         self.tracker.begin_step(sched.running, self.last_shape)
         if self.knobs.shed_load > 0 and self.tracker.states:
@@ -93,7 +101,43 @@ class SloStep:
         if self.knobs.ttft_room:
             room.spare = ttft_spare(sched, room.defer)
         self.room = room
+        self._mark = None if sched.waiting else sched.num_changes
+        self._held = 0
         return room
+
+    def may_hold(self, sched: Scheduler) -> bool:
+        """Whether the last full decision may still be held (`hold` checks the rest)."""
+        return self._mark == sched.num_changes and self._held < self.knobs.hold_steps
+
+    def hold(self, sched: Scheduler) -> UrgentRoom | None:
+        """This step's room if it keeps the last full decision (None: decide afresh): nothing
+        waits and nothing was added, finished or preempted since that decision, every running
+        request that is not deferred decodes one token, fewer than `hold_steps` steps were held
+        since, and every deferred request would still sit out at this step's time (its key
+        alone is taken afresh). The running order, the deferred and the doomed stay as they
+        were. A failed check changes nothing that the full decision does not redo."""
+        if not self.may_hold(sched):
+            return None
+        defer = self.room.defer
+        runs = False
+        for req in sched.running:
+            if req.request_id not in defer:
+                if req.num_computed_tokens != req.num_tokens - 1:
+                    return None
+                runs = True
+        if not runs:
+            return None
+        self._keys.clear()
+        self.tracker.begin_step(sched.running, self.last_shape)
+        if defer:
+            stages = lead_stages(sched)
+            for req in sched.running:
+                rid = req.request_id
+                if rid in defer and not sits_out(self.tracker, req, self.key(req), stages):
+                    return None
+        self._held += 1
+        self.room = UrgentRoom(defer=defer, chunk=self.room.chunk)
+        return self.room
 
     def chunk_cap(self, req: Request, num_new: int) -> int:
         """`num_new` prompt tokens for `req` this step, when `req` has slack to spare capped
@@ -140,24 +184,36 @@ def deferred(sched: Scheduler) -> set[str]:
     ):
         # Doomed requests only use capacity that no request that can make it needs.
         out.update(r.request_id for r in sched.running if sched._key(r)[0] == 1)
-    stages: set[tuple[str, int]] = set()  # workflow stages among the most urgent
+    stages = lead_stages(sched)
+    for req in sched.running[knobs.min_batch :]:
+        if sits_out(tracker, req, sched._key(req), stages):
+            out.add(req.request_id)
+    return out
+
+
+def lead_stages(sched: Scheduler) -> set[tuple[str, int]]:
+    """The workflow stages among the `min_batch` most urgent running requests (sorted)."""
+    knobs = sched.slo.knobs
+    stages: set[tuple[str, int]] = set()
     if knobs.siblings:
         for req in sched.running[: knobs.min_batch]:
             wf = req.sampling_params.workflow
             if wf is not None:
                 stages.add((wf.id, wf.stage))
-    for req in sched.running[knobs.min_batch :]:
-        key = sched._key(req)
-        if key[0] or key[1] == INF:
-            out.add(req.request_id)  # hopeless or without targets: only spare capacity
-            continue
-        wf = req.sampling_params.workflow
-        if stages and wf is not None and (wf.id, wf.stage) in stages:
-            continue  # a sibling of one that runs: the stage ends with its last request
-        work = tracker.remaining_work(req)[1]
-        if key[1] - tracker.now > knobs.defer_ratio * work:
-            out.add(req.request_id)
-    return out
+    return stages
+
+
+def sits_out(tracker: SloTracker, req: Request, key: tuple, stages: set[tuple[str, int]]) -> bool:
+    """Whether a running request past the `min_batch` most urgent sits the step out, by its
+    `key` at `tracker.now`; `stages`: those of the most urgent (`lead_stages`). The one
+    deferral condition of the full decision (`deferred`) and of a held step (`SloStep.hold`)."""
+    if key[0] or key[1] == INF:
+        return True  # hopeless or without targets: only spare capacity
+    wf = req.sampling_params.workflow
+    if stages and wf is not None and (wf.id, wf.stage) in stages:
+        return False  # a sibling of one that runs: the stage ends with its last request
+    work = tracker.remaining_work(req)[1]
+    return key[1] - tracker.now > tracker.knobs.defer_ratio * work
 
 
 def ttft_spare(sched: Scheduler, defer: set[str]) -> int | None:

@@ -39,7 +39,8 @@ class SimConfig:
     coeffs: tuple[float, float, float, float] = DEFAULT_COEFFS  # the "model": step times
     slo_knobs: SloKnobs = field(default_factory=SloKnobs)
     # Apply stretches of pure decode steps in one go where the schedule is decided in advance
-    # (fcfs, priority: see sim/fast_forward.py); the same results, faster.
+    # (fcfs, priority; slo while it holds its last decision: see sim/fast_forward.py); the same
+    # results, faster.
     fast_forward: bool = True
 
 
@@ -142,7 +143,9 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
             continue
         if config.fast_forward and (k := decode_stretch(sched, _TOKEN)):
             until = events[0][0] if events else math.inf
-            clock.now, steps, shapes = run_decodes(sched, truth, clock.now, until, k, _TOKEN)
+            clock.now, steps, shapes = run_decodes(
+                sched, truth, clock.now, until, k, _TOKEN, clock
+            )
             num_steps += steps
             if log_steps:
                 log.extend(shapes)
