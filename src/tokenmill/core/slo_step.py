@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from tokenmill.core.sched_config import SchedulerConfig
 from tokenmill.core.slo_admission import SloAdmission
+from tokenmill.core.slo_hold import Hold
 from tokenmill.core.slo_shed import doomed
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.core.urgency import INF, SloTracker
@@ -60,10 +61,7 @@ class SloStep:
         self._keys: dict[str, tuple] = {}  # this step's keys: slack is taken once per step
         self.last_shape: StepShape | None = None  # of the last step measured
         self.room = UrgentRoom()  # the current step's
-        # The hold (SloKnobs.hold_steps): the scheduler's `num_changes` at the last full
-        # decision (None: it may not be held, something waited) and the steps held since.
-        self._mark: int | None = None
-        self._held = 0
+        self._hold = Hold(self.knobs.hold_steps, self.knobs.min_batch)
 
     def key(self, req: Request) -> tuple:
         key = self._keys.get(req.request_id)
@@ -101,41 +99,31 @@ class SloStep:
         if self.knobs.ttft_room:
             room.spare = ttft_spare(sched, room.defer)
         self.room = room
-        self._mark = None if sched.waiting else sched.num_changes
-        self._held = 0
+        self._hold.decided(sched, self.key)
         return room
 
     def may_hold(self, sched: Scheduler) -> bool:
         """Whether the last full decision may still be held (`hold` checks the rest)."""
-        return self._mark == sched.num_changes and self._held < self.knobs.hold_steps
+        return self._hold.may_hold(sched)
 
     def hold(self, sched: Scheduler) -> UrgentRoom | None:
-        """This step's room if it keeps the last full decision (None: decide afresh): nothing
-        waits and nothing was added, finished or preempted since that decision, every running
-        request that is not deferred decodes one token, fewer than `hold_steps` steps were held
-        since, and every deferred request would still sit out at this step's time (its key
-        alone is taken afresh). The running order, the deferred and the doomed stay as they
-        were. A failed check changes nothing that the full decision does not redo."""
-        if not self.may_hold(sched):
-            return None
-        defer = self.room.defer
-        runs = False
-        for req in sched.running:
-            if req.request_id not in defer:
-                if req.num_computed_tokens != req.num_tokens - 1:
-                    return None
-                runs = True
-        if not runs:
+        """This step's room if it keeps the last full decision (None: decide afresh; see
+        core/slo_hold.py). What a failed check changed, the full decision redoes."""
+        hold, defer = self._hold, self.room.defer
+        if not hold.may_hold(sched) or not hold.decodes(sched, defer):
             return None
         self._keys.clear()
         self.tracker.begin_step(sched.running, self.last_shape)
         if defer:
             stages = lead_stages(sched)
-            for req in sched.running:
-                rid = req.request_id
-                if rid in defer and not sits_out(self.tracker, req, self.key(req), stages):
-                    return None
-        self._held += 1
+            tracker = self.tracker
+
+            def still(req: Request, key: tuple) -> bool:
+                return sits_out(tracker, req, key, stages)
+
+            if not hold.still_deferred(sched, defer, self.key, still):
+                return None
+        hold.held += 1
         self.room = UrgentRoom(defer=defer, chunk=self.room.chunk)
         return self.room
 
