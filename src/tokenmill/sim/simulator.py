@@ -143,9 +143,7 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
             continue
         if config.fast_forward and (k := decode_stretch(sched, _TOKEN)):
             until = events[0][0] if events else math.inf
-            clock.now, steps, shapes = run_decodes(
-                sched, truth, clock.now, until, k, _TOKEN, clock
-            )
+            clock.now, steps, shapes = run_decodes(sched, truth, clock.now, until, k, _TOKEN, clock)
             num_steps += steps
             if log_steps:
                 log.extend(shapes)
