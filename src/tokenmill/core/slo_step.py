@@ -3,7 +3,8 @@
 `SloStep` holds what the policy keeps between steps (the tracker of targets and slack, the keys
 of the current step, the shape of the last measured step) and makes the policy's first moves
 in a step: fresh keys at this step's time, the running list in their order, deferral of running
-requests with slack to spare, and room for requests about to miss their TTFT.
+requests with slack to spare, and room for requests about to miss their TTFT -- or, in a
+stretch of pure decode steps, keeps its last such decision for a few steps (core/slo_hold.py).
 
 A waiting request whose slack is under `urgent_steps` decode steps and that has a TTFT target
 still to meet gets a seat and KV blocks now, if need be by preempting the least urgent running

@@ -81,33 +81,52 @@ def run_decodes(
     new time, the steps run and their (shape, seconds). `clock`: the scheduler's, set to each
     step's start (the slo hold's check reads it; without it, slo runs no step here)."""
     kv = sched.kv_cache_manager
-    group = kv.groups[0] if len(kv.groups) == 1 else None
     slo = sched._slo if sched.config.policy == "slo" else None
-    if slo is not None and clock is None:
-        return now, 0, []
     rows = decode_rows(sched)
     n = len(rows)
+    # One group without a window (a windowed one gives blocks back as the window moves).
+    if len(kv.groups) != 1 or kv.groups[0].window is not None or not n:
+        return now, 0, []
+    if slo is not None and clock is None:
+        return now, 0, []
+    pool = kv.groups[0].pool
     bs = sched.config.block_size
     stats = sched.spec_stats
-    tracker = sched.slo
+    # All rows advance one token a step, so the rows that cross into a new block at step j
+    # are those at position -j of a block when the stretch starts: `phase` lists them in
+    # running order. Tokens are appended lazily (`sync`): a row is brought up to date only
+    # where a call reads it (KV allocation, prefix caching) and at the end; the hold's check
+    # reads only that rows decode one token, which the lag does not change.
+    phase: list[list[int]] = [[] for _ in range(bs)]
+    for i, req in enumerate(rows):
+        phase[req.num_computed_tokens % bs].append(i)
+    synced = [0] * n  # steps applied to each row
+
+    def sync(i: int, step: int) -> Request:
+        req = rows[i]
+        k = step - synced[i]
+        if k:
+            req.output_token_ids.extend([token] * k)
+            req.num_computed_tokens += k
+            synced[i] = step
+        return req
+
+    ctx = sum(r.num_computed_tokens for r in rows)
     log: list[tuple[StepShape, float]] = []
-    while len(log) < max_steps and now < until:
+    j = 0
+    while j < max_steps and now < until:
         # KV: the requests crossing into a new block this step must all get one, or the
         # scheduler would preempt: leave that step to it.
-        if group is None:
-            break
-        need = sum(1 for r in rows if r.num_computed_tokens % bs == 0)
-        if need > group.pool.num_free_blocks:
+        cross = phase[-j % bs]
+        if len(cross) > pool.num_free_blocks:
             break
         if slo is not None:
             clock.now = now  # type: ignore[union-attr]
             if slo.hold(sched) is None:
                 break  # a full decision: the scheduler's (the failed check changed nothing)
-        ctx = 0
-        for req in rows:
-            if req.num_computed_tokens % bs == 0:  # elsewhere its blocks hold the token
-                assert kv.allocate_slots(req, 1) is not None
-            ctx += req.num_computed_tokens + 1
+        for i in cross:  # elsewhere its blocks hold the token
+            assert kv.allocate_slots(sync(i, j), 1) is not None
+        ctx += n  # each row reads its context and the new token
         shape = StepShape(n, n, ctx)
         dt = truth.predict(shape)
         now += dt
@@ -117,12 +136,12 @@ def run_decodes(
         sched.observe_step(None, dt, shape)  # type: ignore[arg-type]
         stats.num_decode_steps += n  # spec_stats.record(0, 1) for each sequence
         stats.num_decode_tokens += n
-        for req in rows:
-            req.output_token_ids.append(token)
-            req.num_computed_tokens += 1
-            if req.num_computed_tokens % bs == 0:  # a block filled up: offer it to the cache
-                kv.cache_blocks(req, req.num_computed_tokens)
-            if tracker.states:
-                tracker.on_output(req)
-            kv.release_out_of_window(req)
-    return now, len(log), log
+        j += 1
+        # A block filled up: offer it to the cache. (tracker.on_output would change nothing:
+        # every row has its first token already.)
+        for i in phase[-j % bs]:
+            req = sync(i, j)
+            kv.cache_blocks(req, req.num_computed_tokens)
+    for i in range(n):
+        sync(i, j)
+    return now, j, log
