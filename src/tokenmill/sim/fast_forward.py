@@ -20,7 +20,7 @@ from typing import Protocol
 
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.step_model import StepCostModel, StepShape
-from tokenmill.request import Request
+from tokenmill.request import Request, RequestStatus
 
 
 class Clock(Protocol):
@@ -41,8 +41,9 @@ def decode_rows(sched: Scheduler) -> list[Request]:
 
 def decode_stretch(sched: Scheduler, token: int) -> int:
     """How many steps from now are pure decodes of the same requests if nothing arrives and
-    KV blocks last (0: the next step needs the full path). Arrivals are the caller's to check,
-    and under slo each step's hold is `run_decodes`'s."""
+    KV blocks last, the last of them possibly finishing some (0: the next step needs the full
+    path). Arrivals are the caller's to check, and under slo each step's hold is
+    `run_decodes`'s."""
     if sched.waiting or not sched.running:
         return 0
     if sched._finished_req_ids or sched.admission.num_passed_over:
@@ -62,10 +63,14 @@ def decode_stretch(sched: Scheduler, token: int) -> int:
             or (not sp.ignore_eos and token in req.eos_token_ids)
         ):
             return 0
-        # Steps before it could finish: by max_tokens, or by the context length.
-        left = min(req.max_tokens - req.num_output_tokens, sched.max_model_len - req.num_tokens)
-        steps = min(steps, left - 1)
-    return max(0, steps)
+        steps = min(steps, _steps_left(sched, req))
+    return steps
+
+
+def _steps_left(sched: Scheduler, req: Request) -> int:
+    """Decode steps until `req` finishes (in the last of them): by max_tokens, or by the
+    context length."""
+    return min(req.max_tokens - req.num_output_tokens, sched.max_model_len - req.num_tokens)
 
 
 def run_decodes(
@@ -76,27 +81,30 @@ def run_decodes(
     max_steps: int,
     token: int,
     clock: Clock | None = None,
-) -> tuple[float, int, list[tuple[StepShape, float]]]:
+) -> tuple[float, int, list[tuple[StepShape, float]], list[Request]]:
     """Applies up to `max_steps` pure decode steps, each starting before `until`; returns the
-    new time, the steps run and their (shape, seconds). `clock`: the scheduler's, set to each
-    step's start (the slo hold's check reads it; without it, slo runs no step here)."""
+    new time, the steps run, their (shape, seconds) and the requests that finished in the last
+    one (released; the caller reports them). `clock`: the scheduler's, set to each step's start
+    (the slo hold's check reads it; without it, slo runs no step here)."""
     kv = sched.kv_cache_manager
     slo = sched._slo if sched.config.policy == "slo" else None
-    rows = decode_rows(sched)
+    rows = list(decode_rows(sched))  # running loses the rows that finish
     n = len(rows)
     # One group without a window (a windowed one gives blocks back as the window moves).
     if len(kv.groups) != 1 or kv.groups[0].window is not None or not n:
-        return now, 0, []
+        return now, 0, [], []
     if slo is not None and clock is None:
-        return now, 0, []
+        return now, 0, [], []
     pool = kv.groups[0].pool
     bs = sched.config.block_size
     stats = sched.spec_stats
+    ends = min(_steps_left(sched, r) for r in rows)  # the step some row finishes in
+    max_steps = min(max_steps, ends)
     # All rows advance one token a step, so the rows that cross into a new block at step j
     # are those at position -j of a block when the stretch starts: `phase` lists them in
     # running order. Tokens are appended lazily (`sync`): a row is brought up to date only
-    # where a call reads it (KV allocation, prefix caching) and at the end; the hold's check
-    # reads only that rows decode one token, which the lag does not change.
+    # where a call reads it (KV allocation, prefix caching, the last step) and at the end; the
+    # hold's check reads only that rows decode one token, which the lag does not change.
     phase: list[list[int]] = [[] for _ in range(bs)]
     for i, req in enumerate(rows):
         phase[req.num_computed_tokens % bs].append(i)
@@ -113,6 +121,7 @@ def run_decodes(
 
     ctx = sum(r.num_computed_tokens for r in rows)
     log: list[tuple[StepShape, float]] = []
+    done: list[Request] = []
     j = 0
     while j < max_steps and now < until:
         # KV: the requests crossing into a new block this step must all get one, or the
@@ -137,6 +146,16 @@ def run_decodes(
         stats.num_decode_steps += n  # spec_stats.record(0, 1) for each sequence
         stats.num_decode_tokens += n
         j += 1
+        if j == ends:  # rows finish: every row's output as update_from_output applies it
+            for i in range(n):
+                req = sync(i, j)
+                kv.cache_blocks(req, req.num_computed_tokens)
+                if _steps_left(sched, req) == 0:
+                    req.status = RequestStatus.FINISHED_LENGTH  # as check_stop sets it
+                    sched.running.remove(req)
+                    sched._release(req)
+                    done.append(req)
+            break
         # A block filled up: offer it to the cache. (tracker.on_output would change nothing:
         # every row has its first token already.)
         for i in phase[-j % bs]:
@@ -144,4 +163,4 @@ def run_decodes(
             kv.cache_blocks(req, req.num_computed_tokens)
     for i in range(n):
         sync(i, j)
-    return now, j, log
+    return now, j, log, done

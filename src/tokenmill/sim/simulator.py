@@ -143,10 +143,17 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
             continue
         if config.fast_forward and (k := decode_stretch(sched, _TOKEN)):
             until = events[0][0] if events else math.inf
-            clock.now, steps, shapes = run_decodes(sched, truth, clock.now, until, k, _TOKEN, clock)
+            clock.now, steps, shapes, done = run_decodes(
+                sched, truth, clock.now, until, k, _TOKEN, clock
+            )
             num_steps += steps
             if log_steps:
                 log.extend(shapes)
+            for req in done:  # as update_from_output reports them
+                o = live.pop(req.request_id)
+                o.finish = clock.now
+                o.hopeless = req.slo_hopeless
+                finish(o)
             if steps:
                 continue
         out = sched.schedule()
