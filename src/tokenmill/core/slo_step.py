@@ -107,11 +107,13 @@ class SloStep:
         """Whether the last full decision may still be held (`hold` checks the rest)."""
         return self._hold.may_hold(sched)
 
-    def hold(self, sched: Scheduler) -> UrgentRoom | None:
+    def hold(self, sched: Scheduler, decoding: bool = False) -> UrgentRoom | None:
         """This step's room if it keeps the last full decision (None: decide afresh; see
-        core/slo_hold.py). What a failed check changed, the full decision redoes."""
+        core/slo_hold.py). What a failed check changed, the full decision redoes. `decoding`:
+        the caller knows that the requests outside the deferred ones decode one token each
+        (the simulator, in the held steps after the first of a stretch)."""
         hold, defer = self._hold, self.room.defer
-        if not hold.may_hold(sched) or not hold.decodes(sched, defer):
+        if not hold.may_hold(sched) or not (decoding or hold.decodes(sched, defer)):
             return None
         self._keys.clear()
         self.tracker.begin_step(sched.running, self.last_shape)

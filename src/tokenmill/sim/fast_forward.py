@@ -131,7 +131,7 @@ def run_decodes(
             break
         if slo is not None:
             clock.now = now  # type: ignore[union-attr]
-            if slo.hold(sched) is None:
+            if slo.hold(sched, decoding=j > 0) is None:  # rows still decode after step 0
                 break  # a full decision: the scheduler's (the failed check changed nothing)
         for i in cross:  # elsewhere its blocks hold the token
             assert kv.allocate_slots(sync(i, j), 1) is not None
