@@ -3,10 +3,12 @@ reproducible and shaped as documented, traces round-trip through JSONL."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.sim import simulator
 from tokenmill.sim.fast_forward import run_decodes
 from tokenmill.sim.report import summarize
@@ -81,3 +83,36 @@ def test_fast_forward_changes_nothing(
     for rid, o in full.outcomes.items():
         f = fast.outcomes[rid]
         assert (f.first_token, f.finish, f.rejected) == (o.first_token, o.finish, o.rejected)
+
+
+@pytest.mark.parametrize(
+    ("hold", "kw"),
+    [(3, {}), (3, {"num_kv_blocks": 300}), (3, {"max_num_seqs": 4}), (10**9, {})],
+)
+def test_fast_forward_changes_nothing_under_the_slo_hold(
+    hold: int, kw: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under slo, the steps that keep the last decision (SloKnobs.hold_steps) applied in one go
+    give the very same run too, deferred requests sitting out."""
+    recs = generate(1.2, 90, seed=5)
+    config = SimConfig(policy="slo", slo_knobs=SloKnobs(hold_steps=hold), **kw)
+    full = simulate(recs, dataclasses.replace(config, fast_forward=False), log_steps=True)
+    skipped: list[int] = []
+
+    def counted(*args):  # noqa: ANN002, ANN202
+        out = run_decodes(*args)
+        skipped.append(out[1])
+        return out
+
+    monkeypatch.setattr(simulator, "run_decodes", counted)
+    fast = simulate(recs, config, log_steps=True)
+    assert sum(skipped) > 100  # it really fast-forwarded
+    assert fast.num_steps == full.num_steps and fast.step_log == full.step_log
+    for rid, o in full.outcomes.items():
+        f = fast.outcomes[rid]
+        assert (f.first_token, f.finish, f.rejected, f.hopeless) == (
+            o.first_token,
+            o.finish,
+            o.rejected,
+            o.hopeless,
+        )

@@ -83,6 +83,7 @@ class Scheduler:
         self._first_siblings: dict[str, Request] = {}  # parent_id -> sample_index 0
         self._finished_req_ids: list[str] = []
         self.num_preemptions = 0
+        self.num_changes = 0  # requests added, finished or preempted: ends an slo hold
         self.spec_stats = SpecDecodeStats()
         self.admission = CacheAwareAdmission(self.kv_cache_manager, config)
 
@@ -103,6 +104,7 @@ class Scheduler:
             cached = self.kv_cache_manager.num_computed_tokens(req)  # the work it saves
         self.slo.add(req, cached)
         self.waiting.add(req)
+        self.num_changes += 1
 
     def finish_request(
         self, req_id: str, status: RequestStatus, stop_reason: int | str | None = None
@@ -134,6 +136,7 @@ class Scheduler:
         if req.parent_id is not None and self._first_siblings.get(req.parent_id) is req:
             del self._first_siblings[req.parent_id]
         self._finished_req_ids.append(req.request_id)
+        self.num_changes += 1
 
     def get_request(self, req_id: str) -> Request | None:
         return self.requests.get(req_id)
@@ -255,6 +258,7 @@ class Scheduler:
         req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
+        self.num_changes += 1
         self.waiting.add_preempted(req)
         logger.debug("preempted %s (%d tokens)", req.request_id, req.num_tokens)
 

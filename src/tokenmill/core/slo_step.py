@@ -3,7 +3,8 @@
 `SloStep` holds what the policy keeps between steps (the tracker of targets and slack, the keys
 of the current step, the shape of the last measured step) and makes the policy's first moves
 in a step: fresh keys at this step's time, the running list in their order, deferral of running
-requests with slack to spare, and room for requests about to miss their TTFT.
+requests with slack to spare, and room for requests about to miss their TTFT -- or, in a
+stretch of pure decode steps, keeps its last such decision for a few steps (core/slo_hold.py).
 
 A waiting request whose slack is under `urgent_steps` decode steps and that has a TTFT target
 still to meet gets a seat and KV blocks now, if need be by preempting the least urgent running
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from tokenmill.core.sched_config import SchedulerConfig
 from tokenmill.core.slo_admission import SloAdmission
+from tokenmill.core.slo_hold import Hold
 from tokenmill.core.slo_shed import doomed
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.core.urgency import INF, SloTracker
@@ -60,6 +62,7 @@ class SloStep:
         self._keys: dict[str, tuple] = {}  # this step's keys: slack is taken once per step
         self.last_shape: StepShape | None = None  # of the last step measured
         self.room = UrgentRoom()  # the current step's
+        self._hold = Hold(self.knobs.hold_steps, self.knobs.min_batch)
 
     def key(self, req: Request) -> tuple:
         key = self._keys.get(req.request_id)
@@ -70,7 +73,11 @@ class SloStep:
 
     def begin(self, sched: Scheduler) -> UrgentRoom:
         """Fresh keys at this step's time, the running list in their order, then room for
-        requests about to miss their TTFT and the running requests that sit the step out."""
+        requests about to miss their TTFT and the running requests that sit the step out --
+        or the last such decision again while the hold rule applies (`hold`)."""
+        held = self.hold(sched)
+        if held is not None:
+            return held
         self._keys.clear()
         self.tracker.begin_step(sched.running, self.last_shape)
         if self.knobs.shed_load > 0 and self.tracker.states:
@@ -93,7 +100,35 @@ class SloStep:
         if self.knobs.ttft_room:
             room.spare = ttft_spare(sched, room.defer)
         self.room = room
+        self._hold.decided(sched, self.key)
         return room
+
+    def may_hold(self, sched: Scheduler) -> bool:
+        """Whether the last full decision may still be held (`hold` checks the rest)."""
+        return self._hold.may_hold(sched)
+
+    def hold(self, sched: Scheduler, decoding: bool = False) -> UrgentRoom | None:
+        """This step's room if it keeps the last full decision (None: decide afresh; see
+        core/slo_hold.py). What a failed check changed, the full decision redoes. `decoding`:
+        the caller knows that the requests outside the deferred ones decode one token each
+        (the simulator, in the held steps after the first of a stretch)."""
+        hold, defer = self._hold, self.room.defer
+        if not hold.may_hold(sched) or not (decoding or hold.decodes(sched, defer)):
+            return None
+        self._keys.clear()
+        self.tracker.begin_step(sched.running, self.last_shape)
+        if defer:
+            stages = lead_stages(sched)
+            tracker = self.tracker
+
+            def still(req: Request, key: tuple) -> bool:
+                return sits_out(tracker, req, key, stages)
+
+            if not hold.still_deferred(sched, defer, self.key, still):
+                return None
+        hold.held += 1
+        self.room = UrgentRoom(defer=defer, chunk=self.room.chunk)
+        return self.room
 
     def chunk_cap(self, req: Request, num_new: int) -> int:
         """`num_new` prompt tokens for `req` this step, when `req` has slack to spare capped
@@ -140,24 +175,36 @@ def deferred(sched: Scheduler) -> set[str]:
     ):
         # Doomed requests only use capacity that no request that can make it needs.
         out.update(r.request_id for r in sched.running if sched._key(r)[0] == 1)
-    stages: set[tuple[str, int]] = set()  # workflow stages among the most urgent
+    stages = lead_stages(sched)
+    for req in sched.running[knobs.min_batch :]:
+        if sits_out(tracker, req, sched._key(req), stages):
+            out.add(req.request_id)
+    return out
+
+
+def lead_stages(sched: Scheduler) -> set[tuple[str, int]]:
+    """The workflow stages among the `min_batch` most urgent running requests (sorted)."""
+    knobs = sched.slo.knobs
+    stages: set[tuple[str, int]] = set()
     if knobs.siblings:
         for req in sched.running[: knobs.min_batch]:
             wf = req.sampling_params.workflow
             if wf is not None:
                 stages.add((wf.id, wf.stage))
-    for req in sched.running[knobs.min_batch :]:
-        key = sched._key(req)
-        if key[0] or key[1] == INF:
-            out.add(req.request_id)  # hopeless or without targets: only spare capacity
-            continue
-        wf = req.sampling_params.workflow
-        if stages and wf is not None and (wf.id, wf.stage) in stages:
-            continue  # a sibling of one that runs: the stage ends with its last request
-        work = tracker.remaining_work(req)[1]
-        if key[1] - tracker.now > knobs.defer_ratio * work:
-            out.add(req.request_id)
-    return out
+    return stages
+
+
+def sits_out(tracker: SloTracker, req: Request, key: tuple, stages: set[tuple[str, int]]) -> bool:
+    """Whether a running request past the `min_batch` most urgent sits the step out, by its
+    `key` at `tracker.now`; `stages`: those of the most urgent (`lead_stages`). The one
+    deferral condition of the full decision (`deferred`) and of a held step (`SloStep.hold`)."""
+    if key[0] or key[1] == INF:
+        return True  # hopeless or without targets: only spare capacity
+    wf = req.sampling_params.workflow
+    if stages and wf is not None and (wf.id, wf.stage) in stages:
+        return False  # a sibling of one that runs: the stage ends with its last request
+    work = tracker.remaining_work(req)[1]
+    return key[1] - tracker.now > tracker.knobs.defer_ratio * work
 
 
 def ttft_spare(sched: Scheduler, defer: set[str]) -> int | None:

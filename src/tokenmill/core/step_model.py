@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 from dataclasses import dataclass
 
 from tokenmill.core.sched_types import SchedulerOutput
@@ -76,11 +77,10 @@ class StepCostModel:
             return
         x = shape.features()
         if len(self._obs) == self.window:  # the oldest leaves the window and the sums
-            old = self._obs[0][2]
-            self._sums = [s - v for s, v in zip(self._sums, old, strict=True)]
+            self._sums = list(map(operator.sub, self._sums, self._obs[0][2]))
         terms = _terms(x, seconds)
         self._obs.append((x, seconds, terms))
-        self._sums = [s + v for s, v in zip(self._sums, terms, strict=True)]
+        self._sums = list(map(operator.add, self._sums, terms))
         self._since_fit += 1
         if self._since_fit >= self.fit_every:
             self.refit()
@@ -108,11 +108,15 @@ class StepCostModel:
 def _terms(x: tuple[float, ...], t: float) -> list[float]:
     """One step's terms of the running sums (see `StepCostModel._sums`)."""
     w = 1.0 / (t * t)
-    out: list[float] = []
-    for xi in x:
-        wx = w * xi
-        out += (wx * t, abs(xi) / t, wx * x[0], wx * x[1], wx * x[2], wx * x[3])
-    return out
+    x0, x1, x2, x3 = x
+    # Unrolled over the features (it runs once per step): (w x_i t, |x_i| / t, w x_i x_j ...).
+    w0, w1, w2, w3 = w * x0, w * x1, w * x2, w * x3
+    return [
+        *(w0 * t, abs(x0) / t, w0 * x0, w0 * x1, w0 * x2, w0 * x3),
+        *(w1 * t, abs(x1) / t, w1 * x0, w1 * x1, w1 * x2, w1 * x3),
+        *(w2 * t, abs(x2) / t, w2 * x0, w2 * x1, w2 * x2, w2 * x3),
+        *(w3 * t, abs(x3) / t, w3 * x0, w3 * x1, w3 * x2, w3 * x3),
+    ]
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:

@@ -3,31 +3,56 @@
 Under fcfs and priority a step in which nothing waits, nothing arrives and every running
 request decodes one token is decided in advance: the next step is the same requests, one token
 each, in the same order, for as long as no request finishes, no KV allocation fails and nothing
-arrives. Such a stretch is applied here with exactly the calls the scheduler would make for each
-step (KV slots in running order, the sampled token, prefix caching of full blocks, the step-cost
-model's observation), minus the schedule's bookkeeping that changes nothing. The slo policy
-re-decides each step (slack moves with time), so it always takes the full path.
-`tests/core/test_simulator.py` checks that a run with fast-forwarding equals one without.
+arrives. Under slo the same holds for the steps that keep the last full decision
+(`SloStep.hold`, see `SloKnobs.hold_steps`): the requests it does not defer decode one token
+each, in running order, while the deferred ones sit out and keep their KV; the hold's own check
+is made for each step, as the scheduler makes it, and the first step that fails it is left to
+the full path. A stretch is applied here with exactly the calls the scheduler would make for
+each step (the hold's check, KV slots in running order, the sampled token, prefix caching of
+full blocks, the step-cost model's observation of the step's shape), minus the schedule's
+bookkeeping that changes nothing. `tests/core/test_simulator.py` checks that a run with
+fast-forwarding equals one without.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.step_model import StepCostModel, StepShape
-from tokenmill.request import Request
+from tokenmill.request import Request, RequestStatus
+
+
+class Clock(Protocol):
+    now: float
+
+
+def decode_rows(sched: Scheduler) -> list[Request]:
+    """The requests each step of a stretch runs: every running one, or under slo those that
+    the held decision does not defer ([] where the last decision may not be held)."""
+    if sched.config.policy != "slo":
+        return sched.running
+    slo = sched._slo
+    if not slo.may_hold(sched):
+        return []
+    defer = slo.room.defer
+    return [r for r in sched.running if r.request_id not in defer]
 
 
 def decode_stretch(sched: Scheduler, token: int) -> int:
-    """How many steps from now are pure decodes of every running request whatever happens
-    (0: the next step needs the full path). Arrivals are the caller's to check."""
-    if sched.config.policy == "slo" or sched.waiting or not sched.running:
+    """How many steps from now are pure decodes of the same requests if nothing arrives and
+    KV blocks last, the last of them possibly finishing some (0: the next step needs the full
+    path). Arrivals are the caller's to check, and under slo each step's hold is
+    `run_decodes`'s."""
+    if sched.waiting or not sched.running:
         return 0
     if sched._finished_req_ids or sched.admission.num_passed_over:
         return 0  # the next schedule() has bookkeeping to do
-    if len(sched.running) > sched.config.max_num_batched_tokens:
+    rows = decode_rows(sched)
+    if not rows or len(rows) > sched.config.max_num_batched_tokens:
         return 0
     steps = sched.max_model_len
-    for req in sched.running:
+    for req in rows:
         sp = req.sampling_params
         if (
             req.num_computed_tokens != req.num_tokens - 1
@@ -38,10 +63,14 @@ def decode_stretch(sched: Scheduler, token: int) -> int:
             or (not sp.ignore_eos and token in req.eos_token_ids)
         ):
             return 0
-        # Steps before it could finish: by max_tokens, or by the context length.
-        left = min(req.max_tokens - req.num_output_tokens, sched.max_model_len - req.num_tokens)
-        steps = min(steps, left - 1)
-    return max(0, steps)
+        steps = min(steps, _steps_left(sched, req))
+    return steps
+
+
+def _steps_left(sched: Scheduler, req: Request) -> int:
+    """Decode steps until `req` finishes (in the last of them): by max_tokens, or by the
+    context length."""
+    return min(req.max_tokens - req.num_output_tokens, sched.max_model_len - req.num_tokens)
 
 
 def run_decodes(
@@ -51,43 +80,87 @@ def run_decodes(
     until: float,
     max_steps: int,
     token: int,
-) -> tuple[float, int, list[tuple[StepShape, float]]]:
+    clock: Clock | None = None,
+) -> tuple[float, int, list[tuple[StepShape, float]], list[Request]]:
     """Applies up to `max_steps` pure decode steps, each starting before `until`; returns the
-    new time, the steps run and their (shape, seconds)."""
+    new time, the steps run, their (shape, seconds) and the requests that finished in the last
+    one (released; the caller reports them). `clock`: the scheduler's, set to each step's start
+    (the slo hold's check reads it; without it, slo runs no step here)."""
     kv = sched.kv_cache_manager
-    group = kv.groups[0] if len(kv.groups) == 1 else None
-    running: list[Request] = sched.running
-    n = len(running)
+    slo = sched._slo if sched.config.policy == "slo" else None
+    rows = list(decode_rows(sched))  # running loses the rows that finish
+    n = len(rows)
+    # One group without a window (a windowed one gives blocks back as the window moves).
+    if len(kv.groups) != 1 or kv.groups[0].window is not None or not n:
+        return now, 0, [], []
+    if slo is not None and clock is None:
+        return now, 0, [], []
+    pool = kv.groups[0].pool
     bs = sched.config.block_size
     stats = sched.spec_stats
-    tracker = sched.slo
+    ends = min(_steps_left(sched, r) for r in rows)  # the step some row finishes in
+    max_steps = min(max_steps, ends)
+    # All rows advance one token a step, so the rows that cross into a new block at step j
+    # are those at position -j of a block when the stretch starts: `phase` lists them in
+    # running order. Tokens are appended lazily (`sync`): a row is brought up to date only
+    # where a call reads it (KV allocation, prefix caching, the last step) and at the end; the
+    # hold's check reads only that rows decode one token, which the lag does not change.
+    phase: list[list[int]] = [[] for _ in range(bs)]
+    for i, req in enumerate(rows):
+        phase[req.num_computed_tokens % bs].append(i)
+    synced = [0] * n  # steps applied to each row
+
+    def sync(i: int, step: int) -> Request:
+        req = rows[i]
+        k = step - synced[i]
+        if k:
+            req.output_token_ids.extend([token] * k)
+            req.num_computed_tokens += k
+            synced[i] = step
+        return req
+
+    ctx = sum(r.num_computed_tokens for r in rows)
     log: list[tuple[StepShape, float]] = []
-    while len(log) < max_steps and now < until:
+    done: list[Request] = []
+    j = 0
+    while j < max_steps and now < until:
         # KV: the requests crossing into a new block this step must all get one, or the
         # scheduler would preempt: leave that step to it.
-        if group is None:
+        cross = phase[-j % bs]
+        if len(cross) > pool.num_free_blocks:
             break
-        need = sum(1 for r in running if r.num_computed_tokens % bs == 0)
-        if need > group.pool.num_free_blocks:
-            break
-        ctx = 0
-        for req in running:
-            if req.num_computed_tokens % bs == 0:  # elsewhere its blocks hold the token
-                assert kv.allocate_slots(req, 1) is not None
-            ctx += req.num_computed_tokens + 1
+        if slo is not None:
+            clock.now = now  # type: ignore[union-attr]
+            if slo.hold(sched, decoding=j > 0) is None:  # rows still decode after step 0
+                break  # a full decision: the scheduler's (the failed check changed nothing)
+        for i in cross:  # elsewhere its blocks hold the token
+            assert kv.allocate_slots(sync(i, j), 1) is not None
+        ctx += n  # each row reads its context and the new token
         shape = StepShape(n, n, ctx)
         dt = truth.predict(shape)
         now += dt
+        if clock is not None:
+            clock.now = now
         log.append((shape, dt))
         sched.observe_step(None, dt, shape)  # type: ignore[arg-type]
         stats.num_decode_steps += n  # spec_stats.record(0, 1) for each sequence
         stats.num_decode_tokens += n
-        for req in running:
-            req.output_token_ids.append(token)
-            req.num_computed_tokens += 1
-            if req.num_computed_tokens % bs == 0:  # a block filled up: offer it to the cache
+        j += 1
+        if j == ends:  # rows finish: every row's output as update_from_output applies it
+            for i in range(n):
+                req = sync(i, j)
                 kv.cache_blocks(req, req.num_computed_tokens)
-            if tracker.states:
-                tracker.on_output(req)
-            kv.release_out_of_window(req)
-    return now, len(log), log
+                if _steps_left(sched, req) == 0:
+                    req.status = RequestStatus.FINISHED_LENGTH  # as check_stop sets it
+                    sched.running.remove(req)
+                    sched._release(req)
+                    done.append(req)
+            break
+        # A block filled up: offer it to the cache. (tracker.on_output would change nothing:
+        # every row has its first token already.)
+        for i in phase[-j % bs]:
+            req = sync(i, j)
+            kv.cache_blocks(req, req.num_computed_tokens)
+    for i in range(n):
+        sync(i, j)
+    return now, j, log, done

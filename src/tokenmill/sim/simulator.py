@@ -39,7 +39,8 @@ class SimConfig:
     coeffs: tuple[float, float, float, float] = DEFAULT_COEFFS  # the "model": step times
     slo_knobs: SloKnobs = field(default_factory=SloKnobs)
     # Apply stretches of pure decode steps in one go where the schedule is decided in advance
-    # (fcfs, priority: see sim/fast_forward.py); the same results, faster.
+    # (fcfs, priority; slo while it holds its last decision: see sim/fast_forward.py); the same
+    # results, faster.
     fast_forward: bool = True
 
 
@@ -142,10 +143,17 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
             continue
         if config.fast_forward and (k := decode_stretch(sched, _TOKEN)):
             until = events[0][0] if events else math.inf
-            clock.now, steps, shapes = run_decodes(sched, truth, clock.now, until, k, _TOKEN)
+            clock.now, steps, shapes, done = run_decodes(
+                sched, truth, clock.now, until, k, _TOKEN, clock
+            )
             num_steps += steps
             if log_steps:
                 log.extend(shapes)
+            for req in done:  # as update_from_output reports them
+                o = live.pop(req.request_id)
+                o.finish = clock.now
+                o.hopeless = req.slo_hopeless
+                finish(o)
             if steps:
                 continue
         out = sched.schedule()
