@@ -70,6 +70,11 @@ class StepCostModel:
         # The same sum, in the same order, as over `features()`.
         return max(1e-6, a + b * shape.tokens + c * shape.seqs + d * (shape.context / 1000.0))
 
+    def predict_counts(self, tokens: int, seqs: int, context: int) -> float:
+        """`predict(StepShape(tokens, seqs, context))`, the same arithmetic, without the shape."""
+        a, b, c, d = self.coeffs
+        return max(1e-6, a + b * tokens + c * seqs + d * (context / 1000.0))
+
     def observe(self, shape: StepShape, seconds: float) -> None:
         if shape.tokens < 1 or not math.isfinite(seconds) or seconds <= 0.0:
             return
@@ -77,7 +82,8 @@ class StepCostModel:
         terms = _terms(shape.tokens, shape.seqs, shape.context, seconds)
         if len(obs) == self.window:  # the oldest leaves the window and the sums
             # (s - old) + new: the two updates of each sum, in that order, in one pass.
-            self._sums = [s - o + t for s, o, t in zip(self._sums, obs[0], terms)]
+            sums, old = self._sums, obs[0]
+            self._sums = [s - o + t for s, o, t in zip(sums, old, terms, strict=True)]
         else:
             self._sums = list(map(operator.add, self._sums, terms))
         obs.append(terms)
@@ -113,12 +119,14 @@ def _terms(tokens: int, seqs: int, context: int, t: float) -> list[float]:
     # Unrolled over the features (it runs once per step): (w x_i t, |x_i| / t, w x_i x_j ...);
     # x0 = 1.0, so w * x0 is w and multiplying by x0 changes nothing.
     w1, w2, w3 = w * x1, w * x2, w * x3
+    # fmt: off
     return [
-        *(w * t, 1.0 / t, w, w * x1, w * x2, w * x3),
-        *(w1 * t, abs(x1) / t, w1, w1 * x1, w1 * x2, w1 * x3),
-        *(w2 * t, abs(x2) / t, w2, w2 * x1, w2 * x2, w2 * x3),
-        *(w3 * t, abs(x3) / t, w3, w3 * x1, w3 * x2, w3 * x3),
+        w * t, 1.0 / t, w, w1, w2, w3,
+        w1 * t, abs(x1) / t, w1, w1 * x1, w1 * x2, w1 * x3,
+        w2 * t, abs(x2) / t, w2, w2 * x1, w2 * x2, w2 * x3,
+        w3 * t, abs(x3) / t, w3, w3 * x1, w3 * x2, w3 * x3,
     ]
+    # fmt: on
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:

@@ -149,14 +149,14 @@ class SloTracker:
                 n += 1
                 ctx += r.num_computed_tokens
             last = StepShape(max(n, 1), max(n, 1), ctx)
-        self.batch = max(1, last.seqs)
-        self.step_time = self.cost.predict(StepShape(last.seqs, last.seqs, last.context))
-        full = StepShape(self.budget, last.seqs + 1, last.context)
+        seqs, context = last.seqs, last.context
+        self.batch = max(1, seqs)
+        predict = self.cost.predict_counts
+        self.step_time = predict(seqs, seqs, context)
+        full = predict(self.budget, seqs + 1, context)  # a step with a full-budget chunk
         knobs = self.knobs
         # Slack under this: about to miss (see SloKnobs.urgent_steps).
-        self.urgent_slack = (
-            knobs.urgent_steps * self.step_time + knobs.urgent_chunks * self.cost.predict(full)
-        )
+        self.urgent_slack = knobs.urgent_steps * self.step_time + knobs.urgent_chunks * full
 
     # ------------------------------------------------------------------ predictions
     def pending(self, req: Request) -> int:
