@@ -95,7 +95,8 @@ def run_decodes(
         return now, 0, [], []
     if slo is not None and clock is None:
         return now, 0, [], []
-    pool = kv.groups[0].pool
+    group = kv.groups[0]
+    pool = group.pool
     bs = sched.config.block_size
     stats = sched.spec_stats
     ends = min(_steps_left(sched, r) for r in rows)  # the step some row finishes in
@@ -137,7 +138,10 @@ def run_decodes(
             if hold(sched, decoding=j > 0) is None:  # rows still decode after step 0
                 break  # a full decision: the scheduler's (the failed check changed nothing)
         for i in cross:  # elsewhere its blocks hold the token
-            assert kv.allocate_slots(sync(i, j), 1) is not None
+            # kv.allocate_slots(req, 1), whose checks are made above: one group, no prefix
+            # hit, a table since admission, a free block for each row crossing.
+            req = sync(i, j)
+            group.allocate(req.request_id, req.num_computed_tokens + 1, ())
         ctx += n  # each row reads its context and the new token
         shape = StepShape(n, n, ctx)
         dt = predict(n, n, ctx)  # truth.predict(shape)
