@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import pytest
@@ -171,15 +172,16 @@ def test_free_reverse_order_and_resume_hits_own_output_blocks() -> None:
 
 
 def test_hashing_is_incremental(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = 0
-    real = kvm.hash_block_tokens
+    calls = 0  # SHA-256 computations: one per block, whether hashed alone or with others
 
-    def counting(*args: object) -> bytes:
-        nonlocal calls
-        calls += 1
-        return real(*args)  # type: ignore[arg-type]
+    class CountingHashlib:
+        @staticmethod
+        def sha256(*args: bytes) -> object:
+            nonlocal calls
+            calls += 1
+            return hashlib.sha256(*args)
 
-    monkeypatch.setattr(kvm, "hash_block_tokens", counting)
+    monkeypatch.setattr(kvm, "hashlib", CountingHashlib)
     kv = one_group(300, 4)
     req = make_req(list(range(10)))
     admit(kv, req)
@@ -386,3 +388,17 @@ class KVMachine(RuleBasedStateMachine):
 
 TestKVMachine = KVMachine.TestCase
 TestKVMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+@pytest.mark.parametrize("salt", [None, "tenant-a"])
+def test_block_hashes_of_a_prompt_in_one_go_are_the_chained_block_hashes(salt: str | None) -> None:
+    kv = one_group(64, 4)
+    req = make_req(list(range(1000, 1023)), salt)  # 5 full blocks and 3 tokens
+    parent = None
+    expected = []
+    for i in range(5):
+        parent = hash_block_tokens(parent, req.prompt_token_ids[4 * i : 4 * i + 4], salt)
+        expected.append(parent)
+    assert kv._block_hashes(req, 2) == expected[:2]  # two at once
+    assert kv._block_hashes(req, 3) == expected[:3]  # one more, alone
+    assert kv._block_hashes(req, 5) == expected  # the rest, from the last one

@@ -4,6 +4,7 @@ reproducible and shaped as documented, traces round-trip through JSONL."""
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from tokenmill.sim.fast_forward import run_decodes
 from tokenmill.sim.report import summarize
 from tokenmill.sim.simulator import SimConfig, simulate
 from tokenmill.sim.text2sql import FANOUT, generate
-from tokenmill.sim.trace import TraceRecord, check_trace, load_trace, save_trace
+from tokenmill.sim.trace import TraceRecord, check_trace, load_trace, prompt_ids, save_trace
 
 
 def test_trace_is_reproducible_and_shaped() -> None:
@@ -33,6 +34,19 @@ def test_trace_is_reproducible_and_shaped() -> None:
             assert r.slo and "ttft_ms" in r.slo and not r.after
     assert stages and all(3 <= len(s) <= 5 for s in stages.values())
     assert set(copies.values()) == {1, FANOUT}
+
+
+def test_prompt_ids_are_drawn_once_and_handed_out_as_fresh_lists() -> None:
+    rec = TraceRecord(
+        id="q7", arrival=0.0, prompt_tokens=40, output_tokens=3, prefix="s", prefix_tokens=24
+    )
+    # The definition: the prefix's ids from its name, the rest from the record's id.
+    expected = random.Random("prefix:s").choices(range(100, 32000), k=24)
+    expected += random.Random("req:q7").choices(range(100, 32000), k=16)
+    first = prompt_ids(rec)
+    assert first == expected
+    first.append(5)  # a request's prompt list is its own
+    assert prompt_ids(rec) == expected
 
 
 def test_round_trip(tmp_path: Path) -> None:

@@ -33,8 +33,28 @@ def hash_block_tokens(
     h = hashlib.sha256(parent_hash if parent_hash is not None else _ROOT_HASH)
     h.update(struct.pack(f"<I{len(token_ids)}q", len(token_ids), *token_ids))
     # The token count is encoded above, so the extra key cannot be confused with tokens.
-    h.update(b"\x00" if extra_key is None else b"\x01" + extra_key.encode("utf-8"))
+    h.update(_extra_key_bytes(extra_key))
     return h.digest()
+
+
+def _extra_key_bytes(extra_key: str | None) -> bytes:
+    return b"\x00" if extra_key is None else b"\x01" + extra_key.encode("utf-8")
+
+
+def _chain_hashes(
+    hashes: list[BlockHash], token_ids: Sequence[int], bs: int, extra_key: str | None
+) -> None:
+    """Appends `hash_block_tokens` of each full block of `token_ids` after `hashes[-1]` (the
+    same bytes through SHA-256: parent, count, tokens, extra key)."""
+    parent = hashes[-1] if hashes else _ROOT_HASH
+    data = struct.pack(f"<{len(token_ids)}q", *token_ids)
+    head = struct.pack("<I", bs)
+    tail = _extra_key_bytes(extra_key)
+    size = 8 * bs
+    sha = hashlib.sha256
+    for k in range(0, len(data), size):
+        parent = sha(b"".join((parent, head, data[k : k + size], tail))).digest()
+        hashes.append(parent)
 
 
 @dataclass(frozen=True)
@@ -116,6 +136,13 @@ class KVCacheManager:
     def _block_hashes(self, req: Request, num_full_blocks: int) -> list[BlockHash]:
         hashes = self.req_to_block_hashes.setdefault(req.request_id, [])
         bs = self.block_size
+        start = len(hashes)
+        n = (num_full_blocks - start) * bs
+        if n > bs:  # several blocks (a prompt's lookup): their tokens packed in one go
+            tokens = req.token_slice(start * bs, num_full_blocks * bs)
+            if len(tokens) == n:
+                _chain_hashes(hashes, tokens, bs, req.cache_salt)
+                return hashes
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None

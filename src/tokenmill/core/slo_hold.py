@@ -34,6 +34,9 @@ class Hold:
         self.held = 0  # steps held since
         # The key of the least urgent of the `min_batch` most urgent then (None: fewer ran).
         self.bar: tuple | None = None
+        # The deferred requests with their places in the running list, taken at the first
+        # check of a hold: while it holds, nothing was added, finished, preempted or sorted.
+        self._deferred: list[tuple[int, Request]] | None = None
 
     def decided(self, sched: Scheduler, key: Callable[[Request], tuple]) -> None:
         """Notes a full decision; it may be held if nothing waits after it."""
@@ -41,6 +44,7 @@ class Hold:
         self.held = 0
         mb = self.min_batch
         self.bar = key(sched.running[mb - 1]) if len(sched.running) >= mb else None
+        self._deferred = None
 
     def may_hold(self, sched: Scheduler) -> bool:
         """Whether the last full decision may still be held (the checks on no request)."""
@@ -64,13 +68,15 @@ class Hold:
         sits_out: Callable[[Request, tuple], bool],
     ) -> bool:
         """Whether every request in `defer` would still be deferred, by its key now."""
-        bar = self.bar
-        for i, req in enumerate(sched.running):
-            if req.request_id not in defer:
-                continue
+        rows = self._deferred
+        if rows is None:
+            rows = [(i, r) for i, r in enumerate(sched.running) if r.request_id in defer]
+            self._deferred = rows
+        bar, mb = self.bar, self.min_batch
+        for i, req in rows:
             k = key(req)
             # Before the bar it would be among the most urgent (a doomed one is already).
-            if i >= self.min_batch and bar is not None and k < bar:
+            if i >= mb and bar is not None and k < bar:
                 return False
             if not sits_out(req, k):
                 return False

@@ -42,11 +42,13 @@ def doomed(
 ) -> list[Request]:
     """The requests to give up on now (Moore-Hodgson over workflows and single requests)."""
     jobs: dict[str, _Job] = {}
+    states = tracker.states
+    job_of = tracker.job
     for req in reqs:
-        st = tracker.states.get(req.request_id)
+        st = states.get(req.request_id)
         if st is None or key(req)[0]:
             continue  # no target, hopeless or doomed already: not competing
-        due, work = tracker.job(req, st)
+        due, work = job_of(req, st)
         if due == INF:
             continue
         wf = req.sampling_params.workflow
@@ -57,13 +59,23 @@ def doomed(
         job = jobs.get(gid)
         if job is None:
             # The later stages' work, once per workflow (a fan-out's requests share them).
-            job = jobs[gid] = _Job(due, st.rest_work * load if whole else 0.0)
-        job.due = min(job.due, due)
+            job = jobs[gid] = _Job(due, st.rest_work * load if whole else 0.0, [req])
+        else:
+            if due < job.due:
+                job.due = due
+            job.reqs.append(req)
         job.work += work * load
-        job.reqs.append(req)
     out: list[Request] = []
+    if not jobs:
+        return out
     now = tracker.now
-    if not jobs or now + sum(j.work for j in jobs.values()) <= min(j.due for j in jobs.values()):
+    total = 0.0
+    first = INF
+    for job in jobs.values():  # the sum and the min below, in one pass
+        total += job.work
+        if job.due < first:
+            first = job.due
+    if now + total <= first:
         return out  # all of it fits before the first due time: no one is late
     accepted: list[tuple[float, int, _Job]] = []  # max-heap of (-work, tie-break, job)
     total = 0.0

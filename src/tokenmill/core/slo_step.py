@@ -63,6 +63,8 @@ class SloStep:
         self.last_shape: StepShape | None = None  # of the last step measured
         self.room = UrgentRoom()  # the current step's
         self._hold = Hold(self.knobs.hold_steps, self.knobs.min_batch)
+        # `lead_stages` of the last full decision, taken by the first held step that needs it
+        self._stages: set[tuple[str, int]] | None = None
 
     def key(self, req: Request) -> tuple:
         key = self._keys.get(req.request_id)
@@ -101,6 +103,7 @@ class SloStep:
             room.spare = ttft_spare(sched, room.defer)
         self.room = room
         self._hold.decided(sched, self.key)
+        self._stages = None
         return room
 
     def may_hold(self, sched: Scheduler) -> bool:
@@ -118,7 +121,9 @@ class SloStep:
         self._keys.clear()
         self.tracker.begin_step(sched.running, self.last_shape)
         if defer:
-            stages = lead_stages(sched)
+            stages = self._stages
+            if stages is None:  # the running list is as the full decision left it
+                stages = self._stages = lead_stages(sched)
             tracker = self.tracker
 
             def still(req: Request, key: tuple) -> bool:

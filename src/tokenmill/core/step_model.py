@@ -52,10 +52,8 @@ class StepCostModel:
         self.window = window
         self.ridge = ridge  # weight of the prior, in steps' worth of evidence
         self.fit_every = fit_every
-        # (features, seconds, their terms of the running sums) of each step in the window
-        self._obs: collections.deque[tuple[tuple[float, ...], float, list[float]]] = (
-            collections.deque(maxlen=window)
-        )
+        # The terms of the running sums of each step in the window
+        self._obs: collections.deque[list[float]] = collections.deque(maxlen=window)
         # Running sums over the window, 6 per feature i: (X^T W t)_i, sum |x_i| / t, then row i
         # of X^T W X. The weight 1 / t^2 fits relative errors: a long prefill step (or one the
         # host's load stretched) does not outweigh the many short decode steps whose time slack
@@ -72,15 +70,23 @@ class StepCostModel:
         # The same sum, in the same order, as over `features()`.
         return max(1e-6, a + b * shape.tokens + c * shape.seqs + d * (shape.context / 1000.0))
 
+    def predict_counts(self, tokens: int, seqs: int, context: int) -> float:
+        """`predict(StepShape(tokens, seqs, context))`, the same arithmetic, without the shape."""
+        a, b, c, d = self.coeffs
+        return max(1e-6, a + b * tokens + c * seqs + d * (context / 1000.0))
+
     def observe(self, shape: StepShape, seconds: float) -> None:
         if shape.tokens < 1 or not math.isfinite(seconds) or seconds <= 0.0:
             return
-        x = shape.features()
-        if len(self._obs) == self.window:  # the oldest leaves the window and the sums
-            self._sums = list(map(operator.sub, self._sums, self._obs[0][2]))
-        terms = _terms(x, seconds)
-        self._obs.append((x, seconds, terms))
-        self._sums = list(map(operator.add, self._sums, terms))
+        obs = self._obs
+        terms = _terms(shape.tokens, shape.seqs, shape.context, seconds)
+        if len(obs) == self.window:  # the oldest leaves the window and the sums
+            # (s - old) + new: the two updates of each sum, in that order, in one pass.
+            sums, old = self._sums, obs[0]
+            self._sums = [s - o + t for s, o, t in zip(sums, old, terms, strict=True)]
+        else:
+            self._sums = list(map(operator.add, self._sums, terms))
+        obs.append(terms)
         self._since_fit += 1
         if self._since_fit >= self.fit_every:
             self.refit()
@@ -105,18 +111,22 @@ class StepCostModel:
             self.coeffs = (max(sol[0], 1e-6), *(max(v, 0.0) for v in sol[1:]))
 
 
-def _terms(x: tuple[float, ...], t: float) -> list[float]:
-    """One step's terms of the running sums (see `StepCostModel._sums`)."""
+def _terms(tokens: int, seqs: int, context: int, t: float) -> list[float]:
+    """One step's terms of the running sums (see `StepCostModel._sums`), from the features of
+    its shape (`StepShape.features`)."""
     w = 1.0 / (t * t)
-    x0, x1, x2, x3 = x
-    # Unrolled over the features (it runs once per step): (w x_i t, |x_i| / t, w x_i x_j ...).
-    w0, w1, w2, w3 = w * x0, w * x1, w * x2, w * x3
+    x1, x2, x3 = float(tokens), float(seqs), context / 1000.0
+    # Unrolled over the features (it runs once per step): (w x_i t, |x_i| / t, w x_i x_j ...);
+    # x0 = 1.0, so w * x0 is w and multiplying by x0 changes nothing.
+    w1, w2, w3 = w * x1, w * x2, w * x3
+    # fmt: off
     return [
-        *(w0 * t, abs(x0) / t, w0 * x0, w0 * x1, w0 * x2, w0 * x3),
-        *(w1 * t, abs(x1) / t, w1 * x0, w1 * x1, w1 * x2, w1 * x3),
-        *(w2 * t, abs(x2) / t, w2 * x0, w2 * x1, w2 * x2, w2 * x3),
-        *(w3 * t, abs(x3) / t, w3 * x0, w3 * x1, w3 * x2, w3 * x3),
+        w * t, 1.0 / t, w, w1, w2, w3,
+        w1 * t, abs(x1) / t, w1, w1 * x1, w1 * x2, w1 * x3,
+        w2 * t, abs(x2) / t, w2, w2 * x1, w2 * x2, w2 * x3,
+        w3 * t, abs(x3) / t, w3, w3 * x1, w3 * x2, w3 * x3,
     ]
+    # fmt: on
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:

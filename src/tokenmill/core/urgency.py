@@ -149,14 +149,14 @@ class SloTracker:
                 n += 1
                 ctx += r.num_computed_tokens
             last = StepShape(max(n, 1), max(n, 1), ctx)
-        self.batch = max(1, last.seqs)
-        self.step_time = self.cost.predict(StepShape(last.seqs, last.seqs, last.context))
-        full = StepShape(self.budget, last.seqs + 1, last.context)
+        seqs, context = last.seqs, last.context
+        self.batch = max(1, seqs)
+        predict = self.cost.predict_counts
+        self.step_time = predict(seqs, seqs, context)
+        full = predict(self.budget, seqs + 1, context)  # a step with a full-budget chunk
         knobs = self.knobs
         # Slack under this: about to miss (see SloKnobs.urgent_steps).
-        self.urgent_slack = (
-            knobs.urgent_steps * self.step_time + knobs.urgent_chunks * self.cost.predict(full)
-        )
+        self.urgent_slack = knobs.urgent_steps * self.step_time + knobs.urgent_chunks * full
 
     # ------------------------------------------------------------------ predictions
     def pending(self, req: Request) -> int:
@@ -171,13 +171,22 @@ class SloTracker:
     def remaining_work(self, req: Request, alone: bool = False) -> tuple[float, float]:
         """(seconds to the next sampled token, seconds to the end), at the current load, or
         (`alone`) in steps of this request only: the least it can take."""
-        pending = self.pending(req)
+        # `pending`, inline: this runs for every deferred request at every held step.
+        st = self.states.get(req.request_id)
+        n_out = len(req.output_token_ids)
+        n_tok = len(req.prompt_token_ids) + n_out
+        done = req.num_computed_tokens
+        if st is not None and st.cached > done:
+            done = st.cached
+        pending = n_tok - done
+        if pending < 1:
+            pending = 1
         step = self.step_time
         a, b, c, d = self.cost.coeffs
         if alone:
-            step = min(step, max(1e-6, a + b + c + d * req.num_tokens / 1000.0))
+            step = min(step, max(1e-6, a + b + c + d * n_tok / 1000.0))
         first = -(-pending // self.budget) * step + (pending - 1) * b
-        after = req.max_tokens - len(req.output_token_ids) - 1
+        after = req.max_tokens - n_out - 1
         return first, first + after * step if after > 0 else first
 
     def remaining_steps(self, req: Request) -> int:

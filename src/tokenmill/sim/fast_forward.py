@@ -95,7 +95,8 @@ def run_decodes(
         return now, 0, [], []
     if slo is not None and clock is None:
         return now, 0, [], []
-    pool = kv.groups[0].pool
+    group = kv.groups[0]
+    pool = group.pool
     bs = sched.config.block_size
     stats = sched.spec_stats
     ends = min(_steps_left(sched, r) for r in rows)  # the step some row finishes in
@@ -122,29 +123,33 @@ def run_decodes(
     ctx = sum(r.num_computed_tokens for r in rows)
     log: list[tuple[StepShape, float]] = []
     done: list[Request] = []
+    hold = slo.hold if slo is not None else None
+    observe = sched._slo.observe  # what sched.observe_step does with the shape given
+    predict = truth.predict_counts
     j = 0
     while j < max_steps and now < until:
         # KV: the requests crossing into a new block this step must all get one, or the
         # scheduler would preempt: leave that step to it.
         cross = phase[-j % bs]
-        if len(cross) > pool.num_free_blocks:
+        if cross and len(cross) > pool.num_free_blocks:
             break
-        if slo is not None:
+        if hold is not None:
             clock.now = now  # type: ignore[union-attr]
-            if slo.hold(sched, decoding=j > 0) is None:  # rows still decode after step 0
+            if hold(sched, decoding=j > 0) is None:  # rows still decode after step 0
                 break  # a full decision: the scheduler's (the failed check changed nothing)
         for i in cross:  # elsewhere its blocks hold the token
-            assert kv.allocate_slots(sync(i, j), 1) is not None
+            # kv.allocate_slots(req, 1), whose checks are made above: one group, no prefix
+            # hit, a table since admission, a free block for each row crossing.
+            req = sync(i, j)
+            group.allocate(req.request_id, req.num_computed_tokens + 1, ())
         ctx += n  # each row reads its context and the new token
         shape = StepShape(n, n, ctx)
-        dt = truth.predict(shape)
+        dt = predict(n, n, ctx)  # truth.predict(shape)
         now += dt
         if clock is not None:
             clock.now = now
         log.append((shape, dt))
-        sched.observe_step(None, dt, shape)  # type: ignore[arg-type]
-        stats.num_decode_steps += n  # spec_stats.record(0, 1) for each sequence
-        stats.num_decode_tokens += n
+        observe(shape, dt)
         j += 1
         if j == ends:  # rows finish: every row's output as update_from_output applies it
             for i in range(n):
@@ -163,4 +168,7 @@ def run_decodes(
             kv.cache_blocks(req, req.num_computed_tokens)
     for i in range(n):
         sync(i, j)
+    # spec_stats.record(0, 1) for each sequence and step (nothing in a stretch reads them)
+    stats.num_decode_steps += n * j
+    stats.num_decode_tokens += n * j
     return now, j, log, done

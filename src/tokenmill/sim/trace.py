@@ -15,6 +15,7 @@ Fields of a record:
 
 from __future__ import annotations
 
+import array
 import functools
 import json
 import random
@@ -82,10 +83,18 @@ def save_trace(records: Iterable[TraceRecord], path: str | Path) -> None:
 def prompt_ids(rec: TraceRecord, vocab: int = 32000) -> list[int]:
     """Deterministic synthetic token ids: the shared prefix from the prefix's name, the rest
     from the record's id (so only records meant to share a prefix ever hit each other's KV)."""
-    shared = _prefix_ids(rec.prefix, rec.prefix_tokens, vocab)
-    own_len = rec.prompt_tokens - rec.prefix_tokens
-    own = random.Random(f"req:{rec.id}").choices(range(100, vocab), k=own_len)
-    return shared + own
+    return _prompt_ids(rec.id, rec.prefix, rec.prefix_tokens, rec.prompt_tokens, vocab).tolist()
+
+
+@functools.lru_cache(maxsize=8192)
+def _prompt_ids(
+    rec_id: str, prefix: str | None, prefix_tokens: int, prompt_tokens: int, vocab: int
+) -> array.array:
+    """Drawn once per record (a trace is replayed under several policies, knobs and rates; the
+    ids depend on none of them), kept compact."""
+    shared = _prefix_ids(prefix, prefix_tokens, vocab)
+    own = random.Random(f"req:{rec_id}").choices(range(100, vocab), k=prompt_tokens - prefix_tokens)
+    return array.array("i", shared + own)
 
 
 @functools.lru_cache(maxsize=64)
