@@ -33,6 +33,9 @@ class SloKnobs:
     # While decodes share a step, a prompt with slack to spare runs at most this many tokens a
     # step (0: the whole budget): a 512-token chunk stalls them as long as ~40 decode steps.
     chunk_tokens: int = 128
+    # ... and less while a decode that runs is short of slack: this fraction of the tightest
+    # one's slack per remaining step, in prompt tokens (core/slo_decode_room.py; 0: off).
+    decode_room: float = 0.5
     # While a request's first token is about to miss its TTFT, the prompt chunks of requests
     # with slack to spare share its step only as far as its TTFT allows (a chat admitted beside
     # a 400-token schema chunk waits for the whole chunk).
@@ -62,4 +65,5 @@ class SloKnobs:
         assert min(self.urgent_steps, self.urgent_chunks, self.max_urgent) >= 0, self
         assert self.min_batch >= 1 and self.defer_ratio >= 0, self
         assert self.shed_load >= 0 and self.chunk_tokens >= 0 and self.hold_steps >= 0, self
+        assert self.decode_room >= 0, self
         assert self.deadline_split in ("proportional", "latest"), self

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from tokenmill.core.sched_config import SchedulerConfig
 from tokenmill.core.slo_admission import SloAdmission
+from tokenmill.core.slo_decode_room import decode_room_chunk
 from tokenmill.core.slo_hold import Hold
 from tokenmill.core.slo_shed import doomed
 from tokenmill.core.step_model import StepCostModel, StepShape
@@ -98,7 +99,9 @@ class SloStep:
         if self.knobs.chunk_tokens and any(
             r.request_id not in room.defer for r in sched.decoding_requests()
         ):
-            room.chunk = self.knobs.chunk_tokens
+            room.chunk = decode_room_chunk(
+                sched, room.defer, self.knobs.chunk_tokens, self.knobs.decode_room
+            )
         if self.knobs.ttft_room:
             room.spare = ttft_spare(sched, room.defer)
         self.room = room
