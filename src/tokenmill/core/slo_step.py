@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 from tokenmill.core.sched_config import SchedulerConfig
 from tokenmill.core.slo_admission import SloAdmission
-from tokenmill.core.slo_decode_room import decode_room_chunk
 from tokenmill.core.slo_hold import Hold
+from tokenmill.core.slo_prompt_room import decode_room_chunk, ttft_spare
 from tokenmill.core.slo_shed import doomed
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.core.urgency import INF, SloTracker
@@ -213,44 +213,6 @@ def sits_out(tracker: SloTracker, req: Request, key: tuple, stages: set[tuple[st
         return False  # a sibling of one that runs: the stage ends with its last request
     work = tracker.remaining_work(req)[1]
     return key[1] - tracker.now > tracker.knobs.defer_ratio * work
-
-
-def ttft_spare(sched: Scheduler, defer: set[str]) -> int | None:
-    """Prompt tokens that requests with slack to spare may add to this step so that the first
-    tokens of the requests about to miss their TTFT (running or waiting) still come in time:
-    the step is at most the tightest TTFT's time left (None: no such request, or its prompt
-    needs more than this step anyway)."""
-    tracker = sched.slo
-    now = tracker.now
-    margin = tracker.urgent_slack
-    due = INF
-    tokens = rows = context = 0
-    # A queued request counts only while it may get a seat (else the step would idle for it).
-    seats = len(sched.running) < sched.config.max_num_seqs
-    for req in [*sched.running, *(sched.waiting if seats else ())]:
-        key = sched._key(req)
-        if req.request_id in defer or key[0]:
-            continue
-        pending = req.num_tokens - req.num_computed_tokens
-        if pending <= 1:
-            rows += 1  # a decode row in the step
-            context += req.num_computed_tokens
-            continue
-        st = tracker.states.get(req.request_id)
-        if st is None or st.first_token is not None or st.ttft_deadline == INF:
-            continue
-        if key[1] - now > margin:
-            continue
-        due = min(due, st.ttft_deadline)
-        tokens += tracker.pending(req)
-        context += req.num_tokens
-    if due == INF or tokens > tracker.budget:
-        return None
-    b = tracker.cost.coeffs[1]
-    # One decode step of margin: the model's error, and the spare chunk's own context.
-    left = due - now - tracker.step_time
-    left -= tracker.cost.predict(StepShape(tokens + rows, rows + 2, context))
-    return max(0, int(left / b)) if b > 0 else None
 
 
 def make_room(sched: Scheduler) -> UrgentRoom:

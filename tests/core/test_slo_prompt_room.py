@@ -7,8 +7,8 @@ import pytest
 from sched_utils import FakeRunner, make_sched
 
 from tokenmill.core.scheduler import Scheduler
-from tokenmill.core.slo_decode_room import MIN_TOKENS
 from tokenmill.core.slo_knobs import SloKnobs
+from tokenmill.core.slo_prompt_room import MIN_TOKENS
 from tokenmill.core.step_model import StepCostModel
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
