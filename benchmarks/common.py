@@ -72,6 +72,15 @@ def host_info() -> dict:
     }
 
 
+def write_json(out: str | Path, doc: dict) -> Path:
+    """`doc` as indented JSON at `out` (its folder made), announced on stdout."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"wrote {path}")
+    return path
+
+
 def write_results(args: argparse.Namespace, results: dict) -> None:
     """{"config": the arguments, "host": host_info(), "results": results} as JSON at `args.out`."""
     out = Path(args.out)

@@ -14,7 +14,6 @@ tells a hold apart from no hold:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import host_info  # noqa: E402
+from common import host_info, write_json  # noqa: E402
 from slo_sweep import at_rate  # noqa: E402
 
 from tokenmill.core.slo_knobs import SloKnobs  # noqa: E402
@@ -91,10 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": summary,
         "fcfs_req_per_s": fcfs_speed,
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {path}")
+    write_json(args.out, report)
     return report
 
 

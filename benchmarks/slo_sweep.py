@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import host_info  # noqa: E402
+from common import host_info, write_json  # noqa: E402
 
 try:  # a tokenmill from before the knobs existed measures its own defaults ("before" figures)
     from tokenmill.core.slo_knobs import SloKnobs  # noqa: E402
@@ -207,10 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for (q, rate), r in sorted(sweep.runs.items())
     ]
     report.update(results=res, sim_requests_per_s=speed, runs=runs)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1, default=str))
-    print(f"wrote {path}")
+    write_json(args.out, report)
     return report
 
 

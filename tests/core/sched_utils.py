@@ -10,6 +10,7 @@ from collections.abc import Callable
 from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.core.step_model import StepCostModel
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
 
@@ -152,3 +153,22 @@ def run(
     assert kv.num_free_blocks == kv.num_blocks and not any(g.tables for g in kv.groups)
     assert not kv.req_to_block_hashes and sched.num_running == sched.num_waiting == 0
     return outputs
+
+
+SLO_COEFFS = (0.01, 0.001, 0.0, 0.0)  # the slo tests' step costs: 10 ms a step, 1 ms a token
+
+
+class Clock:
+    """The clock a test injects and moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_slo_sched(clock: Clock, **kw: object) -> Scheduler:
+    """`make_sched` under the slo policy, on `clock`, with `SLO_COEFFS` as its step costs."""
+    base = make_sched(policy="slo", **kw)
+    return Scheduler(base.config, clock=clock, step_cost=StepCostModel(SLO_COEFFS))

@@ -4,24 +4,12 @@ requests with slack to spare shrink to a share of that slack."""
 from __future__ import annotations
 
 import pytest
-from sched_utils import FakeRunner, make_sched
+from sched_utils import Clock, FakeRunner, make_slo_sched
 
-from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.slo_prompt_room import MIN_TOKENS
-from tokenmill.core.step_model import StepCostModel
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
-
-COEFFS = (0.01, 0.001, 0.0, 0.0)  # 10 ms a step, 1 ms a token
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _req(rid: str, n_prompt: int, max_tokens: int, deadline_s: float) -> Request:
@@ -35,14 +23,13 @@ def _bulk_chunk(slack_s: float, decode_room: float) -> int:
     """The bulk prompt's tokens in the step where a decode with `slack_s` of slack runs."""
     clock = Clock()
     knobs = SloKnobs(shed_load=0.0, decode_room=decode_room, hold_steps=0)
-    base = make_sched(
+    sched = make_slo_sched(
+        clock,
         num_blocks=1024,
-        policy="slo",
         slo_knobs=knobs,
         max_num_batched_tokens=512,
         max_model_len=4096,
     )
-    sched = Scheduler(base.config, clock=clock, step_cost=StepCostModel(COEFFS))
     runner = FakeRunner(sched.config.block_size)
     # 101 tokens to generate: after its prompt step, 100 steps of 11 ms (1.1 s) remain.
     sched.add_request(_req("dec", 32, 101, slack_s + 1.1 + 0.05))

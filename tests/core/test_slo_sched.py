@@ -10,7 +10,7 @@ import pytest
 from fcfs_workload import fcfs_digest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sched_utils import FakeRunner, make_sched, reference
+from sched_utils import Clock, FakeRunner, make_sched, make_slo_sched, reference
 
 from tokenmill.core.sched_types import ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler
@@ -30,20 +30,6 @@ PRIORITY_DIGEST = "09a11d23826e4dc57bebf9e99b989a162486b34091547260b1300c77406d7
 def test_fcfs_and_priority_schedules_unchanged(with_slo: bool) -> None:
     assert fcfs_digest("fcfs", with_slo) == FCFS_DIGEST
     assert fcfs_digest("priority", with_slo) == PRIORITY_DIGEST
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def slo_sched(clock: Clock, **kw: object):
-    sched = make_sched(policy="slo", **kw)
-    # the clock and step costs are injected: 10 ms a step, 1 ms a token
-    return Scheduler(sched.config, clock=clock, step_cost=StepCostModel((0.01, 0.001, 0.0, 0.0)))
 
 
 def req(rid: str, n_prompt: int, max_tokens: int, arrival: float = 0.0, **slo: float) -> Request:
@@ -70,7 +56,7 @@ def drive(sched, clock: Clock, dt: float = 0.01, max_steps: int = 2000) -> list[
 
 def test_least_slack_first_regardless_of_arrival() -> None:
     clock = Clock()
-    sched = slo_sched(clock, max_num_seqs=1)
+    sched = make_slo_sched(clock, max_num_seqs=1)
     sched.add_request(req("loose", 8, 5, deadline_ms=10_000.0))
     sched.add_request(req("none", 8, 5))  # no target: after every request with one
     sched.add_request(req("tight", 8, 5, arrival=0.001, deadline_ms=500.0))
@@ -79,7 +65,7 @@ def test_least_slack_first_regardless_of_arrival() -> None:
 
 def test_hopeless_request_goes_last_and_is_flagged() -> None:
     clock = Clock()
-    sched = slo_sched(clock, max_num_seqs=1)
+    sched = make_slo_sched(clock, max_num_seqs=1)
     doomed = req("doomed", 8, 20, deadline_ms=50.0)  # 20 steps of 10 ms: cannot make 50 ms
     sched.add_request(doomed)
     sched.add_request(req("fine", 8, 5, deadline_ms=5_000.0))
@@ -91,7 +77,7 @@ def test_hopeless_request_goes_last_and_is_flagged() -> None:
 
 def test_ttft_rescue_preempts_a_decode_with_slack() -> None:
     clock = Clock()
-    sched = slo_sched(clock, max_num_seqs=1)
+    sched = make_slo_sched(clock, max_num_seqs=1)
     long = req("long", 8, 50)  # no target: slack to spare
     sched.add_request(long)
     runner = FakeRunner(sched.config.block_size)
@@ -108,7 +94,7 @@ def test_ttft_rescue_preempts_a_decode_with_slack() -> None:
 
 def test_no_rescue_from_a_request_without_spare_slack() -> None:
     clock = Clock()
-    sched = slo_sched(clock, max_num_seqs=1)
+    sched = make_slo_sched(clock, max_num_seqs=1)
     busy = req("busy", 8, 10, deadline_ms=130.0)  # ~110 ms of work: no slack to give
     sched.add_request(busy)
     runner = FakeRunner(sched.config.block_size)
@@ -123,7 +109,7 @@ def test_no_rescue_from_a_request_without_spare_slack() -> None:
 def test_slo_policy_changes_timing_not_tokens() -> None:
     """Every request's tokens equal the reference whatever the order and preemptions."""
     clock = Clock()
-    sched = slo_sched(clock, num_blocks=24, max_num_seqs=4)
+    sched = make_slo_sched(clock, num_blocks=24, max_num_seqs=4)
     reqs = [
         req(f"r{i}", 5 + 7 * i % 30, 3 + i % 9, arrival=i * 0.001, ttft_ms=20.0 + 13 * (i % 5))
         if i % 3

@@ -8,9 +8,8 @@ import random
 import zlib
 
 import pytest
-from sched_utils import FakeRunner, make_sched
+from sched_utils import SLO_COEFFS, Clock, FakeRunner, make_slo_sched
 
-from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.slo_shed import doomed
 from tokenmill.core.step_model import StepCostModel
@@ -20,16 +19,6 @@ from tokenmill.sampling_params import SamplingParams
 from tokenmill.sim.report import summarize
 from tokenmill.sim.simulator import SimConfig, simulate
 from tokenmill.sim.trace import TraceRecord
-
-COST = (0.01, 0.001, 0.0, 0.0)  # 10 ms a step, 1 ms a token
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def req(rid: str, n_prompt: int, max_tokens: int, wf: dict | None = None, **slo: float) -> Request:
@@ -64,7 +53,7 @@ def test_one_pass_key_agrees_with_latest_start_and_miss_reason() -> None:
 
 @pytest.mark.parametrize("split", ["latest", "proportional"])
 def test_stage_deadline_split(split: str) -> None:
-    t = SloTracker(StepCostModel(COST), 512, Clock(), SloKnobs(deadline_split=split))
+    t = SloTracker(StepCostModel(SLO_COEFFS), 512, Clock(), SloKnobs(deadline_split=split))
     wf = {"id": "w", "stage": 0, "remaining_stages": 2}
     st = t.add(req("s0", 8, 10, wf, deadline_ms=10_000.0))
     assert st.rest_work > 0 and st.rest_alone <= st.rest_work
@@ -76,8 +65,7 @@ def test_stage_deadline_split(split: str) -> None:
 
 def test_prefix_cache_hit_is_not_predicted_work() -> None:
     clock = Clock()
-    base = make_sched(policy="slo")
-    sched = Scheduler(base.config, clock=clock, step_cost=StepCostModel(COST))
+    sched = make_slo_sched(clock)
     runner = FakeRunner(sched.config.block_size)
     first = req("a", 40, 1, deadline_ms=5_000.0)
     sched.add_request(first)
@@ -97,7 +85,7 @@ def test_moore_hodgson_gives_up_on_the_largest_job() -> None:
     """Three jobs due at 1 s (0.3 s of work each) and a 0.9 s one due at 1.2 s: together they
     cannot all make it, and dropping the big one saves the three others."""
     clock = Clock()
-    t = SloTracker(StepCostModel(COST), 512, clock)
+    t = SloTracker(StepCostModel(SLO_COEFFS), 512, clock)
     reqs = [req(f"s{i}", 1, 27, deadline_ms=1_000.0) for i in range(3)]  # 11 ms a step
     reqs.append(req("big", 1, 81, deadline_ms=1_200.0))
     for r in reqs:
@@ -109,7 +97,7 @@ def test_moore_hodgson_gives_up_on_the_largest_job() -> None:
 
 
 def test_doom_is_sticky_for_the_workflow() -> None:
-    t = SloTracker(StepCostModel(COST), 512, Clock())
+    t = SloTracker(StepCostModel(SLO_COEFFS), 512, Clock())
     wf = {"id": "w1", "stage": 0, "remaining_stages": 1}
     first = req("s0", 8, 4, wf, deadline_ms=1_000.0)
     t.add(first)
@@ -140,7 +128,7 @@ def test_shedding_meets_more_deadlines_in_a_burst() -> None:
 
     def attainment(shed: float) -> float:
         cfg = SimConfig(
-            policy="slo", max_num_seqs=1, coeffs=COST, slo_knobs=SloKnobs(shed_load=shed)
+            policy="slo", max_num_seqs=1, coeffs=SLO_COEFFS, slo_knobs=SloKnobs(shed_load=shed)
         )
         res = simulate(recs, cfg)
         return summarize(res.outcomes.values(), res.makespan).deadline_attainment
@@ -154,7 +142,7 @@ def test_shedding_sees_a_workflow_with_its_later_stages(workflows: bool) -> None
     two stages like it still to come, due at 1.3 s. Stage by stage everything fits (the stage is
     due at 1.3 s less 0.6 s), but the workflow cannot finish after the two others: taken as one
     job it is given up on, and the two requests are both on time."""
-    t = SloTracker(StepCostModel(COST), 512, Clock())
+    t = SloTracker(StepCostModel(SLO_COEFFS), 512, Clock())
     reqs = [req(f"s{i}", 1, 27, deadline_ms=1_000.0) for i in range(2)]
     wf = {"id": "w", "stage": 0, "remaining_stages": 2}
     reqs.append(req("w.link", 1, 27, wf, deadline_ms=1_300.0))
@@ -168,7 +156,7 @@ def test_shedding_sees_a_workflow_with_its_later_stages(workflows: bool) -> None
 
 def test_a_fan_out_counts_its_later_stages_once() -> None:
     """Four parallel candidates of one stage: their own work adds up, the later stages' once."""
-    t = SloTracker(StepCostModel(COST), 512, Clock())
+    t = SloTracker(StepCostModel(SLO_COEFFS), 512, Clock())
     wf = {"id": "w", "stage": 1, "remaining_stages": 1}
     cands = [req(f"w.sql.{i}", 1, 27, wf, deadline_ms=1_500.0) for i in range(4)]
     for r in cands:

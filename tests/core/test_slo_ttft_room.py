@@ -4,23 +4,12 @@ chunks of requests with slack to spare take only what the TTFT leaves."""
 from __future__ import annotations
 
 import pytest
-from sched_utils import FakeRunner, make_sched
+from sched_utils import SLO_COEFFS, Clock, FakeRunner, make_slo_sched
 
-from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
-
-COEFFS = (0.01, 0.001, 0.0, 0.0)  # 10 ms a step, 1 ms a prompt token
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _req(rid: str, n_prompt: int, max_tokens: int, arrival: float, **slo: float) -> Request:
@@ -34,14 +23,13 @@ def _req(rid: str, n_prompt: int, max_tokens: int, arrival: float, **slo: float)
 def test_a_prompt_with_slack_leaves_the_step_to_a_ttft_about_to_miss(ttft_room: bool) -> None:
     clock = Clock()
     knobs = SloKnobs(ttft_room=ttft_room, shed_load=0.0)
-    base = make_sched(
+    sched = make_slo_sched(
+        clock,
         num_blocks=1024,
-        policy="slo",
         slo_knobs=knobs,
         max_num_batched_tokens=512,
         max_model_len=4096,
     )
-    sched = Scheduler(base.config, clock=clock, step_cost=StepCostModel(COEFFS))
     runner = FakeRunner(sched.config.block_size)
     sched.add_request(_req("bulk", 1500, 4, 0.0, deadline_ms=60_000.0))
     out = sched.schedule()  # the bulk prompt's first chunk: it is running, mid-prompt
@@ -52,7 +40,7 @@ def test_a_prompt_with_slack_leaves_the_step_to_a_ttft_about_to_miss(ttft_room: 
     out = sched.schedule()
     sizes = {s.req.request_id: len(s.token_ids) for s in out.seqs}
     assert sizes["chat"] == 100  # its whole prompt: the first token comes out of this step
-    step = StepCostModel(COEFFS).predict(StepShape.of(out))
+    step = StepCostModel(SLO_COEFFS).predict(StepShape.of(out))
     if ttft_room:
         assert sizes.get("bulk", 0) > 0 and step <= 0.2  # in time for the chat's TTFT
     else:
@@ -62,14 +50,13 @@ def test_a_prompt_with_slack_leaves_the_step_to_a_ttft_about_to_miss(ttft_room: 
 def test_no_spare_room_skips_the_prompt_with_slack() -> None:
     """A TTFT so tight that the urgent prompt fills the step: the other prompt sits it out."""
     clock = Clock()
-    base = make_sched(
+    sched = make_slo_sched(
+        clock,
         num_blocks=1024,
-        policy="slo",
         slo_knobs=SloKnobs(shed_load=0.0),
         max_num_batched_tokens=512,
         max_model_len=4096,
     )
-    sched = Scheduler(base.config, clock=clock, step_cost=StepCostModel(COEFFS))
     runner = FakeRunner(sched.config.block_size)
     sched.add_request(_req("bulk", 1500, 4, 0.0, deadline_ms=60_000.0))
     out = sched.schedule()
