@@ -172,6 +172,8 @@ def live(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
 def simulated(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    if args.sim_scale <= 0:
+        return results  # the live runs only
     for rate in args.rates:
         records = generate(
             rate, args.duration * args.sim_scale, seed=args.seed, coeffs=tuple(args.step_cost)
@@ -201,7 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--port", type=int, default=8791)
     p.add_argument("--tokenmill-args", default="", help="extra flags for tokenmill serve")
-    p.add_argument("--sim-scale", type=float, default=100.0, help="simulated duration multiple")
+    p.add_argument(
+        "--sim-scale", type=float, default=100.0, help="simulated duration multiple (0: none)"
+    )
     p.add_argument("--step-cost", type=float, nargs=4, default=list(DEFAULT_COEFFS))
     p.add_argument("--no-live", action="store_true", help="the simulator only")
     p.add_argument("--limit", type=int, default=0, help="live: only the first N records")
