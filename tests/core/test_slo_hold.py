@@ -3,20 +3,21 @@ while every deferred request would still sit out, for at most `hold_steps` steps
 
 from __future__ import annotations
 
-from test_slo_sched import Clock, req, slo_sched
+from sched_utils import Clock, make_slo_sched
+from test_slo_sched import req
 
 from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.slo_knobs import SloKnobs
 
-STEP = 0.013  # a decode step of three rows under slo_sched's costs
+STEP = 0.013  # a decode step of three rows under make_slo_sched's costs
 
 
 def _setup(hold_steps: int) -> tuple[Scheduler, Clock]:
     """Three requests that run and one with slack to spare that sits out (4th by urgency)."""
     clock = Clock()
     knobs = SloKnobs(hold_steps=hold_steps, shed_load=0.0)
-    sched = slo_sched(clock, slo_knobs=knobs)
+    sched = make_slo_sched(clock, slo_knobs=knobs)
     for i in range(3):
         sched.add_request(req(f"lead{i}", 8, 200, deadline_ms=6_200.0))
     sched.add_request(req("loose", 8, 20, deadline_ms=4_000.0))
