@@ -10,6 +10,7 @@ from collections.abc import Callable
 from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.core.sched_types import ModelRunnerOutput, SchedulerOutput
 from tokenmill.core.scheduler import Scheduler, SchedulerConfig
+from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.step_model import StepCostModel
 from tokenmill.request import Request
 from tokenmill.sampling_params import SamplingParams
@@ -172,3 +173,11 @@ def make_slo_sched(clock: Clock, **kw: object) -> Scheduler:
     """`make_sched` under the slo policy, on `clock`, with `SLO_COEFFS` as its step costs."""
     base = make_sched(policy="slo", **kw)
     return Scheduler(base.config, clock=clock, step_cost=StepCostModel(SLO_COEFFS))
+
+
+def make_budget_sched(clock: Clock, knobs: SloKnobs) -> Scheduler:
+    """`make_slo_sched` with a 512-token budget and room for long prompts: a 1500-token prompt
+    takes several steps while others run beside it (the prompt-room tests)."""
+    return make_slo_sched(
+        clock, num_blocks=1024, slo_knobs=knobs, max_num_batched_tokens=512, max_model_len=4096
+    )

@@ -4,7 +4,7 @@ requests with slack to spare shrink to a share of that slack."""
 from __future__ import annotations
 
 import pytest
-from sched_utils import Clock, FakeRunner, make_slo_sched
+from sched_utils import Clock, FakeRunner, make_budget_sched
 
 from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.slo_prompt_room import MIN_TOKENS
@@ -23,13 +23,7 @@ def _bulk_chunk(slack_s: float, decode_room: float) -> int:
     """The bulk prompt's tokens in the step where a decode with `slack_s` of slack runs."""
     clock = Clock()
     knobs = SloKnobs(shed_load=0.0, decode_room=decode_room, hold_steps=0)
-    sched = make_slo_sched(
-        clock,
-        num_blocks=1024,
-        slo_knobs=knobs,
-        max_num_batched_tokens=512,
-        max_model_len=4096,
-    )
+    sched = make_budget_sched(clock, knobs)
     runner = FakeRunner(sched.config.block_size)
     # 101 tokens to generate: after its prompt step, 100 steps of 11 ms (1.1 s) remain.
     sched.add_request(_req("dec", 32, 101, slack_s + 1.1 + 0.05))

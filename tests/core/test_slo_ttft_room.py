@@ -4,7 +4,7 @@ chunks of requests with slack to spare take only what the TTFT leaves."""
 from __future__ import annotations
 
 import pytest
-from sched_utils import SLO_COEFFS, Clock, FakeRunner, make_slo_sched
+from sched_utils import SLO_COEFFS, Clock, FakeRunner, make_budget_sched
 
 from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.step_model import StepCostModel, StepShape
@@ -23,13 +23,7 @@ def _req(rid: str, n_prompt: int, max_tokens: int, arrival: float, **slo: float)
 def test_a_prompt_with_slack_leaves_the_step_to_a_ttft_about_to_miss(ttft_room: bool) -> None:
     clock = Clock()
     knobs = SloKnobs(ttft_room=ttft_room, shed_load=0.0)
-    sched = make_slo_sched(
-        clock,
-        num_blocks=1024,
-        slo_knobs=knobs,
-        max_num_batched_tokens=512,
-        max_model_len=4096,
-    )
+    sched = make_budget_sched(clock, knobs)
     runner = FakeRunner(sched.config.block_size)
     sched.add_request(_req("bulk", 1500, 4, 0.0, deadline_ms=60_000.0))
     out = sched.schedule()  # the bulk prompt's first chunk: it is running, mid-prompt
@@ -50,13 +44,7 @@ def test_a_prompt_with_slack_leaves_the_step_to_a_ttft_about_to_miss(ttft_room: 
 def test_no_spare_room_skips_the_prompt_with_slack() -> None:
     """A TTFT so tight that the urgent prompt fills the step: the other prompt sits it out."""
     clock = Clock()
-    sched = make_slo_sched(
-        clock,
-        num_blocks=1024,
-        slo_knobs=SloKnobs(shed_load=0.0),
-        max_num_batched_tokens=512,
-        max_model_len=4096,
-    )
+    sched = make_budget_sched(clock, SloKnobs(shed_load=0.0))
     runner = FakeRunner(sched.config.block_size)
     sched.add_request(_req("bulk", 1500, 4, 0.0, deadline_ms=60_000.0))
     out = sched.schedule()
