@@ -30,11 +30,17 @@ def hash_block_tokens(
     parent_hash: BlockHash | None, token_ids: Sequence[int], extra_key: str | None = None
 ) -> BlockHash:
     """Stable hash of one full block given its parent block's hash (None for the first block)."""
-    h = hashlib.sha256(parent_hash if parent_hash is not None else _ROOT_HASH)
-    h.update(struct.pack(f"<I{len(token_ids)}q", len(token_ids), *token_ids))
-    # The token count is encoded above, so the extra key cannot be confused with tokens.
-    h.update(_extra_key_bytes(extra_key))
-    return h.digest()
+    n = len(token_ids)
+    packed = struct.pack(f"<{n}q", *token_ids)
+    parent = parent_hash if parent_hash is not None else _ROOT_HASH
+    return _digest(parent, struct.pack("<I", n), packed, _extra_key_bytes(extra_key))
+
+
+def _digest(parent: BlockHash, count: bytes, packed: bytes, extra: bytes) -> BlockHash:
+    """The one layout of a block's hash: SHA-256 of its parent's hash, its token count, its
+    tokens (int64 each) and its extra key. The token count comes before the tokens, so the
+    extra key cannot be confused with tokens."""
+    return hashlib.sha256(b"".join((parent, count, packed, extra))).digest()
 
 
 def _extra_key_bytes(extra_key: str | None) -> bytes:
@@ -44,16 +50,15 @@ def _extra_key_bytes(extra_key: str | None) -> bytes:
 def _chain_hashes(
     hashes: list[BlockHash], token_ids: Sequence[int], bs: int, extra_key: str | None
 ) -> None:
-    """Appends `hash_block_tokens` of each full block of `token_ids` after `hashes[-1]` (the
-    same bytes through SHA-256: parent, count, tokens, extra key)."""
+    """Appends `hash_block_tokens` of each full block of `token_ids` after `hashes[-1]`, the
+    tokens packed once for all the blocks."""
     parent = hashes[-1] if hashes else _ROOT_HASH
     data = struct.pack(f"<{len(token_ids)}q", *token_ids)
-    head = struct.pack("<I", bs)
-    tail = _extra_key_bytes(extra_key)
+    count = struct.pack("<I", bs)
+    extra = _extra_key_bytes(extra_key)
     size = 8 * bs
-    sha = hashlib.sha256
     for k in range(0, len(data), size):
-        parent = sha(b"".join((parent, head, data[k : k + size], tail))).digest()
+        parent = _digest(parent, count, data[k : k + size], extra)
         hashes.append(parent)
 
 

@@ -66,13 +66,12 @@ class StepCostModel:
         return len(self._obs)
 
     def predict(self, shape: StepShape) -> float:
-        a, b, c, d = self.coeffs
-        # The same sum, in the same order, as over `features()`.
-        return max(1e-6, a + b * shape.tokens + c * shape.seqs + d * (shape.context / 1000.0))
+        return self.predict_counts(shape.tokens, shape.seqs, shape.context)
 
     def predict_counts(self, tokens: int, seqs: int, context: int) -> float:
-        """`predict(StepShape(tokens, seqs, context))`, the same arithmetic, without the shape."""
+        """`predict` of a step of this shape, without building the `StepShape`."""
         a, b, c, d = self.coeffs
+        # The same sum, in the same order, as over `features()`.
         return max(1e-6, a + b * tokens + c * seqs + d * (context / 1000.0))
 
     def observe(self, shape: StepShape, seconds: float) -> None:
