@@ -14,7 +14,7 @@ from tokenmill.sim import simulator
 from tokenmill.sim.fast_forward import run_decodes
 from tokenmill.sim.report import summarize
 from tokenmill.sim.simulator import SimConfig, simulate
-from tokenmill.sim.text2sql import FANOUT, generate
+from tokenmill.sim.text2sql import FANOUT, deadline_multiples, generate
 from tokenmill.sim.trace import TraceRecord, check_trace, load_trace, prompt_ids, save_trace
 
 
@@ -34,6 +34,15 @@ def test_trace_is_reproducible_and_shaped() -> None:
             assert r.slo and "ttft_ms" in r.slo and not r.after
     assert stages and all(3 <= len(s) <= 5 for s in stages.values())
     assert set(copies.values()) == {1, FANOUT}
+
+
+def test_deadline_multiples_recover_the_drawn_range() -> None:
+    recs = generate(0.5, 240, seed=3, deadline_scale=(2.5, 4.0))
+    multiples = deadline_multiples(recs)
+    assert set(multiples) == {r.workflow["id"] for r in recs if r.workflow}
+    # Deadlines are rounded to 0.1 ms: the multiples are the drawn ones to within that.
+    assert all(2.5 - 1e-3 <= m <= 4.0 + 1e-3 for _, m in multiples.values())
+    assert {n for n, _ in multiples.values()} == {3, 4, 5}
 
 
 def test_prompt_ids_are_drawn_once_and_handed_out_as_fresh_lists() -> None:

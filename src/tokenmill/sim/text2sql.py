@@ -17,7 +17,7 @@ from tokenmill.sim.trace import TraceRecord
 FANOUT = 4
 
 
-def _alone_seconds(prompt: int, output: int, coeffs: tuple[float, ...], budget: int) -> float:
+def alone_seconds(prompt: int, output: int, coeffs: tuple[float, ...], budget: int) -> float:
     """A request's time when served alone: its prefill chunks, then one step per token."""
     a, b, c, d = coeffs
     chunks = -(-prompt // budget)
@@ -82,7 +82,7 @@ def _workflow(
         stages.append((f"fix{k}", question + 160, rng.randint(32, 96), 1, rng.uniform(0.02, 0.1)))
     stages.append(("check", question + 96, rng.randint(8, 24), 1, rng.uniform(0.02, 0.1)))
     # Critical path in isolation: the deadline is a random multiple of it.
-    alone = sum(_alone_seconds(schema + p, o, coeffs, budget) + dl for _, p, o, _, dl in stages)
+    alone = sum(alone_seconds(schema + p, o, coeffs, budget) + dl for _, p, o, _, dl in stages)
     deadline_ms = round(alone * rng.uniform(*deadline_scale) * 1000.0, 1)
     out: list[TraceRecord] = []
     parents: list[str] = []
@@ -104,4 +104,26 @@ def _workflow(
                 )
             )
         parents = ids
+    return out
+
+
+def deadline_multiples(
+    records: list[TraceRecord],
+    coeffs: tuple[float, float, float, float] = DEFAULT_COEFFS,
+    budget: int = 512,
+) -> dict[str, tuple[int, float]]:
+    """Workflow id -> (number of stages, its deadline over its critical path served alone): the
+    multiple `generate` drew (with the same `coeffs` and `budget`)."""
+    stages: dict[str, dict[int, TraceRecord]] = {}
+    for r in records:
+        if r.workflow is not None:
+            stages.setdefault(r.workflow["id"], {}).setdefault(r.workflow["stage"], r)
+    out: dict[str, tuple[int, float]] = {}
+    for wid, by_stage in stages.items():
+        alone = sum(
+            alone_seconds(r.prompt_tokens, r.output_tokens, coeffs, budget) + r.delay
+            for r in by_stage.values()
+        )
+        deadline = (by_stage[0].slo or {})["deadline_ms"] / 1000.0
+        out[wid] = (len(by_stage), deadline / alone)
     return out
