@@ -8,8 +8,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tokenmill.core import kv_cache_manager as kvm
-from tokenmill.core.kv_cache_manager import KVCacheManager, hash_block_tokens
+from tokenmill.core import block_hash
+from tokenmill.core.block_hash import hash_block_tokens
+from tokenmill.core.kv_cache_manager import KVCacheManager
 from tokenmill.core.kv_group import KVGroupSpec
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
@@ -181,7 +182,7 @@ def test_hashing_is_incremental(monkeypatch: pytest.MonkeyPatch) -> None:
             calls += 1
             return hashlib.sha256(*args)
 
-    monkeypatch.setattr(kvm, "hashlib", CountingHashlib)
+    monkeypatch.setattr(block_hash, "hashlib", CountingHashlib)
     kv = one_group(300, 4)
     req = make_req(list(range(10)))
     admit(kv, req)

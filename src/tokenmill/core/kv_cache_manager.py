@@ -1,8 +1,9 @@
 """Per-request block tables, one per KV cache group (core/kv_group.py), with automatic prefix
 caching.
 
-A full block is identified by a chained SHA-256 over (parent hash, its token ids, extra key), so
-a hit means the whole prefix up to that block is identical and its KV can be reused. Only full,
+A full block is identified by a chained SHA-256 over (parent hash, its token ids, extra key;
+core/block_hash.py), so a hit means the whole prefix up to that block is identical and its KV
+can be reused. Only full,
 computed blocks are ever cached; block tables grow at the end only. Every group caches the same
 hashes in its own pool, and a prefix hit is the longest one every group can serve: a global
 group needs each block of the prefix, a sliding-window group only the window behind it.
@@ -14,52 +15,13 @@ about window / block_size blocks of such a group, whatever its length.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tokenmill.core.block_hash import chain_hashes, hash_block_tokens
 from tokenmill.core.block_pool import BlockHash
 from tokenmill.core.kv_group import KVGroup, KVGroupSpec
 from tokenmill.request import Request
-
-_ROOT_HASH = hashlib.sha256(b"tokenmill-kv-root").digest()
-
-
-def hash_block_tokens(
-    parent_hash: BlockHash | None, token_ids: Sequence[int], extra_key: str | None = None
-) -> BlockHash:
-    """Stable hash of one full block given its parent block's hash (None for the first block)."""
-    n = len(token_ids)
-    packed = struct.pack(f"<{n}q", *token_ids)
-    parent = parent_hash if parent_hash is not None else _ROOT_HASH
-    return _digest(parent, struct.pack("<I", n), packed, _extra_key_bytes(extra_key))
-
-
-def _digest(parent: BlockHash, count: bytes, packed: bytes, extra: bytes) -> BlockHash:
-    """The one layout of a block's hash: SHA-256 of its parent's hash, its token count, its
-    tokens (int64 each) and its extra key. The token count comes before the tokens, so the
-    extra key cannot be confused with tokens."""
-    return hashlib.sha256(b"".join((parent, count, packed, extra))).digest()
-
-
-def _extra_key_bytes(extra_key: str | None) -> bytes:
-    return b"\x00" if extra_key is None else b"\x01" + extra_key.encode("utf-8")
-
-
-def _chain_hashes(
-    hashes: list[BlockHash], token_ids: Sequence[int], bs: int, extra_key: str | None
-) -> None:
-    """Appends `hash_block_tokens` of each full block of `token_ids` after `hashes[-1]`, the
-    tokens packed once for all the blocks."""
-    parent = hashes[-1] if hashes else _ROOT_HASH
-    data = struct.pack(f"<{len(token_ids)}q", *token_ids)
-    count = struct.pack("<I", bs)
-    extra = _extra_key_bytes(extra_key)
-    size = 8 * bs
-    for k in range(0, len(data), size):
-        parent = _digest(parent, count, data[k : k + size], extra)
-        hashes.append(parent)
 
 
 @dataclass(frozen=True)
@@ -146,7 +108,7 @@ class KVCacheManager:
         if n > bs:  # several blocks (a prompt's lookup): their tokens packed in one go
             tokens = req.token_slice(start * bs, num_full_blocks * bs)
             if len(tokens) == n:
-                _chain_hashes(hashes, tokens, bs, req.cache_salt)
+                chain_hashes(hashes, tokens, bs, req.cache_salt)
                 return hashes
         while len(hashes) < num_full_blocks:
             i = len(hashes)
