@@ -77,6 +77,26 @@ def test_request_without_hit_is_not_starved() -> None:
     assert not sched.admission.num_passed_over  # nothing left behind for finished requests
 
 
+def test_a_round_that_admits_no_one_passes_no_one_over() -> None:
+    sched = make_sched(max_passed_over=2)
+    warm(sched, FakeRunner(4), DOC + [1])
+    miss = make_req([9, 9, 9, 9, 9], rid="miss")
+    hit = make_req(DOC + [2], rid="hit")
+    other = make_req([8, 8, 8, 8, 8], rid="other")
+    waiting = [miss, hit, other]  # policy order
+    for _ in range(3):  # memory is full, say: nobody is admitted, step after step
+        sched.admission.start_round(waiting, []).close()
+    assert not sched.admission.num_passed_over
+    admission = sched.admission.start_round(waiting, [])
+    assert [r.request_id for r in admission.reqs] == ["hit", "miss", "other"]
+    admission.admit(hit)
+    admission.close()  # "hit" went ahead of "miss" only
+    assert sched.admission.num_passed_over == {"miss": 1}
+    for req in waiting:  # drop the lookups' hashes
+        req.status = RequestStatus.FINISHED_ABORTED
+        sched.kv_cache_manager.free(req)
+
+
 def test_order_preempted_then_starving_then_longest_hit() -> None:
     sched = make_sched(max_passed_over=2)
     warm(sched, FakeRunner(4), DOC + [1])

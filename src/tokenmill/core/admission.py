@@ -59,11 +59,11 @@ class AdmissionRound:
     def close(self) -> None:
         """Count, for every request still waiting, whether one behind it was admitted first."""
         passed = self._admission.num_passed_over
-        last = -1
+        last = -1  # the last admitted request's place in policy order (-1: none admitted)
         for i, req in enumerate(self._policy_order):
             if req.request_id in self._admitted:
                 last = i
-        for req in self._policy_order[:last]:
+        for req in self._policy_order[: max(last, 0)]:  # a round that admits no one passes no one
             rid = req.request_id
             if rid not in self._admitted:
                 passed[rid] = passed.get(rid, 0) + 1
