@@ -75,6 +75,25 @@ def test_hopeless_request_goes_last_and_is_flagged() -> None:
     assert doomed.slo_hopeless and sched.slo.num_hopeless == 1
 
 
+def test_hopeless_requests_go_last_in_arrival_order_for_good() -> None:
+    clock = Clock()
+    sched = make_slo_sched(clock, max_num_seqs=1)
+    sched.add_request(req("h1", 8, 20, deadline_ms=50.0))  # 20 steps of 10 ms: too late
+    sched.add_request(req("h2", 8, 40, arrival=0.001, deadline_ms=50.0))  # even more so
+    sched.add_request(req("fine", 8, 5, arrival=0.002, deadline_ms=5_000.0))
+    assert drive(sched, clock) == ["fine", "h1", "h2"]  # not h2 first, by latest start
+    # A first token too late for its TTFT: the TPOT target left is easy, but it stays hopeless.
+    late = req("late", 8, 20, arrival=clock.now, ttft_ms=1.0, tpot_ms=1_000.0)
+    sched.add_request(late)
+    runner = FakeRunner(sched.config.block_size)
+    for _ in range(3):
+        out = sched.schedule()
+        clock.now += 0.01
+        sched.update_from_output(out, runner.execute(out))
+    assert late.num_output_tokens == 3 and late.slo_hopeless
+    assert sched._key(late)[0] == 2
+
+
 def test_ttft_rescue_preempts_a_decode_with_slack() -> None:
     clock = Clock()
     sched = make_slo_sched(clock, max_num_seqs=1)

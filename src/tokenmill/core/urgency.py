@@ -14,7 +14,8 @@ batch takes T; a pending chunk of p tokens takes ceil(p / budget) steps plus p t
 cost. A request's latest start time (LST) is its tightest target minus the work still needed to
 meet it; slack = LST - now. Least slack first is earliest LST first, so the order does not
 depend on `now` within a step. A request whose slack is negative however it is served is
-hopeless: the slo policy serves it after every request that can still make it.
+hopeless: the slo policy serves it after every request that can still make it, in arrival
+order. Being hopeless is final.
 
 The clock is injected (the simulator runs on simulated time). Pure Python.
 """
@@ -236,6 +237,10 @@ class SloTracker:
         st = self.states.get(req.request_id)
         if st is None:
             return (0, INF, req.arrival_time, arrival_seq)
+        if st.hopeless:
+            # Final: served alone from now on, its work left would shrink no faster than time
+            # passes. Hopeless requests go last, in arrival order, without taking slack again.
+            return (2, INF, req.arrival_time, arrival_seq)
         n_out = len(req.output_token_ids)
         n_tok = len(req.prompt_token_ids) + n_out
         done = req.num_computed_tokens
