@@ -16,6 +16,7 @@ from tokenmill.core.sched_types import ModelRunnerOutput
 from tokenmill.core.scheduler import Scheduler
 from tokenmill.core.slo_knobs import SloKnobs
 from tokenmill.core.step_model import StepCostModel, StepShape
+from tokenmill.core.urgency import SETTLED_STEPS
 from tokenmill.request import Request, RequestStatus
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.sim.simulator import SimConfig, simulate
@@ -75,14 +76,16 @@ def test_hopeless_request_goes_last_and_is_flagged() -> None:
     assert doomed.slo_hopeless and sched.slo.num_hopeless == 1
 
 
-def test_hopeless_requests_go_last_in_arrival_order_for_good() -> None:
-    clock = Clock()
-    sched = make_slo_sched(clock, max_num_seqs=1)
-    sched.add_request(req("h1", 8, 20, deadline_ms=50.0))  # 20 steps of 10 ms: too late
-    sched.add_request(req("h2", 8, 40, arrival=0.001, deadline_ms=50.0))  # even more so
-    sched.add_request(req("fine", 8, 5, arrival=0.002, deadline_ms=5_000.0))
-    assert drive(sched, clock) == ["fine", "h1", "h2"]  # not h2 first, by latest start
-    # A first token too late for its TTFT: the TPOT target left is easy, but it stays hopeless.
+def settle(sched: Scheduler) -> None:
+    """Feeds the step-cost model `SETTLED_STEPS` steps at its own predictions (it keeps them)."""
+    cost = sched.step_cost
+    for i in range(SETTLED_STEPS):
+        shape = StepShape(1 + 37 * (i % 5), 1 + i % 3, 50 * (i % 7))
+        cost.observe(shape, cost.predict(shape))
+
+
+def run_late_chat(sched: Scheduler, clock: Clock) -> Request:
+    """A chat whose TTFT no one could meet, run for 3 tokens: its TPOT target left is easy."""
     late = req("late", 8, 20, arrival=clock.now, ttft_ms=1.0, tpot_ms=1_000.0)
     sched.add_request(late)
     runner = FakeRunner(sched.config.block_size)
@@ -91,7 +94,24 @@ def test_hopeless_requests_go_last_in_arrival_order_for_good() -> None:
         clock.now += 0.01
         sched.update_from_output(out, runner.execute(out))
     assert late.num_output_tokens == 3 and late.slo_hopeless
-    assert sched._key(late)[0] == 2
+    return late
+
+
+def test_hopeless_requests_go_last_in_arrival_order_for_good() -> None:
+    clock = Clock()
+    sched = make_slo_sched(clock, max_num_seqs=1)
+    settle(sched)
+    coeffs = sched.step_cost.coeffs
+    sched.add_request(req("h1", 8, 20, deadline_ms=50.0))  # 20 steps of 10 ms: too late
+    sched.add_request(req("h2", 8, 40, arrival=0.001, deadline_ms=50.0))  # even more so
+    sched.add_request(req("fine", 8, 5, arrival=0.002, deadline_ms=5_000.0))
+    assert drive(sched, clock) == ["fine", "h1", "h2"]  # not h2 first, by latest start
+    assert sched._key(run_late_chat(sched, clock))[0] == 2  # stays hopeless
+    assert sched.step_cost.coeffs == pytest.approx(coeffs)
+    # While the cost model may still be its prior, the verdict is taken afresh at each step.
+    clock = Clock()
+    sched = make_slo_sched(clock, max_num_seqs=1)
+    assert sched._key(run_late_chat(sched, clock))[0] == 0
 
 
 def test_ttft_rescue_preempts_a_decode_with_slack() -> None:

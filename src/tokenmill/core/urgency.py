@@ -15,7 +15,7 @@ cost. A request's latest start time (LST) is its tightest target minus the work 
 meet it; slack = LST - now. Least slack first is earliest LST first, so the order does not
 depend on `now` within a step. A request whose slack is negative however it is served is
 hopeless: the slo policy serves it after every request that can still make it, in arrival
-order. Being hopeless is final.
+order. Being hopeless is final once the step-cost model has measured `SETTLED_STEPS` steps.
 
 The clock is injected (the simulator runs on simulated time). Pure Python.
 """
@@ -31,6 +31,10 @@ from tokenmill.core.step_model import StepCostModel, StepShape
 from tokenmill.request import Request
 
 INF = math.inf
+# Hopeless is final once the step-cost model has measured this many steps. Before, its
+# predictions may still be the prior's (a 2-core CPU), far from this host, so the verdict is
+# taken afresh at each decision.
+SETTLED_STEPS = 64
 _EMA = 0.2  # weight of a new observation in a stage index's average work
 
 
@@ -237,7 +241,7 @@ class SloTracker:
         st = self.states.get(req.request_id)
         if st is None:
             return (0, INF, req.arrival_time, arrival_seq)
-        if st.hopeless:
+        if st.hopeless and self.cost.num_observed >= SETTLED_STEPS:
             # Final: served alone from now on, its work left would shrink no faster than time
             # passes. Hopeless requests go last, in arrival order, without taking slack again.
             return (2, INF, req.arrival_time, arrival_seq)
