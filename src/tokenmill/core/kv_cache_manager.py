@@ -3,10 +3,10 @@ caching.
 
 A full block is identified by a chained SHA-256 over (parent hash, its token ids, extra key;
 core/block_hash.py), so a hit means the whole prefix up to that block is identical and its KV
-can be reused. Only full,
-computed blocks are ever cached; block tables grow at the end only. Every group caches the same
-hashes in its own pool, and a prefix hit is the longest one every group can serve: a global
-group needs each block of the prefix, a sliding-window group only the window behind it.
+can be reused. Only full, computed blocks are ever cached; block tables grow at the end only.
+Every group caches the same hashes in its own pool, and a prefix hit is the longest one every
+group can serve: a global group needs each block of the prefix, a sliding-window group only the
+window behind it.
 
 Sliding-window groups give back blocks once no future query can see them (still cached for
 prefix reuse); the table keeps the group's null block in their place. A long request then holds
