@@ -84,15 +84,19 @@ def settle(sched: Scheduler) -> None:
         cost.observe(shape, cost.predict(shape))
 
 
+def run_steps(sched: Scheduler, clock: Clock, n: int, dt: float = 0.01) -> None:
+    runner = FakeRunner(sched.config.block_size)
+    for _ in range(n):
+        out = sched.schedule()
+        clock.now += dt
+        sched.update_from_output(out, runner.execute(out))
+
+
 def run_late_chat(sched: Scheduler, clock: Clock) -> Request:
     """A chat whose TTFT no one could meet, run for 3 tokens: its TPOT target left is easy."""
     late = req("late", 8, 20, arrival=clock.now, ttft_ms=1.0, tpot_ms=1_000.0)
     sched.add_request(late)
-    runner = FakeRunner(sched.config.block_size)
-    for _ in range(3):
-        out = sched.schedule()
-        clock.now += 0.01
-        sched.update_from_output(out, runner.execute(out))
+    run_steps(sched, clock, 3)
     assert late.num_output_tokens == 3 and late.slo_hopeless
     return late
 
@@ -119,11 +123,7 @@ def test_ttft_rescue_preempts_a_decode_with_slack() -> None:
     sched = make_slo_sched(clock, max_num_seqs=1)
     long = req("long", 8, 50)  # no target: slack to spare
     sched.add_request(long)
-    runner = FakeRunner(sched.config.block_size)
-    for _ in range(3):
-        out = sched.schedule()
-        clock.now += 0.01
-        sched.update_from_output(out, runner.execute(out))
+    run_steps(sched, clock, 3)
     assert long.status == RequestStatus.RUNNING and long.num_output_tokens == 3
     sched.add_request(req("chat", 8, 2, arrival=clock.now, ttft_ms=30.0))
     out = sched.schedule()
