@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import host_info, write_json  # noqa: E402
 from slo_sweep import at_rate  # noqa: E402
 
-from tokenmill.sim.report import summarize  # noqa: E402
+from tokenmill.sim.report import summarize, workflow_met  # noqa: E402
 from tokenmill.sim.simulator import Outcome, SimConfig, simulate  # noqa: E402
 from tokenmill.sim.text2sql import deadline_multiples, generate  # noqa: E402
 
@@ -29,16 +29,6 @@ from tokenmill.sim.text2sql import deadline_multiples, generate  # noqa: E402
 POINTS = ["0:0.4116", "1:0.4419", "2:0.45", "3:0.4242", "4:0.4604", "5:0.3984", "6:0.4451",
           "7:0.4572"]  # fmt: skip
 BUCKETS = ("2-3x", "3-4x", "4-5x", "5-6x")
-
-
-def met(stages: list[Outcome], num_stages: int) -> bool:
-    """Whether a workflow met its deadline: every stage sent, run and finished in time."""
-    if len({o.rec.workflow["stage"] for o in stages}) < num_stages:  # type: ignore[index]
-        return False  # a later stage was never sent: the deadline had passed
-    if any(o.finish is None or o.rejected for o in stages):
-        return False
-    deadline = (stages[0].rec.slo or {})["deadline_ms"] / 1000.0
-    return max(o.finish for o in stages) - stages[0].workflow_start <= deadline  # type: ignore[type-var]
 
 
 def tally(policy: str, seed: int, rate: float, arrivals: float) -> tuple[Counter, float]:
@@ -53,7 +43,7 @@ def tally(policy: str, seed: int, rate: float, arrivals: float) -> tuple[Counter
     for wid, (n, multiple) in deadline_multiples(recs).items():
         bucket = BUCKETS[min(max(int(multiple) - 2, 0), len(BUCKETS) - 1)]
         counts[n, bucket, "n"] += 1
-        counts[n, bucket, "miss"] += not met(by_wf.get(wid, []), n)
+        counts[n, bucket, "miss"] += not workflow_met(by_wf[wid])
     att = summarize(res.outcomes.values(), res.makespan).deadline_attainment
     return counts, att
 

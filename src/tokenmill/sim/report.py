@@ -65,6 +65,23 @@ def request_met(o: Outcome) -> dict[str, bool]:
     return met
 
 
+def workflow_latency(stages: list[Outcome]) -> float:
+    """From a workflow's start to the end of its last stage (inf if a stage was refused or never
+    finished; a stage never sent, its parent refused, counts through that parent)."""
+    if any(s.finish is None or s.rejected for s in stages):
+        return float("inf")
+    return max(s.finish for s in stages) - stages[0].workflow_start  # type: ignore[type-var]
+
+
+def workflow_met(stages: list[Outcome], latency: float | None = None) -> bool:
+    """Whether a workflow (the outcomes of its stages) met its deadline; `latency`: its
+    `workflow_latency`, if the caller has it."""
+    deadline = (stages[0].rec.slo or {}).get("deadline_ms")
+    if latency is None:
+        latency = workflow_latency(stages)
+    return deadline is not None and latency <= deadline / 1e3
+
+
 def summarize(outcomes: Iterable[Outcome], makespan: float) -> Report:
     outs = list(outcomes)
     mets = [request_met(o) for o in outs]
@@ -76,13 +93,9 @@ def summarize(outcomes: Iterable[Outcome], makespan: float) -> Report:
     wf_met: list[bool] = []
     wf_latency: list[float] = []
     for stages in workflows.values():
-        start = stages[0].workflow_start
-        deadline = (stages[0].rec.slo or {}).get("deadline_ms")
-        done = all(s.finish is not None and not s.rejected for s in stages)
-        expected = True  # a stage never released (its parent was rejected) counts as a miss
-        end = max((s.finish or 0.0) for s in stages)
-        wf_latency.append(end - start if done else float("inf"))
-        wf_met.append(expected and done and deadline is not None and end - start <= deadline / 1e3)
+        latency = workflow_latency(stages)
+        wf_latency.append(latency)
+        wf_met.append(workflow_met(stages, latency))
     single_deadline = [
         m["deadline"]
         for o, m in zip(outs, mets, strict=True)
