@@ -22,7 +22,7 @@ import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from tokenmill.core.urgency import INF, SloTracker
+from tokenmill.core.urgency import INF, SloState, SloTracker
 from tokenmill.request import Request
 
 
@@ -43,12 +43,11 @@ def doomed(
     """The requests to give up on now (Moore-Hodgson over workflows and single requests)."""
     jobs: dict[str, _Job] = {}
     states = tracker.states
-    job_of = tracker.job
     for req in reqs:
         st = states.get(req.request_id)
         if st is None or key(req)[0]:
             continue  # no target, hopeless or doomed already: not competing
-        due, work = job_of(req, st)
+        due, work = job_of(tracker, req, st)
         if due == INF:
             continue
         wf = req.sampling_params.workflow
@@ -87,3 +86,29 @@ def doomed(
             total += neg
             out.extend(victim.reqs)
     return out
+
+
+def job_of(tracker: SloTracker, req: Request, st: SloState) -> tuple[float, float]:
+    """(due time, server seconds needed by then) of the request's binding target: the one its
+    latest start time comes from. Server seconds are marginal: prompt tokens cost b, each
+    decode step a 1/batch share of the current decode step."""
+    n_out = len(req.output_token_ids)
+    n_tok = len(req.prompt_token_ids) + n_out
+    pending = n_tok - max(req.num_computed_tokens, st.cached)
+    a, b, c, d = tracker.cost.coeffs
+    per_token = tracker.step_time / tracker.batch
+    if pending > 1:
+        first = pending * b + -(-pending // tracker.budget) * (c + d * n_tok / 1000.0)
+    else:
+        first = per_token
+    end = first + max(0, req.max_tokens - n_out - 1) * per_token
+    best = (INF, 0.0)
+    if st.first_token is None and st.ttft_deadline < INF:
+        best = (st.ttft_deadline, first)
+    if st.stage_deadline < INF and st.stage_deadline - end < best[0] - best[1]:
+        best = (st.stage_deadline, end)
+    if st.tpot_s is not None and st.first_token is not None:
+        due = st.first_token + st.tpot_s * max(0, req.max_tokens - 1)
+        if due - end < best[0] - best[1]:
+            best = (due, end)
+    return best

@@ -286,31 +286,6 @@ class SloTracker:
         rank = 2 if hopeless else 1 if st.doomed else 0
         return (rank, lst, req.arrival_time, arrival_seq)
 
-    def job(self, req: Request, st: SloState) -> tuple[float, float]:
-        """(due time, server seconds needed by then) of the request's binding target: the one
-        its latest start time comes from. Server seconds are marginal: prompt tokens cost b,
-        each decode step a 1/batch share of the current decode step."""
-        n_out = len(req.output_token_ids)
-        n_tok = len(req.prompt_token_ids) + n_out
-        pending = n_tok - max(req.num_computed_tokens, st.cached)
-        a, b, c, d = self.cost.coeffs
-        per_token = self.step_time / self.batch
-        if pending > 1:
-            first = pending * b + -(-pending // self.budget) * (c + d * n_tok / 1000.0)
-        else:
-            first = per_token
-        end = first + max(0, req.max_tokens - n_out - 1) * per_token
-        best = (INF, 0.0)
-        if st.first_token is None and st.ttft_deadline < INF:
-            best = (st.ttft_deadline, first)
-        if st.stage_deadline < INF and st.stage_deadline - end < best[0] - best[1]:
-            best = (st.stage_deadline, end)
-        if st.tpot_s is not None and st.first_token is not None:
-            due = st.first_token + st.tpot_s * max(0, req.max_tokens - 1)
-            if due - end < best[0] - best[1]:
-                best = (due, end)
-        return best
-
     def slack(self, req: Request) -> float:
         st = self.states.get(req.request_id)
         return INF if st is None else self.latest_start(req, st) - self.now
