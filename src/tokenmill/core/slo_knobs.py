@@ -35,7 +35,7 @@ class SloKnobs:
     chunk_tokens: int = 128
     # ... and less while a decode that runs is short of slack: this fraction of the tightest
     # one's slack per remaining step, in prompt tokens (core/slo_prompt_room.py; 0: off).
-    decode_room: float = 0.5
+    decode_room: float = 1.0
     # While a request's first token is about to miss its TTFT, the prompt chunks of requests
     # with slack to spare share its step only as far as its TTFT allows (a chat admitted beside
     # a 400-token schema chunk waits for the whole chunk).
