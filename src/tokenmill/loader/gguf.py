@@ -1,12 +1,10 @@
 """GGUF files: header, metadata and tensor table, tensors under HF parameter names (dequantized,
 or Q4_0/Q4_1/Q8_0 blocks kept as they are for the quantized kernels). The metadata's HF config
-is built in gguf_config, the dequantization in gguf_dequant."""
+is built in gguf_config, the dequantization in gguf_dequant, the tensor names in gguf_names."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,61 +18,8 @@ from tokenmill.errors import ModelLoadError
 from tokenmill.loader import gguf_config
 from tokenmill.loader.gguf_config import checked_architecture
 from tokenmill.loader.gguf_dequant import dequantize
+from tokenmill.loader.gguf_names import NORM_PLUS_ONE_ARCHS, PERMUTED_ARCHS, hf_name, unpermute
 from tokenmill.quant.packing import GGUF_FORMATS, QuantizedTensor
-
-# llama.cpp's converter interleaves q/k rows per head for these (LlamaModel.permute); qwen2 is not.
-_PERMUTED_ARCHS = frozenset({"llama"})
-
-_TOP_LEVEL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q_norm": "self_attn.q_norm",  # qwen3: per-head RMSNorm weights [head_dim]
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_qkv": "self_attn.qkv_proj",  # phi3: q, k, v rows fused, as in the HF checkpoint
-    # Mixture of experts: the router [E, hidden]; each projection's experts stacked in one 3-D
-    # tensor [E, rows, cols] (split per expert by iter_tensors); Qwen2-MoE's shared expert.
-    "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_exps": "mlp.experts.gate_proj",
-    "ffn_up_exps": "mlp.experts.up_proj",
-    "ffn_down_exps": "mlp.experts.down_proj",
-    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
-    "ffn_up_shexp": "mlp.shared_expert.up_proj",
-    "ffn_down_shexp": "mlp.shared_expert.down_proj",
-    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
-}
-# Gemma: four norms per layer (ffn_norm is the one before the MLP) and Gemma 3's q/k norms.
-_GEMMA_LAYER_NAMES = {
-    **_LAYER_NAMES,
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-}
-# llama.cpp's converter stores Gemma's norm weights as 1 + w (the scale itself); HF keeps w.
-_NORM_PLUS_ONE_ARCHS = frozenset({"gemma2", "gemma3"})
-# Per-architecture names: llama.cpp's phi3 `ffn_up` holds gate and up rows (HF gate_up_proj).
-_ARCH_LAYER_NAMES = {"phi3": {**_LAYER_NAMES, "ffn_up": "mlp.gate_up_proj"}}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-# Mixtral GGUFs converted before llama.cpp stacked the experts: one 2-D tensor per expert.
-_EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
-# Not HF parameters: llama3 rope frequency factors and phi3's longrope factors, turned back
-# into rope_scaling instead (gguf_config).
-_IGNORED_TENSORS = frozenset(
-    {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
-)
 
 
 class _FastReader(GGUFReader):
@@ -177,26 +122,7 @@ class GGUFFile:
 
     def hf_name(self, gguf_name: str) -> str | None:
         """The HF parameter name of a GGUF tensor; None for tensors HF has no parameter for."""
-        if gguf_name in _TOP_LEVEL_NAMES:
-            return _TOP_LEVEL_NAMES[gguf_name]
-        if gguf_name in _IGNORED_TENSORS:
-            return None
-        m = _EXPERT_RE.fullmatch(gguf_name)
-        if m is not None:
-            layer, proj, expert = m.groups()
-            return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
-        m = _LAYER_RE.fullmatch(gguf_name)
-        names = (
-            _GEMMA_LAYER_NAMES
-            if self.architecture in _NORM_PLUS_ONE_ARCHS
-            else _ARCH_LAYER_NAMES.get(self.architecture, _LAYER_NAMES)
-        )
-        if m is None or m.group(2) not in names:
-            raise ModelLoadError(
-                f"GGUF file {self.path}: unexpected tensor {gguf_name!r} "
-                f"for architecture {self.architecture!r}"
-            )
-        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
+        return hf_name(gguf_name, self.architecture, self.path)
 
     def read_tensor(self, gguf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One tensor by GGUF name, dequantized, in HF shape order; q/k rows not un-permuted."""
@@ -221,8 +147,8 @@ class GGUFFile:
         blocks as stored and float tensors in their stored dtype (others still converted)."""
         arch = checked_architecture(self)
         cfg = self.hf_config()
-        permute = arch in _PERMUTED_ARCHS
-        norm_plus_one = arch in _NORM_PLUS_ONE_ARCHS
+        permute = arch in PERMUTED_ARCHS
+        norm_plus_one = arch in NORM_PLUS_ONE_ARCHS
         for gguf_name in self._tensors:
             name = self.hf_name(gguf_name)
             if name is None:
@@ -244,9 +170,9 @@ class GGUFFile:
             else:
                 w = self.read_tensor(gguf_name, dtype)
             if permute and ".attn_q." in gguf_name:
-                w = _unpermute(w, cfg["num_attention_heads"])
+                w = unpermute(w, cfg["num_attention_heads"])
             elif permute and ".attn_k." in gguf_name:
-                w = _unpermute(w, cfg["num_key_value_heads"])
+                w = unpermute(w, cfg["num_key_value_heads"])
             yield name, w
 
     def _per_expert(
@@ -318,11 +244,3 @@ def _field_value(field: ReaderField) -> Any:
     if main == GGUFValueType.STRING:
         return bytes(field.parts[field.data[0]]).decode("utf-8")
     return field.parts[field.data[0]][0].item()
-
-
-def _unpermute(w: torch.Tensor | QuantizedTensor, n_head: int) -> torch.Tensor | QuantizedTensor:
-    """Inverse of llama.cpp's LlamaModel.permute: rows [h, 2, d/2] were stored as [h, d/2, 2]."""
-    if isinstance(w, QuantizedTensor):  # whole rows of blocks move
-        return dataclasses.replace(w, blocks=_unpermute(w.blocks, n_head))
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
