@@ -66,8 +66,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="results/slo_points.json")
     args = p.parse_args(argv)
     variants = [json.loads(v) for v in args.variants]
-    for v in variants:
-        SloKnobs(**v)  # a misspelt knob fails here, before any replay
+    for v in variants:  # a misspelt knob or a bad value fails here, before any replay
+        try:
+            SloKnobs(**v)
+        except (TypeError, AssertionError) as e:
+            msg = f"--variants {json.dumps(v)}: not a valid SloKnobs override ({e})"
+            raise SystemExit(msg) from None
     points = [(s, r) for name in args.sets for s, r in SETS[name]]
     jobs = [(v, s, r, args.arrivals) for v in variants for s, r in points]
     with ProcessPoolExecutor(args.jobs) as pool:
