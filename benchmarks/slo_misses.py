@@ -19,15 +19,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import host_info, write_json  # noqa: E402
+from slo_points import SETS  # noqa: E402
 from slo_sweep import at_rate  # noqa: E402
 
 from tokenmill.sim.report import summarize, workflow_met  # noqa: E402
 from tokenmill.sim.simulator import Outcome, SimConfig, simulate  # noqa: E402
 from tokenmill.sim.text2sql import deadline_multiples, generate  # noqa: E402
 
-# seed:rate, 1.5x FCFS's 95% rate per seed (benchmarks/results/slo_sweep/seed*.json)
-POINTS = ["0:0.4116", "1:0.4419", "2:0.45", "3:0.4242", "4:0.4604", "5:0.3984", "6:0.4451",
-          "7:0.4572"]  # fmt: skip
+# seed:rate, 1.5x FCFS's 95% rate per seed: slo_points.py's point set t2a
+POINTS = [f"{seed}:{rate}" for seed, rate in SETS["t2a"]]
 BUCKETS = ("2-3x", "3-4x", "4-5x", "5-6x")
 
 
