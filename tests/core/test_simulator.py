@@ -101,6 +101,10 @@ def _assert_fast_forward_changes_nothing(
     fast = simulate(recs, config, log_steps=True)
     assert sum(skipped) > 100  # it really fast-forwarded
     assert fast.num_steps == full.num_steps and fast.step_log == full.step_log
+    busy = 0.0
+    for _, dt in full.step_log:
+        busy += dt
+    assert fast.busy == full.busy == busy and 0.0 < busy < full.makespan
     for rid, o in full.outcomes.items():
         f = fast.outcomes[rid]
         assert (f.first_token, f.finish, f.rejected, f.hopeless) == (

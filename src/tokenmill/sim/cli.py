@@ -76,9 +76,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         wall = time.perf_counter() - t0
         report = summarize(result.outcomes.values(), result.makespan)
         if args.json:
-            print(json.dumps({"policy": policy, "wall_s": round(wall, 3), **asdict(report)}))
+            busy = {"busy_s": result.busy, "num_steps": result.num_steps}
+            print(
+                json.dumps({"policy": policy, "wall_s": round(wall, 3), **busy, **asdict(report)})
+            )
         else:
-            print(f"== {policy}: {result.num_steps} steps, {len(records) / wall:.0f} req/s wall")
+            print(
+                f"== {policy}: {result.num_steps} steps, busy "
+                f"{result.busy / max(result.makespan, 1e-9):.0%} of the makespan, "
+                f"{len(records) / wall:.0f} req/s wall"
+            )
             print("\n".join("  " + line for line in report.lines()))
     return 0
 

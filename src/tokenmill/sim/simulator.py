@@ -62,6 +62,7 @@ class SimResult:
     outcomes: dict[str, Outcome]
     makespan: float
     num_steps: int
+    busy: float  # simulated seconds spent in steps (makespan less the time nothing could run)
     step_log: list[tuple[StepShape, float]] = field(default_factory=list)
 
 
@@ -105,6 +106,7 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
     outcomes: dict[str, Outcome] = {}
     live: dict[str, Outcome] = {}
     num_steps = 0
+    busy = 0.0
     log: list[tuple[StepShape, float]] = []
 
     def release(rec: TraceRecord, at: float, start: float) -> None:
@@ -147,6 +149,8 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
                 sched, truth, clock.now, until, k, _TOKEN, clock
             )
             num_steps += steps
+            for _, dt in shapes:  # in step order, as the full path adds them
+                busy += dt
             if log_steps:
                 log.extend(shapes)
             for req in done:  # as update_from_output reports them
@@ -167,6 +171,7 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
         if log_steps:
             log.append((shape, dt))
         clock.now += dt
+        busy += dt
         num_steps += 1
         sched.observe_step(out, dt, shape)
         sampled = {s.req.request_id: [_TOKEN] for s in out.seqs if s.sample}
@@ -179,7 +184,7 @@ def simulate(records: list[TraceRecord], config: SimConfig, log_steps: bool = Fa
                 o.hopeless = co.req.slo_hopeless
                 del live[co.req.request_id]
                 finish(o)
-    return SimResult(outcomes, clock.now, num_steps, log)
+    return SimResult(outcomes, clock.now, num_steps, busy, log)
 
 
 def _request(rec: TraceRecord, release: float, wf_start: float) -> Request | None:
