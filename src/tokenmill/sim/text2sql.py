@@ -1,9 +1,11 @@
 """A synthetic agentic text-to-SQL workload mixed with interactive chat (fixed seed).
 
 A workflow is a chain of 3-5 dependent stages under one deadline: schema linking (a long
-prompt holding the schema), SQL generation -- half the time fanned out to 4 parallel candidates
-that share their prompt --, zero to two self-correction rounds, each released after a simulated
-SQL execution, and a final check. Deadlines are drawn per workflow as a multiple of its work in
+prompt holding the schema), SQL generation -- half the time fanned out to 4 parallel candidates,
+each with its own instructions after the schema (as generators with different prompts are) --,
+zero to two self-correction rounds, each released after a simulated SQL execution, and a final
+check. Every stage's prompt starts with the workflow's schema, which the prefix cache can
+reuse between stages. Deadlines are drawn per workflow as a multiple of its work in
 isolation. Chat requests arrive independently with a TTFT (and a loose TPOT) target.
 """
 
