@@ -22,8 +22,8 @@ from common import host_info, write_json  # noqa: E402
 from slo_points import SETS  # noqa: E402
 from slo_sweep import at_rate  # noqa: E402
 
-from tokenmill.sim.report import summarize, workflow_met  # noqa: E402
-from tokenmill.sim.simulator import Outcome, SimConfig, simulate  # noqa: E402
+from tokenmill.sim.report import by_workflow, summarize, workflow_met  # noqa: E402
+from tokenmill.sim.simulator import SimConfig, simulate  # noqa: E402
 from tokenmill.sim.text2sql import deadline_multiples, generate  # noqa: E402
 
 # seed:rate, 1.5x FCFS's 95% rate per seed: slo_points.py's point set t2a
@@ -35,10 +35,7 @@ def tally(policy: str, seed: int, rate: float, arrivals: float) -> tuple[Counter
     """(Counter of (stages, bucket, "n" | "miss"), deadline attainment) of one point."""
     recs = at_rate(generate(1.0, arrivals, seed=seed), rate)
     res = simulate(recs, SimConfig(policy=policy))
-    by_wf: dict[str, list[Outcome]] = {}
-    for o in res.outcomes.values():
-        if o.rec.workflow is not None:
-            by_wf.setdefault(o.rec.workflow["id"], []).append(o)
+    by_wf = by_workflow(res.outcomes.values())
     counts: Counter = Counter()
     for wid, (n, multiple) in deadline_multiples(recs).items():
         bucket = BUCKETS[min(max(int(multiple) - 2, 0), len(BUCKETS) - 1)]

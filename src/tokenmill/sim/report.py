@@ -65,6 +65,16 @@ def request_met(o: Outcome) -> dict[str, bool]:
     return met
 
 
+def by_workflow(outcomes: Iterable[Outcome]) -> dict[str, list[Outcome]]:
+    """Workflow id -> the outcomes of its stages (requests outside a workflow left out)."""
+    workflows: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        wf = (o.rec.workflow or {}).get("id")
+        if wf is not None:
+            workflows.setdefault(wf, []).append(o)
+    return workflows
+
+
 def workflow_latency(stages: list[Outcome]) -> float:
     """From a workflow's start to the end of its last stage (inf if a stage was refused or never
     finished; a stage never sent, its parent refused, counts through that parent)."""
@@ -85,11 +95,7 @@ def workflow_met(stages: list[Outcome], latency: float | None = None) -> bool:
 def summarize(outcomes: Iterable[Outcome], makespan: float) -> Report:
     outs = list(outcomes)
     mets = [request_met(o) for o in outs]
-    workflows: dict[str, list[Outcome]] = {}
-    for o in outs:
-        wf = (o.rec.workflow or {}).get("id")
-        if wf is not None:
-            workflows.setdefault(wf, []).append(o)
+    workflows = by_workflow(outs)
     wf_met: list[bool] = []
     wf_latency: list[float] = []
     for stages in workflows.values():
